@@ -1,0 +1,389 @@
+"""Global batches: the same items per optimizer step at any world size and micro-batch size.
+
+A *window* is everything that feeds one optimizer step: ``batch_size`` items
+across all processes (fewer for the last window of an epoch). Every rank
+computes the same global order from ``(seed, epoch)``, cuts it into the same
+windows, and keeps its own share, split into micro-batches of at most
+``micro_batch_size`` items. So the set of items behind each optimizer step does
+not depend on how the work is split, which is what makes the exactness rule in
+DESIGN.md hold across world sizes.
+
+The position within an epoch is just ``(epoch, windows done)`` (plus the items
+read, for streams), so resuming is O(1) for map-style data: no batch is
+replayed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
+from torch.utils.data._utils.collate import default_collate
+
+
+@dataclass
+class Window:
+    """This rank's micro-batches for one optimizer step.
+
+    ``micro_batches`` may be empty on some ranks in the last window of an epoch;
+    ``filler`` is then a real batch that the engine runs with zero weight, so
+    the rank still joins the gradient all-reduce (no hang, no duplicate sample).
+    """
+
+    index: int
+    micro_batches: list[Any]
+    filler: Any = None
+    items_read: int = 0  # stream items consumed up to the end of this window (streams only)
+
+
+@dataclass
+class Batching:
+    """Resolved sizes: global items per step, per-forward items, accumulation steps."""
+
+    batch_size: int | None  # global items per optimizer step (None for a DataLoader without batch_size)
+    micro_batch_size: int | None
+    accumulation: int
+    world_size: int
+
+
+def resolve_batching(
+    data: Any, batch_size: int | None, micro_batch_size: int | None, world_size: int
+) -> Batching:
+    """Work out the accumulation steps, with an error that names values that would work.
+
+    Example::
+
+        >>> resolve_batching(dataset, batch_size=64, micro_batch_size=16, world_size=2).accumulation
+        2
+    """
+    if isinstance(data, DataLoader):
+        micro = data.batch_size
+        if micro is None:
+            if batch_size is not None:
+                raise ValueError(
+                    "batch_size was given with a DataLoader that has no batch_size (a custom batch_sampler); "
+                    "drop batch_size from Engine(...) (each of the loader's batches is one optimizer step "
+                    "per process) or give the loader a batch_size"
+                )
+            return Batching(None, None, 1, world_size)
+        if micro_batch_size is not None and micro_batch_size != micro:
+            raise ValueError(
+                f"micro_batch_size={micro_batch_size} but the DataLoader's batch_size is {micro}; with a "
+                "DataLoader input its batch_size is the micro-batch: drop micro_batch_size or change the loader"
+            )
+        micro_batch_size = micro
+        if batch_size is None:
+            batch_size = micro * world_size
+    if batch_size is None:
+        raise ValueError(
+            "Engine(batch_size=...) is required for a Dataset input: the number of items per optimizer "
+            "step across all processes, e.g. Engine(batch_size=64)"
+        )
+    if not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if micro_batch_size is None:
+        if batch_size % world_size:
+            raise ValueError(
+                f"batch_size={batch_size} cannot be split over {world_size} processes; "
+                f"use a multiple of {world_size}, e.g. batch_size={_round_up(batch_size, world_size)}"
+            )
+        micro_batch_size = batch_size // world_size
+    if not isinstance(micro_batch_size, int) or micro_batch_size <= 0:
+        raise ValueError(f"micro_batch_size must be a positive int, got {micro_batch_size!r}")
+    per_step = micro_batch_size * world_size
+    if batch_size % per_step:
+        ok_micro = [m for m in range(1, batch_size // world_size + 1) if batch_size % (m * world_size) == 0]
+        raise ValueError(
+            f"batch_size={batch_size} is not a whole number of micro_batch_size={micro_batch_size} x "
+            f"{world_size} process(es) = {per_step}; accumulation steps must be whole. Use batch_size="
+            f"{_round_up(batch_size, per_step)} or a micro_batch_size in {ok_micro[-6:]}"
+        )
+    return Batching(batch_size, micro_batch_size, batch_size // per_step, world_size)
+
+
+def _round_up(x: int, k: int) -> int:
+    return max(k, -(-x // k) * k)
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
+    """The global order of items for one epoch: the same on every rank and at every world size.
+
+    It uses its own generator, so it never consumes (or depends on) the global RNG.
+
+    Example::
+
+        >>> epoch_order(5, seed=0, epoch=0, shuffle=False)
+        tensor([0, 1, 2, 3, 4])
+    """
+    if not shuffle:
+        return torch.arange(n)
+    state = int(np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(state))
+
+
+def rank_share(n_items: int, world_size: int, rank: int) -> tuple[int, int]:
+    """Bounds ``[lo, hi)`` of this rank's contiguous share of a window of ``n_items``.
+
+    Shares differ by at most one item, so the last, partial window is balanced.
+    """
+    return rank * n_items // world_size, (rank + 1) * n_items // world_size
+
+
+def _chunks(seq: Any, size: int) -> list[Any]:
+    return [seq[i : i + size] for i in range(0, len(seq), size)]
+
+
+@dataclass
+class Source:
+    """Base of the four input kinds; ``windows(epoch, start)`` yields this rank's :class:`Window` s."""
+
+    batching: Batching
+    rank: int
+    seed: int
+    shuffle: bool
+    device: torch.device | None = None
+    to_device: Callable[[Any], Any] = field(default=lambda b: b)
+
+    def windows(self, epoch: int, start: int = 0, items_read: int = 0) -> Iterator[Window]:
+        raise NotImplementedError
+
+    def num_windows(self) -> int | None:
+        """Windows per epoch, or None for a stream without a length."""
+        return None
+
+    @property
+    def per_rank(self) -> int:
+        b = self.batching
+        assert b.micro_batch_size is not None
+        return b.micro_batch_size * b.accumulation
+
+
+class _IndexedSource(Source):
+    """Map-style data (tensors or a Dataset): windows are slices of the epoch order."""
+
+    length: int
+
+    def num_windows(self) -> int:
+        assert self.batching.batch_size is not None
+        return math.ceil(self.length / self.batching.batch_size)
+
+    def fetch(self, idx: torch.Tensor) -> Any:
+        raise NotImplementedError
+
+    def _plan(self, epoch: int, start: int) -> Iterator[tuple[int, list[torch.Tensor], torch.Tensor]]:
+        b = self.batching
+        assert b.batch_size is not None and b.micro_batch_size is not None
+        order = epoch_order(self.length, self.seed, epoch, self.shuffle)
+        for w in range(start, self.num_windows()):
+            window = order[w * b.batch_size : (w + 1) * b.batch_size]
+            lo, hi = rank_share(len(window), b.world_size, self.rank)
+            yield w, _chunks(window[lo:hi], b.micro_batch_size), window[:1]
+
+    def windows(self, epoch: int, start: int = 0, items_read: int = 0) -> Iterator[Window]:
+        for w, micro_idx, first in self._plan(epoch, start):
+            micro = [self.to_device(self.fetch(i)) for i in micro_idx]
+            filler = None if micro else self.to_device(self.fetch(first))
+            yield Window(w, micro, filler)
+
+
+class TensorSource(_IndexedSource):
+    """In-memory tensors: a micro-batch is one index op per tensor, no per-sample collate."""
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...], **kw: Any) -> None:
+        super().__init__(**kw)
+        self.tensors = tensors
+        self.length = len(tensors[0])
+
+    def fetch(self, idx: torch.Tensor) -> Any:
+        return tuple(t[idx] for t in self.tensors)
+
+
+class MapSource(_IndexedSource):
+    """A generic map-style Dataset, collated in the main process or by DataLoader workers."""
+
+    def __init__(
+        self,
+        dataset: Dataset[Any],
+        collate_fn: Callable[[list[Any]], Any] | None,
+        num_workers: int,
+        pin_memory: bool,
+        **kw: Any,
+    ) -> None:
+        super().__init__(**kw)
+        self.dataset = dataset
+        self.length = len(dataset)  # type: ignore[arg-type]
+        self.collate_fn = collate_fn or default_collate
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self._getitems = getattr(dataset, "__getitems__", None)
+
+    def fetch(self, idx: torch.Tensor) -> Any:
+        ids = idx.tolist()
+        samples = self._getitems(ids) if self._getitems else [self.dataset[i] for i in ids]
+        return self.collate_fn(samples)
+
+    def windows(self, epoch: int, start: int = 0, items_read: int = 0) -> Iterator[Window]:
+        if self.num_workers == 0:
+            yield from super().windows(epoch, start)
+            return
+        plan = list(self._plan(epoch, start))
+        # Workers prefetch this rank's micro-batches in order; a dedicated
+        # generator keeps the loader from drawing on the global RNG.
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=[i.tolist() for _, micro, _ in plan for i in micro],
+            collate_fn=self.collate_fn,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            generator=torch.Generator().manual_seed(self.seed + epoch),
+        )
+        it = iter(loader)
+        for w, micro_idx, first in plan:
+            micro = [self.to_device(next(it)) for _ in micro_idx]
+            filler = None if micro else self.to_device(self.fetch(first))
+            yield Window(w, micro, filler)
+
+
+class StreamSource(Source):
+    """An IterableDataset: every rank reads the whole stream and keeps its share of each window.
+
+    Cost: each rank reads every item. The position is the number of items read.
+    """
+
+    def __init__(self, dataset: IterableDataset[Any], collate_fn: Callable[[list[Any]], Any] | None, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.dataset = dataset
+        self.collate_fn = collate_fn or default_collate
+
+    def num_windows(self) -> int | None:
+        try:
+            n = len(self.dataset)  # type: ignore[arg-type]
+        except TypeError:
+            return None
+        assert self.batching.batch_size is not None
+        return math.ceil(n / self.batching.batch_size)
+
+    def windows(self, epoch: int, start: int = 0, items_read: int = 0) -> Iterator[Window]:
+        b = self.batching
+        assert b.batch_size is not None and b.micro_batch_size is not None
+        it = iter(self.dataset)
+        # Skip what was consumed before a resume: read, never run through the model.
+        for _ in itertools.islice(it, items_read):
+            pass
+        w = start
+        while True:
+            items = list(itertools.islice(it, b.batch_size))
+            if not items:
+                return
+            items_read += len(items)
+            lo, hi = rank_share(len(items), b.world_size, self.rank)
+            micro = [self.to_device(self.collate_fn(c)) for c in _chunks(items[lo:hi], b.micro_batch_size)]
+            filler = None if micro else self.to_device(self.collate_fn(items[:1]))
+            yield Window(w, micro, filler, items_read)
+            w += 1
+
+
+class LoaderSource(Source):
+    """A user DataLoader, used as given: each of its batches is one micro-batch.
+
+    Windows are ``accumulation x world_size`` consecutive loader batches, dealt
+    round-robin to the ranks. Under several processes every rank iterates the
+    whole loader (its shuffling must not depend on the rank, which holds for a
+    seeded RandomSampler) and keeps its own batches.
+    """
+
+    def __init__(self, loader: DataLoader[Any], **kw: Any) -> None:
+        super().__init__(**kw)
+        self.loader = loader
+
+    def num_windows(self) -> int | None:
+        try:
+            n = len(self.loader)
+        except TypeError:
+            return None
+        return math.ceil(n / (self.batching.accumulation * self.batching.world_size))
+
+    def windows(self, epoch: int, start: int = 0, items_read: int = 0) -> Iterator[Window]:
+        b = self.batching
+        per_window = b.accumulation * b.world_size
+        it = iter(self.loader)
+        if start:
+            # A DataLoader exposes no position; skipping replays its sampler and
+            # loading (never the model). Datasets resume in O(1) instead.
+            for _ in itertools.islice(it, start * per_window):
+                pass
+        w = start
+        while True:
+            group = list(itertools.islice(it, per_window))
+            if not group:
+                return
+            mine = group[self.rank :: b.world_size]
+            micro = [self.to_device(x) for x in mine]
+            filler = None if micro else self.to_device(group[0])
+            yield Window(w, micro, filler)
+            w += 1
+
+
+def make_source(
+    data: Any,
+    batching: Batching,
+    *,
+    rank: int,
+    seed: int,
+    shuffle: bool,
+    to_device: Callable[[Any], Any],
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> Source:
+    """Pick the input kind for ``data`` (DataLoader, tensors, IterableDataset or Dataset).
+
+    Example::
+
+        >>> src = make_source(TensorDataset(x, y), batching, rank=0, seed=0, shuffle=True, to_device=lambda b: b)
+        >>> next(src.windows(epoch=0)).micro_batches[0][0].shape
+        torch.Size([16, 64])
+    """
+    kw: dict[str, Any] = dict(batching=batching, rank=rank, seed=seed, shuffle=shuffle, to_device=to_device)
+    if isinstance(data, DataLoader):
+        return LoaderSource(data, **kw)
+    tensors = as_tensors(data)
+    if tensors is not None and collate_fn is None:
+        source: Source = TensorSource(tensors, **kw)
+    elif isinstance(data, IterableDataset):
+        source = StreamSource(data, collate_fn, **kw)
+    elif isinstance(data, Dataset) or hasattr(data, "__getitem__"):
+        source = MapSource(data, collate_fn, num_workers, pin_memory, **kw)
+    else:
+        raise TypeError(
+            f"training data of type {type(data).__name__} is not supported; pass a torch Dataset, an "
+            "IterableDataset, a DataLoader, or a tuple of equal-length tensors"
+        )
+    n = source.num_windows()
+    if n == 0:
+        raise ValueError("the dataset is empty (0 items); pass a dataset with at least one item")
+    return source
+
+
+def as_tensors(data: Any) -> tuple[torch.Tensor, ...] | None:
+    """The tensors behind in-memory data (a TensorDataset or a tuple of tensors), else None."""
+    if isinstance(data, TensorDataset):
+        return tuple(data.tensors)
+    if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
+        n = len(data[0])
+        if any(len(t) != n for t in data):
+            raise ValueError(f"tensors of different lengths {[len(t) for t in data]}; give every tensor one row per item")
+        return tuple(data)
+    return None
+
+
+def iter_eval_batches(source: Source) -> Iterable[Any]:
+    """This rank's batches for one pass over the set, in order, each item on exactly one rank."""
+    for window in source.windows(epoch=0):
+        yield from window.micro_batches

@@ -1,0 +1,570 @@
+"""The Engine: owns the training loop, in the canonical order.
+
+For every optimizer step, ``fit`` runs, in this order and no other:
+
+1. zero gradients (once, before the window's first micro-batch)
+2. forward                                 (per micro-batch)
+3. loss                                    (per micro-batch)
+4. backward, scaled by ``n_i * world_size / N`` (the exactness rule, DESIGN.md)
+5. optimizer step, then the LR scheduler if it is per-step
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from .callbacks import Callback, fire
+from .data import Batching, Source, Window, iter_eval_batches, make_source, resolve_batching
+from .distributed import Runtime, make_runtime, rng_preserved
+from .doctor import Doctor, LoopError
+from .logging import MetricsLog, Progress
+from .module import LoopModule
+from .optim import Optimization, parse_optimizers
+
+
+class NonFiniteError(FloatingPointError):
+    """A non-finite loss or gradient norm under ``nan_policy="raise"``; parameters are left untouched."""
+
+
+class Engine:
+    """Runs ``fit`` and ``validate`` for a :class:`LoopModule`.
+
+    Example::
+
+        engine = Engine(max_epochs=10, batch_size=64, seed=0, run_dir="runs/digits")
+        engine.fit(Classifier(), train_data, val_data)
+        metrics = engine.validate(module, val_data)   # {"loss": ..., "acc": ...}
+
+    Arguments (all optional, keyword-only):
+
+    - ``max_epochs``, ``max_steps`` (optimizer steps), ``max_time`` (seconds): when to stop; set
+      at least one of the first two.
+    - ``batch_size``: items per optimizer step across all processes (Dataset inputs).
+    - ``micro_batch_size``: items per forward on one device; accumulation steps are
+      ``batch_size / (micro_batch_size * world_size)``. With a DataLoader, its batch size is the micro-batch.
+    - ``shuffle`` (True; seeded, and the same global order at any world size), ``seed`` (0).
+    - ``mixed_precision``: "no" | "bf16" | "fp16" (default: what ``accelerate launch`` set, else "no").
+    - ``clip_grad_norm``, ``clip_grad_value``; ``nan_policy``: "raise" | "skip"; ``max_consecutive_skips``.
+    - ``run_dir``: where ``metrics.jsonl`` and ``config.json`` go; ``log_every_n_steps`` (50);
+      ``progress`` (True); ``log_with`` (Accelerate tracker names, e.g. ["tensorboard"]).
+    - ``callbacks``; ``compile`` (torch.compile); ``doctor``: "basic" | "full" | "off";
+      ``trace`` (record the step events in ``engine.trace``).
+    - ``num_workers``, ``collate_fn``, ``pin_memory``: passed to data loading for Dataset inputs.
+    - ``limit_train_batches``, ``limit_val_batches``, ``overfit_batches``: debug runs.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_epochs: int | None = None,
+        max_steps: int | None = None,
+        max_time: float | None = None,
+        batch_size: int | None = None,
+        micro_batch_size: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        mixed_precision: str | None = None,
+        clip_grad_norm: float | None = None,
+        clip_grad_value: float | None = None,
+        nan_policy: str = "raise",
+        max_consecutive_skips: int = 10,
+        run_dir: str | None = None,
+        log_every_n_steps: int = 50,
+        progress: bool = True,
+        log_with: Any = None,
+        callbacks: list[Callback] | tuple[Callback, ...] = (),
+        compile: bool = False,
+        doctor: str = "basic",
+        trace: bool = False,
+        num_workers: int = 0,
+        collate_fn: Any = None,
+        pin_memory: bool = False,
+        limit_train_batches: int | None = None,
+        limit_val_batches: int | None = None,
+        overfit_batches: int | None = None,
+    ) -> None:
+        if max_epochs is None and max_steps is None:
+            raise ValueError(
+                "set max_epochs or max_steps (or both), e.g. Engine(max_epochs=10, ...); "
+                "max_time alone would train until the clock runs out"
+            )
+        if nan_policy not in ("raise", "skip"):
+            raise ValueError(f'nan_policy={nan_policy!r}; use "raise" or "skip"')
+        if log_every_n_steps < 1:
+            raise ValueError(f"log_every_n_steps={log_every_n_steps}; use a positive int")
+        self.max_epochs, self.max_steps, self.max_time = max_epochs, max_steps, max_time
+        self.batch_size, self.micro_batch_size = batch_size, micro_batch_size
+        self.shuffle, self.seed = shuffle, seed
+        self.mixed_precision = mixed_precision
+        self.clip_grad_norm, self.clip_grad_value = clip_grad_norm, clip_grad_value
+        self.nan_policy, self.max_consecutive_skips = nan_policy, max_consecutive_skips
+        self.run_dir, self.log_every_n_steps, self.progress = run_dir, log_every_n_steps, progress
+        self.log_with = log_with
+        self.callbacks = list(callbacks)
+        self.compile = compile
+        self.doctor = Doctor(doctor)
+        self.trace: list[tuple[str, int, int]] | None = [] if trace else None
+        self.num_workers, self.collate_fn, self.pin_memory = num_workers, collate_fn, pin_memory
+        self.limit_train_batches, self.limit_val_batches = limit_train_batches, limit_val_batches
+        self.overfit_batches = overfit_batches
+
+        # Position and counters (what a checkpoint stores).
+        self.step = 0  # optimizer steps taken (windows done), skipped ones included
+        self.epoch = 0
+        self.batch_in_epoch = 0  # windows done in the current epoch
+        self.items_read = 0  # stream items read in the current epoch (IterableDataset only)
+        self.micro_steps = 0  # micro-batches consumed on this rank
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self.should_stop = False  # callbacks may set it; checked between steps
+        self.metrics: dict[str, float] = {}  # the last logged values
+
+        self._rt: Runtime | None = None
+        self._stop_requested = False  # set by max_time (and signals)
+        self._t0 = time.monotonic()
+
+    # ------------------------------------------------------------------ public API
+
+    def fit(self, module: LoopModule, train_data: Any, val_data: Any = None) -> Engine:
+        """Train ``module`` in place on ``train_data`` (Dataset, IterableDataset, DataLoader or tensors).
+
+        Validates on ``val_data`` at each epoch end. Returns the engine.
+
+        Example::
+
+            engine = Engine(max_epochs=5, batch_size=64)
+            engine.fit(model, train_ds, val_ds)
+            print(engine.metrics["val/loss"])
+        """
+        _check_module(module)
+        rt = self._runtime()
+        model = rt.wrap(module)
+        if self.compile:
+            model = torch.compile(model)  # type: ignore[assignment]
+        opt = parse_optimizers(module.configure_optimizers(), f"{type(module).__name__}.configure_optimizers")
+        self.doctor.check_setup(module, opt.optimizer)
+        batching = resolve_batching(train_data, self.batch_size, self.micro_batch_size, rt.world_size)
+        source = self._source(train_data, batching, self.shuffle)
+        val_source = self._val_source(val_data, batching) if val_data is not None else None
+        params = [p for g in opt.optimizer.param_groups for p in g["params"]]
+        log = MetricsLog(self.run_dir, rt.is_main)
+        progress = Progress(self.progress, rt.is_main)
+        self._write_config(module, opt, batching)
+        progress.message(_summary(module, rt, batching))
+
+        fire(self.callbacks, "on_fit_start", self, module)
+        self._t0 = t_log = time.monotonic()
+        steps_since_log = 0
+        loss_sum = torch.zeros((), device=rt.device)  # mean train loss since the last log, on device
+        items_sum: Any = 0
+        module.train()
+        while not self._done():
+            fire(self.callbacks, "on_epoch_start", self, module)
+            t_epoch = time.monotonic()
+            n_windows = self._epoch_windows(source)
+            progress.start_epoch(self.epoch, n_windows, self.batch_in_epoch)
+            epoch_ended = True
+            for window in self._epoch(source):
+                # 1. zero gradients: once per window, before its first micro-batch
+                self._record("zero_grad", 0)
+                opt.optimizer.zero_grad(set_to_none=True)
+                weights, items, stop = self._item_weights(module, window)
+                window_loss = torch.zeros((), device=rt.device)
+                batches = window.micro_batches or [window.filler]
+                for i, batch in enumerate(batches):
+                    inputs, targets = module.split_batch(batch)
+                    if not window.micro_batches:
+                        module.eval()  # the zero-weight filler must not update BatchNorm stats or draw dropout
+                    with rt.no_sync(model, sync=i == len(batches) - 1):
+                        with rt.autocast():
+                            # 2. forward
+                            self._record("forward", i)
+                            outputs = model(inputs)
+                            if window.micro_batches:
+                                self.doctor.check_train_mode(module, "forward")
+                            # 3. loss
+                            self._record("loss", i)
+                            loss = module.compute_loss(outputs, targets)
+                            self.doctor.check_loss(module, loss)
+                        # 4. backward, weighted so the window's gradient is the mean over all its items
+                        self._record("backward", i)
+                        scaled = loss * weights[i]
+                        (rt.scaler.scale(scaled) if rt.scaler is not None else scaled).backward()
+                    window_loss += scaled.detach().float()
+                module.train()
+                # 5. optimizer step (then a per-step scheduler), unless the NaN policy drops it
+                log_now = (self.step + 1) % self.log_every_n_steps == 0
+                applied, grad_norm, stop = self._optimizer_step(model, opt, params, window, window_loss, log_now, stop)
+                if applied:
+                    self._record("optimizer_step", len(batches))
+                    if opt.scheduler is not None and opt.interval == "step":
+                        self._record("scheduler_step", len(batches))
+                        opt.scheduler.step()
+
+                # Between steps: counters, logging, callbacks. They only read state.
+                self.step += 1
+                self.batch_in_epoch = window.index + 1
+                self.items_read = window.items_read
+                self.micro_steps += len(window.micro_batches)
+                loss_sum += window_loss
+                items_sum = items_sum + items
+                steps_since_log += 1
+                record: dict[str, float] = {}
+                if log_now:
+                    record = self._log_train(opt, loss_sum, items_sum, grad_norm, steps_since_log, t_log)
+                    log.write(record)
+                    loss_sum.zero_()
+                    items_sum, steps_since_log, t_log = 0, 0, time.monotonic()
+                progress.update(1, record, self.step)
+                fire(self.callbacks, "on_step_end", self, module, record)
+                self._stop_requested = self._stop_requested or stop
+                if self._done() or self.should_stop:
+                    epoch_ended = self.batch_in_epoch == n_windows
+                    break
+            if not epoch_ended:
+                break
+            # The epoch is complete: validate, then step a per-epoch scheduler.
+            epoch_metrics: dict[str, float] = {"epoch_time": time.monotonic() - t_epoch}
+            if val_source is not None:
+                val = self._evaluate(module, model, val_source)
+                epoch_metrics.update({f"val/{k}": v for k, v in val.items()})
+                fire(self.callbacks, "on_validation_end", self, module, epoch_metrics)
+            self.metrics.update(epoch_metrics)
+            log.write({"step": self.step, "epoch": self.epoch, **epoch_metrics})
+            progress.message(f"epoch {self.epoch} step {self.step}: " + _fmt_metrics(epoch_metrics))
+            if opt.scheduler is not None and opt.interval == "epoch":
+                opt.scheduler.step()
+            fire(self.callbacks, "on_epoch_end", self, module, epoch_metrics)
+            self.epoch += 1
+            self.batch_in_epoch = self.items_read = 0
+            if self.should_stop:
+                break
+        progress.close()
+        log.close()
+        fire(self.callbacks, "on_fit_end", self, module)
+        return self
+
+    def validate(self, module: LoopModule, data: Any) -> dict[str, float]:
+        """Exact means over ``data``: ``{"loss": ..., <compute_metrics keys>: ...}``.
+
+        Runs in eval mode under ``torch.inference_mode()``; every item counts once,
+        at any world size (no padding duplicates, none dropped). The module's mode
+        is restored afterwards.
+
+        Example::
+
+            metrics = Engine(max_epochs=1, batch_size=64).validate(model, val_ds)
+            print(metrics["loss"], metrics["acc"])
+        """
+        _check_module(module)
+        rt = self._runtime()
+        module.to(rt.device)
+        micro = self.micro_batch_size or (self.batch_size // rt.world_size if self.batch_size else 64)
+        batching = Batching(micro * rt.world_size, micro, 1, rt.world_size)
+        return self._evaluate(module, module, self._val_source(data, batching))
+
+    # ------------------------------------------------------------------ the step's parts
+
+    def _item_weights(self, module: LoopModule, window: Window) -> tuple[list[Any], Any, bool]:
+        """Per-micro-batch loss weights ``n_i * world_size / N`` (one all-reduce for N), the item count N,
+        and whether any rank asked to stop (folded into the same all-reduce)."""
+        rt = self._rt
+        assert rt is not None
+        if not window.micro_batches:  # this rank joins the all-reduce with an empty contribution
+            counts: list[Any] = [0]
+        else:
+            counts = [module.count_items(b) for b in window.micro_batches]
+            for n in counts:
+                self.doctor.check_count(module, n)
+        if rt.world_size == 1 and all(isinstance(n, int) for n in counts):
+            total = sum(counts)
+            return [n / max(total, 1) for n in counts], total, False
+        local = sum(counts[1:], counts[0])
+        stop_flag = float(self._stop_requested or self._time_up())
+        packed = torch.stack([torch.as_tensor(local, device=rt.device).double(), torch.tensor(stop_flag, device=rt.device, dtype=torch.float64)])
+        rt.all_reduce_sum(packed)
+        total_t = packed[0].clamp(min=1)
+        scale = rt.world_size / total_t
+        weights = [(n * scale).float() for n in counts]
+        # The stop flag stays on the device; _optimizer_step reads it with the NaN flag in one go.
+        return weights, packed[0], packed[1]  # type: ignore[return-value]
+
+    def _optimizer_step(
+        self,
+        model: nn.Module,
+        opt: Optimization,
+        params: list[torch.Tensor],
+        window: Window,
+        window_loss: torch.Tensor,
+        log_now: bool,
+        stop: Any,
+    ) -> tuple[bool, torch.Tensor | None, bool]:
+        """Unscale, measure, clip, guard against non-finite values, then step. Returns
+        (applied, pre-clip grad norm or None, stop requested on any rank)."""
+        rt = self._rt
+        assert rt is not None
+        scaler = rt.scaler
+        if scaler is not None:
+            scaler.unscale_(opt.optimizer)
+        grad_norm: torch.Tensor | None = None
+        if rt.fsdp:  # grads are sharded: only FSDP knows the global norm
+            grad_norm = model.clip_grad_norm_(self.clip_grad_norm or math.inf)  # type: ignore[operator]
+        else:
+            grads = [p.grad for p in params if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros((), device=rt.device)
+            if self.clip_grad_norm is not None:
+                torch.nn.utils.clip_grads_with_norm_(params, self.clip_grad_norm, grad_norm, foreach=True)
+        if self.clip_grad_value is not None:
+            torch.nn.utils.clip_grad_value_(params, self.clip_grad_value)
+
+        # The one host read per step: did anything go non-finite, and does any rank want to stop?
+        # Under fp16 the GradScaler owns overflowing gradients, so only the loss is checked here.
+        bad = ~torch.isfinite(window_loss) if scaler is not None else ~torch.isfinite(grad_norm + window_loss * 0)
+        if rt.world_size > 1:
+            # After DDP's all-reduce the gradients are identical on every rank, so the norm
+            # decides the same everywhere; a rank-local loss must not (ranks would disagree).
+            bad = ~torch.isfinite(grad_norm) if scaler is None else bad
+            bad_host, stop_host = (bool(x) for x in torch.stack([bad.double(), torch.as_tensor(stop).double()]).tolist())
+        else:
+            bad_host, stop_host = bool(bad), bool(stop) or self._time_up()
+        if bad_host:
+            self._on_nonfinite(opt, window)
+            return False, grad_norm, stop_host
+        self.consecutive_skips = 0
+        if scaler is None:
+            opt.optimizer.step()
+            return True, grad_norm, stop_host
+        scale_before = scaler.get_scale()
+        scaler.step(opt.optimizer)
+        scaler.update()
+        applied = scaler.get_scale() >= scale_before  # the scale only drops on a skipped (overflow) step
+        if not applied:
+            self.skipped_steps += 1
+        return applied, grad_norm, stop_host
+
+    def _on_nonfinite(self, opt: Optimization, window: Window) -> None:
+        where = f"optimizer step {self.step} (epoch {self.epoch}, batch {window.index})"
+        if self._rt is not None and self._rt.scaler is not None:
+            self._rt.scaler.update()  # the scaler must close its step even when we drop it
+        opt.optimizer.zero_grad(set_to_none=True)
+        if self.nan_policy == "raise":
+            raise NonFiniteError(
+                f"non-finite loss or gradient norm at {where}; parameters and optimizer state are unchanged. "
+                "Fix: lower the learning rate, set clip_grad_norm, check that batch's data, or use "
+                'nan_policy="skip" to drop such steps'
+            )
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        if self.consecutive_skips >= self.max_consecutive_skips:
+            raise NonFiniteError(
+                f"{self.consecutive_skips} consecutive non-finite steps up to {where} "
+                f"(max_consecutive_skips={self.max_consecutive_skips}); training has diverged: lower the "
+                "learning rate or set clip_grad_norm"
+            )
+
+    def _evaluate(self, module: LoopModule, model: nn.Module, source: Source) -> dict[str, float]:
+        """Exact global means: sums and counts per rank, one all-reduce at the end."""
+        rt = self._rt
+        assert rt is not None
+        eval_model = model if rt.fsdp or self.compile else module  # DDP's wrapper adds nothing here
+        was_training = module.training
+        module.eval()
+        loss_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
+        count = torch.zeros((), device=rt.device, dtype=torch.float64)
+        metric_sums: dict[str, torch.Tensor] = {}
+        metric_counts: dict[str, int] = {}
+        # Validation draws on no training randomness, so a run with it matches one without.
+        with rng_preserved(rt.device), torch.inference_mode():
+            for w, window in enumerate(source.windows(epoch=0)):
+                if self.limit_val_batches is not None and w >= self.limit_val_batches:
+                    break
+                weight = 1.0 if window.micro_batches else 0.0  # a filler only tells this rank the metric names
+                for batch in window.micro_batches or [window.filler]:
+                    inputs, targets = module.split_batch(batch)
+                    with rt.autocast():
+                        outputs = eval_model(inputs)
+                        loss = module.compute_loss(outputs, targets)
+                    self.doctor.check_eval_mode(module)
+                    n = module.count_items(batch)
+                    loss_sum += loss.double() * n * weight
+                    count += n * weight
+                    for k, v in module.compute_metrics(outputs, targets).items():
+                        v = v.detach().reshape(-1).double()
+                        metric_sums[k] = metric_sums.get(k, 0) + v.sum() * weight
+                        metric_counts[k] = metric_counts.get(k, 0) + int(v.numel() * weight)
+        module.train(was_training)
+        keys = sorted(metric_sums)
+        packed = torch.stack(
+            [loss_sum, count]
+            + [t for k in keys for t in (torch.as_tensor(metric_sums[k], device=rt.device).double(), torch.tensor(float(metric_counts[k]), device=rt.device, dtype=torch.float64))]
+        )
+        values = rt.all_reduce_sum(packed).tolist()
+        out = {"loss": values[0] / max(values[1], 1.0)}
+        for j, k in enumerate(keys):
+            out[k] = values[2 + 2 * j] / max(values[3 + 2 * j], 1.0)
+        return out
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _record(self, name: str, micro: int) -> None:
+        if self.trace is not None:
+            self.trace.append((name, self.step, micro))
+
+    def _runtime(self) -> Runtime:
+        if self._rt is None:
+            self._rt = make_runtime(self.mixed_precision, self.log_with, self.run_dir)
+        return self._rt
+
+    def _source(self, data: Any, batching: Batching, shuffle: bool) -> Source:
+        rt = self._rt
+        assert rt is not None
+        return make_source(
+            data,
+            batching,
+            rank=rt.rank,
+            seed=self.seed,
+            shuffle=shuffle,
+            to_device=rt.to_device,
+            collate_fn=self.collate_fn,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+        )
+
+    def _val_source(self, data: Any, train: Batching) -> Source:
+        from torch.utils.data import DataLoader
+
+        micro = train.micro_batch_size
+        if isinstance(data, DataLoader) or micro is None:
+            batching = resolve_batching(data, None, None, train.world_size)
+        else:
+            batching = Batching(micro * train.world_size, micro, 1, train.world_size)
+        return self._source(data, batching, shuffle=False)
+
+    def _epoch(self, source: Source) -> Any:
+        """This epoch's windows from the current position, with the debug limits applied."""
+        epoch = 0 if self.overfit_batches else self.epoch
+        limit = self.overfit_batches or self.limit_train_batches
+        empty = True
+        for window in source.windows(epoch, self.batch_in_epoch, self.items_read):
+            if limit is not None and window.index >= limit:
+                return
+            empty = False
+            yield window
+        if empty and self.batch_in_epoch == 0:
+            raise ValueError("the training data yielded no batches this epoch; pass a non-empty dataset")
+
+    def _epoch_windows(self, source: Source) -> int | None:
+        n = source.num_windows()
+        limit = self.overfit_batches or self.limit_train_batches
+        return min(n, limit) if (n is not None and limit is not None) else (n if limit is None else limit)
+
+    def _time_up(self) -> bool:
+        return self.max_time is not None and time.monotonic() - self._t0 >= self.max_time
+
+    def _done(self) -> bool:
+        if self.max_steps is not None and self.step >= self.max_steps:
+            return True
+        if self.max_epochs is not None and self.epoch >= self.max_epochs:
+            return True
+        return self._stop_requested
+
+    def _log_train(
+        self, opt: Optimization, loss_sum: torch.Tensor, items: Any, grad_norm: Any, steps: int, t_since: float
+    ) -> dict[str, float]:
+        rt = self._rt
+        assert rt is not None
+        # Log steps are the only place the loop reads device values (a host sync on GPU).
+        # `items` is already global (it came out of the window's all-reduce); the loss is per rank.
+        loss_total = rt.all_reduce_sum(loss_sum.double().clone())
+        loss_total, n_items = torch.stack([loss_total, torch.as_tensor(items, device=rt.device).double()]).tolist()
+        elapsed = max(time.monotonic() - t_since, 1e-9)
+        record = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "train/loss": loss_total / rt.world_size / steps,
+            "lr": float(opt.optimizer.param_groups[0]["lr"]),
+            "train/items_per_sec": n_items / elapsed,
+        }
+        if grad_norm is not None:
+            record["train/grad_norm"] = float(grad_norm)
+        if self.skipped_steps:
+            record["train/skipped_steps"] = self.skipped_steps
+        self.metrics.update({k: v for k, v in record.items() if k not in ("step", "epoch")})
+        return record
+
+    def _write_config(self, module: LoopModule, opt: Optimization, batching: Batching) -> None:
+        rt = self._rt
+        assert rt is not None
+        if self.run_dir is None or not rt.is_main:
+            return
+        os.makedirs(self.run_dir, exist_ok=True)
+        config = {k: _jsonable(v) for k, v in vars(self).items() if not k.startswith("_") and k not in _STATE_KEYS}
+        config.update(
+            doctor=self.doctor.level,
+            module=type(module).__name__,
+            optimizer=type(opt.optimizer).__name__,
+            scheduler=type(opt.scheduler).__name__ if opt.scheduler is not None else None,
+            world_size=rt.world_size,
+            accumulation=batching.accumulation,
+            global_batch=batching.batch_size,
+            micro_batch_size=batching.micro_batch_size,
+            mixed_precision=rt.mixed_precision,
+            device=str(rt.device),
+        )
+        with open(os.path.join(self.run_dir, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+
+
+_STATE_KEYS = {
+    "step", "epoch", "batch_in_epoch", "items_read", "micro_steps", "skipped_steps",
+    "consecutive_skips", "should_stop", "metrics", "trace", "callbacks", "doctor",
+}  # fmt: skip
+
+
+def _jsonable(v: Any) -> Any:
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return getattr(v, "__name__", type(v).__name__)
+
+
+def _check_module(module: Any) -> None:
+    if not isinstance(module, LoopModule):
+        raise TypeError(
+            f"Engine.fit/validate need a LoopModule, got {type(module).__name__}; subclass "
+            "framework.LoopModule and define forward(inputs) and compute_loss(outputs, targets)"
+        )
+    if type(module).compute_loss is LoopModule.compute_loss:
+        raise LoopError(
+            f"{type(module).__name__} does not define compute_loss(outputs, targets); add it, returning "
+            "the mean loss over the batch's items"
+        )
+
+
+def _fmt_metrics(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+
+
+def _summary(module: nn.Module, rt: Runtime, batching: Batching) -> str:
+    lines = [f"{type(module).__name__}: parameters (total / trainable) per top-level child"]
+    for name, child in module.named_children():
+        total = sum(p.numel() for p in child.parameters())
+        train = sum(p.numel() for p in child.parameters() if p.requires_grad)
+        lines.append(f"  {name:<20} {total:>12,} {train:>12,}")
+    total = sum(p.numel() for p in module.parameters())
+    train = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    lines.append(f"  {'total':<20} {total:>12,} {train:>12,}")
+    lines.append(
+        f"precision={rt.mixed_precision} world_size={rt.world_size} device={rt.device} "
+        f"global_batch={batching.batch_size} micro_batch={batching.micro_batch_size} "
+        f"accumulation={batching.accumulation}"
+    )
+    return "\n".join(lines)
