@@ -1,0 +1,55 @@
+"""Shared test helpers: launching 2 CPU processes, and small modules."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from framework import LoopModule
+
+ROOT = Path(__file__).resolve().parents[1]
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+
+
+def launch(script: str | Path, *args: str, config: str = "launch/cpu_ddp.yaml", timeout: float = 180,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``accelerate launch --config_file CONFIG script args`` and fail (not hang) past ``timeout``.
+
+    Raises AssertionError with the output when the launch exits non-zero.
+    """
+    cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / config), str(script), *map(str, args)]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}")
+    return proc
+
+
+class TinyClassifier(LoopModule):
+    """8 features -> 3 classes; deterministic given the seed."""
+
+    def __init__(self, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(dropout), nn.Linear(32, 3))
+
+    def forward(self, inputs):
+        return self.net(inputs)
+
+    def compute_loss(self, outputs, targets):
+        return F.cross_entropy(outputs, targets)
+
+    def compute_metrics(self, outputs, targets):
+        return {"acc": (outputs.argmax(-1) == targets).float()}
+
+
+def classification_data(n: int = 1000, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    return x, y
