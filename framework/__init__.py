@@ -7,10 +7,16 @@ Example::
     engine.fit(Classifier(), train_data, val_data)
 """
 
+from . import schedules  # so framework.schedules.warmup_cosine works after a plain `import framework`
 from .callbacks import Callback, EarlyStopping
+from .checkpoint import CheckpointError, load_weights
 from .doctor import LoopError, LoopWarning
 from .engine import Engine, NonFiniteError
 from .module import LoopModule
 
-__all__ = ["Callback", "EarlyStopping", "Engine", "LoopError", "LoopModule", "LoopWarning", "NonFiniteError"]
+__all__ = [
+    "Callback",
+    "CheckpointError",
+    "EarlyStopping",
+    "load_weights", "Engine", "LoopError", "LoopModule", "LoopWarning", "NonFiniteError"]
 __version__ = "0.1.0"

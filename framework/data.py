@@ -301,6 +301,11 @@ class LoaderSource(Source):
     def __init__(self, loader: DataLoader[Any], **kw: Any) -> None:
         super().__init__(**kw)
         self.loader = loader
+        # A shuffling DataLoader draws its order from the global RNG when its
+        # iterator is created; checkpoints keep that state so a resumed run
+        # rebuilds the same order (see checkpoint.save_engine / load_engine).
+        self.epoch_rng: torch.Tensor | None = None
+        self.resume_rng: torch.Tensor | None = None
 
     def num_windows(self) -> int | None:
         try:
@@ -309,15 +314,50 @@ class LoaderSource(Source):
             return None
         return math.ceil(n / (self.batching.accumulation * self.batching.world_size))
 
+    def _iterate(self, skip: int) -> Iterator[Any]:
+        """The loader's batches after the first ``skip``, skipping by index where the loader allows."""
+        loader = self.loader
+        if self.resume_rng is not None:
+            now = torch.get_rng_state()
+            torch.set_rng_state(self.resume_rng)
+            it = self._iterate_from(loader, skip)
+            # The sampler draws its seed lazily, at the first batch: take it under the epoch's RNG too.
+            first = list(itertools.islice(it, 1))
+            it = itertools.chain(first, it)
+            torch.set_rng_state(now)
+            self.epoch_rng, self.resume_rng = self.resume_rng, None
+            return it
+        self.epoch_rng = torch.get_rng_state()
+        return self._iterate_from(loader, skip)
+
+    @staticmethod
+    def _iterate_from(loader: DataLoader[Any], skip: int) -> Iterator[Any]:
+        if skip and loader.batch_sampler is not None and not isinstance(loader.dataset, IterableDataset):
+            # Same sampler (same RNG draws, same order), but the skipped batches are
+            # never loaded: O(index) work, not O(data).
+            rebuilt = DataLoader(
+                loader.dataset,
+                batch_sampler=_SkipBatches(loader.batch_sampler, skip),
+                num_workers=loader.num_workers,
+                collate_fn=loader.collate_fn,
+                pin_memory=loader.pin_memory,
+                timeout=loader.timeout,
+                worker_init_fn=loader.worker_init_fn,
+                multiprocessing_context=loader.multiprocessing_context,
+                generator=loader.generator,
+                prefetch_factor=loader.prefetch_factor,
+                persistent_workers=loader.persistent_workers,
+            )
+            return iter(rebuilt)
+        it = iter(loader)
+        for _ in itertools.islice(it, skip):  # no index-level access: replay the loading, never the model
+            pass
+        return it
+
     def windows(self, epoch: int, start: int = 0, items_read: int = 0) -> Iterator[Window]:
         b = self.batching
         per_window = b.accumulation * b.world_size
-        it = iter(self.loader)
-        if start:
-            # A DataLoader exposes no position; skipping replays its sampler and
-            # loading (never the model). Datasets resume in O(1) instead.
-            for _ in itertools.islice(it, start * per_window):
-                pass
+        it = self._iterate(start * per_window)
         w = start
         while True:
             group = list(itertools.islice(it, per_window))
@@ -328,6 +368,19 @@ class LoaderSource(Source):
             filler = None if micro else self.to_device(group[0])
             yield Window(w, micro, filler)
             w += 1
+
+
+class _SkipBatches:
+    """A batch sampler without its first ``skip`` batches (the sampler still runs, so RNG draws match)."""
+
+    def __init__(self, batch_sampler: Iterable[list[int]], skip: int) -> None:
+        self.batch_sampler, self.skip = batch_sampler, skip
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return itertools.islice(iter(self.batch_sampler), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(0, len(self.batch_sampler) - self.skip)  # type: ignore[arg-type]
 
 
 def make_source(

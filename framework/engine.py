@@ -14,19 +14,36 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from . import checkpoint
 from .callbacks import Callback, fire
 from .data import Batching, Source, Window, iter_eval_batches, make_source, resolve_batching
 from .distributed import Runtime, make_runtime, rng_preserved
 from .doctor import Doctor, LoopError
-from .logging import MetricsLog, Progress
+from .logging import MetricsLog, Progress, start_trackers
 from .module import LoopModule
 from .optim import Optimization, parse_optimizers
+
+
+@dataclass
+class _Fit:
+    """What one fit works on: the user's module, its (possibly wrapped) model, optimization, data."""
+
+    module: LoopModule
+    model: nn.Module
+    opt: Optimization
+    source: Source
+    fingerprint: dict[str, Any]
 
 
 class NonFiniteError(FloatingPointError):
@@ -57,7 +74,12 @@ class Engine:
     - ``callbacks``; ``compile`` (torch.compile); ``doctor``: "basic" | "full" | "off";
       ``trace`` (record the step events in ``engine.trace``).
     - ``num_workers``, ``collate_fn``, ``pin_memory``: passed to data loading for Dataset inputs.
-    - ``limit_train_batches``, ``limit_val_batches``, ``overfit_batches``: debug runs.
+    - Debug runs (they log, validate and checkpoint as usual):
+      ``limit_train_batches=n``: each epoch trains on only its first n global batches (optimizer steps);
+      ``limit_val_batches=n``: validation (also ``validate``) reads only the first n global batches;
+      ``overfit_batches=n``: every epoch trains on the same n batches (the first n of epoch 0's
+      order), to check that the model can fit them, e.g.
+      ``Engine(max_epochs=200, batch_size=8, overfit_batches=1)`` should drive ``train/loss`` to ~0.
     """
 
     def __init__(
@@ -89,6 +111,14 @@ class Engine:
         limit_train_batches: int | None = None,
         limit_val_batches: int | None = None,
         overfit_batches: int | None = None,
+        checkpoint_every_n_steps: int | None = None,
+        checkpoint_every_epoch: bool | None = None,
+        keep_last: int = 3,
+        keep_best: int = 0,
+        monitor: str = "val/loss",
+        mode: str = "min",
+        resume: str | None = None,
+        preemption_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1"),
     ) -> None:
         if max_epochs is None and max_steps is None:
             raise ValueError(
@@ -97,6 +127,12 @@ class Engine:
             )
         if nan_policy not in ("raise", "skip"):
             raise ValueError(f'nan_policy={nan_policy!r}; use "raise" or "skip"')
+        # A clip threshold <= 0 would zero (or, for the norm, flip) every gradient: silent non-training.
+        for name, clip in (("clip_grad_norm", clip_grad_norm), ("clip_grad_value", clip_grad_value)):
+            if clip is not None and not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0):
+                raise ValueError(f"{name}={clip!r}; use a positive finite number (e.g. {name}=1.0) or None for no clipping")
+        if not isinstance(max_consecutive_skips, int) or max_consecutive_skips < 1:
+            raise ValueError(f"max_consecutive_skips={max_consecutive_skips!r}; use a positive int (default 10)")
         if log_every_n_steps < 1:
             raise ValueError(f"log_every_n_steps={log_every_n_steps}; use a positive int")
         self.max_epochs, self.max_steps, self.max_time = max_epochs, max_steps, max_time
@@ -114,6 +150,15 @@ class Engine:
         self.num_workers, self.collate_fn, self.pin_memory = num_workers, collate_fn, pin_memory
         self.limit_train_batches, self.limit_val_batches = limit_train_batches, limit_val_batches
         self.overfit_batches = overfit_batches
+        if mode not in ("min", "max"):
+            raise ValueError(f'mode={mode!r}; use "min" or "max"')
+        if (checkpoint_every_n_steps or checkpoint_every_epoch or keep_best or resume) and run_dir is None:
+            raise ValueError("checkpointing and resume need a run_dir, e.g. Engine(run_dir='runs/exp1', ...)")
+        self.checkpoint_every_n_steps = checkpoint_every_n_steps
+        self.checkpoint_every_epoch = run_dir is not None if checkpoint_every_epoch is None else checkpoint_every_epoch
+        self.keep_last, self.keep_best, self.monitor, self.mode = keep_last, keep_best, monitor, mode
+        self.resume = resume
+        self.preemption_signals = tuple(preemption_signals)
 
         # Position and counters (what a checkpoint stores).
         self.step = 0  # optimizer steps taken (windows done), skipped ones included
@@ -128,6 +173,9 @@ class Engine:
 
         self._rt: Runtime | None = None
         self._stop_requested = False  # set by max_time (and signals)
+        self._preempted = False  # set by a preemption signal: checkpoint, then exit 143
+        self._fit: _Fit | None = None
+        self._saved_step: int | None = None
         self._t0 = time.monotonic()
 
     # ------------------------------------------------------------------ public API
@@ -154,12 +202,17 @@ class Engine:
         source = self._source(train_data, batching, self.shuffle)
         val_source = self._val_source(val_data, batching) if val_data is not None else None
         params = [p for g in opt.optimizer.param_groups for p in g["params"]]
-        log = MetricsLog(self.run_dir, rt.is_main)
+        self._fit = fit = _Fit(module, model, opt, source, checkpoint.fingerprint(self, module, opt.optimizer, batching.batch_size))
+        self._restore(fit)
+        config = self._write_config(module, opt, batching)
+        # Trackers (log_with) start on rank 0 and finish in log.close(); not accelerator.end_training(),
+        # which would also destroy the process group that a later validate() or fit() needs.
+        log = MetricsLog(self.run_dir, rt.is_main, tracker=start_trackers(rt.accelerator, self.log_with, self.run_dir, config))
         progress = Progress(self.progress, rt.is_main)
-        self._write_config(module, opt, batching)
         progress.message(_summary(module, rt, batching))
 
         fire(self.callbacks, "on_fit_start", self, module)
+        previous_handlers = self._install_signal_handlers()
         self._t0 = t_log = time.monotonic()
         steps_since_log = 0
         loss_sum = torch.zeros((), device=rt.device)  # mean train loss since the last log, on device
@@ -224,14 +277,21 @@ class Engine:
                     items_sum, steps_since_log, t_log = 0, 0, time.monotonic()
                 progress.update(1, record, self.step)
                 fire(self.callbacks, "on_step_end", self, module, record)
-                self._stop_requested = self._stop_requested or stop
+                time_up, preempted = stop
+                self._stop_requested |= time_up or preempted
+                self._preempted |= preempted
+                if self.checkpoint_every_n_steps and self.step % self.checkpoint_every_n_steps == 0 and self.batch_in_epoch != n_windows:
+                    self._save()  # (the last window of an epoch is saved after validation instead)
+                if self._preempted:
+                    self._preempt_exit(progress, log, previous_handlers)
                 if self._done() or self.should_stop:
                     epoch_ended = self.batch_in_epoch == n_windows
                     break
             if not epoch_ended:
                 break
             # The epoch is complete: validate, then step a per-epoch scheduler.
-            epoch_metrics: dict[str, float] = {"epoch_time": time.monotonic() - t_epoch}
+            t_pause = time.monotonic()
+            epoch_metrics: dict[str, float] = {"epoch_time": t_pause - t_epoch}
             if val_source is not None:
                 val = self._evaluate(module, model, val_source)
                 epoch_metrics.update({f"val/{k}": v for k, v in val.items()})
@@ -242,14 +302,36 @@ class Engine:
             if opt.scheduler is not None and opt.interval == "epoch":
                 opt.scheduler.step()
             fire(self.callbacks, "on_epoch_end", self, module, epoch_metrics)
+            t_log += time.monotonic() - t_pause  # train/items_per_sec measures training, not validation
             self.epoch += 1
             self.batch_in_epoch = self.items_read = 0
+            if self.checkpoint_every_epoch:
+                self._save(monitor_value=epoch_metrics.get(self.monitor))
             if self.should_stop:
                 break
+        if self.run_dir is not None and self._saved_step != self.step and (self.checkpoint_every_epoch or self.checkpoint_every_n_steps):
+            self._save()  # the final state, so a longer run can resume from it
+        self._restore_signal_handlers(previous_handlers)
         progress.close()
         log.close()
         fire(self.callbacks, "on_fit_end", self, module)
         return self
+
+    def save_checkpoint(self, path: str | os.PathLike[str]) -> str:
+        """Save a complete checkpoint of the current fit into directory ``path`` (atomically).
+
+        Call it during or after ``fit`` (e.g. from a callback); every process must call it.
+
+        Example::
+
+            engine.fit(model, train_ds)
+            engine.save_checkpoint("exports/final")
+            framework.load_weights(Classifier(), "exports/final")
+        """
+        if self._fit is None:
+            raise RuntimeError("save_checkpoint needs a fit in progress or finished; call engine.fit(...) first")
+        target = Path(path)
+        return str(checkpoint.save_engine(self, self._fit, target.parent.resolve(), target.name))
 
     def validate(self, module: LoopModule, data: Any) -> dict[str, float]:
         """Exact means over ``data``: ``{"loss": ..., <compute_metrics keys>: ...}``.
@@ -272,9 +354,9 @@ class Engine:
 
     # ------------------------------------------------------------------ the step's parts
 
-    def _item_weights(self, module: LoopModule, window: Window) -> tuple[list[Any], Any, bool]:
+    def _item_weights(self, module: LoopModule, window: Window) -> tuple[list[Any], Any, Any]:
         """Per-micro-batch loss weights ``n_i * world_size / N`` (one all-reduce for N), the item count N,
-        and whether any rank asked to stop (folded into the same all-reduce)."""
+        and the stop flags (max_time up, preemption signal) of all ranks, folded into the same all-reduce."""
         rt = self._rt
         assert rt is not None
         if not window.micro_batches:  # this rank joins the all-reduce with an empty contribution
@@ -287,14 +369,14 @@ class Engine:
             total = sum(counts)
             return [n / max(total, 1) for n in counts], total, False
         local = sum(counts[1:], counts[0])
-        stop_flag = float(self._stop_requested or self._time_up())
-        packed = torch.stack([torch.as_tensor(local, device=rt.device).double(), torch.tensor(stop_flag, device=rt.device, dtype=torch.float64)])
+        flags = torch.tensor([float(self._time_up()), float(self._preempted)], device=rt.device, dtype=torch.float64)
+        packed = torch.cat([torch.as_tensor(local, device=rt.device).double().reshape(1), flags])
         rt.all_reduce_sum(packed)
         total_t = packed[0].clamp(min=1)
         scale = rt.world_size / total_t
         weights = [(n * scale).float() for n in counts]
         # The stop flag stays on the device; _optimizer_step reads it with the NaN flag in one go.
-        return weights, packed[0], packed[1]  # type: ignore[return-value]
+        return weights, packed[0], packed[1:]  # type: ignore[return-value]
 
     def _optimizer_step(
         self,
@@ -305,9 +387,9 @@ class Engine:
         window_loss: torch.Tensor,
         log_now: bool,
         stop: Any,
-    ) -> tuple[bool, torch.Tensor | None, bool]:
+    ) -> tuple[bool, torch.Tensor | None, tuple[bool, bool]]:
         """Unscale, measure, clip, guard against non-finite values, then step. Returns
-        (applied, pre-clip grad norm or None, stop requested on any rank)."""
+        (applied, pre-clip grad norm, (max_time up on any rank, preemption signal on any rank))."""
         rt = self._rt
         assert rt is not None
         scaler = rt.scaler
@@ -325,15 +407,27 @@ class Engine:
             torch.nn.utils.clip_grad_value_(params, self.clip_grad_value)
 
         # The one host read per step: did anything go non-finite, and does any rank want to stop?
-        # Under fp16 the GradScaler owns overflowing gradients, so only the loss is checked here.
+        # Under fp16 the GradScaler owns overflowing gradients, so only the loss is checked here;
+        # the overflow flag its unscale_ just computed joins the same read, so telling a skipped
+        # step needs no GradScaler.get_scale() (a host sync each, before and after).
         bad = ~torch.isfinite(window_loss) if scaler is not None else ~torch.isfinite(grad_norm + window_loss * 0)
+        overflow: list[torch.Tensor] = []
+        if scaler is not None:
+            found = scaler._found_inf_per_device(opt.optimizer).values()
+            overflow = [sum(found, torch.zeros((), device=rt.device)).double().reshape(1)]
         if rt.world_size > 1:
             # After DDP's all-reduce the gradients are identical on every rank, so the norm
-            # decides the same everywhere; a rank-local loss must not (ranks would disagree).
-            bad = ~torch.isfinite(grad_norm) if scaler is None else bad
-            bad_host, stop_host = (bool(x) for x in torch.stack([bad.double(), torch.as_tensor(stop).double()]).tolist())
+            # decides the same everywhere; a rank-local loss must not (ranks would disagree
+            # and the next collective would hang). Under fp16 the scaler's verdict, taken on
+            # those same reduced gradients, already agrees across ranks.
+            bad = ~torch.isfinite(grad_norm) if scaler is None else torch.zeros((), dtype=torch.bool, device=rt.device)
+            bad_f, time_f, preempt_f, *overflow_f = torch.cat([bad.double().reshape(1), stop, *overflow]).tolist()
+            bad_host, stop_host = bool(bad_f), (time_f > 0, preempt_f > 0)
+        elif scaler is None:
+            bad_host, overflow_f, stop_host = bool(bad), [], (self._time_up(), self._preempted)
         else:
-            bad_host, stop_host = bool(bad), bool(stop) or self._time_up()
+            bad_f, *overflow_f = torch.cat([bad.double().reshape(1), *overflow]).tolist()
+            bad_host, stop_host = bool(bad_f), (self._time_up(), self._preempted)
         if bad_host:
             self._on_nonfinite(opt, window)
             return False, grad_norm, stop_host
@@ -341,10 +435,11 @@ class Engine:
         if scaler is None:
             opt.optimizer.step()
             return True, grad_norm, stop_host
-        scale_before = scaler.get_scale()
+        # GradScaler.step calls optimizer.step() only without an overflow (the flag read above), and
+        # update() then lowers the scale; an overflow-skipped step does not advance the scheduler.
         scaler.step(opt.optimizer)
         scaler.update()
-        applied = scaler.get_scale() >= scale_before  # the scale only drops on a skipped (overflow) step
+        applied = not any(overflow_f)
         if not applied:
             self.skipped_steps += 1
         return applied, grad_norm, stop_host
@@ -410,6 +505,69 @@ class Engine:
         for j, k in enumerate(keys):
             out[k] = values[2 + 2 * j] / max(values[3 + 2 * j], 1.0)
         return out
+
+    # ------------------------------------------------------------------ checkpoints and preemption
+
+    def _checkpoint_root(self) -> Path:
+        assert self.run_dir is not None
+        return Path(self.run_dir) / "checkpoints"
+
+    def _save(self, monitor_value: float | None = None) -> None:
+        assert self._fit is not None
+        path = checkpoint.save_engine(self, self._fit, self._checkpoint_root(), monitor_value=monitor_value)
+        self._saved_step = self.step
+        fire(self.callbacks, "on_checkpoint_save", self, str(path))
+
+    def _restore(self, fit: _Fit) -> None:
+        """Apply ``resume``: None (fresh), "auto" (newest complete checkpoint, else fresh), or a path."""
+        if self.resume is None:
+            return
+        if self.resume == "auto":
+            path = checkpoint.newest_complete(self._checkpoint_root())
+            if path is None:
+                return
+        else:
+            path = Path(self.resume)
+            if not path.is_dir():
+                raise checkpoint.CheckpointError(
+                    f"resume={self.resume!r} does not exist; pass an existing checkpoint directory or resume='auto'"
+                )
+        checkpoint.load_engine(self, fit, path)
+        self._saved_step = self.step
+        fire(self.callbacks, "on_checkpoint_load", self, str(path))
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        """Preemption signals only set a flag; the loop checkpoints at the next step boundary."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous = {}
+        for name in self.preemption_signals:
+            signum = getattr(signal, name)
+            previous[signum] = signal.signal(signum, self._on_signal)
+        return previous
+
+    def _restore_signal_handlers(self, previous: dict[int, Any]) -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._preempted = self._stop_requested = True
+
+    def _preempt_exit(self, progress: Progress, log: MetricsLog, previous: dict[int, Any]) -> None:
+        rt = self._rt
+        assert rt is not None
+        if self.run_dir is not None:
+            if self._saved_step != self.step:
+                self._save()
+            where = f"checkpoint saved to {self._checkpoint_root() / f'step-{self.step:08d}'}"
+        else:
+            where = "no checkpoint (no run_dir)"
+        progress.close()
+        log.close()
+        self._restore_signal_handlers(previous)
+        if rt.is_main:
+            print(f"preempted at step {self.step}: {where}; resume with Engine(resume='auto', ...)", file=sys.stderr, flush=True)
+        raise SystemExit(143)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -499,12 +657,10 @@ class Engine:
         self.metrics.update({k: v for k, v in record.items() if k not in ("step", "epoch")})
         return record
 
-    def _write_config(self, module: LoopModule, opt: Optimization, batching: Batching) -> None:
+    def _write_config(self, module: LoopModule, opt: Optimization, batching: Batching) -> dict[str, Any]:
+        """Write ``config.json`` (rank 0, with a run_dir) and return the config (also for the trackers)."""
         rt = self._rt
         assert rt is not None
-        if self.run_dir is None or not rt.is_main:
-            return
-        os.makedirs(self.run_dir, exist_ok=True)
         config = {k: _jsonable(v) for k, v in vars(self).items() if not k.startswith("_") and k not in _STATE_KEYS}
         config.update(
             doctor=self.doctor.level,
@@ -518,8 +674,12 @@ class Engine:
             mixed_precision=rt.mixed_precision,
             device=str(rt.device),
         )
+        if self.run_dir is None or not rt.is_main:
+            return config
+        os.makedirs(self.run_dir, exist_ok=True)
         with open(os.path.join(self.run_dir, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
+        return config
 
 
 _STATE_KEYS = {
