@@ -7,7 +7,7 @@ Example::
     engine.fit(Classifier(), train_data, val_data)
 """
 
-from . import schedules  # so framework.schedules.warmup_cosine works after a plain `import framework`
+from . import schedules  # so a plain `import framework` exposes framework.schedules
 from .callbacks import Callback, EarlyStopping
 from .checkpoint import CheckpointError, load_weights
 from .doctor import LoopError, LoopWarning
@@ -18,5 +18,12 @@ __all__ = [
     "Callback",
     "CheckpointError",
     "EarlyStopping",
-    "load_weights", "Engine", "LoopError", "LoopModule", "LoopWarning", "NonFiniteError"]
+    "Engine",
+    "LoopError",
+    "LoopModule",
+    "LoopWarning",
+    "NonFiniteError",
+    "load_weights",
+    "schedules",
+]
 __version__ = "0.1.0"

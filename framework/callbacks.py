@@ -1,8 +1,42 @@
 """Callbacks: read-only hooks around the step, never inside it.
 
 A callback sees the engine and the metrics, and can ask the run to stop
-(``engine.should_stop = True``); it cannot reorder the five canonical steps,
-because it is only called between optimizer steps and around epochs.
+(``engine.should_stop = True``, honoured at the next step boundary). It cannot
+reorder the five canonical steps: the engine calls it only between optimizer
+steps and around epochs, never between zero_grad and the optimizer step. Like
+logging, a callback must only read: changing parameters, gradients, the data or
+the global RNG from one breaks "observation never steers" (DESIGN.md).
+
+The eight events, in the order a run fires them::
+
+    on_checkpoint_load          if ``resume`` loaded a checkpoint
+    on_fit_start                once, before the first step
+      on_epoch_start            each epoch (also a resumed, partial one)
+        on_step_end             after every optimizer step (applied or skipped)
+        on_checkpoint_save      after a step checkpoint was written completely
+      on_validation_end         after the epoch's validation: {"val/loss": ..., "val/<metric>": ...}
+      on_epoch_end              after each complete epoch: epoch_time and val/...
+      on_checkpoint_save        after the epoch checkpoint
+    on_fit_end                  once, after the last step
+
+Callbacks run on every process. Validation metrics are global means, so a stop
+decision taken from them agrees across ranks; ``should_stop`` is not
+synchronised, so decide it from such global values only (one rank stopping
+alone would leave the others waiting in a collective). A callback that writes
+files or prints should do so on one process only.
+
+There is no LearningRateMonitor: ``lr`` is in every train record of
+``metrics.jsonl`` and in the trackers already.
+
+Example::
+
+    from framework import Callback, EarlyStopping, Engine
+
+    class PrintValLoss(Callback):
+        def on_validation_end(self, engine, module, metrics):
+            print(engine.epoch, metrics["val/loss"])
+
+    Engine(max_epochs=50, batch_size=64, callbacks=[PrintValLoss(), EarlyStopping(patience=3)])
 """
 
 from __future__ import annotations
@@ -21,62 +55,140 @@ class Callback:
     Events: ``on_fit_start``, ``on_fit_end``, ``on_epoch_start``, ``on_epoch_end``,
     ``on_step_end`` (after an applied or skipped optimizer step), ``on_validation_end``,
     ``on_checkpoint_save``, ``on_checkpoint_load``. State returned by ``state_dict``
-    is stored in checkpoints (JSON-serialisable values only).
+    is stored in checkpoints (JSON-serialisable values only) and handed back to
+    ``load_state_dict`` on resume.
 
     Example::
 
-        class PrintLR(Callback):
+        class PrintLoss(Callback):
             def on_step_end(self, engine, module, metrics):
-                if "lr" in metrics:
-                    print(engine.step, metrics["lr"])
+                if metrics:  # a log step
+                    print(engine.step, metrics["train/loss"])
 
-        Engine(max_steps=100, batch_size=32, callbacks=[PrintLR()])
+        Engine(max_steps=100, batch_size=32, callbacks=[PrintLoss()])
     """
 
     def on_fit_start(self, engine: Engine, module: LoopModule) -> None:
-        """Called once before the first step (after a resume, if any)."""
+        """Called once before the first step (after a resume, if any).
+
+        Example::
+
+            def on_fit_start(self, engine, module):
+                self.t0 = time.monotonic()
+        """
 
     def on_fit_end(self, engine: Engine, module: LoopModule) -> None:
-        """Called once after the last step."""
+        """Called once after the last step (metrics.jsonl and trackers are closed by then).
+
+        Example::
+
+            def on_fit_end(self, engine, module):
+                print("done after", engine.step, "steps")
+        """
 
     def on_epoch_start(self, engine: Engine, module: LoopModule) -> None:
-        """Called at the start of each epoch (also a resumed, partial one)."""
+        """Called at the start of each epoch (also a resumed, partial one).
+
+        Example::
+
+            def on_epoch_start(self, engine, module):
+                print("epoch", engine.epoch)
+        """
 
     def on_epoch_end(self, engine: Engine, module: LoopModule, metrics: dict[str, float]) -> None:
-        """Called after each epoch's validation; ``metrics`` holds ``val/...`` and ``epoch_time``."""
+        """Called after each complete epoch's validation; ``metrics`` holds ``epoch_time`` and ``val/...``.
+
+        Example::
+
+            def on_epoch_end(self, engine, module, metrics):
+                print(engine.epoch, metrics["epoch_time"])
+        """
 
     def on_step_end(self, engine: Engine, module: LoopModule, metrics: dict[str, float]) -> None:
-        """Called after each optimizer step; ``metrics`` is non-empty only on log steps."""
+        """Called after each optimizer step; ``metrics`` is the train record on log steps, else empty.
+
+        Only log steps carry values: reading a device tensor here on every step
+        would add the host sync that the engine avoids.
+
+        Example::
+
+            def on_step_end(self, engine, module, metrics):
+                if metrics and metrics["train/loss"] < 0.01:
+                    engine.should_stop = True
+        """
 
     def on_validation_end(self, engine: Engine, module: LoopModule, metrics: dict[str, float]) -> None:
-        """Called after each validation with ``{"val/loss": ..., "val/<metric>": ...}``."""
+        """Called after each validation with ``{"val/loss": ..., "val/<metric>": ...}`` (global means).
+
+        Example::
+
+            def on_validation_end(self, engine, module, metrics):
+                self.history.append(metrics["val/loss"])
+        """
 
     def on_checkpoint_save(self, engine: Engine, path: str) -> None:
-        """Called after a checkpoint was written completely to ``path``."""
+        """Called after a checkpoint was written completely to ``path``.
+
+        Example::
+
+            def on_checkpoint_save(self, engine, path):
+                print("saved", path)
+        """
 
     def on_checkpoint_load(self, engine: Engine, path: str) -> None:
-        """Called after a checkpoint was loaded from ``path``."""
+        """Called after a checkpoint was loaded from ``path``.
+
+        Example::
+
+            def on_checkpoint_load(self, engine, path):
+                print("resumed from", path, "at step", engine.step)
+        """
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-serialisable state to keep in checkpoints."""
+        """JSON-serialisable state to keep in checkpoints; ``{}`` (the default) stores nothing.
+
+        Example::
+
+            def state_dict(self):
+                return {"history": self.history}
+        """
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what ``state_dict`` returned."""
+        """Restore what ``state_dict`` returned.
+
+        Example::
+
+            def load_state_dict(self, state):
+                self.history = list(state["history"])
+        """
 
 
 class EarlyStopping(Callback):
-    """Stop when ``monitor`` has not improved by ``min_delta`` for ``patience`` validations.
+    """Stop when ``monitor`` has not improved by more than ``min_delta`` for ``patience`` validations.
+
+    The first validation sets the best value; each later one that does not beat
+    it (``mode="min"``: lower by more than ``min_delta``; ``"max"``: higher)
+    counts as bad, and after ``patience`` bad ones in a row the run stops at
+    that epoch's end (its epoch record, checkpoint and callbacks still happen).
+    ``monitor`` is a validation key: ``"val/loss"`` or ``"val/<metric>"``. A
+    non-finite value never counts as an improvement. The best value and the bad
+    count are stored in checkpoints, so a resumed run stops where an
+    uninterrupted one would.
 
     Example::
 
         Engine(max_epochs=100, batch_size=64,
-               callbacks=[EarlyStopping(monitor="val/loss", patience=3)])
+               callbacks=[EarlyStopping(monitor="val/acc", mode="max", patience=5)])
     """
 
     def __init__(self, monitor: str = "val/loss", patience: int = 3, mode: str = "min", min_delta: float = 0.0):
         if mode not in ("min", "max"):
             raise ValueError(f"EarlyStopping(mode={mode!r}); use 'min' or 'max'")
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"EarlyStopping(patience={patience!r}); use an int >= 1 (validations without improvement)")
+        if not min_delta >= 0:
+            raise ValueError(f"EarlyStopping(min_delta={min_delta!r}); use a non-negative number")
         self.monitor, self.patience, self.mode, self.min_delta = monitor, patience, mode, min_delta
         self.best = math.inf if mode == "min" else -math.inf
         self.bad_epochs = 0
@@ -88,12 +200,8 @@ class EarlyStopping(Callback):
         return value > self.best + self.min_delta
 
     def on_validation_end(self, engine: Engine, module: LoopModule, metrics: dict[str, float]) -> None:
-        if self.monitor not in metrics:
-            raise KeyError(
-                f"EarlyStopping(monitor={self.monitor!r}) but validation logged {sorted(metrics)}; "
-                "pick one of those names"
-            )
-        value = metrics[self.monitor]
+        """Compare ``metrics[monitor]`` with the best so far; ask the engine to stop after ``patience`` misses."""
+        value = self._value(metrics)
         if self._improved(value):
             self.best, self.bad_epochs = value, 0
         else:
@@ -102,14 +210,43 @@ class EarlyStopping(Callback):
                 self.stopped_epoch = engine.epoch
                 engine.should_stop = True
 
+    def on_epoch_end(self, engine: Engine, module: LoopModule, metrics: dict[str, float]) -> None:
+        """Fail loudly, not never stop, when the run has no validation to monitor."""
+        self._value(metrics)
+
+    def _value(self, metrics: dict[str, float]) -> float:
+        if self.monitor not in metrics:
+            available = sorted(k for k in metrics if k.startswith("val/"))
+            hint = f"pick one of {available}" if available else "pass val_data to fit(...): the run has no validation"
+            raise KeyError(f"EarlyStopping(monitor={self.monitor!r}) but validation logged {available}; {hint}")
+        return float(metrics[self.monitor])
+
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "bad_epochs": self.bad_epochs}
+        """``{"best", "bad_epochs", "stopped_epoch"}``.
+
+        Example::
+
+            EarlyStopping().state_dict()   # {"best": inf, "bad_epochs": 0, "stopped_epoch": None}
+        """
+        return {"best": self.best, "bad_epochs": self.bad_epochs, "stopped_epoch": self.stopped_epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best, self.bad_epochs = state["best"], state["bad_epochs"]
+        """Restore ``state_dict``'s values (``stopped_epoch`` is optional, for older checkpoints).
+
+        Example::
+
+            es.load_state_dict({"best": 0.31, "bad_epochs": 1})
+        """
+        self.best, self.bad_epochs = float(state["best"]), int(state["bad_epochs"])
+        self.stopped_epoch = state.get("stopped_epoch")
 
 
 def fire(callbacks: list[Callback], event: str, *args: Any) -> None:
-    """Call ``event`` on every callback, in order."""
+    """Call ``event`` on every callback, in list order (the engine's only way of calling them).
+
+    Example::
+
+        fire(engine.callbacks, "on_epoch_start", engine, module)
+    """
     for cb in callbacks:
         getattr(cb, event)(*args)

@@ -399,7 +399,9 @@ def save_engine(engine: Any, fit: Any, root: Path, name: str | None = None, moni
     return root / name
 
 
-COUNTERS = ("step", "epoch", "batch_in_epoch", "items_read", "micro_steps", "skipped_steps", "consecutive_skips")
+COUNTERS = (
+    "step", "epoch", "batch_in_epoch", "items_read", "micro_steps", "skipped_steps", "consecutive_skips", "should_stop",
+)  # fmt: skip
 
 
 def load_engine(engine: Any, fit: Any, path: Path) -> None:
@@ -466,10 +468,16 @@ def load_engine(engine: Any, fit: Any, path: Path) -> None:
                 "augmentation) cannot; they are re-seeded from (seed, step, rank)",
                 stacklevel=3,
             )
-        _reseed(engine.seed * 1_000_003 + engine.step * 101 + rt.rank)
+        seed_everything(engine.seed * 1_000_003 + engine.step * 101 + rt.rank)
 
 
-def _reseed(seed: int) -> None:
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), numpy and python's ``random``.
+
+    Example::
+
+        seed_everything(0)
+    """
     import numpy as np
 
     torch.manual_seed(seed)

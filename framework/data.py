@@ -435,8 +435,3 @@ def as_tensors(data: Any) -> tuple[torch.Tensor, ...] | None:
         return tuple(data)
     return None
 
-
-def iter_eval_batches(source: Source) -> Iterable[Any]:
-    """This rank's batches for one pass over the set, in order, each item on exactly one rank."""
-    for window in source.windows(epoch=0):
-        yield from window.micro_batches

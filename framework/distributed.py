@@ -123,7 +123,32 @@ def make_runtime(mixed_precision: str | None = None, log_with: Any = None, proje
         log_with=log_with,
         project_dir=project_dir,
     )
+    _destroy_process_group_at_exit()
     return Runtime(accelerator)
+
+
+_exit_hook_registered = False
+
+
+def _destroy_process_group_at_exit() -> None:
+    """Tear the process group down before the interpreter does.
+
+    A process that exits with a gloo process group still alive can die in gloo's
+    C++ threads during interpreter teardown ("terminate called without an active
+    exception", SIGABRT), turning a finished run into a failed launch (seen in
+    about 1 of 4 two-process CPU runs). Destroying it while Python is intact avoids that.
+    """
+    global _exit_hook_registered
+    if _exit_hook_registered or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return
+    import atexit
+
+    def destroy() -> None:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    atexit.register(destroy)
+    _exit_hook_registered = True
 
 
 @contextlib.contextmanager

@@ -1,7 +1,28 @@
 """Run logging: ``metrics.jsonl`` records, trackers and the progress display (rank 0 only).
 
-Nothing here reads a device tensor: the engine hands over Python floats that
-it read on log steps only, so logging never adds a host sync.
+Nothing here reads a device tensor: the engine hands over Python floats that it
+read on log steps only, so logging never adds a host sync.
+
+``metrics.jsonl`` holds one JSON object per line. Every record has ``step``
+(optimizer steps done) and ``epoch``. There are two kinds:
+
+- a *train* record every ``log_every_n_steps`` steps: ``train/loss`` (mean over
+  the items since the previous train record), ``lr`` (first param group),
+  ``train/items_per_sec`` (global items per second of training since the
+  previous train record; validation time excluded), ``train/grad_norm`` (global
+  gradient norm of this step, before clipping) and ``train/skipped_steps`` once
+  a step was skipped;
+- an *epoch* record after each complete epoch: ``epoch_time`` (seconds of
+  training in the epoch, validation excluded) and, with validation data,
+  ``val/loss`` and one ``val/<name>`` per ``compute_metrics`` key.
+
+The learning rate is logged by default, so there is no LearningRateMonitor.
+
+Example::
+
+    import json
+    records = [json.loads(line) for line in open("runs/digits/metrics.jsonl")]
+    val = [r for r in records if "val/loss" in r]
 """
 
 from __future__ import annotations
@@ -10,55 +31,150 @@ import json
 import math
 import os
 import sys
-import time
 from typing import IO, Any
 
 
 class MetricsLog:
     """Appends one JSON object per record to ``run_dir/metrics.jsonl``; also forwards to trackers.
 
+    ``tracker`` is an ``accelerate.Accelerator`` whose trackers were started by
+    :func:`start_trackers` (or anything with ``log(values, step=...)``); ``close``
+    finishes its trackers. Only the main process writes.
+
     Example::
 
         log = MetricsLog("runs/x", is_main=True)
         log.write({"step": 10, "epoch": 0, "train/loss": 0.5})
+        log.close()
     """
 
     def __init__(self, run_dir: str | None, is_main: bool, tracker: Any = None) -> None:
         self.is_main = is_main
-        self.tracker = tracker  # an Accelerator with trackers, or None
+        self.tracker = tracker if is_main else None
         self._file: IO[str] | None = None
         if run_dir is not None and is_main:
             os.makedirs(run_dir, exist_ok=True)
-            self._file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+            # Append: a resumed run continues the same file (`plot` keeps the last record per step).
+            self._file = open(os.path.join(run_dir, "metrics.jsonl"), "a")  # noqa: SIM115 (closed in close())
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append ``record`` (needs ``step``) and send its numbers to the trackers, on the main process.
+
+        Example::
+
+            log.write({"step": 20, "epoch": 0, "val/loss": 0.41})
+        """
         if not self.is_main:
             return
         if self._file is not None:
             self._file.write(json.dumps(record, allow_nan=True) + "\n")
-            self._file.flush()
+            self._file.flush()  # a crash (or a kill) loses nothing that was logged
         if self.tracker is not None:
             values = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
             self.tracker.log(values, step=record.get("step"))
 
     def close(self) -> None:
+        """Close the file and finish the trackers (idempotent).
+
+        Example::
+
+            log.close()
+        """
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self.tracker is not None:
+            finish_trackers(self.tracker)
+            self.tracker = None
+
+
+def start_trackers(accelerator: Any, log_with: Any, run_dir: str | None, config: dict[str, Any]) -> Any:
+    """Start the Accelerate trackers named in ``log_with`` (main process only); return what to log to.
+
+    Returns ``accelerator`` on the main process when trackers were asked for,
+    else None. The project name is the run directory's name, so TensorBoard
+    writes its event files under ``RUN_DIR/<name>/`` (view them with
+    ``tensorboard --logdir RUN_DIR``). ``config`` is logged as hyperparameters,
+    flattened to the scalar types every tracker accepts.
+
+    Raises ImportError on every process when a named tracker's package is
+    missing: Accelerate would drop it with only a debug message, and a run that
+    was meant to be tracked would go untracked.
+
+    Example::
+
+        rt = make_runtime(log_with=["tensorboard"], project_dir="runs/x")
+        log = MetricsLog("runs/x", rt.is_main, tracker=start_trackers(rt.accelerator, ["tensorboard"], "runs/x", {}))
+    """
+    if not log_with:
+        return None
+    from accelerate.tracking import GeneralTracker
+    from accelerate.utils import LoggerType
+
+    requested = [log_with] if isinstance(log_with, (str, LoggerType, GeneralTracker)) else list(log_with)
+    names = [str(t) for t in requested if isinstance(t, (str, LoggerType)) and str(t) != "all"]
+    active = {str(t) for t in accelerator.log_with}
+    missing = [n for n in names if n not in active]
+    if missing:
+        raise ImportError(
+            f"log_with={names} but {missing} is not installed (Accelerate would silently skip it); "
+            f"pip install {' '.join(missing)}, or drop it from log_with"
+        )
+    if not accelerator.is_main_process:
+        return None
+    project = os.path.basename(os.path.abspath(run_dir)) if run_dir else "framework"
+    accelerator.init_trackers(project, config=tracker_config(config))
+    return accelerator
+
+
+def finish_trackers(accelerator: Any) -> None:
+    """Close the trackers that :func:`start_trackers` started, keeping the process group alive.
+
+    Why not ``accelerator.end_training()``: it also destroys the process group,
+    so under DDP a later ``engine.validate`` or a second ``fit`` would fail.
+
+    Example::
+
+        finish_trackers(rt.accelerator)
+    """
+    trackers = getattr(accelerator, "trackers", None)
+    if not trackers:
+        return
+    for tracker in trackers:
+        tracker.finish()
+    trackers.clear()  # a second fit on the same engine starts fresh ones
+
+
+def tracker_config(config: dict[str, Any]) -> dict[str, bool | int | float | str]:
+    """``config`` with only the value types trackers accept (TensorBoard's hparams refuse lists and None).
+
+    Example::
+
+        >>> tracker_config({"lr": 0.1, "log_with": ["tensorboard"], "max_time": None})
+        {'lr': 0.1, 'log_with': "['tensorboard']"}
+    """
+    out: dict[str, bool | int | float | str] = {}
+    for key, value in config.items():
+        if value is None:
+            continue
+        out[key] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return out
+
+
+_SHORT = {"train/loss": "loss", "val/loss": "val_loss", "lr": "lr", "train/items_per_sec": "items/s"}
 
 
 def _fmt(record: dict[str, Any]) -> str:
-    parts = []
-    for key in ("train/loss", "val/loss", "lr", "train/items_per_sec"):
-        if key in record:
-            parts.append(f"{key.split('/')[-1]}={_num(record[key])}")
+    parts = [f"{short}={_num(record[key])}" for key, short in _SHORT.items() if key in record]
     parts += [f"{k}={_num(v)}" for k, v in record.items() if k.startswith("val/") and k != "val/loss"]
     return " ".join(parts)
 
 
 def _num(v: Any) -> str:
     if isinstance(v, float):
-        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5) and math.isfinite(v):
+        if math.isfinite(v) and 1e3 <= abs(v) < 1e9:
+            return f"{v:.0f}"  # throughputs: items/s=48194, not 4.819e+04
+        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e9) and math.isfinite(v):
             return f"{v:.3e}"
         return f"{v:.4g}"
     return str(v)
@@ -67,53 +183,78 @@ def _num(v: Any) -> str:
 class Progress:
     """Rank-0 progress: a live tqdm bar per epoch on a terminal, one plain line per log step otherwise.
 
-    Without a terminal (CI, log files) the output never contains carriage returns.
+    On a terminal the bar shows steps, ETA and, from the last log step, loss,
+    lr and items/s. Without one (CI, log files) the output is one line per log
+    step and never contains a carriage return. ``enabled=False`` prints nothing.
 
     Example::
 
         p = Progress(enabled=True, is_main=True)
         p.start_epoch(0, total=100)
-        p.update(1, {"train/loss": 0.3})
+        p.update(1, {"train/loss": 0.3}, step=1)
+        p.close()
     """
 
     def __init__(self, enabled: bool, is_main: bool, stream: IO[str] | None = None) -> None:
         self.stream = stream or sys.stderr
         self.enabled = enabled and is_main
-        self.live = self.enabled and self.stream.isatty()
+        self.live = self.enabled and _isatty(self.stream)
         self._bar: Any = None
         self._epoch = 0
-        self._t0 = time.monotonic()
 
     def start_epoch(self, epoch: int, total: int | None, initial: int = 0) -> None:
+        """Begin epoch ``epoch`` of ``total`` steps (None: unknown), ``initial`` already done after a resume."""
         self._epoch = epoch
         if not self.live:
             return
-        from tqdm.auto import tqdm  # lazy: only when a terminal is attached
+        from tqdm import tqdm  # lazy: only when a terminal is attached (a notebook is not one: it gets plain lines)
 
         self.close()
-        self._bar = tqdm(total=total, initial=initial, desc=f"epoch {epoch}", file=self.stream, dynamic_ncols=True, leave=True)
+        self._bar = tqdm(
+            total=total,
+            initial=initial,
+            desc=f"epoch {epoch}",
+            unit="step",
+            file=self.stream,
+            dynamic_ncols=True,
+            leave=True,
+        )
 
     def update(self, steps: int, record: dict[str, Any] | None, step: int | None = None) -> None:
+        """Advance by ``steps``; ``record`` (non-empty on log steps only) refreshes the figures shown."""
         if not self.enabled:
             return
         if self._bar is not None:
             self._bar.update(steps)
             if record:
-                self._bar.set_postfix_str(_fmt(record), refresh=False)
+                self._bar.set_postfix_str(_fmt(record), refresh=False)  # drawn at tqdm's next refresh
         elif record:
             self.stream.write(f"epoch {self._epoch} step {step}: {_fmt(record)}\n")
             self.stream.flush()
 
     def message(self, text: str) -> None:
+        """Print a line (the model summary, an epoch's validation) without breaking the bar."""
         if not self.enabled:
             return
-        if self._bar is not None:
-            self._bar.write(text, file=self.stream)
+        bar = self._bar
+        if bar is not None and bar.total is not None and bar.n >= bar.total:
+            self.close()  # the epoch's bar is full: keep it as a finished line above the message
+            bar = None
+        if bar is not None:
+            bar.write(text, file=self.stream)
         else:
             self.stream.write(text + "\n")
             self.stream.flush()
 
     def close(self) -> None:
+        """Finish the current bar, if any (idempotent)."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False

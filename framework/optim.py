@@ -21,6 +21,17 @@ def _is_scheduler(obj: Any) -> bool:
     return hasattr(obj, "step") and hasattr(obj, "state_dict") and hasattr(obj, "optimizer")
 
 
+def _check_scheduler(scheduler: Any, owner: str) -> None:
+    # ReduceLROnPlateau.step needs a metric; the engine steps schedulers without one, so it would
+    # fail with a TypeError only at the first scheduler step (after a whole epoch of training).
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        raise TypeError(
+            f"{owner} returned ReduceLROnPlateau, which steps on a metric the engine does not pass; "
+            "return only the optimizer and step the scheduler yourself in a Callback, e.g. "
+            'on_validation_end(self, engine, module, metrics): sched.step(metrics["val/loss"])'
+        )
+
+
 def parse_optimizers(returned: Any, owner: str = "configure_optimizers") -> Optimization:
     """Accept an optimizer, ``(optimizer, scheduler)`` or ``{"optimizer", "scheduler", "interval"}``.
 
@@ -37,8 +48,11 @@ def parse_optimizers(returned: Any, owner: str = "configure_optimizers") -> Opti
         return Optimization(returned)
     if isinstance(returned, (tuple, list)):
         if len(returned) == 2 and isinstance(returned[0], torch.optim.Optimizer) and _is_scheduler(returned[1]):
+            _check_scheduler(returned[1], owner)
             return Optimization(returned[0], returned[1])
-        raise TypeError(f"{owner} returned a {type(returned).__name__} of {[type(x).__name__ for x in returned]}; {fix}")
+        raise TypeError(
+            f"{owner} returned a {type(returned).__name__} of {[type(x).__name__ for x in returned]}; {fix}"
+        )
     if isinstance(returned, dict):
         unknown = set(returned) - {"optimizer", "scheduler", "interval"}
         if unknown or not isinstance(returned.get("optimizer"), torch.optim.Optimizer):
@@ -46,6 +60,7 @@ def parse_optimizers(returned: Any, owner: str = "configure_optimizers") -> Opti
         scheduler = returned.get("scheduler")
         if scheduler is not None and not _is_scheduler(scheduler):
             raise TypeError(f"{owner} returned scheduler={type(scheduler).__name__}, not an LR scheduler; {fix}")
+        _check_scheduler(scheduler, owner)
         interval = returned.get("interval", "step")
         if interval not in ("step", "epoch"):
             raise ValueError(f'{owner} returned interval={interval!r}; use "step" or "epoch"')

@@ -1,0 +1,560 @@
+"""Per-step overhead of the Engine against the training loop a user writes by hand.
+
+Not a CI test: a measurement. Everything runs in one process, with the loops
+interleaved in every repetition (so a slow moment of the machine hits all of
+them alike), and reports the *marginal* time per optimizer step,
+
+    (T(N2) - T(N1)) / (N2 - N1)
+
+where T(N) is the wall time of a complete run of N steps (building the model,
+optimizer, data loading and, for the Engine, the Accelerator). The difference
+cancels every one-off setup cost and leaves what each step costs. The median
+over the repetitions is reported.
+
+Workloads:
+
+- tiny MLP 32->64->1, batch 64, MSE: overhead-dominated (the loop's own Python
+  cost is most of the step);
+- medium MLP 784-1024-1024-10, batch 256, cross-entropy: compute-dominated;
+
+each with in-memory tensors (a ``TensorDataset``) and with a generic map-style
+``Dataset`` whose ``__getitem__`` takes one int index. All loops use SGD(lr=0.01)
+and shuffle every epoch.
+
+Loops: the raw PyTorch loop (a ``DataLoader`` over the dataset, as people write
+it); for tensors also a hand-indexed loop (``x[perm[i:i+b]]``, no DataLoader:
+the fastest loop one can write, shown for reference); the Engine with defaults;
+the Engine barebones (``progress=False, doctor="off"``, no logging, no
+run_dir); a hand-written Accelerate loop; and, when ``lightning`` is
+importable, Lightning Fabric and the Lightning Trainer (everything off, and
+defaults). Lightning is never a dependency: install it anywhere on the path,
+e.g. ``pip install --target /tmp/lightning_pkgs lightning`` and run with
+``PYTHONPATH=/tmp/lightning_pkgs``.
+
+Also measured: the cost of the engine's one per-step host read (the NaN guard +
+stop flags), the peak RSS of an Engine run against the raw loop on the medium
+model (each in a fresh process), and the wall time of ``import framework``
+against ``import torch`` (fresh processes).
+
+Run it (a few minutes; ``--quick`` for a smoke run)::
+
+    .venv/bin/python benchmarks/overhead.py
+    PYTHONPATH=/tmp/lightning_pkgs .venv/bin/python benchmarks/overhead.py   # with Lightning rows
+
+The table is printed and written to ``benchmarks/results.md`` (``--out``), with
+the command that produced it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import io
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from framework import Engine, LoopModule  # noqa: E402
+
+LR = 0.01
+
+
+# ----------------------------------------------------------------------------- workloads
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    sizes: tuple[int, ...]  # layer widths: in, hidden..., out
+    batch: int
+    classes: bool  # cross-entropy over sizes[-1] classes, else MSE regression
+    items: int  # dataset size (a whole number of batches: every epoch is full batches)
+    n1: int
+    n2: int
+
+
+def make_net(sizes: tuple[int, ...]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def loss_fn(w: Workload) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    return F.cross_entropy if w.classes else F.mse_loss
+
+
+class Net(LoopModule):
+    """The same network for every loop; as a LoopModule for the Engine."""
+
+    def __init__(self, w: Workload) -> None:
+        super().__init__()
+        self.net = make_net(w.sizes)
+        self._loss = loss_fn(w)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.net(inputs)
+
+    def compute_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self._loss(outputs, targets)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=LR)
+
+
+class MapDataset(Dataset):
+    """A generic map-style dataset: one int index in, one (x, y) sample out, no __getitems__."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[i], self.y[i]
+
+
+def make_data(w: Workload) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(w.items, w.sizes[0], generator=g)
+    if w.classes:
+        y = torch.randint(0, w.sizes[-1], (w.items,), generator=g)
+    else:
+        y = torch.randn(w.items, w.sizes[-1], generator=g)
+    return x, y
+
+
+def dataset(kind: str, x: torch.Tensor, y: torch.Tensor) -> Dataset:
+    return TensorDataset(x, y) if kind == "tensor" else MapDataset(x, y)
+
+
+def fresh_model(w: Workload) -> Net:
+    torch.manual_seed(0)
+    return Net(w)
+
+
+# ----------------------------------------------------------------------------- the loops
+# Each runner does a complete run of n optimizer steps, setup included.
+
+
+def run_raw(w: Workload, ds: Dataset, n: int) -> None:
+    """The loop a user writes: a shuffling DataLoader, then the five steps."""
+    model = fresh_model(w)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    loader = DataLoader(ds, batch_size=w.batch, shuffle=True)
+    model.train()
+    step = 0
+    while step < n:
+        for x, y in loader:
+            opt.zero_grad(set_to_none=True)
+            loss = model.compute_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            step += 1
+            if step == n:
+                break
+
+
+def run_raw_indexed(w: Workload, ds: TensorDataset, n: int) -> None:
+    """The fastest hand-written loop over in-memory tensors: one index op per batch, no DataLoader."""
+    x_all, y_all = ds.tensors
+    model = fresh_model(w)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    model.train()
+    step = 0
+    while step < n:
+        perm = torch.randperm(len(x_all))
+        for i in range(0, len(perm), w.batch):
+            idx = perm[i : i + w.batch]
+            x, y = x_all[idx], y_all[idx]
+            opt.zero_grad(set_to_none=True)
+            loss = model.compute_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            step += 1
+            if step == n:
+                break
+
+
+def run_engine(w: Workload, ds: Dataset, n: int, barebones: bool) -> None:
+    kw = dict(progress=False, doctor="off", log_every_n_steps=10**9, run_dir=None) if barebones else {}
+    Engine(max_steps=n, batch_size=w.batch, seed=0, **kw).fit(fresh_model(w), ds)
+
+
+def run_accelerate(w: Workload, ds: Dataset, n: int) -> None:
+    """A hand-written Accelerate loop, as in Accelerate's examples."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    accelerator = Accelerator(cpu=True)
+    model = fresh_model(w)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    loader = DataLoader(ds, batch_size=w.batch, shuffle=True)
+    model, opt, loader = accelerator.prepare(model, opt, loader)
+    model.train()
+    step = 0
+    while step < n:
+        for x, y in loader:
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(w)(model(x), y)
+            accelerator.backward(loss)
+            opt.step()
+            step += 1
+            if step == n:
+                break
+
+
+def run_fabric(w: Workload, ds: Dataset, n: int) -> None:
+    from lightning.fabric import Fabric
+
+    fabric = Fabric(accelerator="cpu", devices=1)
+    model = fresh_model(w)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    model, opt = fabric.setup(model, opt)
+    loader = fabric.setup_dataloaders(DataLoader(ds, batch_size=w.batch, shuffle=True))
+    model.train()
+    step = 0
+    while step < n:
+        for x, y in loader:
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(w)(model(x), y)
+            fabric.backward(loss)
+            opt.step()
+            step += 1
+            if step == n:
+                break
+
+
+def run_trainer(w: Workload, ds: Dataset, n: int, defaults: bool, tmp: str) -> None:
+    import lightning.pytorch as pl
+
+    class LitNet(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = make_net(w.sizes)
+            self._loss = loss_fn(w)
+
+        def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+            x, y = batch
+            return self._loss(self.net(x), y)
+
+        def configure_optimizers(self):  # type: ignore[no-untyped-def]
+            return torch.optim.SGD(self.parameters(), lr=LR)
+
+    loader = DataLoader(ds, batch_size=w.batch, shuffle=True)
+    if defaults:
+        kw = dict(default_root_dir=tmp)
+    else:
+        kw = dict(
+            logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            num_sanity_val_steps=0, default_root_dir=tmp,
+        )
+    trainer = pl.Trainer(max_steps=n, accelerator="cpu", devices=1, **kw)
+    trainer.fit(LitNet(), loader)
+
+
+def have_lightning() -> bool:
+    try:
+        import lightning  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+@contextlib.contextmanager
+def quiet():
+    """Swallow what the loops print (progress lines, Lightning's banners): the table is the output."""
+    sink = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stderr(sink), contextlib.redirect_stdout(sink):
+        warnings.simplefilter("ignore")
+        yield
+
+
+CLOCK: Callable[[], float] = time.perf_counter  # --clock cpu: time.process_time (this process's CPU time)
+
+
+def timed(fn: Callable[[], None]) -> float:
+    gc.collect()
+    with quiet():
+        t = CLOCK()
+        fn()
+        return CLOCK() - t
+
+
+def loops_for(w: Workload, kind: str, ds: Dataset, lightning: bool, tmp: str) -> dict[str, Callable[[int], None]]:
+    loops: dict[str, Callable[[int], None]] = {"raw PyTorch loop (DataLoader)": lambda n: run_raw(w, ds, n)}
+    if kind == "tensor":
+        loops["raw loop, hand-indexed tensors (no DataLoader)"] = lambda n: run_raw_indexed(w, ds, n)  # type: ignore[arg-type]
+    loops["Engine, defaults"] = lambda n: run_engine(w, ds, n, barebones=False)
+    loops["Engine, barebones"] = lambda n: run_engine(w, ds, n, barebones=True)
+    loops["hand-written Accelerate loop"] = lambda n: run_accelerate(w, ds, n)
+    if lightning:
+        loops["Lightning Fabric"] = lambda n: run_fabric(w, ds, n)
+        loops["Lightning Trainer, everything off"] = lambda n: run_trainer(w, ds, n, False, tmp)
+        loops["Lightning Trainer, defaults"] = lambda n: run_trainer(w, ds, n, True, tmp)
+    return loops
+
+
+def measure(w: Workload, kind: str, reps: int, lightning: bool, tmp: str, only: str | None) -> dict[str, list[float]]:
+    """Marginal seconds per step for every loop, one value per repetition; loops interleaved, order rotated."""
+    x, y = make_data(w)
+    ds = dataset(kind, x, y)
+    loops = loops_for(w, kind, ds, lightning, tmp)
+    if only:
+        loops = {k: v for k, v in loops.items() if k.startswith("raw PyTorch") or only.lower() in k.lower()}
+    names = list(loops)
+    for name in names:  # warm-up: first-call costs (lazy imports, allocator growth) stay out of the numbers
+        timed(lambda: loops[name](max(2, w.n1 // 4)))
+    out: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(reps):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            t1 = timed(lambda: loops[name](w.n1))
+            t2 = timed(lambda: loops[name](w.n2))
+            out[name].append((t2 - t1) / (w.n2 - w.n1))
+    return out
+
+
+def guard_cost(w: Workload, iters: int = 2000) -> dict[str, float]:
+    """What the engine's per-step NaN guard costs on this model: the grad norm, the finiteness test, the host read."""
+    model = fresh_model(w)
+    x, y = make_data(w)
+    x, y = x[: w.batch], y[: w.batch]
+    model.compute_loss(model(x), y).backward()
+    loss = model.compute_loss(model(x), y).detach()
+    grads = [p.grad for p in model.parameters()]
+
+    def bench(fn: Callable[[], object]) -> float:
+        for _ in range(50):
+            fn()
+        t = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - t) / iters
+
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    bad = ~torch.isfinite(norm + loss * 0)
+    return {
+        "grad norm (get_total_norm, foreach)": bench(lambda: torch.nn.utils.get_total_norm(grads, foreach=True)),
+        "finiteness test (~isfinite(norm + loss*0))": bench(lambda: ~torch.isfinite(norm + loss * 0)),
+        "host read (bool(flag))": bench(lambda: bool(bad)),
+    }
+
+
+# ----------------------------------------------------------------------------- fresh processes: RSS and import time
+
+RSS_CHILD = """
+import resource, sys
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+torch.manual_seed(0)
+x, y = torch.randn(256 * 64, 784), torch.randint(0, 10, (256 * 64,))
+ds = TensorDataset(x, y)
+net = nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
+steps = {steps}
+if {which!r} == "raw":
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    step = 0
+    while step < steps:
+        for xb, yb in DataLoader(ds, batch_size=256, shuffle=True):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(net(xb), yb).backward()
+            opt.step()
+            step += 1
+            if step == steps:
+                break
+else:
+    import io, contextlib
+    from framework import Engine, LoopModule
+
+    class Net(LoopModule):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+        def forward(self, inputs):
+            return self.net(inputs)
+        def compute_loss(self, outputs, targets):
+            return F.cross_entropy(outputs, targets)
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    kw = dict(progress=False, doctor="off", log_every_n_steps=10**9) if {which!r} == "engine-barebones" else dict()
+    with contextlib.redirect_stderr(io.StringIO()):
+        Engine(max_steps=steps, batch_size=256, seed=0, **kw).fit(Net(), ds)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def peak_rss(which: str, steps: int) -> float:
+    """Peak RSS in MiB of a fresh process that trains the medium model for ``steps`` steps."""
+    code = RSS_CHILD.format(root=str(ROOT), which=which, steps=steps)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    return int(out.stdout.split()[-1]) / 1024  # ru_maxrss is in KiB on Linux
+
+
+def import_time(module: str) -> float:
+    code = f"import time; t = time.perf_counter(); import {module}; print(time.perf_counter() - t)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    return float(out.stdout.split()[-1])
+
+
+# ----------------------------------------------------------------------------- report
+
+TINY = Workload("tiny MLP 32-64-1, batch 64", (32, 64, 1), 64, False, 64 * 512, 200, 1200)
+MEDIUM = Workload("medium MLP 784-1024-1024-10, batch 256", (784, 1024, 1024, 10), 256, True, 256 * 64, 5, 30)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--reps", type=int, default=5, help="interleaved repetitions (median reported; >= 3)")
+    p.add_argument("--quick", action="store_true", help="short runs, 3 repetitions: a smoke test, not a measurement")
+    p.add_argument("--only", default=None, help="run only the loops whose name contains this (plus the raw loop)")
+    p.add_argument("--workloads", default="tiny,medium", help="comma-separated subset of tiny,medium")
+    p.add_argument("--data", default="tensor,dataset", help="comma-separated subset of tensor,dataset")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
+    p.add_argument(
+        "--clock", choices=("wall", "cpu"), default="wall",
+        help="wall time (default) or this process's CPU time (steadier on a busy machine; use with --threads 1)",
+    )
+    p.add_argument("--no-lightning", action="store_true", help="skip Lightning even when it is installed")
+    p.add_argument("--no-rss", action="store_true")
+    p.add_argument("--no-import", action="store_true")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results.md"), help="where to write the table ('' = don't)")
+    args = p.parse_args()
+    reps = 3 if args.quick else max(3, args.reps)
+    global CLOCK
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        CLOCK = time.process_time
+    lightning = have_lightning() and not args.no_lightning
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    workloads = {"tiny": TINY, "medium": MEDIUM}
+    if args.quick:
+        workloads = {"tiny": Workload(TINY.name, TINY.sizes, TINY.batch, False, TINY.items, 50, 250),
+                     "medium": Workload(MEDIUM.name, MEDIUM.sizes, MEDIUM.batch, True, MEDIUM.items, 2, 8)}
+
+    command = "python " + " ".join([os.path.relpath(__file__, ROOT), *sys.argv[1:]])
+    if os.environ.get("PYTHONPATH"):
+        command = f"PYTHONPATH={os.environ['PYTHONPATH']} {command}"
+    lines = [
+        "# Overhead benchmark",
+        "",
+        f"Produced by `{command}` (from the repository root).",
+        "",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}, "
+        f"{time.strftime('%Y-%m-%d')}. Marginal {'CPU' if args.clock == 'cpu' else 'wall'} time per optimizer step, (T(N2) - T(N1)) / (N2 - N1), "
+        f"median of {reps} interleaved repetitions (min-max in brackets).",
+        "",
+    ]
+    if not lightning:
+        lines += ["Lightning is not installed here, so its rows are absent.", ""]
+
+    def emit(text: str = "") -> None:
+        print(text, flush=True)
+        lines.append(text)
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for key in args.workloads.split(","):
+            w = workloads[key]
+            for kind in args.data.split(","):
+                title = f"{w.name}, {'in-memory tensors (TensorDataset)' if kind == 'tensor' else 'generic map-style Dataset'}"
+                print(f"... {title}: N1={w.n1}, N2={w.n2}", file=sys.stderr, flush=True)
+                res = measure(w, kind, reps, lightning, tmp, args.only)
+                raw = statistics.median(res["raw PyTorch loop (DataLoader)"])
+                emit(f"### {title}")
+                emit()
+                emit("| loop | µs/step | vs raw |")
+                emit("|---|---|---|")
+                for name, values in res.items():
+                    med = statistics.median(values)
+                    emit(f"| {name} | {med * 1e6:,.0f} [{min(values) * 1e6:,.0f}-{max(values) * 1e6:,.0f}] | {med / raw:.2f}x |")
+                emit()
+
+    g = guard_cost(TINY)
+    emit("### The per-step NaN guard (tiny model)")
+    emit()
+    emit("Every step the engine computes the gradient norm and reads one flag on the host (non-finite loss or")
+    emit("norm, and the stop flags); on CPU that read is not a device sync. Its parts, µs per call:")
+    emit()
+    emit("| part | µs |")
+    emit("|---|---|")
+    for k, v in g.items():
+        emit(f"| {k} | {v * 1e6:.1f} |")
+    emit()
+
+    if not args.no_rss:
+        n = 5 if args.quick else 20
+        rss: dict[str, list[float]] = {"raw": [], "engine": [], "engine-barebones": []}
+        for _ in range(1 if args.quick else 3):
+            for which in rss:
+                rss[which].append(peak_rss(which, n))
+        raw_rss = statistics.median(rss["raw"])
+        emit(f"### Peak RSS, medium model, tensor data, {n} steps (fresh process each, median of {len(rss['raw'])})")
+        emit()
+        emit("| run | peak RSS (MiB) | vs raw |")
+        emit("|---|---|---|")
+        for which, label in (("raw", "raw PyTorch loop"), ("engine", "Engine, defaults"), ("engine-barebones", "Engine, barebones")):
+            v = statistics.median(rss[which])
+            emit(f"| {label} | {v:,.0f} | {v / raw_rss:.3f}x |")
+        emit()
+
+    if not args.no_import:
+        k = 3 if args.quick else 7
+        times: dict[str, list[float]] = {"torch": [], "accelerate": [], "framework": []}
+        if lightning:
+            times["lightning"] = []
+        for _ in range(k):
+            for m in times:
+                times[m].append(import_time(m))
+        base = statistics.median(times["torch"])
+        emit(f"### Import wall time (fresh process each, median of {k})")
+        emit()
+        emit("| import | ms | vs torch |")
+        emit("|---|---|---|")
+        for m, v in times.items():
+            med = statistics.median(v)
+            emit(f"| `import {m}` | {med * 1e3:,.0f} | {med / base:.2f}x |")
+        emit()
+
+    if args.out:
+        Path(args.out).write_text("\n".join(lines).rstrip() + "\n")
+        print(f"written to {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""``python -m framework plot RUN_DIR [RUN_DIR ...] [-o curves.png]``: curves from ``metrics.jsonl``.
+
+One panel for the loss (train solid, validation dashed with markers), one per
+other validation metric, and one each for ``lr`` and ``train/grad_norm``, all
+against optimizer steps. Several run directories overlay, one colour per run,
+for comparison. The default output is ``RUN_DIR/curves.png`` for one run and
+``curves.png`` in the current directory for several.
+
+matplotlib is an optional dependency (``pip install matplotlib``, or the
+``all`` extra); it is imported only here, with the non-interactive Agg backend,
+(a bare Figure, never pyplot), so plotting works on a headless machine.
+
+Example::
+
+    python -m framework plot runs/adamw runs/sgd -o compare.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+# Panels after "loss": these keys if present, then every other val/ metric.
+_EXTRA_PANELS = ("lr", "train/grad_norm")
+
+
+def read_metrics(run_dir: str) -> list[dict[str, Any]]:
+    """The records of ``run_dir/metrics.jsonl``, by step; for a step logged twice (a resumed run
+    appends to the same file) the later record wins.
+
+    Raises FileNotFoundError when the file is missing. A line that is not JSON
+    (the last one, cut by a crash) is skipped with a note on stderr.
+
+    Example::
+
+        records = read_metrics("runs/digits")
+        steps = [r["step"] for r in records if "train/loss" in r]
+    """
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist; pass a run directory of Engine(run_dir=...)")
+    by_key: dict[tuple[int, bool], dict[str, Any]] = {}
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                print(f"{path}:{lineno}: skipped a line that is not JSON (cut by a crash?)", file=sys.stderr)
+                continue
+            # A step can hold a train record and an epoch record: keep them apart.
+            key = (int(record.get("step", 0)), "train/loss" in record)
+            by_key[key] = record
+    return [by_key[k] for k in sorted(by_key)]
+
+
+def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    pairs = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+    return [p[0] for p in pairs], [float(p[1]) for p in pairs]
+
+
+def _labels(run_dirs: list[str]) -> list[str]:
+    """Run names for the legend: the directory names, or the paths where those collide."""
+    names = [os.path.basename(os.path.normpath(d)) or d for d in run_dirs]
+    return names if len(set(names)) == len(names) else [os.path.normpath(d) for d in run_dirs]
+
+
+def plot_runs(run_dirs: list[str]) -> Any:
+    """Build the figure for ``run_dirs`` (a matplotlib Figure; one Axes per panel, titled by metric).
+
+    Example::
+
+        fig = plot_runs(["runs/a", "runs/b"])
+        fig.savefig("compare.png")
+    """
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    runs = [read_metrics(d) for d in run_dirs]
+    keys = {k for records in runs for r in records for k in r}
+    metrics = sorted(k[len("val/") :] for k in keys if k.startswith("val/") and k != "val/loss")
+    panels = ["loss"] + metrics + [k for k in _EXTRA_PANELS if k in keys]
+    ncols = min(len(panels), 3)
+    nrows = -(-len(panels) // ncols)
+    # A bare Figure on an Agg canvas, not pyplot: no display needed, and no global backend
+    # switched under a notebook that imported us.
+    fig = Figure(figsize=(5 * ncols, 3.6 * nrows))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, panel in zip(axes.flat, panels, strict=False):  # spare axes are hidden below
+        ax.set_title(panel)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        for i, (label, records) in enumerate(zip(_labels(run_dirs), runs, strict=True)):
+            color = colors[i % len(colors)]
+            if panel in _EXTRA_PANELS:
+                ax.plot(*_series(records, panel), color=color, label=label)
+                continue
+            train_x, train_y = _series(records, f"train/{panel}")
+            val_x, val_y = _series(records, f"val/{panel}")
+            if train_x:
+                ax.plot(train_x, train_y, color=color, label=f"{label} train")
+            if val_x:
+                ax.plot(val_x, val_y, color=color, linestyle="--", marker="o", markersize=3, label=f"{label} val")
+        if panel in _EXTRA_PANELS and _spans_decades(ax):
+            ax.set_yscale("log")  # warmup/decay schedules and grad norms span orders of magnitude
+        if ax.lines:
+            ax.legend(fontsize="small")
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def _spans_decades(ax: Any) -> bool:
+    """Whether the values are all > 0 (a log scale would drop the rest) and span over 10x."""
+    values = [y for line in ax.lines for y in line.get_ydata()]
+    return bool(values) and min(values) > 0 and max(values) / min(values) > 10
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m framework plot``; returns the exit status.
+
+    Example::
+
+        main(["runs/digits", "-o", "curves.png"])   # 0 on success
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m framework plot",
+        description="Plot train/val curves from runs' metrics.jsonl (several runs overlay).",
+    )
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    parser.add_argument(
+        "-o", "--output", help="PNG to write (default: RUN_DIR/curves.png for one run, ./curves.png for several)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("plot needs matplotlib: pip install matplotlib (or pip install 'framework[all]')", file=sys.stderr)
+        return 1
+    try:
+        fig = plot_runs(args.run_dirs)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    output = args.output or (os.path.join(args.run_dirs[0], "curves.png") if len(args.run_dirs) == 1 else "curves.png")
+    if os.path.dirname(output):
+        os.makedirs(os.path.dirname(output), exist_ok=True)
+    fig.savefig(output, dpi=120)
+    print(f"wrote {output}")
+    return 0

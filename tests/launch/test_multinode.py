@@ -1,0 +1,63 @@
+"""The multi-node path, for real: two `accelerate launch --config_file launch/multinode.yaml`
+commands ("nodes" 0 and 1, one process each) on loopback, CPU over gloo, must reach the same
+parameters as one process (DESIGN.md's exactness rule)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+
+import pytest
+import torch
+
+from tests.helpers import ACCELERATE, ROOT
+from tests.launch import exactness_run
+
+pytestmark = pytest.mark.multiprocess
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_loopback_match_one_process(tmp_path):
+    out = tmp_path / "params.pt"
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    procs = []
+    for machine_rank in (0, 1):
+        cmd = [
+            ACCELERATE, "launch", "--config_file", str(ROOT / "launch/multinode.yaml"),
+            # The fields multinode.yaml marks EDIT, set for 2 one-process nodes on this machine:
+            "--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1",
+            "--main_process_port", str(port), "--num_processes", "2", "--num_machines", "2",
+            str(ROOT / "tests/launch/exactness_run.py"), str(out),
+        ]  # fmt: skip
+        procs.append(
+            subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=180)[0])
+    finally:
+        for p in procs:  # never leave a node waiting on its peer
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    for rank, (p, text) in enumerate(zip(procs, outputs, strict=True)):
+        assert p.returncode == 0, f"node {rank} exited {p.returncode}:\n{text[-6000:]}"
+
+    expected, world = exactness_run.run()  # the same run, 1 process, in this process
+    assert world == 1
+    initial = torch.cat([p.detach().reshape(-1) for p in exactness_run.TokenModel().parameters()])
+    assert (expected - initial).abs().max() > 1e-2, "the run must move the parameters for the match to mean anything"
+    for rank in (0, 1):
+        got = torch.load(f"{out}.rank{rank}")
+        assert got["world_size"] == 2 and got["rank"] == rank
+        assert got["node_rank"] == rank, "each process should run as its own node (machine_rank)"
+        diff = (got["params"] - expected).abs().max().item()
+        assert diff <= 1e-5, f"rank {rank}: 2 nodes x 1 process differ from 1 process by {diff:.3g}"

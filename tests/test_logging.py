@@ -1,0 +1,476 @@
+"""framework/logging.py and its wiring in the engine: metrics.jsonl, trackers, progress, summary,
+rank-0-only output, and no host reads outside log steps.
+
+Real engines on a tiny model; the progress tests look at what a real terminal
+(a pseudo-terminal) or a pipe receives.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import glob
+import importlib.util
+import json
+import math
+import os
+import pty
+import re
+import select
+import struct
+import subprocess
+import sys
+import termios
+import time
+import tty
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from framework import Callback, EarlyStopping, Engine
+from framework.logging import MetricsLog, Progress, tracker_config
+from tests.helpers import ROOT, TinyClassifier, classification_data, launch
+
+SCRIPTS = ROOT / "tests" / "scripts"
+PROGRESS_LINE = re.compile(r"^epoch \d+ step (\d+): loss=\S+ lr=\S+ items/s=\S+$")
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def params(module: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+
+
+def fit(**kw) -> tuple[Engine, TinyClassifier]:
+    """2 epochs x 7 steps (200 items, batch 32), validation on 64 items."""
+    x, y = classification_data(200)
+    kw.setdefault("progress", False)
+    kw.setdefault("max_epochs", 2)
+    torch.manual_seed(0)
+    module = TinyClassifier()
+    engine = Engine(batch_size=32, seed=0, **kw)
+    engine.fit(module, (x, y), (x[:64], y[:64]))
+    return engine, module
+
+
+# ---------------------------------------------------------------- metrics.jsonl
+
+
+def test_metrics_jsonl_has_train_and_epoch_records_with_sane_values(tmp_path):
+    engine, module = fit(run_dir=str(tmp_path), log_every_n_steps=3)
+    recs = records(tmp_path)
+    train = [r for r in recs if "train/loss" in r]
+    epochs = [r for r in recs if "epoch_time" in r]
+    assert [r["step"] for r in train] == [3, 6, 9, 12]  # every log_every_n_steps, across epochs
+    assert [(r["step"], r["epoch"]) for r in epochs] == [(7, 0), (14, 1)]
+    assert len(recs) == len(train) + len(epochs)
+    for r in train:
+        assert set(r) >= {"step", "epoch", "train/loss", "lr", "train/items_per_sec", "train/grad_norm"}
+        assert 0 < r["train/loss"] < 5 and r["lr"] == pytest.approx(1e-3)
+        assert r["train/items_per_sec"] > 0 and math.isfinite(r["train/items_per_sec"])
+        assert r["train/grad_norm"] > 0 and math.isfinite(r["train/grad_norm"])
+    for r in epochs:
+        assert r["epoch_time"] > 0
+        assert set(r) == {"step", "epoch", "epoch_time", "val/loss", "val/acc"}
+        assert 0 < r["val/loss"] < 5 and 0 <= r["val/acc"] <= 1
+    # The last epoch record is the final model's exact validation.
+    x, y = classification_data(200)
+    assert epochs[-1]["val/loss"] == pytest.approx(engine.validate(module, (x[:64], y[:64]))["loss"], rel=1e-6)
+
+
+def test_grad_norm_is_the_norm_of_the_logged_steps_gradient(tmp_path):
+    """train/grad_norm is the pre-clip global norm of that very step's gradient."""
+
+    class Grabber(Callback):
+        def __init__(self):
+            self.norms: dict[int, float] = {}
+
+        def on_step_end(self, engine, module, metrics):
+            if metrics:  # read .grad here: after the step, before the next zero_grad
+                g = torch.cat([p.grad.reshape(-1) for p in module.parameters()])
+                self.norms[engine.step] = float(g.norm())
+
+    grab = Grabber()
+    fit(run_dir=str(tmp_path), log_every_n_steps=2, clip_grad_norm=0.05, callbacks=[grab])
+    train = [r for r in records(tmp_path) if "train/loss" in r]
+    for r in train:
+        assert r["train/grad_norm"] > 0.05  # pre-clip: larger than the clipped gradient
+        assert grab.norms[r["step"]] == pytest.approx(0.05, rel=1e-4)  # which was clipped to 0.05
+
+
+def test_items_per_sec_and_epoch_time_leave_validation_out(monkeypatch):
+    """A fake clock: 1 s per reading, plus 1000 s spent inside each validation. Training
+    throughput and epoch_time must not include those 1000 s."""
+    import types
+
+    import framework.engine as engine_mod
+
+    now = [0.0]
+
+    def monotonic():
+        now[0] += 1.0
+        return now[0]
+
+    def slow_evaluate(self, *args):
+        now[0] += 1000.0
+        return original_evaluate(self, *args)
+
+    class Keep(Callback):
+        def __init__(self):
+            self.train, self.epochs = [], []
+
+        def on_step_end(self, engine, module, metrics):
+            if metrics:
+                self.train.append(metrics)
+
+        def on_epoch_end(self, engine, module, metrics):
+            self.epochs.append(dict(metrics))
+
+    original_evaluate = Engine._evaluate
+    monkeypatch.setattr(engine_mod, "time", types.SimpleNamespace(monotonic=monotonic))  # the engine's clock only
+    monkeypatch.setattr(Engine, "_evaluate", slow_evaluate)
+    keep = Keep()
+    fit(log_every_n_steps=7, callbacks=[keep])  # one log step per epoch: 7 and 14
+    assert [r["step"] for r in keep.train] == [7, 14]
+    for r in keep.train:  # all 200 items of the epoch, over a few ticks, not over 1000 s
+        assert 200 / 100 < r["train/items_per_sec"] <= 200
+    assert all(0 < e["epoch_time"] < 100 for e in keep.epochs)
+
+
+# ---------------------------------------------------------------- trackers
+
+
+def test_tensorboard_event_files_hold_the_logged_values(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "tbrun"
+    fit(run_dir=str(run_dir), log_every_n_steps=2, log_with=["tensorboard"])
+    events = glob.glob(str(run_dir / "tbrun" / "events.out.tfevents.*"))  # RUN_DIR/<project = run dir name>/
+    assert len(events) == 1, os.listdir(run_dir)
+    acc = EventAccumulator(str(run_dir / "tbrun"))
+    acc.Reload()
+    assert {"train/loss", "val/loss", "lr", "train/grad_norm", "train/items_per_sec"} <= set(acc.Tags()["scalars"])
+    recs = records(run_dir)
+    for key in ("train/loss", "val/loss"):
+        logged = [(r["step"], r[key]) for r in recs if key in r]
+        read_back = [(e.step, e.value) for e in acc.Scalars(key)]
+        assert [s for s, _ in read_back] == [s for s, _ in logged]
+        assert [v for _, v in read_back] == pytest.approx([v for _, v in logged], rel=1e-6)  # float32 on disk
+
+
+def test_a_second_fit_on_the_same_engine_starts_fresh_trackers(tmp_path):
+    """Trackers are finished at fit end (not Accelerate's end_training, which would also
+    destroy the process group), so the same engine can fit again and keeps logging."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    x, y = classification_data(64)
+    engine = Engine(
+        max_steps=2,
+        batch_size=32,
+        log_every_n_steps=1,
+        progress=False,
+        run_dir=str(tmp_path / "r"),
+        log_with=["tensorboard"],
+    )
+    module = TinyClassifier()
+    engine.fit(module, (x, y))
+    assert engine._rt.accelerator.trackers == []  # finished and dropped
+    engine.max_steps = 4
+    engine.fit(module, (x, y))
+    steps = set()
+    for path in glob.glob(str(tmp_path / "r" / "r" / "events.out.tfevents.*")):
+        acc = EventAccumulator(path)
+        acc.Reload()
+        steps |= {e.step for e in acc.Scalars("train/loss")}
+    assert steps == {1, 2, 3, 4}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed here")
+def test_a_tracker_whose_package_is_missing_is_an_error_not_silently_skipped(tmp_path):
+    with pytest.warns(UserWarning), pytest.raises(ImportError, match="wandb"):  # Accelerate's own warning, then ours
+        fit(run_dir=str(tmp_path), log_with=["wandb"])
+
+
+def test_tracker_config_keeps_only_scalars():
+    assert tracker_config({"a": 1, "b": [1, 2], "c": None, "d": "x", "e": True, "f": 0.5}) == {
+        "a": 1, "b": "[1, 2]", "d": "x", "e": True, "f": 0.5,
+    }  # fmt: skip
+
+
+def test_metrics_log_writes_only_on_the_main_process(tmp_path):
+    sent = []
+
+    class Tracker:
+        def log(self, values, step=None):
+            sent.append((step, values))
+
+    MetricsLog(str(tmp_path / "other"), is_main=False, tracker=Tracker()).write({"step": 1, "train/loss": 1.0})
+    assert not (tmp_path / "other").exists() and sent == []
+    log = MetricsLog(str(tmp_path / "main"), is_main=True, tracker=Tracker())
+    log.write({"step": 1, "epoch": 0, "train/loss": 1.0, "note": "text"})
+    log.close()
+    assert records(tmp_path / "main") == [{"step": 1, "epoch": 0, "train/loss": 1.0, "note": "text"}]
+    assert sent == [(1, {"epoch": 0, "train/loss": 1.0})]  # numbers only, step passed as the step
+
+
+# ---------------------------------------------------------------- progress and summary
+
+
+def test_without_a_terminal_one_plain_line_per_log_step_and_no_carriage_returns(capsys):
+    fit(progress=True, log_every_n_steps=3)
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert [int(m.group(1)) for line in lines if (m := PROGRESS_LINE.match(line))] == [3, 6, 9, 12]
+    # The model summary comes first: parameters per top-level child, precision, world size, batch.
+    assert lines[0].startswith("TinyClassifier: parameters (total / trainable)")
+    assert re.match(r"^\s+net\s+387\s+387$", lines[1]) and re.match(r"^\s+total\s+387\s+387$", lines[2])
+    assert "precision=no world_size=1" in lines[3] and "global_batch=32" in lines[3] and "accumulation=1" in lines[3]
+    assert sum(1 for line in lines if "val/loss=" in line) == 2  # one line per validation
+    assert len(lines) == 4 + 4 + 2  # summary, log steps, validations: nothing else
+
+
+def test_progress_false_prints_nothing(capsys):
+    fit(progress=False, log_every_n_steps=1)
+    assert capsys.readouterr() == ("", "")
+
+
+def test_summary_counts_frozen_parameters_and_accumulation(capsys):
+    class Frozen(TinyClassifier):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(8, 8)
+            self.embed.requires_grad_(False)
+
+        def forward(self, inputs):
+            return self.net(self.embed(inputs))
+
+    x, y = classification_data(64)
+    Engine(max_steps=1, batch_size=32, micro_batch_size=8, progress=True).fit(Frozen(), (x, y))
+    err = capsys.readouterr().err
+    assert re.search(r"^\s+embed\s+72\s+0$", err, re.M)
+    assert re.search(r"^\s+total\s+459\s+387$", err, re.M)
+    assert "micro_batch=8 accumulation=4" in err
+
+
+def run_on_pty(script: Path, *args: str, timeout: float = 120) -> tuple[str, str]:
+    """Run ``script`` with its stderr on a pseudo-terminal; return (what the terminal got, stdout)."""
+    master, slave = pty.openpty()
+    tty.setraw(slave)  # no output processing: a "\n" stays "\n", so every "\r" seen is the program's
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, str(script), *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        cwd=ROOT,
+        env=env,
+    )
+    os.close(slave)
+    chunks, deadline = [], time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if not ready:
+                if proc.poll() is not None:
+                    break
+                continue
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed its end
+                break
+            if not data:
+                break
+            chunks.append(data)
+        stdout = proc.communicate(timeout=max(deadline - time.monotonic(), 1))[0].decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    return b"".join(chunks).decode(errors="replace"), stdout
+
+
+def test_on_a_terminal_the_bar_updates_in_place():
+    term, stdout = run_on_pty(SCRIPTS / "issue7_progress.py", "--log-every", "2")
+    assert stdout.strip() == "DONE 14", term
+    assert "\r" in term
+    # The bar is redrawn on one line: several "\r"-separated states of epoch 0's bar before its newline.
+    bar_lines = [line for line in term.split("\n") if "epoch 0:" in line]
+    assert len(bar_lines) == 1 and bar_lines[0].count("\repoch 0:") >= 2, term
+    assert "7/7" in bar_lines[0] and "loss=" in bar_lines[0] and "items/s=" in bar_lines[0]
+    assert not any(PROGRESS_LINE.match(line) for line in term.split("\n"))  # no plain lines on a terminal
+    assert "val/loss=" in term and "TinyClassifier: parameters" in term
+
+
+def test_progress_unit():
+    """Progress alone: disabled or non-main prints nothing; a pipe gets plain lines on log steps only."""
+    import io
+
+    class Pipe(io.StringIO):
+        def isatty(self):
+            return False
+
+    for enabled, is_main in [(False, True), (True, False)]:
+        stream = Pipe()
+        p = Progress(enabled, is_main, stream=stream)
+        p.start_epoch(0, 3)
+        p.update(1, {"train/loss": 1.0}, step=1)
+        p.message("hello")
+        p.close()
+        assert stream.getvalue() == ""
+    stream = Pipe()
+    p = Progress(True, True, stream=stream)
+    p.start_epoch(1, 3)
+    p.update(1, {}, step=1)
+    p.update(1, {"train/loss": 0.5, "lr": 1e-4, "train/items_per_sec": 12345.6}, step=2)
+    assert stream.getvalue() == "epoch 1 step 2: loss=0.5 lr=1.000e-04 items/s=12346\n"
+
+
+# ---------------------------------------------------------------- observation never steers
+
+
+def test_logging_progress_trackers_and_callbacks_do_not_change_training(tmp_path, capsys):
+    """Observation never steers: with everything observing on, the parameters are bitwise the same."""
+
+    class Reader(Callback):
+        def on_step_end(self, engine, module, metrics):
+            self.seen = [p.detach().sum() for p in module.parameters()]
+
+    x, y = classification_data(200)
+
+    def run(**kw):
+        torch.manual_seed(0)
+        module = TinyClassifier(dropout=0.2)  # dropout: any stray RNG draw would show
+        Engine(max_epochs=2, batch_size=32, seed=0, **kw).fit(module, (x, y), (x[:64], y[:64]))
+        return params(module)
+
+    plain = run(progress=False)
+    observed = run(
+        progress=True,
+        log_every_n_steps=1,
+        run_dir=str(tmp_path),
+        log_with=["tensorboard"],
+        callbacks=[Reader(), EarlyStopping(patience=10)],
+    )
+    assert torch.equal(plain, observed)
+    assert len([r for r in records(tmp_path) if "train/loss" in r]) == 14
+
+
+# ---------------------------------------------------------------- host reads
+
+
+# The engine reads one value per optimizer step: the NaN guard's "is the step finite?"
+# (folded with the stop flags under DDP), needed to skip or raise *before* optimizer.step
+# touches the parameters. Everything else waits for a log step, except the doctor's checks,
+# which read only on its sparse "checked" steps (the first two, then 4, 8, ...). Lower this
+# to 0 if the guard ever moves onto the device.
+GUARD_READS_PER_STEP = 1
+READS = ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+class SGDClassifier(TinyClassifier):
+    """SGD has no step counter (AdamW reads its CPU step tensors with .item() inside torch.optim)."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+@pytest.mark.parametrize("doctor", ["off", "basic"])
+def test_no_host_reads_outside_log_steps_except_the_nan_guard(monkeypatch, doctor):
+    framework_dir = str(ROOT / "framework")
+    engine = Engine(
+        max_epochs=2,
+        batch_size=32,
+        micro_batch_size=8,
+        clip_grad_norm=1.0,
+        log_every_n_steps=3,
+        progress=False,
+        seed=0,
+        doctor=doctor,
+    )
+    reads: list[tuple[int, str, str, str, bool]] = []  # engine.step, framework file, function, method, checking
+
+    class Loop(Callback):  # count from the first step to the end, not the setup before it
+        active = False
+
+        def on_fit_start(self, engine, module):
+            Loop.active = True
+
+        def on_fit_end(self, engine, module):
+            Loop.active = False
+
+    engine.callbacks.append(Loop())
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, **kwargs):
+            if Loop.active:
+                frame = sys._getframe(1)  # the nearest framework frame says who read
+                while frame is not None and not frame.f_code.co_filename.startswith(framework_dir):
+                    frame = frame.f_back
+                file, fn = (os.path.basename(frame.f_code.co_filename), frame.f_code.co_name) if frame else ("?", "?")
+                reads.append((engine.step, file, fn, name, engine.doctor.checking))
+            return original(self, *args, **kwargs)
+
+        return wrapper
+
+    x, y = classification_data(200)
+    for name in READS:
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    engine.fit(SGDClassifier(), (x, y), (x[:64], y[:64]))
+    monkeypatch.undo()
+
+    assert engine.step == 14
+    engine_reads = [r for r in reads if r[1] == "engine.py"]
+    doctor_reads = [r for r in reads if r[1] == "doctor.py"]
+    assert len(engine_reads) + len(doctor_reads) == len(reads), reads  # nobody else reads
+    assert {fn for _, _, fn, _, _ in engine_reads} <= {"_optimizer_step", "_log_train", "_evaluate"}, engine_reads
+    # Log steps read (this also proves the counting sees reads at all) ...
+    assert {s for s, _, fn, _, _ in engine_reads if fn == "_log_train"} == {3, 6, 9, 12}  # the logged steps
+    # ... validation reads once per epoch, at its end ...
+    assert [s for s, _, fn, _, _ in engine_reads if fn == "_evaluate"] == [7, 14]
+    # ... every step does at most the guard's one read ...
+    per_step = [
+        sum(1 for s, _, fn, _, _ in engine_reads if fn == "_optimizer_step" and s == step) for step in range(14)
+    ]
+    assert max(per_step) <= GUARD_READS_PER_STEP, per_step
+    # ... and the doctor reads only on its checked steps (none when off).
+    assert all(checking for *_, checking in doctor_reads), doctor_reads
+    assert doctor_reads == [] if doctor == "off" else len({s for s, *_ in doctor_reads}) <= 5
+
+
+# ---------------------------------------------------------------- 2 processes
+
+
+@pytest.mark.multiprocess
+def test_only_rank_0_logs_under_two_processes(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    launch(SCRIPTS / "issue7_ddp_logging.py", str(tmp_path))
+    pid0, pid1 = ((tmp_path / f"pid-rank{r}.txt").read_text() for r in (0, 1))
+    err0, err1 = ((tmp_path / f"stderr-rank{r}.txt").read_text() for r in (0, 1))
+    # Progress and summary on rank 0 only.
+    log_steps = [2, 4, 6, 8, 10, 12, 14]
+    assert [int(m.group(1)) for line in err0.splitlines() if (m := PROGRESS_LINE.match(line))] == log_steps
+    assert "world_size=2" in err0 and "\r" not in err0
+    assert not any(PROGRESS_LINE.match(line) for line in err1.splitlines()), err1
+    assert "parameters" not in err1 and "val/loss" not in err1, err1
+    # One metrics.jsonl writer: every record once (a second writer would duplicate them).
+    recs = records(tmp_path / "run")
+    assert [r["step"] for r in recs if "train/loss" in r] == log_steps
+    assert [r["step"] for r in recs if "val/loss" in r] == [7, 14]
+    # TensorBoard: files from rank 0's process only (event file names end in .<pid>.<n>), holding train/loss.
+    events = glob.glob(str(tmp_path / "run" / "**" / "events.out.tfevents.*"), recursive=True)
+    assert events and all(f".{pid0}." in os.path.basename(e) for e in events), (events, pid0, pid1)
+    acc = EventAccumulator(str(tmp_path / "run" / "run"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == log_steps
+    # The process group outlived fit (trackers finished without end_training): validate still worked.
+    after = json.loads((tmp_path / "after_fit.json").read_text())
+    assert after["validate"]["loss"] == pytest.approx(after["val/loss"], rel=1e-12)

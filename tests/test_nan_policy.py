@@ -1,0 +1,115 @@
+"""nan_policy (issue 4): a non-finite loss or gradient norm either raises, naming where it
+happened and leaving the parameters and optimizer state as they were before that step, or
+drops the step as if its batch had never been seen, up to max_consecutive_skips."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from framework import Callback, Engine, NonFiniteError
+from tests.scripts.issue4_common import Net, data, flat, read_metrics, without_windows
+
+BATCH = 16
+
+
+class Snapshots(Callback):
+    """Copies of the parameters and optimizer state after every optimizer step."""
+
+    def __init__(self) -> None:
+        self.params: list[torch.Tensor] = []
+        self.opt_state: list[dict] = []
+
+    def on_step_end(self, engine, module, metrics):
+        self.params.append(flat(module))
+        self.opt_state.append(copy.deepcopy(module.opt.state_dict()["state"]))
+
+
+def assert_state_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k, state in a.items():
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b[k][name])), (k, name)
+
+
+@pytest.mark.parametrize("poison", ["loss", "grad"])
+def test_raise_names_step_epoch_batch_and_leaves_the_state_as_before(poison):
+    # 4 windows per epoch of 2 micro-batches each; the poisoned forward is the first micro-batch
+    # of epoch 1, batch 2 = optimizer step 6. "grad" keeps the loss finite: the norm catches it.
+    x, y = data(4 * BATCH)
+    module = Net(optimizer="adamw", lr=1e-2, poison_call=(4 + 2) * 2, poison=poison)
+    snaps = Snapshots()
+    engine = Engine(max_epochs=3, batch_size=BATCH, micro_batch_size=BATCH // 2, clip_grad_norm=1.0,
+                    progress=False, callbacks=[snaps])
+    with pytest.raises(NonFiniteError, match=r"optimizer step 6 \(epoch 1, batch 2\)") as err:
+        engine.fit(module, (x, y))
+    assert "nan_policy=\"skip\"" in str(err.value)  # the message names a way out
+    assert len(snaps.params) == 6  # steps 0..5 completed
+    after = flat(module)
+    assert torch.isfinite(after).all()
+    assert torch.equal(after, snaps.params[-1])
+    assert_state_equal(module.opt.state_dict()["state"], snaps.opt_state[-1])
+    assert all(p.grad is None for p in module.parameters())  # the poisoned gradients are gone
+
+
+@pytest.mark.parametrize("micro_batch_size", [None, 4])
+def test_skip_equals_a_run_that_never_saw_those_batches(tmp_path, micro_batch_size):
+    """Windows 2 and 3 (of 6) hold one NaN item each. Skipping them must leave exactly the state of
+    a run over the data without those windows: same parameters, AdamW moments and step counts,
+    and a scheduler stepped 6 - 2 = 4 times, i.e. never for a dropped step."""
+    bad_windows = [2, 3]
+    x, y = data(6 * BATCH, nan_items=[2 * BATCH + 5, 3 * BATCH + BATCH - 1])
+    kw = {"batch_size": BATCH, "micro_batch_size": micro_batch_size, "shuffle": False, "progress": False}
+
+    module = Net(optimizer="adamw", lr=1e-2, scheduler="lambda")
+    engine = Engine(max_epochs=1, nan_policy="skip", log_every_n_steps=1, run_dir=str(tmp_path), **kw)
+    engine.fit(module, (x, y))
+
+    reference = Net(optimizer="adamw", lr=1e-2, scheduler="lambda")
+    Engine(max_epochs=1, **kw).fit(reference, without_windows((x, y), bad_windows, BATCH))
+
+    assert engine.skipped_steps == 2 and engine.step == 6
+    assert torch.isfinite(flat(module)).all()
+    assert torch.equal(flat(module), flat(reference))
+    assert_state_equal(module.opt.state_dict()["state"], reference.opt.state_dict()["state"])
+    assert module.sched.last_epoch == reference.sched.last_epoch == 6 - 2
+    assert module.lambda_calls == reference.lambda_calls == [0, 1, 2, 3, 4]
+
+    records = [r for r in read_metrics(tmp_path) if "train/loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert [r.get("train/skipped_steps", 0) for r in records] == [0, 0, 1, 2, 2, 2]
+    assert all("train/grad_norm" in r and "lr" in r for r in records)
+    # The lr after a skipped step is unchanged: the scheduler did not move.
+    assert [r["lr"] for r in records] == pytest.approx([1e-2 / s for s in (2, 3, 3, 3, 4, 5)])
+
+
+def test_skipped_steps_do_not_count_toward_the_limit_once_a_step_succeeds():
+    # Two runs of 2 bad windows, separated by a good one, with max_consecutive_skips=3: no error.
+    x, y = data(6 * BATCH, nan_items=[0, BATCH, 3 * BATCH, 4 * BATCH])
+    engine = Engine(max_epochs=1, batch_size=BATCH, shuffle=False, nan_policy="skip", max_consecutive_skips=3,
+                    progress=False)
+    module = Net(optimizer="sgd", lr=0.1)
+    engine.fit(module, (x, y))
+    assert engine.skipped_steps == 4 and engine.consecutive_skips == 0
+    assert torch.isfinite(flat(module)).all()
+
+
+def test_max_consecutive_skips_raises():
+    x, y = data(6 * BATCH, nan_items=list(range(BATCH, 6 * BATCH, BATCH)))  # windows 1..5 all bad
+    module = Net(optimizer="sgd", lr=0.1)
+    engine = Engine(max_epochs=1, batch_size=BATCH, shuffle=False, nan_policy="skip", max_consecutive_skips=3,
+                    progress=False)
+    with pytest.raises(NonFiniteError, match=r"3 consecutive non-finite steps.*optimizer step 3 \(epoch 0, batch 3\)"
+                       r".*max_consecutive_skips=3"):
+        engine.fit(module, (x, y))
+    assert engine.skipped_steps == 3
+    assert torch.isfinite(flat(module)).all()
+
+
+def test_nan_policy_and_skip_limit_are_checked_up_front():
+    with pytest.raises(ValueError, match=r"nan_policy='ignore'.*\"raise\" or \"skip\""):
+        Engine(max_steps=1, nan_policy="ignore")
+    with pytest.raises(ValueError, match="max_consecutive_skips"):
+        Engine(max_steps=1, nan_policy="skip", max_consecutive_skips=0)

@@ -1,0 +1,87 @@
+"""framework/plot.py: ``python -m framework plot RUN_DIR [RUN_DIR ...] [-o out.png]``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from framework import Engine
+from framework.plot import main, plot_runs, read_metrics
+from tests.helpers import TinyClassifier, classification_data
+
+pytest.importorskip("matplotlib")
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two real runs that differ in their learning rate."""
+    x, y = classification_data(200)
+    dirs = []
+    for name, lr in (("adam-3", 1e-3), ("adam-2", 1e-2)):
+
+        class Module(TinyClassifier):
+            def configure_optimizers(self, lr=lr):  # bind this run's lr now
+                return torch.optim.Adam(self.parameters(), lr=lr)
+
+        run_dir = tmp_path_factory.mktemp("runs") / name
+        torch.manual_seed(0)
+        Engine(max_epochs=2, batch_size=32, log_every_n_steps=2, progress=False, run_dir=str(run_dir)).fit(
+            Module(), (x, y), (x[:64], y[:64])
+        )
+        dirs.append(str(run_dir))
+    return dirs
+
+
+def test_plot_one_run_writes_a_png_into_the_run_dir(runs, capsys):
+    assert main([runs[0]]) == 0
+    out = f"{runs[0]}/curves.png"
+    with open(out, "rb") as f:
+        assert f.read(8) == PNG
+    assert f"wrote {out}" in capsys.readouterr().out
+
+
+def test_plot_two_runs_overlays_them(runs, tmp_path):
+    out = tmp_path / "sub" / "compare.png"
+    assert main([*runs, "-o", str(out)]) == 0
+    assert out.read_bytes()[:8] == PNG
+    fig = plot_runs(runs)
+    axes = {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
+    assert set(axes) == {"loss", "acc", "lr", "train/grad_norm"}
+    labels = [line.get_label() for line in axes["loss"].lines]
+    assert labels == ["adam-3 train", "adam-3 val", "adam-2 train", "adam-2 val"]
+    # The curves are the runs' own numbers, against steps.
+    train_x, train_y = axes["loss"].lines[2].get_data()
+    logged = [r for r in read_metrics(runs[1]) if "train/loss" in r]
+    assert list(train_x) == [r["step"] for r in logged] and list(train_y) == [r["train/loss"] for r in logged]
+    assert list(axes["acc"].lines[0].get_xdata()) == [7, 14]
+
+
+def test_python_m_framework_plot_dispatches_here(runs, tmp_path):
+    from framework.__main__ import main as cli  # what `python -m framework` runs, in-process
+
+    out = tmp_path / "cli.png"
+    assert cli(["plot", runs[0], "-o", str(out)]) == 0
+    assert out.read_bytes()[:8] == PNG
+
+
+def test_a_resumed_runs_repeated_steps_keep_the_last_record_and_a_cut_line_is_skipped(tmp_path, capsys):
+    lines = [
+        {"step": 2, "epoch": 0, "train/loss": 1.0},
+        {"step": 4, "epoch": 0, "train/loss": 0.9},
+        {"step": 4, "epoch": 0, "epoch_time": 1.0, "val/loss": 0.95},
+        {"step": 4, "epoch": 0, "train/loss": 0.8},  # the resumed run logs step 4 again
+    ]
+    text = "".join(json.dumps(r) + "\n" for r in lines) + '{"step": 6, "ep'  # cut by a crash
+    (tmp_path / "metrics.jsonl").write_text(text)
+    recs = read_metrics(str(tmp_path))
+    assert recs == [lines[0], lines[2], lines[3]]
+    assert "metrics.jsonl:5: skipped" in capsys.readouterr().err
+    assert main([str(tmp_path)]) == 0
+
+
+def test_a_missing_run_dir_is_a_clear_error(tmp_path, capsys):
+    assert main([str(tmp_path / "nope")]) == 2
+    assert "metrics.jsonl does not exist" in capsys.readouterr().err
