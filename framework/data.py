@@ -40,6 +40,7 @@ class Window:
     micro_batches: list[Any]
     filler: Any = None
     items_read: int = 0  # stream items consumed up to the end of this window (streams only)
+    exhausted: bool = False  # a self-sharded stream on this rank has ended (see StreamSource)
 
 
 @dataclass
@@ -136,6 +137,8 @@ def rank_share(n_items: int, world_size: int, rank: int) -> tuple[int, int]:
 
 
 def _chunks(seq: Any, size: int) -> list[Any]:
+    if 0 < len(seq) <= size:  # one micro-batch: no copy (a slice is a tensor op)
+        return [seq]
     return [seq[i : i + size] for i in range(0, len(seq), size)]
 
 
@@ -177,18 +180,19 @@ class _IndexedSource(Source):
         raise NotImplementedError
 
     def _plan(self, epoch: int, start: int) -> Iterator[tuple[int, list[torch.Tensor], torch.Tensor]]:
+        """(window index, this rank's micro-batch indices, the whole window's indices) per window."""
         b = self.batching
         assert b.batch_size is not None and b.micro_batch_size is not None
         order = epoch_order(self.length, self.seed, epoch, self.shuffle)
         for w in range(start, self.num_windows()):
             window = order[w * b.batch_size : (w + 1) * b.batch_size]
             lo, hi = rank_share(len(window), b.world_size, self.rank)
-            yield w, _chunks(window[lo:hi], b.micro_batch_size), window[:1]
+            yield w, _chunks(window[lo:hi] if b.world_size > 1 else window, b.micro_batch_size), window
 
     def windows(self, epoch: int, start: int = 0, items_read: int = 0) -> Iterator[Window]:
-        for w, micro_idx, first in self._plan(epoch, start):
+        for w, micro_idx, window in self._plan(epoch, start):
             micro = [self.to_device(self.fetch(i)) for i in micro_idx]
-            filler = None if micro else self.to_device(self.fetch(first))
+            filler = None if micro else self.to_device(self.fetch(window[:1]))
             yield Window(w, micro, filler)
 
 
@@ -199,8 +203,12 @@ class TensorSource(_IndexedSource):
         super().__init__(**kw)
         self.tensors = tensors
         self.length = len(tensors[0])
+        # index_select is advanced indexing's fast path (same values, contiguous), for CPU strided tensors
+        self._select = all(t.device.type == "cpu" and t.layout == torch.strided for t in tensors)
 
     def fetch(self, idx: torch.Tensor) -> Any:
+        if self._select:
+            return tuple([t.index_select(0, idx) for t in self.tensors])
         return tuple(t[idx] for t in self.tensors)
 
 
@@ -244,24 +252,42 @@ class MapSource(_IndexedSource):
             generator=torch.Generator().manual_seed(self.seed + epoch),
         )
         it = iter(loader)
-        for w, micro_idx, first in plan:
+        for w, micro_idx, window in plan:
             micro = [self.to_device(next(it)) for _ in micro_idx]
-            filler = None if micro else self.to_device(self.fetch(first))
+            filler = None if micro else self.to_device(self.fetch(window[:1]))
             yield Window(w, micro, filler)
 
 
 class StreamSource(Source):
     """An IterableDataset: every rank reads the whole stream and keeps its share of each window.
 
-    Cost: each rank reads every item. The position is the number of items read.
+    Cost: each rank reads every item (the price of exactness at any world size).
+    The position is the number of items read.
+
+    ``sharded=True`` (``Engine(stream_sharded=True)``) is the opt-in for datasets
+    that already yield only this rank's items: each rank then takes its
+    ``micro_batch_size x accumulation`` items per window from its own stream. A
+    rank whose stream ends first keeps joining steps with a zero-weight filler
+    until every rank's stream has ended (the engine agrees on that with one small
+    all-reduce per step). What each step sees is then defined by the dataset's
+    sharding, so results match other world sizes only if its sharding does.
     """
 
-    def __init__(self, dataset: IterableDataset[Any], collate_fn: Callable[[list[Any]], Any] | None, **kw: Any) -> None:
+    def __init__(
+        self,
+        dataset: IterableDataset[Any],
+        collate_fn: Callable[[list[Any]], Any] | None,
+        sharded: bool = False,
+        **kw: Any,
+    ) -> None:
         super().__init__(**kw)
         self.dataset = dataset
         self.collate_fn = collate_fn or default_collate
+        self.sharded = sharded
 
     def num_windows(self) -> int | None:
+        if self.sharded:
+            return None
         try:
             n = len(self.dataset)  # type: ignore[arg-type]
         except TypeError:
@@ -276,6 +302,9 @@ class StreamSource(Source):
         # Skip what was consumed before a resume: read, never run through the model.
         for _ in itertools.islice(it, items_read):
             pass
+        if self.sharded:
+            yield from self._own_shard(it, start, items_read)
+            return
         w = start
         while True:
             items = list(itertools.islice(it, b.batch_size))
@@ -286,6 +315,29 @@ class StreamSource(Source):
             micro = [self.to_device(self.collate_fn(c)) for c in _chunks(items[lo:hi], b.micro_batch_size)]
             filler = None if micro else self.to_device(self.collate_fn(items[:1]))
             yield Window(w, micro, filler, items_read)
+            w += 1
+
+    def _own_shard(self, it: Iterator[Any], w: int, items_read: int) -> Iterator[Window]:
+        """Windows from a stream that holds only this rank's items; endless empty windows once it ends."""
+        m = self.batching.micro_batch_size
+        assert m is not None
+        filler = None
+        while True:
+            items = list(itertools.islice(it, self.per_rank))
+            items_read += self.per_rank  # nominal: the same count on every rank, so one number resumes all
+            if items:
+                micro = [self.to_device(self.collate_fn(c)) for c in _chunks(items, m)]
+                yield Window(w, micro, None, items_read)
+            else:
+                if filler is None:
+                    first = list(itertools.islice(iter(self.dataset), 1))
+                    if not first:
+                        raise ValueError(
+                            f"rank {self.rank}'s shard of the stream is empty; with stream_sharded=True every "
+                            "rank's stream must yield at least one item"
+                        )
+                    filler = self.to_device(self.collate_fn(first))
+                yield Window(w, [], filler, items_read, exhausted=True)
             w += 1
 
 
@@ -394,6 +446,7 @@ def make_source(
     collate_fn: Callable[[list[Any]], Any] | None = None,
     num_workers: int = 0,
     pin_memory: bool = False,
+    stream_sharded: bool = False,
 ) -> Source:
     """Pick the input kind for ``data`` (DataLoader, tensors, IterableDataset or Dataset).
 
@@ -410,7 +463,7 @@ def make_source(
     if tensors is not None and collate_fn is None:
         source: Source = TensorSource(tensors, **kw)
     elif isinstance(data, IterableDataset):
-        source = StreamSource(data, collate_fn, **kw)
+        source = StreamSource(data, collate_fn, sharded=stream_sharded, **kw)
     elif isinstance(data, Dataset) or hasattr(data, "__getitem__"):
         source = MapSource(data, collate_fn, num_workers, pin_memory, **kw)
     else:

@@ -32,6 +32,7 @@ import numbers
 import os
 import sys
 import textwrap
+import types
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -73,7 +74,10 @@ class LoopWarning(UserWarning):
 
 # id -> (what the check establishes when it passes, the fix when it does not). The order is the report's.
 CHECKS: dict[str, tuple[str, str]] = {
-    "trainable": ("the module has trainable parameters", "create layers in __init__ as attributes; don't freeze all of them"),
+    "trainable": (
+        "the module has trainable parameters",
+        "create layers in __init__ as attributes; don't freeze all of them",
+    ),
     "optimizer_coverage": (
         "every trainable parameter is in an optimizer param group",
         "build the optimizer from self.parameters(), or requires_grad_(False) what you freeze",
@@ -83,25 +87,37 @@ CHECKS: dict[str, tuple[str, str]] = {
         "BatchNorm normalizes over the whole batch",
         "make micro_batch_size the per-process batch, use SyncBatchNorm, or GroupNorm/LayerNorm",
     ),
-    "count_items": ("count_items returns a non-negative integer", "return the number of items compute_loss averages over"),
+    "count_items": (
+        "count_items returns a non-negative integer",
+        "return the number of items compute_loss averages over",
+    ),
     "loop_calls": (
         "forward/compute_loss leave backward, zero_grad and optimizer.step to the engine",
         "remove those calls; return the loss from compute_loss",
     ),
     "train_mode": ("the module stays in train mode while training", "remove .eval() from forward/compute_loss"),
-    "loss_value": ("compute_loss returns a scalar tensor that requires grad", "return e.g. F.cross_entropy(outputs, targets)"),
+    "loss_value": (
+        "compute_loss returns a scalar tensor that requires grad",
+        "return e.g. F.cross_entropy(outputs, targets)",
+    ),
     "loss_graph": (
         "the loss is computed from this step's forward outputs",
         "compute the loss from `outputs` in compute_loss, every step; no torch.no_grad() in forward",
     ),
-    "gradients": ("every trainable parameter receives a gradient", "use the parameter in forward, or requires_grad_(False) it"),
+    "gradients": (
+        "every trainable parameter receives a gradient",
+        "use the parameter in forward, or requires_grad_(False) it",
+    ),
     "updates": ("the first optimizer steps change every trainable parameter", "check lr, param groups and gradients"),
     "finite": ("the loss and the gradients are finite", "lower the lr, set clip_grad_norm, check the data"),
     "loss_scaling": (
         "the loss is a mean over items, not a sum (doctor='full')",
         "use reduction='mean', or divide by count_items(batch)",
     ),
-    "eval_mode": ("the module stays in eval mode during validation", "remove .train() from forward/compute_loss/compute_metrics"),
+    "eval_mode": (
+        "the module stays in eval mode during validation",
+        "remove .train() from forward/compute_loss/compute_metrics",
+    ),
 }
 
 
@@ -225,13 +241,23 @@ class Doctor:
         return type(module).__name__
 
     def fail(self, check: str, message: str) -> None:
-        """Record an error finding and raise :class:`LoopError` (the run stops here)."""
+        """Record an error finding and raise :class:`LoopError` (the run stops here).
+
+        Example::
+
+            doctor.fail("loss_value", "Net.compute_loss returned ...; fix: ...")
+        """
         self.ran.add(check)
         self.findings.append(Finding(check, "error", message))
         raise LoopError(message, check)
 
     def warn(self, check: str, message: str, key: str | None = None) -> None:
-        """Record a warning finding and emit it as a :class:`LoopWarning`, once per fit per ``key``."""
+        """Record a warning finding and emit it as a :class:`LoopWarning`, once per fit per ``key``.
+
+        Example::
+
+            doctor.warn("gradients", "2 trainable parameter(s) of Net received no gradient: ...")
+        """
         key = key or check
         self.ran.add(check)
         if key in self._warned:
@@ -276,7 +302,12 @@ class Doctor:
         self._check_val_data(train_data, val_data)
 
     def check_setup(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Trainable parameters exist, and every one of them is in an optimizer param group."""
+        """Trainable parameters exist, and every one of them is in an optimizer param group.
+
+        Example::
+
+            doctor.check_setup(module, optimizer)   # LoopError if nothing is trainable
+        """
         if self.off:
             return
         name = self._name(module)
@@ -466,7 +497,13 @@ class Doctor:
             )
 
     def check_train_mode(self, module: nn.Module, where: str) -> None:
-        """After forward: the module is still in train mode (every step; submodules on checked steps)."""
+        """After forward: the module is still in train mode (every step; submodules on checked steps).
+
+        Example::
+
+            outputs = model(inputs)
+            doctor.check_train_mode(module, "forward")
+        """
         if self.off:
             return
         self.ran.add("train_mode")
@@ -485,6 +522,11 @@ class Doctor:
         """``compute_loss`` must return a differentiable scalar tensor computed from this step's outputs.
 
         The type checks run every step (metadata only); the graph walk on checked steps.
+
+        Example::
+
+            loss = module.compute_loss(outputs, targets)
+            doctor.check_loss(module, loss, outputs)
         """
         if self.off:
             return
@@ -565,7 +607,7 @@ class Doctor:
                 "compute_loss, every step",
             )
 
-    def _probe_scaling(self, module: nn.Module, batch: Any) -> None:
+    def _probe_scaling(self, module: Any, batch: Any) -> None:  # a LoopModule
         """``doctor="full"``: does the loss of a batch equal the mean (by count_items) of its halves' losses,
         or their sum? Eval mode, no grad, forked RNG, restored modes: nothing of training changes."""
         name = self._name(module)
@@ -614,7 +656,12 @@ class Doctor:
 
     def check_count(self, module: nn.Module, n: Any) -> None:
         """``count_items`` must be a non-negative integer (int or integer tensor); tensor values are read on
-        checked steps only (a host sync)."""
+        checked steps only (a host sync).
+
+        Example::
+
+            doctor.check_count(module, module.count_items(batch))
+        """
         if self.off:
             return
         self.ran.add("count_items")
@@ -653,7 +700,13 @@ class Doctor:
     def after_backward(self) -> None:
         """After the step's last backward, before the optimizer step: which trainable parameters got no
         gradient (metadata only). Decided over the first two checked steps, so a parameter that is
-        legitimately idle on one batch (a routed expert) is not reported; under DDP after the first."""
+        legitimately idle on one batch (a routed expert) is not reported; under DDP after the first.
+
+        Example::
+
+            loss.backward()
+            doctor.after_backward()
+        """
         if self.off or not self.checking or self._grads_decided or self._fsdp:
             return
         self.ran.add("gradients")
@@ -679,7 +732,13 @@ class Doctor:
 
     def after_optimizer_step(self, applied: bool) -> None:
         """After step 5: were the parameters changed? Decided after the second applied step (so an lr that
-        warms up from 0 is not reported), on a checked step."""
+        warms up from 0 is not reported), on a checked step.
+
+        Example::
+
+            optimizer.step()
+            doctor.after_optimizer_step(applied=True)
+        """
         if self.off:
             return
         self.ran.add("finite")  # the engine's non-finite guard ran before this step
@@ -689,7 +748,12 @@ class Doctor:
             self._decide_updates()
 
     def end_fit(self) -> None:
-        """Decide what is still pending at the end of a short fit."""
+        """Decide what is still pending at the end of a short fit.
+
+        Example::
+
+            doctor.end_fit()   # e.g. gradients after a 1-step fit
+        """
         if self.off:
             return
         if not self._grads_decided and self._grad_checks:
@@ -721,8 +785,11 @@ class Doctor:
         now = [p.detach() if self._snapshot_exact else _fingerprint(p) for p in params]
         # One host read for all parameters: changed?, and is its gradient all zero?
         flags = torch.stack(
-            [torch.ne(s, q).any() for s, q in zip(snapshot, now)]
-            + [(p.grad.count_nonzero() == 0) if p.grad is not None else torch.tensor(True, device=p.device) for p in params]
+            [torch.ne(s, q).any() for s, q in zip(snapshot, now, strict=True)]
+            + [
+                (p.grad.count_nonzero() == 0) if p.grad is not None else torch.tensor(True, device=p.device)
+                for p in params
+            ]
         ).tolist()
         changed, zero_grad = flags[: len(params)], flags[len(params) :]
         unchanged = [i for i, c in enumerate(changed) if not c and id(params[i]) not in self._no_grad_ids]
@@ -767,29 +834,39 @@ class Doctor:
         if self.off:
             return ""
         name = self._name(self._module) if self._module is not None else "the module"
-        with_grad = [p for p in params if p.grad is not None]
-        flags = torch.stack(
-            [~torch.isfinite(loss).all()] + [~torch.isfinite(p.grad).all() for p in with_grad]
-        ).tolist()
+        with_grad = [(p, p.grad) for p in params if p.grad is not None]
+        flags = torch.stack([~torch.isfinite(loss).all()] + [~torch.isfinite(g).all() for _, g in with_grad]).tolist()
         parts = []
         if flags[0]:
-            parts.append(f"{name}.compute_loss returned {float(loss.detach().float()):g} (check the inputs and "
-                         "targets of that batch, and log()/division by zero in the loss)")
-        bad = [self._names.get(id(p), "?") for p, f in zip(with_grad, flags[1:]) if f]
+            parts.append(
+                f"{name}.compute_loss returned {float(loss.detach().float()):g} (check the inputs and "
+                "targets of that batch, and log()/division by zero in the loss)"
+            )
+        bad = [self._names.get(id(p), "?") for (p, _), f in zip(with_grad, flags[1:], strict=True) if f]
         if bad:
             parts.append(f"non-finite gradients in {_names(bad)}")
         self.nonfinite_detail = (": " + "; ".join(parts)) if parts else ""
         self.ran.add("finite")
         self.findings.append(
-            Finding("finite", "error", f"non-finite loss or gradient{self.nonfinite_detail}; fix: lower the learning "
-                    "rate, set clip_grad_norm, or check that batch's data")
+            Finding(
+                "finite",
+                "error",
+                f"non-finite loss or gradient{self.nonfinite_detail}; fix: lower the learning "
+                "rate, set clip_grad_norm, or check that batch's data",
+            )
         )
         return self.nonfinite_detail
 
     # -- validation ---------------------------------------------------------------------
 
     def check_eval_mode(self, module: nn.Module) -> None:
-        """During validation the module is still in eval mode (every batch, metadata only)."""
+        """During validation the module is still in eval mode (every batch, metadata only).
+
+        Example::
+
+            outputs = model(inputs)
+            doctor.check_eval_mode(module)
+        """
         if self.off:
             return
         self.ran.add("eval_mode")
@@ -823,12 +900,15 @@ class Doctor:
         return format_table(self.report())
 
 
-def report_rows(
-    findings: list[Finding], ran: set[str], not_run: dict[str, str]
-) -> list[tuple[str, str, str, str]]:
-    """Merge findings into one row per check of :data:`CHECKS` (see :meth:`Doctor.report`)."""
+def report_rows(findings: list[Finding], ran: set[str], not_run: dict[str, str]) -> list[tuple[str, str, str, str]]:
+    """Merge findings into one row per check of :data:`CHECKS` (see :meth:`Doctor.report`).
+
+    Example::
+
+        rows = report_rows(doctor.findings, doctor.ran, doctor.not_run)
+    """
     rows = []
-    for check, (title, fix) in CHECKS.items():
+    for check, (title, _fix) in CHECKS.items():
         mine = [f for f in findings if f.check == check]
         if any(f.severity == "error" for f in mine):
             status = "error"
@@ -882,7 +962,8 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 def _user_stacklevel() -> int:
     """The ``stacklevel`` that attributes a warning to the first caller outside this package (and the
     contextlib frames of ``watch``): the user's ``engine.fit(...)`` line, not the doctor's internals."""
-    frame, level = sys._getframe(2), 2  # level 1 is Doctor.warn itself
+    frame: types.FrameType | None = sys._getframe(2)
+    level = 2  # level 1 is Doctor.warn itself
     while frame is not None and (
         frame.f_code.co_filename.startswith(_PACKAGE_DIR) or frame.f_code.co_filename == contextlib.__file__
     ):
@@ -977,8 +1058,9 @@ def _slice(obj: Any, lo: int, hi: int, n: int) -> Any:
         return type(obj)(_slice(x, lo, hi, n) for x in obj)
     if isinstance(obj, Mapping):
         sliced = {k: _slice(v, lo, hi, n) for k, v in obj.items()}
+        mapping_type: Any = type(obj)  # dict, OrderedDict, a ModelOutput-like dict subclass
         try:
-            return type(obj)(sliced)
+            return mapping_type(sliced)
         except Exception:
             return sliced
     return obj
@@ -1007,7 +1089,7 @@ def _same_data(train: Any, val: Any) -> bool:
         return False
     if not ta or not tb or len(ta) != len(tb):
         return False
-    for x, y in zip(ta, tb):
+    for x, y in zip(ta, tb, strict=True):
         if x.shape != y.shape or x.dtype != y.dtype or x.device != y.device:
             return False
         same_storage = x.data_ptr() == y.data_ptr() and x.stride() == y.stride()

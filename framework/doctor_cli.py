@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                 _validate_if_missed(list(doctors))
         ran_doctors = list(doctors)
 
-    print(f"doctor report: {path} ({steps} optimizer step(s) per fit, doctor=\"full\")")
+    print(f'doctor report: {path} ({steps} optimizer step(s) per fit, doctor="full")')
     print(f"outcome: {outcome}")
     if not ran_doctors:
         print("the recipe created no Engine, so there was no loop to check")
@@ -139,7 +139,9 @@ def _validate_if_missed(doctors: list[Doctor]) -> None:
             continue
         micro = getattr(batching, "micro_batch_size", None) or 64
         try:
-            Engine(max_steps=1, batch_size=micro, limit_val_batches=2, doctor="full", progress=False).validate(module, val_data)
+            Engine(max_steps=1, batch_size=micro, limit_val_batches=2, doctor="full", progress=False).validate(
+                module, val_data
+            )
         except LoopError:
             pass  # recorded as a finding by that engine's doctor
         return

@@ -74,6 +74,8 @@ class Engine:
     - ``callbacks``; ``compile`` (torch.compile); ``doctor``: "basic" | "full" | "off";
       ``trace`` (record the step events in ``engine.trace``).
     - ``num_workers``, ``collate_fn``, ``pin_memory``: passed to data loading for Dataset inputs.
+    - ``stream_sharded``: an IterableDataset already yields only this rank's items (opt-in; by default
+      every rank reads the whole stream and keeps its share, which is exact at any world size).
     - Debug runs (they log, validate and checkpoint as usual):
       ``limit_train_batches=n``: each epoch trains on only its first n global batches (optimizer steps);
       ``limit_val_batches=n``: validation (also ``validate``) reads only the first n global batches;
@@ -108,6 +110,7 @@ class Engine:
         num_workers: int = 0,
         collate_fn: Any = None,
         pin_memory: bool = False,
+        stream_sharded: bool = False,
         limit_train_batches: int | None = None,
         limit_val_batches: int | None = None,
         overfit_batches: int | None = None,
@@ -149,6 +152,7 @@ class Engine:
         self.doctor = Doctor(doctor)
         self.trace: list[tuple[str, int, int]] | None = [] if trace else None
         self.num_workers, self.collate_fn, self.pin_memory = num_workers, collate_fn, pin_memory
+        self.stream_sharded = stream_sharded
         self.limit_train_batches, self.limit_val_batches = limit_train_batches, limit_val_batches
         self.overfit_batches = overfit_batches
         if mode not in ("min", "max"):
@@ -403,18 +407,25 @@ class Engine:
         stop: Any,
     ) -> tuple[bool, torch.Tensor | None, tuple[bool, bool]]:
         """Unscale, measure, clip, guard against non-finite values, then step. Returns
-        (applied, pre-clip grad norm, (max_time up on any rank, preemption signal on any rank))."""
+        (applied, pre-clip grad norm or None where nothing needs it (no clipping, not a log step),
+        (max_time up on any rank, preemption signal on any rank))."""
         rt = self._rt
         assert rt is not None
         scaler = rt.scaler
         if scaler is not None:
             scaler.unscale_(opt.optimizer)
         grad_norm: torch.Tensor | None = None
+        per_tensor: list[torch.Tensor] = []  # gradient norms to check when the total is not needed
         if rt.fsdp:  # grads are sharded: only FSDP knows the global norm
             grad_norm = model.clip_grad_norm_(self.clip_grad_norm or math.inf)  # type: ignore[operator]
         else:
             grads = [p.grad for p in params if p.grad is not None]
-            grad_norm = _grad_norm(grads) if grads else torch.zeros((), device=rt.device)
+            if grads and not log_now and self.clip_grad_norm is None and rt.world_size == 1 and scaler is None:
+                # Nothing reads the total norm this step, only whether a gradient went non-finite:
+                # each gradient's norm tells that; not summing them saves two ops a step.
+                per_tensor = _grad_norms(grads)
+            else:
+                grad_norm = _grad_norm(grads) if grads else torch.zeros((), device=rt.device)
             if self.clip_grad_norm is not None:
                 torch.nn.utils.clip_grads_with_norm_(params, self.clip_grad_norm, grad_norm, foreach=True)
         if self.clip_grad_value is not None:
@@ -437,8 +448,7 @@ class Engine:
             bad_f, time_f, preempt_f, *overflow_f = torch.cat([bad.double().reshape(1), stop, *overflow]).tolist()
             bad_host, stop_host = bool(bad_f), (time_f > 0, preempt_f > 0)
         elif scaler is None:
-            norm_f, loss_f = torch.stack([grad_norm, window_loss]).tolist()  # one op to pack, one read
-            bad_host = not (math.isfinite(norm_f) and math.isfinite(loss_f))
+            bad_host = not _all_finite([*(per_tensor or [grad_norm]), window_loss])
             overflow_f, stop_host = [], (self._time_up(), self._preempted)
         else:
             bad = ~torch.isfinite(window_loss)
@@ -598,7 +608,7 @@ class Engine:
             self._rt = make_runtime(self.mixed_precision, self.log_with, self.run_dir)
         return self._rt
 
-    def _source(self, data: Any, batching: Batching, shuffle: bool) -> Source:
+    def _source(self, data: Any, batching: Batching, shuffle: bool, training: bool = True) -> Source:
         rt = self._rt
         assert rt is not None
         return make_source(
@@ -611,6 +621,7 @@ class Engine:
             collate_fn=self.collate_fn,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
+            stream_sharded=self.stream_sharded and training,
         )
 
     def _val_source(self, data: Any, train: Batching) -> Source:
@@ -621,7 +632,7 @@ class Engine:
             batching = resolve_batching(data, None, None, train.world_size)
         else:
             batching = Batching(micro * train.world_size, micro, 1, train.world_size)
-        return self._source(data, batching, shuffle=False)
+        return self._source(data, batching, shuffle=False, training=False)
 
     def _epoch(self, source: Source) -> Any:
         """This epoch's windows from the current position, with the debug limits applied."""
@@ -631,10 +642,20 @@ class Engine:
         for window in source.windows(epoch, self.batch_in_epoch, self.items_read):
             if limit is not None and window.index >= limit:
                 return
+            if self.stream_sharded and self._all_shards_ended(window.exhausted):
+                return
             empty = False
             yield window
         if empty and self.batch_in_epoch == 0:
             raise ValueError("the training data yielded no batches this epoch; pass a non-empty dataset")
+
+    def _all_shards_ended(self, exhausted: bool) -> bool:
+        """Self-sharded streams end at different points per rank; the epoch ends when all have.
+        (One small all-reduce and host read per step, only with stream_sharded=True.)"""
+        rt = self._rt
+        assert rt is not None
+        flag = rt.all_reduce_sum(torch.tensor([float(exhausted)], device=rt.device))
+        return int(flag.item()) == rt.world_size
 
     def _epoch_windows(self, source: Source) -> int | None:
         n = source.num_windows()
@@ -706,10 +727,27 @@ _STATE_KEYS = {
 }  # fmt: skip
 
 
+def _grad_norms(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each gradient's 2-norm (one fused op on CPU and CUDA)."""
+    with torch.no_grad():
+        if grads[0].device.type in ("cpu", "cuda"):
+            return list(torch._foreach_norm(grads, 2.0))
+        return [torch.linalg.vector_norm(g, 2.0) for g in grads]
+
+
+def _all_finite(scalars: list[torch.Tensor]) -> bool:
+    """Are all these scalar tensors finite? One op packs them, one host read (a device sync on a GPU)."""
+    try:
+        packed = torch.stack(scalars)
+    except RuntimeError:  # on several devices (a model split over GPUs)
+        packed = torch.stack([t.to(scalars[-1].device) for t in scalars])
+    return all(map(math.isfinite, packed.tolist()))
+
+
 def _grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     """``torch.nn.utils.get_total_norm(grads, foreach=True)``: the same kernels and, for gradients of one
-    device and dtype, the same bits, without its per-call Python grouping and per-tensor ``.to()``
-    (about 15 µs a step on a small CPU model)."""
+    device and dtype, the same bits, without its per-call Python grouping (about 15 µs a step on a
+    small CPU model)."""
     if grads[0].device.type not in ("cpu", "cuda"):
         return torch.nn.utils.get_total_norm(grads, foreach=True)
     with torch.no_grad():

@@ -140,7 +140,8 @@ def _identity(x: Any) -> Any:
 
 def _repeat(batch: Any, n: int) -> DataLoader[Any]:
     """A DataLoader yielding ``batch`` itself ``n`` times: each is one micro-batch, one optimizer step."""
-    return DataLoader([batch] * n, batch_size=None, shuffle=False, collate_fn=_identity)
+    batches: Any = [batch] * n  # a list is a valid map-style dataset
+    return DataLoader(batches, batch_size=None, shuffle=False, collate_fn=_identity)
 
 
 @contextlib.contextmanager

@@ -100,10 +100,26 @@ class StaleLoss(TinyClassifier):
     [
         (NonScalar, "loss_value", r"NonScalar.compute_loss returned a tensor of shape \[32\]; return a scalar"),
         (PythonNumber, "loss_value", r"PythonNumber.compute_loss returned a float .*return a scalar tensor"),
-        (Detached, "loss_value", r"Detached.compute_loss returned a loss that does not require grad although forward's outputs do.*Fix"),
-        (NoGradForward, "loss_graph", r"NoGradForward.forward returned outputs that do not require grad.*no_grad.*Fix: remove"),
-        (NoGradForwardPlusRegularizer, "loss_graph", r"NoGradForwardPlusRegularizer.forward returned outputs that do not require grad.*Fix"),
-        (StaleLoss, "loss_graph", r"StaleLoss.compute_loss returned a loss that is not computed from this step's forward outputs: a stale loss.*Fix"),
+        (
+            Detached,
+            "loss_value",
+            r"Detached.compute_loss returned a loss that does not require grad although forward's outputs do.*Fix",
+        ),
+        (
+            NoGradForward,
+            "loss_graph",
+            r"NoGradForward.forward returned outputs that do not require grad.*no_grad.*Fix: remove",
+        ),
+        (
+            NoGradForwardPlusRegularizer,
+            "loss_graph",
+            r"NoGradForwardPlusRegularizer.forward returned outputs that do not require grad.*Fix",
+        ),
+        (
+            StaleLoss,
+            "loss_graph",
+            r"StaleLoss.compute_loss returned a loss that is not computed from this step's forward outputs: a stale loss.*Fix",
+        ),
     ],
 )
 def test_bad_loss_is_an_error_before_the_step(cls, check, pattern):
@@ -222,7 +238,9 @@ def test_zero_grad_on_a_submodule_between_micro_batches_is_caught():
             self.net.zero_grad()
             return F.cross_entropy(outputs, targets)
 
-    with pytest.raises(LoopError, match=r"SubmoduleZeroGrad.compute_loss called zero_grad\(\) \(gradients were set to None\)"):
+    with pytest.raises(
+        LoopError, match=r"SubmoduleZeroGrad.compute_loss called zero_grad\(\) \(gradients were set to None\)"
+    ):
         Engine(max_steps=2, batch_size=32, micro_batch_size=16, progress=False).fit(SubmoduleZeroGrad(), (X, Y))
 
 
@@ -279,15 +297,22 @@ class TrainInValidation(TinyClassifier):
 
 
 def test_module_switching_to_eval_during_training_is_an_error():
-    with pytest.raises(LoopError, match=r"EvalInForward switched itself to eval mode during training \(in forward\); remove the .eval\(\)"):
+    with pytest.raises(
+        LoopError,
+        match=r"EvalInForward switched itself to eval mode during training \(in forward\); remove the .eval\(\)",
+    ):
         Engine(max_steps=2, batch_size=32, progress=False).fit(EvalInForward(), (X, Y))
-    with pytest.raises(LoopError, match=r"SubmoduleEvalInComputeLoss.compute_loss switched net.2 to eval mode.*remove the .eval\(\)") as info:
+    with pytest.raises(
+        LoopError, match=r"SubmoduleEvalInComputeLoss.compute_loss switched net.2 to eval mode.*remove the .eval\(\)"
+    ) as info:
         Engine(max_steps=2, batch_size=32, progress=False).fit(SubmoduleEvalInComputeLoss(dropout=0.1), (X, Y))
     assert info.value.check == "train_mode"
 
 
 def test_module_switching_to_train_during_validation_is_an_error():
-    with pytest.raises(LoopError, match=r"TrainInValidation switched itself to train mode during validation; remove the\s+.train\(\)") as info:
+    with pytest.raises(
+        LoopError, match=r"TrainInValidation switched itself to train mode during validation; remove the\s+.train\(\)"
+    ) as info:
         Engine(max_epochs=1, batch_size=128, progress=False).fit(TrainInValidation(), (X, Y), VAL)
     assert info.value.check == "eval_mode"
 
@@ -388,7 +413,10 @@ def test_non_finite_values_name_the_loss_or_the_parameter():
     module = NanLoss()
     before = flat(module)
     engine = Engine(max_steps=2, batch_size=32, progress=False)
-    with pytest.raises(NonFiniteError, match=r"at optimizer step 0 .*: NanLoss.compute_loss returned nan .*parameters and optimizer state are unchanged"):
+    with pytest.raises(
+        NonFiniteError,
+        match=r"at optimizer step 0 .*: NanLoss.compute_loss returned nan .*parameters and optimizer state are unchanged",
+    ):
         engine.fit(module, (X, Y))
     assert torch.equal(flat(module), before)
     assert [f.check for f in engine.doctor.findings] == ["finite"]
@@ -402,7 +430,11 @@ def test_non_finite_values_name_the_loss_or_the_parameter():
         (-3, "error", r"Bad.count_items returned -3; return the \(non-negative\) number"),
         (torch.tensor(-3), "error", r"Bad.count_items returned -3; return the \(non-negative\) number"),
         (2.5, "error", r"Bad.count_items returned float 2.5; return an int"),
-        (torch.tensor(4.0), "error", r"Bad.count_items returned a torch.float32 tensor of shape \[\]; return an integer scalar"),
+        (
+            torch.tensor(4.0),
+            "error",
+            r"Bad.count_items returned a torch.float32 tensor of shape \[\]; return an integer scalar",
+        ),
         (0, "warning", r"Bad.count_items returned 0 for a batch, so it adds nothing to the gradient"),
         (torch.tensor(0), "warning", r"Bad.count_items returned 0 for a batch"),
     ],
@@ -453,7 +485,10 @@ class WithBatchNorm(LoopModule):
 
 def test_batchnorm_with_micro_batches_warns():
     msg = warned(run(WithBatchNorm(), micro_batch_size=8), "batchnorm")
-    assert "WithBatchNorm has BatchNorm layers (net.1) and each forward sees a micro-batch of 8 items, not the global batch of 32" in msg
+    assert (
+        "WithBatchNorm has BatchNorm layers (net.1) and each forward sees a micro-batch of 8 items, not the global batch of 32"
+        in msg
+    )
     assert "Fix: set micro_batch_size" in msg
     assert run(WithBatchNorm()).caught == []  # whole batches: fine
 
@@ -475,7 +510,10 @@ def test_validation_data_identical_to_training_data_warns(make_val):
 def test_validation_data_identical_behind_loaders_and_subsets_warns():
     ds = TensorDataset(X, Y)
     train = DataLoader(ds, batch_size=32)
-    assert "val_data" in [f.check for f in run(TinyClassifier(), data=train, val=DataLoader(ds, batch_size=64), batch_size=None).doctor.findings]
+    assert "val_data" in [
+        f.check
+        for f in run(TinyClassifier(), data=train, val=DataLoader(ds, batch_size=64), batch_size=None).doctor.findings
+    ]
     sub = Subset(ds, range(128))
     assert "val_data" in [f.check for f in run(TinyClassifier(), data=sub, val=Subset(ds, range(128))).doctor.findings]
     assert run(TinyClassifier(), data=sub, val=Subset(ds, range(128, 256))).doctor.findings == []
@@ -569,7 +607,7 @@ GOOD = {
 def test_correct_modules_produce_no_findings(name, doctor):
     make, kw = GOOD[name]
     torch.manual_seed(0)
-    data, val = ((TokenData(128, 0), TokenData(32, 1)) if name == "tokens" else ((X[:128], Y[:128]), VAL))
+    data, val = (TokenData(128, 0), TokenData(32, 1)) if name == "tokens" else ((X[:128], Y[:128]), VAL)
     engine = run(make(), data=data, val=val, max_steps=None, max_epochs=2, doctor=doctor, **kw)
     assert engine.doctor.findings == [] and engine.caught == [], engine.doctor.format_report()
     statuses = {check: status for check, _, status, _ in engine.doctor.report()}

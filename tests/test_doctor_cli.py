@@ -78,7 +78,10 @@ def test_usage_errors(capsys):
 def test_the_command_line_entry_point():
     proc = subprocess.run(
         [sys.executable, "-m", "framework", "doctor", "--steps", "2", SCRIPT, "--bug", "eval"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 1, proc.stdout + proc.stderr
@@ -100,8 +103,14 @@ def _launch_2(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[st
     from tests.helpers import ACCELERATE
 
     cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "launch" / "cpu_ddp.yaml"), *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env})
+    return subprocess.run(
+        cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env},
+    )
 
 
 @pytest.mark.multiprocess
@@ -115,5 +124,7 @@ def test_under_two_processes_full_doctor_is_clean_and_names_unused_parameters_be
     assert proc.returncode != 0
     out = proc.stderr
     # ... but the doctor named them first, by name, once (rank 0 speaks for all).
-    assert out.count("LoopWarning: 2 trainable parameter(s) of Net received no gradient: head.weight, head.bias") == 1, out
+    assert (
+        out.count("LoopWarning: 2 trainable parameter(s) of Net received no gradient: head.weight, head.bias") == 1
+    ), out
     assert out.index("LoopWarning") < out.index("Expected to have finished reduction"), out

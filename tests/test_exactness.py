@@ -243,3 +243,14 @@ def test_rank_with_nothing_left_in_last_window(ddp):
     model, _ = fit(64, True, data=token_data(2 * GLOBAL_BATCH + 1, seed=3))
     for rank in (0, 1):
         assert max_diff(load(ddp, f"params_lastone_r{rank}.pt"), flat_params(model)) <= TOL
+
+
+@pytest.mark.multiprocess
+def test_self_sharded_stream_opt_in(ddp, one_process):
+    # Interleaved shards reproduce the 1-process run exactly.
+    for rank in (0, 1):
+        assert max_diff(load(ddp, f"params_sharded_r{rank}.pt"), one_process["a_shuffle0"]) <= TOL
+    # A shard that ends early: the other rank finishes its stream (16 windows of 32 items per
+    # epoch), the short one joins with zero-weight fillers, nobody hangs, DDP keeps them equal.
+    assert load(ddp, "steps_sharded_uneven_r0.pt") == load(ddp, "steps_sharded_uneven_r1.pt") == 16 * EPOCHS
+    assert torch.equal(load(ddp, "params_sharded_uneven_r0.pt"), load(ddp, "params_sharded_uneven_r1.pt"))

@@ -62,7 +62,11 @@ class StepsItself(TinyClassifier):
 
 
 def snapshot(module):
-    return {k: v.clone() for k, v in module.state_dict().items()}, [p.grad for p in module.parameters()], module.training
+    return (
+        {k: v.clone() for k, v in module.state_dict().items()},
+        [p.grad for p in module.parameters()],
+        module.training,
+    )
 
 
 def test_check_loop_passes_good_modules_and_restores_everything():
@@ -77,7 +81,7 @@ def test_check_loop_passes_good_modules_and_restores_everything():
     assert statuses.pop("val_data") == "not run"  # one batch: there is no separate validation data to compare
     assert set(statuses.values()) == {"ok"}, doctor.format_report()  # every other check ran, on every hook
     assert all(torch.equal(v, state[k]) for k, v in module.state_dict().items())
-    assert all(p.grad is g for p, g in zip(module.parameters(), grads)) and module.training is training
+    assert all(p.grad is g for p, g in zip(module.parameters(), grads, strict=True)) and module.training is training
     assert torch.equal(torch.get_rng_state(), rng)
     check_loop(DictBatch(), {"x": x, "y": y})
 
@@ -85,7 +89,10 @@ def test_check_loop_passes_good_modules_and_restores_everything():
 @pytest.mark.parametrize(
     "cls, pattern",
     [
-        (Detached, r"check_loop found 1 problem\(s\) in Detached's loop:\n- \[error\] Detached.compute_loss returned a loss that does not require grad"),
+        (
+            Detached,
+            r"check_loop found 1 problem\(s\) in Detached's loop:\n- \[error\] Detached.compute_loss returned a loss that does not require grad",
+        ),
         (Unused, r"\[warning\] 2 trainable parameter\(s\) of Unused received no gradient: spare.weight, spare.bias"),
         (SumLoss, r"\[warning\] SumLoss.compute_loss scales with the batch size, like a sum"),
         (StepsItself, r"\[error\] StepsItself.compute_loss called optimizer.step\(\).*The step was blocked"),
@@ -134,11 +141,16 @@ class Frozen(TinyClassifier):
 def test_assert_overfits_fails_for_modules_that_cannot_learn_the_batch(cls):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with pytest.raises(AssertionError, match=rf"{cls.__name__} did not overfit one batch: its loss .* in 30 optimizer steps; wanted <= 0.05"):
+        with pytest.raises(
+            AssertionError,
+            match=rf"{cls.__name__} did not overfit one batch: its loss .* in 30 optimizer steps; wanted <= 0.05",
+        ):
             assert_overfits(cls(), BATCH, steps=30)
     doctor_said = [str(w.message) for w in caught if issubclass(w.category, LoopWarning)]
     # The doctor (basic) already names the cause of Frozen; Blind's loop is sound, only its model is not.
-    assert doctor_said == ([] if cls is Blind else [doctor_said[0]]) and all("param group 0 has lr=0" in m for m in doctor_said)
+    assert doctor_said == ([] if cls is Blind else [doctor_said[0]]) and all(
+        "param group 0 has lr=0" in m for m in doctor_said
+    )
 
 
 def test_assert_overfits_reports_a_loop_mistake_as_such():

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `tests.scripts`
 
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from framework import Engine
 from tests.scripts.exact_common import (
@@ -33,6 +33,22 @@ from tests.scripts.exact_common import (
     train_data,
     val_data,
 )
+
+
+class RankShard(IterableDataset):
+    """A stream that shards itself: rank r yields items r, r + W, r + 2W, ... (rank 0 maybe fewer)."""
+
+    def __init__(self, data, rank0_limit=None):
+        self.data, self.rank0_limit = data, rank0_limit
+
+    def __iter__(self):
+        import torch.distributed as dist
+
+        rank, world = dist.get_rank(), dist.get_world_size()
+        items = list(zip(*self.data, strict=True))[rank::world]
+        if rank == 0 and self.rank0_limit is not None:
+            items = items[: self.rank0_limit]
+        return iter(items)
 
 
 def main(out: Path) -> None:
@@ -74,6 +90,24 @@ def main(out: Path) -> None:
             max_epochs=EPOCHS, batch_size=GLOBAL_BATCH, micro_batch_size=micro, shuffle=False, seed=0, progress=False
         ).fit(model, source)
         save(flat_params(model), out / f"params_{name}_r{rank}.pt")
+
+    # The stream_sharded opt-in: each rank's stream holds only its own items. Interleaved by rank,
+    # rank r's k-th window is the evens/odds of the 1-process window, so (a) is reproduced; a
+    # shard that ends early ("uneven": rank 0 keeps 100 of its 500 items) must not hang.
+    for name, limit in (("sharded", None), ("sharded_uneven", 100)):
+        model = TokenModel()
+        engine = Engine(
+            max_epochs=EPOCHS,
+            batch_size=GLOBAL_BATCH,
+            micro_batch_size=16,
+            shuffle=False,
+            seed=0,
+            progress=False,
+            stream_sharded=True,
+        )
+        engine.fit(model, RankShard(data, rank0_limit=limit))
+        save(flat_params(model), out / f"params_{name}_r{rank}.pt")
+        save(engine.step, out / f"steps_{name}_r{rank}.pt")
 
     # A last window of 1 item: rank 0 has no micro-batch in it and must still join the
     # gradient all-reduce (empty contribution), or rank 1 hangs in DDP's backward.

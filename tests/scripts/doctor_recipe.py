@@ -17,7 +17,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from framework import Engine, LoopModule  # noqa: E402
+from framework import Engine, LoopModule
 
 BUGS = ("none", "sum", "detach", "eval", "unused", "crash")
 
