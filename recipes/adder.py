@@ -6,12 +6,20 @@ python recipes/adder.py --micro-batch-size 64                              # 4 a
 python recipes/adder.py --smoke --run-dir /tmp/adder                       # a few steps (CI)
 python recipes/adder.py --config my.yaml --d-model 96                      # YAML file + overrides
 
-A small decoder-only transformer, written here in full, learns integer addition.
+A small decoder-only transformer (4 layers, 128 wide, 4 heads, pre-norm, causal
+attention), written here in full, learns integer addition.
 
 Problems: ``a+b=`` with operands of 1 to 4 digits (the digit count drawn uniformly,
 then the value; no leading zeros), so prompt and answer lengths vary. The answer is
 written with its digits reversed (least significant first, the order in which carries
 are computed) and ends with an end-of-answer token: ``57+68=521$`` means 125.
+
+Model input: token embeddings plus learned absolute positions plus, by default, an
+embedding of each digit's place value (units, tens, ...; ``digit_places``), which tells
+the model which digits line up across operands of different lengths. Measured here
+(lr 1e-3, cosine decay over 1,500 steps, batch 256): with place embeddings, 0.9955 exact
+match after 250 steps; without (``--digit-positions false``: positions alone), 0.13 after
+500 steps and 0.55 after 1,000. So the default stops at 750 steps.
 
 Loss: next-token cross-entropy on the answer tokens only. The prompt and the
 padding are ignored (-100), and ``count_items`` returns the number of answer tokens
@@ -58,18 +66,20 @@ class Config:
     """Hyperparameters; every field is also a ``--flag`` (see ``--help``)."""
 
     max_digits: int = 4  # operands have 1..max_digits digits
-    train_size: int = 128_000  # generated training problems (held-out pairs excluded)
+    train_size: int = 64_000  # generated training problems (held-out pairs excluded): 250 steps an epoch
     val_size: int = 2_000  # held-out problems for val/exact_match
     n_layer: int = 4
     n_head: int = 4
     d_model: int = 128
     dropout: float = 0.0
+    digit_positions: bool = True  # also embed each digit's place value (units, tens, ...); see digit_places
     lr: float = 1e-3
     weight_decay: float = 0.01
     warmup_steps: int = 100
+    final_lr_ratio: float = 0.1  # cosine decay from lr to lr x this at max_steps (1.0: constant)
     batch_size: int = 256  # global: problems per optimizer step across all processes
     micro_batch_size: int | None = None  # per process per forward; None = batch_size / world_size
-    max_steps: int = 1_500
+    max_steps: int = 750
     max_epochs: int = 100  # an upper bound; max_steps ends the run first
     max_time: float | None = 270.0  # seconds of training: a safety bound under the 5-minute target
     seed: int = 0
@@ -174,6 +184,31 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+def digit_places(inputs: torch.Tensor) -> torch.Tensor:
+    """Each token's place value within its number: 1 = units, 2 = tens, ...; 0 for non-digits.
+
+    Operands are written most significant digit first, so their places count from the
+    right end of each run of digits; the answer is written reversed (units first), so its
+    places count from the left, from "=" on. Only the prompt is looked at from the right,
+    and it is complete before the first answer token: the places of answer positions
+    depend on earlier tokens only, so the model stays causal (see compute_metrics).
+    Embedding places tells the model which digits line up (a learned-from-scratch
+    alternative is to infer it from absolute positions, which takes several times more steps).
+    """
+    digit = inputs < 10
+    answer = (inputs == EQUALS).cumsum(1) > 0  # "=" and everything after it
+    places = torch.zeros_like(inputs)
+    run = torch.zeros_like(inputs[:, 0])
+    for t in reversed(range(inputs.shape[1])):  # operands: count from the right of each number
+        run = torch.where(digit[:, t] & ~answer[:, t], run + 1, 0)
+        places[:, t] = run
+    run = torch.zeros_like(run)
+    for t in range(inputs.shape[1]):  # the reversed answer: count from the left
+        run = torch.where(digit[:, t] & answer[:, t], run + 1, 0)
+        places[:, t] += run
+    return places
+
+
 class Adder(LoopModule):
     """A decoder-only transformer over the 14-token vocabulary, trained on answer tokens only."""
 
@@ -182,6 +217,7 @@ class Adder(LoopModule):
         self.cfg = cfg
         self.tok = nn.Embedding(len(VOCAB), cfg.d_model)
         self.pos = nn.Embedding(seq_len(cfg.max_digits), cfg.d_model)  # learned absolute positions
+        self.place = nn.Embedding(cfg.max_digits + 2, cfg.d_model) if cfg.digit_positions else None
         self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_head, cfg.dropout) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, len(VOCAB), bias=False)
@@ -200,7 +236,10 @@ class Adder(LoopModule):
         # is causal) and saves compute on CPU. Not on GPU, where reading the length to the host
         # would be a sync point on every forward, costing more than the few columns save.
         T = int((inputs != PAD).sum(1).max()) if inputs.device.type == "cpu" else inputs.shape[1]
-        x = self.tok(inputs[:, :T]) + self.pos.weight[:T]
+        inputs = inputs[:, :T]
+        x = self.tok(inputs) + self.pos.weight[:T]
+        if self.place is not None:
+            x = x + self.place(digit_places(inputs))
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln_f(x))
@@ -246,11 +285,12 @@ class Adder(LoopModule):
             betas=(0.9, 0.98),
         )
 
-        def schedule(step: int) -> float:  # linear warmup, then cosine decay to 10% at max_steps
+        def schedule(step: int) -> float:  # linear warmup, then cosine decay to final_lr_ratio at max_steps
             if step < cfg.warmup_steps:
                 return (step + 1) / cfg.warmup_steps
             progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+            low = cfg.final_lr_ratio
+            return low + (1 - low) * 0.5 * (1 + math.cos(math.pi * progress))
 
         return {"optimizer": opt, "scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule), "interval": "step"}
 
