@@ -89,7 +89,7 @@ def unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 def dedup_shared(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """safetensors refuses tensors that share memory (tied weights): keep one, record the aliases."""
-    seen: dict[tuple[int, int, tuple[int, ...], tuple[int, ...]], str] = {}
+    seen: dict[tuple[Any, ...], str] = {}
     unique: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     for name, t in state.items():
@@ -113,7 +113,7 @@ def rng_state() -> tuple[Any, dict[str, torch.Tensor]]:
     import numpy as np
 
     tensors: dict[str, torch.Tensor] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"cuda/{i}"] = s
     kind, keys, pos, has_gauss, gauss = np.random.get_state()

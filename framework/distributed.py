@@ -76,7 +76,9 @@ class Runtime:
         """Skip DDP/FSDP's gradient all-reduce for every micro-batch but the window's last."""
         if sync or self.world_size == 1 or not hasattr(model, "no_sync"):
             return contextlib.nullcontext()
-        return model.no_sync()  # type: ignore[no-any-return]
+        no_sync: Any = model.no_sync  # DDP and FSDP both have it; nn.Module does not declare it
+        ctx: contextlib.AbstractContextManager[Any] = no_sync()
+        return ctx
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over all processes in place (a no-op on one process)."""

@@ -49,7 +49,7 @@ class Config:
 
     model: Literal["mlp", "cnn"] = "mlp"
     hidden: int = 512  # MLP width / CNN classifier width
-    dropout: float = 0.1
+    dropout: float = 0.2
     lr: float = 2e-3
     weight_decay: float = 0.01
     batch_size: int = 64  # global: items per optimizer step across all processes

@@ -1,0 +1,250 @@
+"""What the loop doctor reports: the catalogue of checks, its findings, and the report table.
+
+:data:`CHECKS` names every check with what it establishes and its fix; a :class:`Finding` is one
+problem found; :class:`Recorder` (the base of :class:`~framework.doctor.Doctor`) records findings,
+raises errors as :class:`LoopError` and emits warnings as :class:`LoopWarning`, once per fit, from
+the user's line. :func:`report_rows` and :func:`format_table` render the table that
+``python -m framework doctor`` prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import textwrap
+import types
+import warnings
+from dataclasses import dataclass
+
+
+class LoopError(RuntimeError):
+    """A mistake in the user's loop code, with the fix in the message.
+
+    ``check`` names the doctor check that found it (see :data:`CHECKS`), or is None.
+
+    Example::
+
+        try:
+            engine.fit(model, data)
+        except LoopError as e:
+            print(e.check, e)
+    """
+
+    def __init__(self, message: str, check: str | None = None) -> None:
+        super().__init__(message)
+        self.check = check
+
+
+class LoopWarning(UserWarning):
+    """A likely mistake in the user's loop code; emitted once per fit.
+
+    Example::
+
+        warnings.simplefilter("error", LoopWarning)   # make the doctor's warnings fatal
+    """
+
+    check: str | None = None
+
+
+# id -> (what the check establishes when it passes, the fix when it does not). The order is the report's.
+CHECKS: dict[str, tuple[str, str]] = {
+    "trainable": (
+        "the module has trainable parameters",
+        "create layers in __init__ as attributes; don't freeze all of them",
+    ),
+    "optimizer_coverage": (
+        "every trainable parameter is in an optimizer param group",
+        "build the optimizer from self.parameters(), or requires_grad_(False) what you freeze",
+    ),
+    "val_data": ("validation data is not the training data", "hold out a separate split for val_data"),
+    "batchnorm": (
+        "BatchNorm normalizes over the whole batch",
+        "make micro_batch_size the per-process batch, use SyncBatchNorm, or GroupNorm/LayerNorm",
+    ),
+    "count_items": (
+        "count_items returns a non-negative integer",
+        "return the number of items compute_loss averages over",
+    ),
+    "loop_calls": (
+        "forward/compute_loss leave backward, zero_grad and optimizer.step to the engine",
+        "remove those calls; return the loss from compute_loss",
+    ),
+    "train_mode": ("the module stays in train mode while training", "remove .eval() from forward/compute_loss"),
+    "loss_value": (
+        "compute_loss returns a scalar tensor that requires grad",
+        "return e.g. F.cross_entropy(outputs, targets)",
+    ),
+    "loss_graph": (
+        "the loss is computed from this step's forward outputs",
+        "compute the loss from `outputs` in compute_loss, every step; no torch.no_grad() in forward",
+    ),
+    "gradients": (
+        "every trainable parameter receives a gradient",
+        "use the parameter in forward, or requires_grad_(False) it",
+    ),
+    "updates": ("the first optimizer steps change every trainable parameter", "check lr, param groups and gradients"),
+    "finite": ("the loss and the gradients are finite", "lower the lr, set clip_grad_norm, check the data"),
+    "loss_scaling": (
+        "the loss is a mean over items, not a sum (doctor='full')",
+        "use reduction='mean', or divide by count_items(batch)",
+    ),
+    "eval_mode": (
+        "the module stays in eval mode during validation",
+        "remove .train() from forward/compute_loss/compute_metrics",
+    ),
+}
+
+
+@dataclass
+class Finding:
+    """One problem the doctor found: the check's id, ``"error"`` or ``"warning"``, and the message.
+
+    Example::
+
+        for f in engine.doctor.findings:
+            print(f.severity, f.check, f.message)
+    """
+
+    check: str
+    severity: str
+    message: str
+
+
+class Recorder:
+    """Findings recorded by the doctor's checks: :attr:`findings`, the checks that :attr:`ran`, and why
+    the others did not (:attr:`not_run`). The base of :class:`~framework.doctor.Doctor`.
+
+    Example::
+
+        doctor.fail("loss_value", "Net.compute_loss returned ...; fix: ...")   # raises LoopError
+        print(doctor.format_report())
+    """
+
+    def __init__(self) -> None:
+        self.findings: list[Finding] = []
+        self.ran: set[str] = set()  # checks that ran at least once (the report's "ok" rows)
+        self.not_run: dict[str, str] = {}  # why a check could not run, for the report
+        self._warned: set[str] = set()
+        self._is_main = True  # one process speaks for all; every rank records the finding
+
+    def fail(self, check: str, message: str) -> None:
+        """Record an error finding and raise :class:`LoopError` (the run stops here).
+
+        Example::
+
+            doctor.fail("loss_value", "Net.compute_loss returned ...; fix: ...")
+        """
+        self.ran.add(check)
+        self.findings.append(Finding(check, "error", message))
+        raise LoopError(message, check)
+
+    def warn(self, check: str, message: str, key: str | None = None) -> None:
+        """Record a warning finding and emit it as a :class:`LoopWarning`, once per fit per ``key``.
+
+        Example::
+
+            doctor.warn("gradients", "2 trainable parameter(s) of Net received no gradient: ...")
+        """
+        key = key or check
+        self.ran.add(check)
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        self.findings.append(Finding(check, "warning", message))
+        if self._is_main:  # one process speaks for all; every rank records the finding
+            w = LoopWarning(message)
+            w.check = check
+            warnings.warn(w, stacklevel=user_stacklevel())
+
+    def report(self) -> list[tuple[str, str, str, str]]:
+        """One row per check: ``(check id, what it establishes, status, detail)``; status is
+        ``"ok"``, ``"warning"``, ``"error"`` or ``"not run"``.
+
+        Example::
+
+            for check, title, status, detail in engine.doctor.report():
+                print(status, title)
+        """
+        return report_rows(self.findings, self.ran, self.not_run)
+
+    def format_report(self) -> str:
+        """The report as a table (what ``python -m framework doctor`` prints).
+
+        Example::
+
+            print(engine.doctor.format_report())
+        """
+        return format_table(self.report())
+
+
+def report_rows(findings: list[Finding], ran: set[str], not_run: dict[str, str]) -> list[tuple[str, str, str, str]]:
+    """Merge findings into one row per check of :data:`CHECKS` (see :meth:`Doctor.report`).
+
+    Example::
+
+        rows = report_rows(doctor.findings, doctor.ran, doctor.not_run)
+    """
+    rows = []
+    for check, (title, _fix) in CHECKS.items():
+        mine = [f for f in findings if f.check == check]
+        if any(f.severity == "error" for f in mine):
+            status = "error"
+        elif mine:
+            status = "warning"
+        elif check in ran:
+            status = "ok"
+        else:
+            status = "not run"
+        if mine:
+            seen: list[str] = []
+            for f in mine:
+                if f.message not in seen:
+                    seen.append(f.message)
+            detail = "\n".join(seen)
+        elif status == "not run":
+            detail = not_run.get(check, "not reached in this run")
+        else:
+            detail = ""
+        rows.append((check, title, status, detail))
+    return rows
+
+
+def format_table(rows: list[tuple[str, str, str, str]], width: int = 100) -> str:
+    """Render report rows: status, what was checked, and (for problems) the message with its fix.
+
+    Example::
+
+        print(format_table(engine.doctor.report()))
+    """
+    lines = [f"{'status':<9} check", f"{'-' * 9} {'-' * (width - 10)}"]
+    for _, title, status, detail in rows:
+        label = status.upper() if status in ("error", "warning") else status
+        lines.append(f"{label:<9} {title}")
+        for para in detail.splitlines() if detail else []:
+            lines.extend(textwrap.wrap(para, width, initial_indent=" " * 10 + "-> ", subsequent_indent=" " * 13))
+    counts = {s: sum(r[2] == s for r in rows) for s in ("ok", "warning", "error", "not run")}
+    lines.append(f"{'-' * 9} {'-' * (width - 10)}")
+    lines.append(", ".join(f"{v} {k}" for k, v in counts.items()))
+    return "\n".join(lines)
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that attributes a warning to the first caller outside this package (and the
+    contextlib frames of ``watch``): the user's ``engine.fit(...)`` line, not the doctor's internals."""
+    frame: types.FrameType | None = sys._getframe(2)
+    level = 2  # level 1 is Doctor.warn itself
+    while frame is not None and (
+        frame.f_code.co_filename.startswith(_PACKAGE_DIR) or frame.f_code.co_filename == contextlib.__file__
+    ):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def name_list(names: list[str], limit: int = 8) -> str:
+    """``names`` joined for a message, the first ``limit`` of them and a count of the rest."""
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
