@@ -87,9 +87,10 @@ def main() -> None:
         engine.fit(module, (x, x.clone()))
     opt = engine._fit.opt.optimizer  # type: ignore[union-attr]
     state_mb = sum(t.numel() * t.element_size() for t in module.state_dict().values()) / 2**20
-    opt_mb = sum(
-        t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)
-    ) / 2**20
+    opt_mb = (
+        sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor))
+        / 2**20
+    )
 
     def plain(path: Path) -> None:
         torch.save({"model": module.state_dict(), "optimizer": opt.state_dict()}, path)

@@ -57,6 +57,7 @@ import io
 import logging
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -273,8 +274,12 @@ def run_trainer(w: Workload, ds: Dataset, n: int, defaults: bool, tmp: str) -> N
         kw = dict(default_root_dir=tmp)
     else:
         kw = dict(
-            logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            num_sanity_val_steps=0, default_root_dir=tmp,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            default_root_dir=tmp,
         )
     trainer = pl.Trainer(max_steps=n, accelerator="cpu", devices=1, **kw)
     trainer.fit(LitNet(), loader)
@@ -333,13 +338,13 @@ def measure(w: Workload, kind: str, reps: int, lightning: bool, tmp: str, only: 
         loops = {k: v for k, v in loops.items() if k.startswith("raw PyTorch") or only.lower() in k.lower()}
     names = list(loops)
     for name in names:  # warm-up: first-call costs (lazy imports, allocator growth) stay out of the numbers
-        timed(lambda: loops[name](max(2, w.n1 // 4)))
+        timed(lambda name=name: loops[name](max(2, w.n1 // 4)))
     out: dict[str, list[float]] = {name: [] for name in names}
     for r in range(reps):
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
-            t1 = timed(lambda: loops[name](w.n1))
-            t2 = timed(lambda: loops[name](w.n2))
+            t1 = timed(lambda name=name: loops[name](w.n1))
+            t2 = timed(lambda name=name: loops[name](w.n2))
             out[name].append((t2 - t1) / (w.n2 - w.n1))
     return out
 
@@ -410,9 +415,9 @@ def guard_in_situ(w: Workload, reps: int) -> tuple[float, float] | None:
         return None
     out: dict[str, list[float]] = {k: [] for k in loops}
     for r in range(reps):
-        for name in (list(loops) if r % 2 == 0 else list(loops)[::-1]):
-            t1 = timed(lambda: loops[name](w.n1))
-            t2 = timed(lambda: loops[name](w.n2))
+        for name in list(loops) if r % 2 == 0 else list(loops)[::-1]:
+            t1 = timed(lambda name=name: loops[name](w.n1))
+            t2 = timed(lambda name=name: loops[name](w.n2))
             out[name].append((t2 - t1) / (w.n2 - w.n1))
     return statistics.median(out["with"]), statistics.median(out["without"])
 
@@ -460,15 +465,22 @@ else:
     kw = dict(progress=False, doctor="off", log_every_n_steps=10**9) if {which!r} == "engine-barebones" else dict()
     with contextlib.redirect_stderr(io.StringIO()):
         Engine(max_steps=steps, batch_size=256, seed=0, **kw).fit(Net(), ds)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+hwm = [int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")]
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, hwm[0] if hwm else -1)
 """
 
 
 def peak_rss(which: str, steps: int) -> float:
-    """Peak RSS in MiB of a fresh process that trains the medium model for ``steps`` steps."""
+    """Peak RSS in MiB of a fresh process that trains the medium model for ``steps`` steps.
+
+    ``ru_maxrss`` is in KiB on Linux. It keeps the parent's peak across the spawn (Linux carries the
+    old address space's high-water mark over exec), so main() measures this before the benchmark
+    grows; where /proc/self/status has VmHWM (the child's own peak), that is used instead.
+    """
     code = RSS_CHILD.format(root=str(ROOT), which=which, steps=steps)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
-    return int(out.stdout.split()[-1]) / 1024  # ru_maxrss is in KiB on Linux
+    maxrss, hwm = (int(v) for v in out.stdout.split()[-2:])
+    return (hwm if hwm > 0 else maxrss) / 1024
 
 
 def import_time(module: str) -> float:
@@ -492,14 +504,18 @@ def main() -> None:
     p.add_argument("--data", default="tensor,dataset", help="comma-separated subset of tensor,dataset")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
     p.add_argument(
-        "--clock", choices=("wall", "cpu"), default="wall",
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
         help="wall time (default) or this process's CPU time (steadier on a busy machine; use with --threads 1)",
     )
     p.add_argument("--no-lightning", action="store_true", help="skip Lightning even when it is installed")
     p.add_argument("--no-rss", action="store_true")
     p.add_argument("--no-import", action="store_true")
     p.add_argument("--note", default="", help="a line for results.md, e.g. how busy the machine was")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results.md"), help="where to write the table ('' = don't)")
+    p.add_argument(
+        "--out", default=str(ROOT / "benchmarks" / "results.md"), help="where to write the table ('' = don't)"
+    )
     args = p.parse_args()
     reps = 3 if args.quick else max(3, args.reps)
     global CLOCK
@@ -512,10 +528,12 @@ def main() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     workloads = {"tiny": TINY, "medium": MEDIUM}
     if args.quick:
-        workloads = {"tiny": Workload(TINY.name, TINY.sizes, TINY.batch, False, TINY.items, 50, 250),
-                     "medium": Workload(MEDIUM.name, MEDIUM.sizes, MEDIUM.batch, True, MEDIUM.items, 2, 8)}
+        workloads = {
+            "tiny": Workload(TINY.name, TINY.sizes, TINY.batch, False, TINY.items, 50, 250),
+            "medium": Workload(MEDIUM.name, MEDIUM.sizes, MEDIUM.batch, True, MEDIUM.items, 2, 8),
+        }
 
-    command = "python " + " ".join([os.path.relpath(__file__, ROOT), *sys.argv[1:]])
+    command = "python " + shlex.join([os.path.relpath(__file__, ROOT), *sys.argv[1:]])
     if os.environ.get("PYTHONPATH"):
         command = f"PYTHONPATH={os.environ['PYTHONPATH']} {command}"
     lines = [
@@ -524,7 +542,7 @@ def main() -> None:
         f"Produced by `{command}` (from the repository root).",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} intra-op thread(s)), Python {platform.python_version()}, "
         f"{time.strftime('%Y-%m-%d')}. Marginal {'CPU' if args.clock == 'cpu' else 'wall'} time per optimizer step, (T(N2) - T(N1)) / (N2 - N1), "
         f"median of {reps} interleaved repetitions (min-max in brackets).",
         "",
@@ -534,6 +552,13 @@ def main() -> None:
     if args.note:
         lines += [args.note, ""]
     summary: dict[str, dict[str, float]] = {}  # loop -> column -> ratio vs raw
+    n = 5 if args.quick else 20
+    rss: dict[str, list[float]] = {"raw": [], "engine": [], "engine-barebones": []}
+    if not args.no_rss:  # first, while this process is small (see peak_rss)
+        print("... peak RSS", file=sys.stderr, flush=True)
+        for _ in range(1 if args.quick else 3):
+            for which in rss:
+                rss[which].append(peak_rss(which, n))
     columns: list[str] = []
     checks: list[tuple[str, float, float]] = []  # (target, measured, limit)
 
@@ -558,19 +583,41 @@ def main() -> None:
                 ratio = {name: statistics.median(values) / raw for name, values in res.items()}
                 if "Engine, defaults" in ratio and "Engine, barebones" in ratio:
                     if key == "tiny" and kind == "tensor":
-                        checks.append(("tiny model, tensor data, Engine defaults <= 1.00x raw", ratio["Engine, defaults"], 1.00))
+                        checks.append(
+                            ("tiny model, tensor data, Engine defaults <= 1.00x raw", ratio["Engine, defaults"], 1.00)
+                        )
                     elif key == "tiny":
-                        checks.append(("tiny model, generic Dataset, Engine defaults <= 1.10x raw", ratio["Engine, defaults"], 1.10))
-                        checks.append(("tiny model, generic Dataset, Engine barebones <= 1.05x raw", ratio["Engine, barebones"], 1.05))
+                        checks.append(
+                            (
+                                "tiny model, generic Dataset, Engine defaults <= 1.10x raw",
+                                ratio["Engine, defaults"],
+                                1.10,
+                            )
+                        )
+                        checks.append(
+                            (
+                                "tiny model, generic Dataset, Engine barebones <= 1.05x raw",
+                                ratio["Engine, barebones"],
+                                1.05,
+                            )
+                        )
                     else:
-                        checks.append((f"medium model, {kind} data, Engine defaults <= 1.02x raw", ratio["Engine, defaults"], 1.02))
+                        checks.append(
+                            (
+                                f"medium model, {kind} data, Engine defaults <= 1.02x raw",
+                                ratio["Engine, defaults"],
+                                1.02,
+                            )
+                        )
                 emit(f"### {title}")
                 emit()
                 emit("| loop | µs/step | vs raw |")
                 emit("|---|---|---|")
                 for name, values in res.items():
                     med = statistics.median(values)
-                    emit(f"| {name} | {med * 1e6:,.0f} [{min(values) * 1e6:,.0f}-{max(values) * 1e6:,.0f}] | {med / raw:.2f}x |")
+                    emit(
+                        f"| {name} | {med * 1e6:,.0f} [{min(values) * 1e6:,.0f}-{max(values) * 1e6:,.0f}] | {med / raw:.2f}x |"
+                    )
                 emit()
 
     g = guard_cost(workloads["tiny"])
@@ -588,25 +635,28 @@ def main() -> None:
     situ = guard_in_situ(workloads["tiny"], reps)
     if situ is not None:
         with_guard, without_guard = situ
-        emit(f"In a real step (Engine barebones, tensor data, median of {reps}): {with_guard * 1e6:,.0f} µs/step with the "
-             f"guard, {without_guard * 1e6:,.0f} without: the guard costs {(with_guard - without_guard) * 1e6:,.0f} µs a step.")
+        emit(
+            f"In a real step (Engine barebones, tensor data, median of {reps}): {with_guard * 1e6:,.0f} µs/step with the "
+            f"guard, {without_guard * 1e6:,.0f} without: the guard costs {(with_guard - without_guard) * 1e6:,.0f} µs a step."
+        )
         emit()
 
     if not args.no_rss:
-        n = 5 if args.quick else 20
-        rss: dict[str, list[float]] = {"raw": [], "engine": [], "engine-barebones": []}
-        for _ in range(1 if args.quick else 3):
-            for which in rss:
-                rss[which].append(peak_rss(which, n))
         raw_rss = statistics.median(rss["raw"])
         emit(f"### Peak RSS, medium model, tensor data, {n} steps (fresh process each, median of {len(rss['raw'])})")
         emit()
         emit("| run | peak RSS (MiB) | vs raw |")
         emit("|---|---|---|")
-        for which, label in (("raw", "raw PyTorch loop"), ("engine", "Engine, defaults"), ("engine-barebones", "Engine, barebones")):
+        for which, label in (
+            ("raw", "raw PyTorch loop"),
+            ("engine", "Engine, defaults"),
+            ("engine-barebones", "Engine, barebones"),
+        ):
             v = statistics.median(rss[which])
             emit(f"| {label} | {v:,.0f} | {v / raw_rss:.3f}x |")
-        checks.append(("peak RSS, medium model, Engine defaults <= 1.05x raw", statistics.median(rss["engine"]) / raw_rss, 1.05))
+        checks.append(
+            ("peak RSS, medium model, Engine defaults <= 1.05x raw", statistics.median(rss["engine"]) / raw_rss, 1.05)
+        )
         emit()
 
     if not args.no_import:
@@ -625,7 +675,9 @@ def main() -> None:
         for m, v in times.items():
             med = statistics.median(v)
             emit(f"| `import {m}` | {med * 1e3:,.0f} | {med / base:.2f}x |")
-        checks.append(("`import framework` <= 1.10x `import torch`", statistics.median(times["framework"]) / base, 1.10))
+        checks.append(
+            ("`import framework` <= 1.10x `import torch`", statistics.median(times["framework"]) / base, 1.10)
+        )
         emit()
 
     if summary:

@@ -153,12 +153,19 @@ def collate(samples: list[Any]) -> Any:
         (torch.Size([2, 2]), tensor([0, 1]))
     """
     first = samples[0]
-    if type(first) is tuple and all(type(t) is torch.Tensor and t.layout == torch.strided and not t.is_nested for t in first):
+    if type(first) is tuple and all(_plain_tensor(t) for t in first):
         try:
             return [torch.stack(field) for field in zip(*samples, strict=True)]
         except (ValueError, TypeError, RuntimeError):
             pass  # samples of different lengths or kinds: default_collate says what is wrong
-    return default_collate(samples)
+    return _default_collate(samples)
+
+
+_default_collate: Callable[[list[Any]], Any] = default_collate
+
+
+def _plain_tensor(t: Any) -> bool:
+    return type(t) is torch.Tensor and t.layout == torch.strided and not t.is_nested
 
 
 @dataclass

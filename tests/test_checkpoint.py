@@ -59,10 +59,28 @@ def _kill_after_new_checkpoint(cmd: list[str], run_dir: Path, rng: random.Random
             time.sleep(0.02)
         time.sleep(rng.uniform(0.0, 0.4))  # somewhere mid-step, mid-epoch, or mid-save
         finished = proc.poll() is not None
-        os.killpg(proc.pid, signal.SIGKILL)  # the whole group: accelerate's workers too
+        _kill_tree(proc.pid)
         return not finished
     finally:
         proc.wait(timeout=30)
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant. torchrun starts its workers in sessions of their
+    own, so killing the launcher's process group would leave orphaned ranks writing checkpoints."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
 
 
 def _assert_bitwise(a_path: Path, b_path: Path) -> None:

@@ -69,7 +69,9 @@ def test_import_framework_imports_no_lazy_package():
     imported = {m.name.split(".")[0] for m in importtime("import framework")}
     added = {m.name.split(".")[0] for m in added_by_framework()}
     # torch itself may pull some of these (e.g. tqdm via torch.hub); what counts is that framework adds none.
-    assert not added & set(LAZY), f"`import framework` imports {sorted(added & set(LAZY))}; import them where they are used"
+    assert not added & set(LAZY), (
+        f"`import framework` imports {sorted(added & set(LAZY))}; import them where they are used"
+    )
     for name in ("accelerate", "safetensors", "matplotlib", "sklearn", "tensorboard", "yaml"):
         assert name not in imported, f"`import framework` imports {name}"
 
