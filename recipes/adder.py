@@ -28,14 +28,15 @@ and processes by it (DESIGN.md's exactness rule): accumulation and DDP give the
 gradient of the mean over all answer tokens of the global batch.
 
 Metric: ``val/exact_match`` over 2,000 held-out problems, none of which appears in
-training (training problems are drawn with the held-out pairs rejected). It counts a
-problem as solved when every answer token (the end token included) is the argmax
-under teacher forcing, which equals greedy decoding (see ``compute_metrics``).
+training (training problems are drawn with the held-out pairs rejected; as there are
+only 100 one-digit + one-digit problems, about 75 of them are held out and never seen).
+It counts a problem as solved when every answer token (the end token included) is
+the argmax under teacher forcing, which equals greedy decoding (see ``compute_metrics``).
 ``val/token_acc`` is the per-answer-token accuracy.
 
 Target: >= 0.99 exact match within 5 minutes on 2 CPU cores under
 ``accelerate launch --config_file launch/cpu.yaml recipes/adder.py``; ``max_time``
-bounds the run. The measured result is in the README.
+bounds the run. The measured result is in recipes/README.md.
 
 Outputs go to ``--run-dir`` (default ``runs/adder``): ``metrics.jsonl``, ``config.json``
 and ``recipe_config.yaml`` (pass it back with ``--config`` to rerun).

@@ -12,12 +12,14 @@ with the training set's statistics. ``--model mlp`` (default) is a 2-hidden-laye
 ``--model cnn`` a small 2-conv CNN over the 1x8x8 image.
 
 Target: >= 0.97 validation accuracy in <= 60 s on 2 CPU cores (MLP default); the
-measured figure is in the README. The test accuracy is reported once, at the end,
+measured figure is in recipes/README.md. The test accuracy is reported once, at the end,
 through ``engine.validate``.
 
 ``batch_size`` is global (items per optimizer step over all processes), so the
-DDP launch trains the same steps as one process; ``--micro-batch-size`` splits each
-process's share into accumulated micro-batches without changing the result.
+DDP launch trains the same steps on the same batches as one process, and
+``--micro-batch-size`` splits each process's share into accumulated micro-batches.
+(Results match one process up to dropout, whose random masks are drawn per process
+and per micro-batch; ``--dropout 0`` makes them match to float rounding.)
 
 Outputs go to ``--run-dir`` (default ``runs/digits-<model>``): ``metrics.jsonl``,
 ``config.json`` (the engine's resolved config) and ``recipe_config.yaml`` (this

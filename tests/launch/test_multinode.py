@@ -5,8 +5,11 @@ parameters as one process (DESIGN.md's exactness rule)."""
 from __future__ import annotations
 
 import os
+import random
+import signal
 import socket
 import subprocess
+import time
 
 import pytest
 import torch
@@ -18,9 +21,18 @@ pytestmark = pytest.mark.multiprocess
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below Linux's ephemeral range (32768+), where `--main_process_port 0` launches
+    and gloo's own connections take theirs: parallel tests then can't grab it between check and use."""
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    for _ in range(100):
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000")
 
 
 def test_two_nodes_on_loopback_match_one_process(tmp_path):
@@ -37,19 +49,27 @@ def test_two_nodes_on_loopback_match_one_process(tmp_path):
             str(ROOT / "tests/launch/exactness_run.py"), str(out),
         ]  # fmt: skip
         procs.append(
-            subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        )
-    outputs = []
+            subprocess.Popen(
+                cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                start_new_session=True,  # its own process group: a kill reaches the workers too
+            )
+        )  # fmt: skip
+    outputs = ["", ""]
+    deadline = time.monotonic() + 180
     try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=180)[0])
+        for rank, p in enumerate(procs):
+            outputs[rank] = p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0]
+    except subprocess.TimeoutExpired:
+        pass
     finally:
-        for p in procs:  # never leave a node waiting on its peer
+        for rank, p in enumerate(procs):  # never leave a node (or its workers) waiting on its peer
             if p.poll() is None:
-                p.kill()
-                p.communicate()
-    for rank, (p, text) in enumerate(zip(procs, outputs, strict=True)):
-        assert p.returncode == 0, f"node {rank} exited {p.returncode}:\n{text[-6000:]}"
+                os.killpg(p.pid, signal.SIGKILL)
+                outputs[rank] = p.communicate()[0]
+    for rank, p in enumerate(procs):
+        assert p.returncode == 0, f"node {rank} exited {p.returncode} (-9: killed after 180 s):\n" + "\n".join(
+            f"--- node {r} ---\n{text[-5000:]}" for r, text in enumerate(outputs)
+        )
 
     expected, world = exactness_run.run()  # the same run, 1 process, in this process
     assert world == 1
