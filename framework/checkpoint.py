@@ -271,7 +271,7 @@ def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            return {k: f.get_tensor(k) for k in f.keys()}, meta
+            return {k: f.get_tensor(k) for k in f}, meta
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(
             f"{path} is not a valid safetensors file ({e}); the checkpoint is corrupt or was replaced. "
@@ -321,7 +321,9 @@ def load_weights(module: torch.nn.Module, path: str | os.PathLike[str], strict: 
 # ---------------------------------------------------------------- the engine's state <-> a checkpoint
 
 
-def fingerprint(engine: Any, module: torch.nn.Module, optimizer: torch.optim.Optimizer, batch_size: int | None) -> dict[str, Any]:
+def fingerprint(
+    engine: Any, module: torch.nn.Module, optimizer: torch.optim.Optimizer, batch_size: int | None
+) -> dict[str, Any]:
     """What a checkpoint depends on: resuming with any of it changed is an error."""
     tensors: dict[str, torch.Tensor] = {}
     defaults = flatten({k: v for k, v in optimizer.defaults.items() if not callable(v)}, tensors, "defaults")

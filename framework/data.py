@@ -53,9 +53,7 @@ class Batching:
     world_size: int
 
 
-def resolve_batching(
-    data: Any, batch_size: int | None, micro_batch_size: int | None, world_size: int
-) -> Batching:
+def resolve_batching(data: Any, batch_size: int | None, micro_batch_size: int | None, world_size: int) -> Batching:
     """Work out the accumulation steps, with an error that names values that would work.
 
     Example::
@@ -511,7 +509,8 @@ def as_tensors(data: Any) -> tuple[torch.Tensor, ...] | None:
     if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
         n = len(data[0])
         if any(len(t) != n for t in data):
-            raise ValueError(f"tensors of different lengths {[len(t) for t in data]}; give every tensor one row per item")
+            raise ValueError(
+                f"tensors of different lengths {[len(t) for t in data]}; give every tensor one row per item"
+            )
         return tuple(data)
     return None
-

@@ -133,13 +133,17 @@ class Engine:
         # A clip threshold <= 0 would zero (or, for the norm, flip) every gradient: silent non-training.
         for name, clip in (("clip_grad_norm", clip_grad_norm), ("clip_grad_value", clip_grad_value)):
             if clip is not None and not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0):
-                raise ValueError(f"{name}={clip!r}; use a positive finite number (e.g. {name}=1.0) or None for no clipping")
+                raise ValueError(
+                    f"{name}={clip!r}; use a positive finite number (e.g. {name}=1.0) or None for no clipping"
+                )
         if not isinstance(max_consecutive_skips, int) or max_consecutive_skips < 1:
             raise ValueError(f"max_consecutive_skips={max_consecutive_skips!r}; use a positive int (default 10)")
         if log_every_n_steps < 1:
             raise ValueError(f"log_every_n_steps={log_every_n_steps}; use a positive int")
         self.max_epochs, self.max_steps, self.max_time = max_epochs, max_steps, max_time
-        self.max_steps = max_steps_override(max_steps)  # FRAMEWORK_MAX_STEPS: `python -m framework doctor` runs a few steps
+        self.max_steps = max_steps_override(
+            max_steps
+        )  # FRAMEWORK_MAX_STEPS: `python -m framework doctor` runs a few steps
         self.batch_size, self.micro_batch_size = batch_size, micro_batch_size
         self.shuffle, self.seed = shuffle, seed
         self.mixed_precision = mixed_precision
@@ -210,7 +214,9 @@ class Engine:
         val_source = self._val_source(val_data, batching) if val_data is not None else None
         self.doctor.start_fit(module, opt.optimizer, batching, train_data, val_data, is_main=rt.is_main, fsdp=rt.fsdp)
         params = [p for g in opt.optimizer.param_groups for p in g["params"]]
-        self._fit = fit = _Fit(module, model, opt, source, checkpoint.fingerprint(self, module, opt.optimizer, batching.batch_size))
+        self._fit = fit = _Fit(
+            module, model, opt, source, checkpoint.fingerprint(self, module, opt.optimizer, batching.batch_size)
+        )
         # Seed every RNG (dropout, augmentation) per rank, like HF's Trainer; a resume then
         # replaces these states with the checkpoint's.
         checkpoint.seed_everything(self.seed + rt.rank)
@@ -219,7 +225,9 @@ class Engine:
         config = self._write_config(module, opt, batching)
         # Trackers (log_with) start on rank 0 and finish in log.close(); not accelerator.end_training(),
         # which would also destroy the process group that a later validate() or fit() needs.
-        log = MetricsLog(self.run_dir, rt.is_main, tracker=start_trackers(rt.accelerator, self.log_with, self.run_dir, config))
+        log = MetricsLog(
+            self.run_dir, rt.is_main, tracker=start_trackers(rt.accelerator, self.log_with, self.run_dir, config)
+        )
         progress = Progress(self.progress, rt.is_main)
         progress.message(_summary(module, rt, batching))
 
@@ -249,7 +257,10 @@ class Engine:
                     if not window.micro_batches:
                         module.eval()  # the zero-weight filler must not update BatchNorm stats or draw dropout
                     with rt.no_sync(model, sync=i == len(batches) - 1):
-                        with rt.autocast(), self.doctor.watch(module, batch):  # catches backward/step/zero_grad in user code
+                        with (
+                            rt.autocast(),
+                            self.doctor.watch(module, batch),
+                        ):  # catches backward/step/zero_grad in user code
                             # 2. forward
                             self._record("forward", i)
                             outputs = model(inputs)
@@ -299,7 +310,11 @@ class Engine:
                 time_up, preempted = stop
                 self._stop_requested |= time_up or preempted
                 self._preempted |= preempted
-                if self.checkpoint_every_n_steps and self.step % self.checkpoint_every_n_steps == 0 and self.batch_in_epoch != n_windows:
+                if (
+                    self.checkpoint_every_n_steps
+                    and self.step % self.checkpoint_every_n_steps == 0
+                    and self.batch_in_epoch != n_windows
+                ):
                     self._save()  # (the last window of an epoch is saved after validation instead)
                 if self._preempted:
                     self._preempt_exit(progress, log, previous_handlers)
@@ -326,7 +341,11 @@ class Engine:
             self.batch_in_epoch = self.items_read = 0
             if self.checkpoint_every_epoch:
                 self._save(monitor_value=epoch_metrics.get(self.monitor))
-        if self.run_dir is not None and self._saved_step != self.step and (self.checkpoint_every_epoch or self.checkpoint_every_n_steps):
+        if (
+            self.run_dir is not None
+            and self._saved_step != self.step
+            and (self.checkpoint_every_epoch or self.checkpoint_every_n_steps)
+        ):
             self._save()  # the final state, so a longer run can resume from it
         self._restore_signal_handlers(previous_handlers)
         progress.close()
@@ -394,7 +413,7 @@ class Engine:
         scale = rt.world_size / total_t
         weights = [(n * scale).float() for n in counts]
         # The stop flag stays on the device; _optimizer_step reads it with the NaN flag in one go.
-        return weights, packed[0], packed[1:]  # type: ignore[return-value]
+        return weights, packed[0], packed[1:]
 
     def _optimizer_step(
         self,
@@ -530,7 +549,14 @@ class Engine:
         keys = sorted(metric_sums)
         packed = torch.stack(
             [loss_sum, count]
-            + [t for k in keys for t in (torch.as_tensor(metric_sums[k], device=rt.device).double(), torch.tensor(float(metric_counts[k]), device=rt.device, dtype=torch.float64))]
+            + [
+                t
+                for k in keys
+                for t in (
+                    torch.as_tensor(metric_sums[k], device=rt.device).double(),
+                    torch.tensor(float(metric_counts[k]), device=rt.device, dtype=torch.float64),
+                )
+            ]
         )
         values = rt.all_reduce_sum(packed).tolist()
         out = {"loss": values[0] / max(values[1], 1.0)}
@@ -598,7 +624,11 @@ class Engine:
         log.close()
         self._restore_signal_handlers(previous)
         if rt.is_main:
-            print(f"preempted at step {self.step}: {where}; resume with Engine(resume='auto', ...)", file=sys.stderr, flush=True)
+            print(
+                f"preempted at step {self.step}: {where}; resume with Engine(resume='auto', ...)",
+                file=sys.stderr,
+                flush=True,
+            )
         raise SystemExit(143)
 
     # ------------------------------------------------------------------ plumbing

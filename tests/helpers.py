@@ -17,8 +17,13 @@ ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 
 
-def launch(script: str | Path, *args: str, config: str = "launch/cpu_ddp.yaml", timeout: float = 180,
-           env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def launch(
+    script: str | Path,
+    *args: str,
+    config: str = "launch/cpu_ddp.yaml",
+    timeout: float = 180,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run ``accelerate launch --config_file CONFIG script args`` and fail (not hang) past ``timeout``.
 
     Raises AssertionError with the output when the launch exits non-zero.
@@ -27,7 +32,9 @@ def launch(script: str | Path, *args: str, config: str = "launch/cpu_ddp.yaml", 
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 

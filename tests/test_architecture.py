@@ -40,7 +40,10 @@ def test_every_name_in_the_architecture_page_exists():
 def test_the_fit_loop_shows_the_five_steps_in_order():
     src = (ROOT / "framework" / "engine.py").read_text()
     fit = src[src.index("    def fit(") : src.index("    def ", src.index("    def fit(") + 10)]
-    marks = [fit.index(m) for m in ("# 1. zero gradients", "# 2. forward", "# 3. loss", "# 4. backward", "# 5. optimizer step")]
+    marks = [
+        fit.index(m)
+        for m in ("# 1. zero gradients", "# 2. forward", "# 3. loss", "# 4. backward", "# 5. optimizer step")
+    ]
     assert marks == sorted(marks)
 
 
@@ -56,9 +59,9 @@ def test_no_framework_file_imports_a_sibling_in_a_cycle():
         graph[path.stem] = deps
 
     def visit(node: str, stack: list[str]) -> None:
-        assert node not in stack, f"circular import: {' -> '.join(stack + [node])}"
+        assert node not in stack, f"circular import: {' -> '.join([*stack, node])}"
         for dep in graph.get(node, ()):
-            visit(dep, stack + [node])
+            visit(dep, [*stack, node])
 
     for name in graph:
         visit(name, [])

@@ -48,8 +48,9 @@ def _latest(run_dir: Path) -> str | None:
 def _kill_after_new_checkpoint(cmd: list[str], run_dir: Path, rng: random.Random, timeout: float = 120) -> bool:
     """Start the run, wait for a new checkpoint, SIGKILL it a random moment later. False if it finished first."""
     before = _latest(run_dir)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.monotonic() + timeout
     try:
         while _latest(run_dir) == before:
@@ -154,8 +155,14 @@ def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path):
     run_dir = tmp_path / "run"
     script = tmp_path / "crash.py"
     script.write_text(CRASH_IN_SAVE % str(SCRIPT))
-    proc = subprocess.run([sys.executable, str(script), str(run_dir), str(tmp_path / "o.pt")], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(run_dir), str(tmp_path / "o.pt")],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == -signal.SIGKILL
     root = run_dir / "checkpoints"
     assert list(root.glob(".tmp-*")), "the interrupted save should have left only a temporary directory"
@@ -170,7 +177,9 @@ def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path):
 class TinyCkptNet(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(64, 3))
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(64, 3)
+        )
 
 
 class _Evil:
@@ -260,7 +269,7 @@ def test_resume_continues_exactly_in_process(tmp_path):
     _fit(tmp_path / "b", max_epochs=3, max_steps=12, checkpoint_every_n_steps=5)
     resumed, m2 = _fit(tmp_path / "b", max_epochs=3, checkpoint_every_n_steps=5, resume="auto")
     assert resumed.step == straight.step == 21
-    for a, b in zip(m1.parameters(), m2.parameters()):
+    for a, b in zip(m1.parameters(), m2.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -279,7 +288,7 @@ def test_dataloader_input_resumes_exactly(tmp_path):
     m1 = run(tmp_path / "a")
     run(tmp_path / "b", max_steps=18)  # stops mid-epoch 1 (13 batches per epoch)
     m2 = run(tmp_path / "b", resume="auto")
-    for a, b in zip(m1.parameters(), m2.parameters()):
+    for a, b in zip(m1.parameters(), m2.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -288,11 +297,11 @@ def test_save_checkpoint_and_load_weights(tmp_path):
     path = engine.save_checkpoint(tmp_path / "export" / "final")
     fresh = TinyClassifier()
     framework.load_weights(fresh, path)
-    for a, b in zip(module.parameters(), fresh.parameters()):
+    for a, b in zip(module.parameters(), fresh.parameters(), strict=True):
         assert torch.equal(a, b)
     fresh2 = TinyClassifier()
     framework.load_weights(fresh2, tmp_path / "run")  # a run dir: its newest checkpoint
-    for a, b in zip(module.parameters(), fresh2.parameters()):
+    for a, b in zip(module.parameters(), fresh2.parameters(), strict=True):
         assert torch.equal(a, b)
 
 

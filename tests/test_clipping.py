@@ -31,8 +31,9 @@ def manual_grad(module: Net, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def one_step(module: Net, x, y, micro_batch_size=None, **engine_kw) -> torch.Tensor:
     """Take one optimizer step over all of (x, y); return the parameter change."""
     before = flat(module)
-    Engine(max_steps=1, batch_size=len(x), micro_batch_size=micro_batch_size, shuffle=False,
-           progress=False, **engine_kw).fit(module, (x, y))
+    Engine(
+        max_steps=1, batch_size=len(x), micro_batch_size=micro_batch_size, shuffle=False, progress=False, **engine_kw
+    ).fit(module, (x, y))
     return flat(module) - before
 
 
@@ -75,8 +76,16 @@ def test_logged_grad_norm_is_the_pre_clip_norm(tmp_path):
     x, y = data(BATCH)
     module = Net(optimizer="sgd", lr=1.0)
     raw = manual_grad(module, x, y).norm().item()
-    Engine(max_steps=1, batch_size=BATCH, micro_batch_size=8, shuffle=False, progress=False,
-           clip_grad_norm=raw / 4, log_every_n_steps=1, run_dir=str(tmp_path)).fit(module, (x, y))
+    Engine(
+        max_steps=1,
+        batch_size=BATCH,
+        micro_batch_size=8,
+        shuffle=False,
+        progress=False,
+        clip_grad_norm=raw / 4,
+        log_every_n_steps=1,
+        run_dir=str(tmp_path),
+    ).fit(module, (x, y))
     (record,) = [r for r in read_metrics(tmp_path) if "train/loss" in r]
     assert record["train/grad_norm"] == pytest.approx(raw, rel=1e-5)  # not raw / 4: measured before clipping
     assert record["lr"] == 1.0
@@ -116,17 +125,26 @@ def test_one_host_read_per_step_and_grad_norm_only_on_log_steps(monkeypatch, mod
     x, y = data(6 * 16)
     # doctor="off": the doctor's own sparse checks read values on the steps they check (its
     # contract, tested with it); this test pins the engine's step itself.
-    Engine(max_steps=6, batch_size=16, micro_batch_size=8, clip_grad_norm=1.0, log_every_n_steps=3,
-           shuffle=False, progress=False, doctor="off", callbacks=[reads]).fit(module_cls(optimizer="sgd", lr=0.1), (x, y))
+    Engine(
+        max_steps=6,
+        batch_size=16,
+        micro_batch_size=8,
+        clip_grad_norm=1.0,
+        log_every_n_steps=3,
+        shuffle=False,
+        progress=False,
+        doctor="off",
+        callbacks=[reads],
+    ).fit(module_cls(optimizer="sgd", lr=0.1), (x, y))
     monkeypatch.undo()
     # Reads during steps 2..6 (step 1 also holds the setup's reads); steps 3 and 6 are log steps.
     counts = [n for n, _ in reads.at_step_end]
     per_step = [b - a for a, b in itertools.pairwise(counts)]
     logged = [flag for _, flag in reads.at_step_end[1:]]
     assert logged == [False, True, False, False, True]
-    plain = [n for n, flag in zip(per_step, logged) if not flag]
+    plain = [n for n, flag in zip(per_step, logged, strict=True) if not flag]
     assert plain == [1, 1, 1], f"host reads on non-log steps: {plain} (want exactly 1 each)"
-    assert all(n > 1 for n, flag in zip(per_step, logged) if flag)  # the loss and grad norm are read there
+    assert all(n > 1 for n, flag in zip(per_step, logged, strict=True) if flag)  # the loss and grad norm are read there
 
 
 def test_clipping_arguments_are_checked_before_training():

@@ -41,11 +41,17 @@ def test_raise_names_step_epoch_batch_and_leaves_the_state_as_before(poison):
     x, y = data(4 * BATCH)
     module = Net(optimizer="adamw", lr=1e-2, poison_call=(4 + 2) * 2, poison=poison)
     snaps = Snapshots()
-    engine = Engine(max_epochs=3, batch_size=BATCH, micro_batch_size=BATCH // 2, clip_grad_norm=1.0,
-                    progress=False, callbacks=[snaps])
+    engine = Engine(
+        max_epochs=3,
+        batch_size=BATCH,
+        micro_batch_size=BATCH // 2,
+        clip_grad_norm=1.0,
+        progress=False,
+        callbacks=[snaps],
+    )
     with pytest.raises(NonFiniteError, match=r"optimizer step 6 \(epoch 1, batch 2\)") as err:
         engine.fit(module, (x, y))
-    assert "nan_policy=\"skip\"" in str(err.value)  # the message names a way out
+    assert 'nan_policy="skip"' in str(err.value)  # the message names a way out
     assert len(snaps.params) == 6  # steps 0..5 completed
     after = flat(module)
     assert torch.isfinite(after).all()
@@ -88,8 +94,9 @@ def test_skip_equals_a_run_that_never_saw_those_batches(tmp_path, micro_batch_si
 def test_skipped_steps_do_not_count_toward_the_limit_once_a_step_succeeds():
     # Two runs of 2 bad windows, separated by a good one, with max_consecutive_skips=3: no error.
     x, y = data(6 * BATCH, nan_items=[0, BATCH, 3 * BATCH, 4 * BATCH])
-    engine = Engine(max_epochs=1, batch_size=BATCH, shuffle=False, nan_policy="skip", max_consecutive_skips=3,
-                    progress=False)
+    engine = Engine(
+        max_epochs=1, batch_size=BATCH, shuffle=False, nan_policy="skip", max_consecutive_skips=3, progress=False
+    )
     module = Net(optimizer="sgd", lr=0.1)
     engine.fit(module, (x, y))
     assert engine.skipped_steps == 4 and engine.consecutive_skips == 0
@@ -99,10 +106,14 @@ def test_skipped_steps_do_not_count_toward_the_limit_once_a_step_succeeds():
 def test_max_consecutive_skips_raises():
     x, y = data(6 * BATCH, nan_items=list(range(BATCH, 6 * BATCH, BATCH)))  # windows 1..5 all bad
     module = Net(optimizer="sgd", lr=0.1)
-    engine = Engine(max_epochs=1, batch_size=BATCH, shuffle=False, nan_policy="skip", max_consecutive_skips=3,
-                    progress=False)
-    with pytest.raises(NonFiniteError, match=r"3 consecutive non-finite steps.*optimizer step 3 \(epoch 0, batch 3\)"
-                       r".*max_consecutive_skips=3"):
+    engine = Engine(
+        max_epochs=1, batch_size=BATCH, shuffle=False, nan_policy="skip", max_consecutive_skips=3, progress=False
+    )
+    with pytest.raises(
+        NonFiniteError,
+        match=r"3 consecutive non-finite steps.*optimizer step 3 \(epoch 0, batch 3\)"
+        r".*max_consecutive_skips=3",
+    ):
         engine.fit(module, (x, y))
     assert engine.skipped_steps == 3
     assert torch.isfinite(flat(module)).all()

@@ -71,6 +71,7 @@ def test_unknown_precision_is_a_clear_error():
 
 # ---------------------------------------------------------------- the GradScaler path, on CPU
 
+
 class Overflow(Net):
     """Scales the loss by 1e35 on the chosen training forwards: finite in fp32, but times the
     GradScaler's 2**16 it overflows to inf in backward, exactly like an fp16 overflow."""
@@ -103,8 +104,15 @@ def test_grad_scaler_overflow_skips_the_step_and_the_scheduler_on_cpu(tmp_path):
     x, y = data(6 * 16)
     module = Overflow({2, 3}, optimizer="sgd", lr=0.1, scheduler="lambda")
     snaps = Snapshots()
-    engine = Engine(max_steps=6, batch_size=16, shuffle=False, log_every_n_steps=1, run_dir=str(tmp_path),
-                    progress=False, callbacks=[snaps])
+    engine = Engine(
+        max_steps=6,
+        batch_size=16,
+        shuffle=False,
+        log_every_n_steps=1,
+        run_dir=str(tmp_path),
+        progress=False,
+        callbacks=[snaps],
+    )
     engine._rt = make_runtime("no")
     engine._rt.scaler = scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
     before = flat(module)
@@ -158,6 +166,7 @@ def test_grad_scaler_step_reads_the_host_once(monkeypatch):
 
 # ---------------------------------------------------------------- CUDA only
 
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -177,8 +186,16 @@ def test_fp16_scaler_skip_is_counted_and_does_not_advance_the_scheduler_on_cuda(
     x, y = data(6 * 16)
     module = Overflow({3}, optimizer="sgd", lr=0.1, scheduler="lambda")
     snaps = Snapshots()
-    engine = Engine(max_steps=6, batch_size=16, shuffle=False, mixed_precision="fp16", log_every_n_steps=1,
-                    run_dir=str(tmp_path), progress=False, callbacks=[snaps])
+    engine = Engine(
+        max_steps=6,
+        batch_size=16,
+        shuffle=False,
+        mixed_precision="fp16",
+        log_every_n_steps=1,
+        run_dir=str(tmp_path),
+        progress=False,
+        callbacks=[snaps],
+    )
     engine.fit(module, (x, y))
     assert engine.skipped_steps == 1
     assert torch.equal(snaps.params[2], snaps.params[3])  # step 3 (0-based) overflowed: nothing moved

@@ -75,8 +75,15 @@ def test_per_step_scheduler_once_per_optimizer_step_with_accumulation(tmp_path):
     # 40 items, batch 16, micro 4: windows of 4, 4 and 2 micro-batches; 2 epochs = 6 steps.
     x, y = data(40)
     module = Net(optimizer="sgd", lr=0.3, scheduler="lambda")
-    engine = Engine(max_epochs=2, batch_size=16, micro_batch_size=4, log_every_n_steps=1, run_dir=str(tmp_path),
-                    progress=False, trace=True)
+    engine = Engine(
+        max_epochs=2,
+        batch_size=16,
+        micro_batch_size=4,
+        log_every_n_steps=1,
+        run_dir=str(tmp_path),
+        progress=False,
+        trace=True,
+    )
     engine.fit(module, (x, y))
     assert module.lambda_calls == list(range(7))  # construction + one per step, none per micro-batch
     assert sum(name == "scheduler_step" for name, _, _ in engine.trace) == 6
@@ -88,8 +95,15 @@ def test_per_step_scheduler_once_per_optimizer_step_with_accumulation(tmp_path):
 def test_epoch_interval_steps_once_per_epoch(tmp_path):
     x, y = data(40)
     module = Net(optimizer="sgd", lr=0.3, scheduler="lambda_epoch")
-    engine = Engine(max_epochs=3, batch_size=16, micro_batch_size=8, log_every_n_steps=1, run_dir=str(tmp_path),
-                    progress=False, trace=True)
+    engine = Engine(
+        max_epochs=3,
+        batch_size=16,
+        micro_batch_size=8,
+        log_every_n_steps=1,
+        run_dir=str(tmp_path),
+        progress=False,
+        trace=True,
+    )
     engine.fit(module, (x, y))
     assert module.lambda_calls == [0, 1, 2, 3]
     assert not any(name == "scheduler_step" for name, _, _ in engine.trace)  # nothing per step

@@ -58,9 +58,17 @@ def main():
     x = torch.randn(600, 8, generator=g)
     y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
     model = Net(0.0 if a.no_dropout else 0.3)
-    engine = Engine(max_epochs=a.epochs, batch_size=32, micro_batch_size=a.micro, seed=0, run_dir=a.run_dir,
-                    checkpoint_every_n_steps=a.every, resume="auto", progress=False,
-                    callbacks=[Slow(a.sleep)] if a.sleep else [])
+    engine = Engine(
+        max_epochs=a.epochs,
+        batch_size=32,
+        micro_batch_size=a.micro,
+        seed=0,
+        run_dir=a.run_dir,
+        checkpoint_every_n_steps=a.every,
+        resume="auto",
+        progress=False,
+        callbacks=[Slow(a.sleep)] if a.sleep else [],
+    )
     engine.fit(model, (x, y), (x[:100], y[:100]))
     if engine._rt.is_main:
         opt = engine._fit.opt.optimizer

@@ -28,8 +28,15 @@ class Net(LoopModule):
       make the loss NaN ("loss") or keep the loss finite but make the gradient NaN ("grad").
     """
 
-    def __init__(self, optimizer: str = "sgd", lr: float = 1.0, scheduler: str | None = None,
-                 poison_call: int | None = None, poison: str = "loss", seed: int = 0) -> None:
+    def __init__(
+        self,
+        optimizer: str = "sgd",
+        lr: float = 1.0,
+        scheduler: str | None = None,
+        poison_call: int | None = None,
+        poison: str = "loss",
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         torch.manual_seed(seed)
         self.net = nn.Sequential(nn.Linear(N_FEATURES, 16), nn.Tanh(), nn.Linear(16, N_CLASSES))

@@ -34,8 +34,13 @@ def main(out: Path) -> None:
     engine.fit(module, data(48))
     rt = engine._rt
     forwards = Counter(step for name, step, _ in engine.trace if name == "forward")
-    result.update(world_size=rt.world_size, rank=rt.rank, forwards_per_step=sorted(set(forwards.values())),
-                  lambda_calls=module.lambda_calls, lambda_params=flat(module).tolist())
+    result.update(
+        world_size=rt.world_size,
+        rank=rt.rank,
+        forwards_per_step=sorted(set(forwards.values())),
+        lambda_calls=module.lambda_calls,
+        lambda_params=flat(module).tolist(),
+    )
 
     module = Net(optimizer="sgd", lr=0.3, scheduler="lambda_epoch")
     Engine(max_epochs=2, **KW).fit(module, data(48))
@@ -44,8 +49,11 @@ def main(out: Path) -> None:
     module = Net(optimizer="adamw", lr=1e-2, scheduler="lambda")
     engine = Engine(max_epochs=1, nan_policy="skip", **KW)
     engine.fit(module, data(48, nan_items=[NAN_ITEM]))
-    result["skip"] = {"skipped_steps": engine.skipped_steps, "lambda_calls": module.lambda_calls,
-                      "params": flat(module).tolist()}
+    result["skip"] = {
+        "skipped_steps": engine.skipped_steps,
+        "lambda_calls": module.lambda_calls,
+        "params": flat(module).tolist(),
+    }
 
     result["raise"] = None
     try:
