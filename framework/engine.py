@@ -141,9 +141,8 @@ class Engine:
         if log_every_n_steps < 1:
             raise ValueError(f"log_every_n_steps={log_every_n_steps}; use a positive int")
         self.max_epochs, self.max_steps, self.max_time = max_epochs, max_steps, max_time
-        self.max_steps = max_steps_override(
-            max_steps
-        )  # FRAMEWORK_MAX_STEPS: `python -m framework doctor` runs a few steps
+        # FRAMEWORK_MAX_STEPS caps it: `python -m framework doctor` runs a recipe for a few steps.
+        self.max_steps = max_steps_override(max_steps)
         self.batch_size, self.micro_batch_size = batch_size, micro_batch_size
         self.shuffle, self.seed = shuffle, seed
         self.mixed_precision = mixed_precision

@@ -93,7 +93,7 @@ def plot_runs(run_dirs: list[str]) -> Any:
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False)
     colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, panel in zip(axes.flat, panels, strict=True):  # spare axes are hidden below
+    for ax, panel in zip(axes.flat, panels, strict=False):  # spare axes are hidden below
         ax.set_title(panel)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

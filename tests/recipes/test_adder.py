@@ -38,7 +38,7 @@ def test_problems_answers_and_the_held_out_set():
     prompts = {}
     for name, inputs, targets in (("train", x, y), ("val", vx, vy)):
         prompts[name] = [_text(r).split("=")[0] for r in inputs]
-        for p, t in zip(prompts[name][:3000], targets[:3000], strict=True):
+        for p, t in zip(prompts[name][:3000], targets[:3000], strict=False):
             a, b = p.split("+")
             assert 1 <= len(a) <= 4 and 1 <= len(b) <= 4
             assert a == str(int(a)) and b == str(int(b)), "no leading zeros"
