@@ -11,7 +11,6 @@ For every optimizer step, ``fit`` runs, in this order and no other:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -25,11 +24,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpoint
+from . import checkpoint, run_info
+from . import grads as gradient_ops
 from .callbacks import Callback, fire
 from .data import Batching, Source, Window, make_source, resolve_batching
-from .distributed import Runtime, make_runtime, rng_preserved
+from .distributed import Runtime, make_runtime
 from .doctor import Doctor, LoopError, max_steps_override
+from .evaluation import evaluate
 from .logging import MetricsLog, Progress, start_trackers
 from .module import LoopModule
 from .optim import Optimization, parse_optimizers
@@ -221,14 +222,14 @@ class Engine:
         checkpoint.seed_everything(self.seed + rt.rank)
         self.should_stop = False  # a resumed run that had stopped early restores it (and ends at once)
         self._restore(fit)
-        config = self._write_config(module, opt, batching)
+        config = run_info.write_config(self, module, opt, batching, rt)
         # Trackers (log_with) start on rank 0 and finish in log.close(); not accelerator.end_training(),
         # which would also destroy the process group that a later validate() or fit() needs.
         log = MetricsLog(
             self.run_dir, rt.is_main, tracker=start_trackers(rt.accelerator, self.log_with, self.run_dir, config)
         )
         progress = Progress(self.progress, rt.is_main)
-        progress.message(_summary(module, rt, batching))
+        progress.message(run_info.summary(module, rt, batching))
 
         fire(self.callbacks, "on_fit_start", self, module)
         previous_handlers = self._install_signal_handlers()
@@ -247,7 +248,7 @@ class Engine:
                 self.doctor.start_step()  # checked step or not (sparse under "basic": no host sync otherwise)
                 # 1. zero gradients: once per window, before its first micro-batch
                 self._record("zero_grad", 0)
-                _zero_grad(opt.optimizer)  # = opt.optimizer.zero_grad(set_to_none=True)
+                gradient_ops.zero_grad(opt.optimizer)  # = opt.optimizer.zero_grad(set_to_none=True)
                 weights, items, stop = self._item_weights(module, window)
                 window_loss: Any = None  # sum of the weighted micro-batch losses, on device
                 batches = window.micro_batches or [window.filler]
@@ -442,9 +443,9 @@ class Engine:
             if grads and not log_now and self.clip_grad_norm is None and rt.world_size == 1 and scaler is None:
                 # Nothing reads the total norm this step, only whether a gradient went non-finite:
                 # each gradient's norm tells that; not summing them saves two ops a step.
-                checked = _grad_norms(grads)
+                checked = gradient_ops.grad_norms(grads)
             else:
-                total = _grad_norm(grads) if grads else torch.zeros((), device=rt.device)
+                total = gradient_ops.grad_norm(grads) if grads else torch.zeros((), device=rt.device)
                 grad_norm, checked = total, [total]
                 if self.clip_grad_norm is not None:
                     torch.nn.utils.clip_grads_with_norm_(params, self.clip_grad_norm, total, foreach=True)
@@ -469,7 +470,7 @@ class Engine:
             bad_f, time_f, preempt_f, *overflow_f = torch.cat([bad.double().reshape(1), stop, *overflow]).tolist()
             bad_host, stop_host = bool(bad_f), (time_f > 0, preempt_f > 0)
         elif scaler is None:
-            values = _pack([*checked, window_loss]).tolist()  # the one read
+            values = gradient_ops.pack([*checked, window_loss]).tolist()  # the one read
             bad_host = not all(map(math.isfinite, values))
             overflow_f, stop_host = [], (self._time_up(), self._preempted)
         else:
@@ -515,53 +516,9 @@ class Engine:
             )
 
     def _evaluate(self, module: LoopModule, model: nn.Module, source: Source) -> dict[str, float]:
-        """Exact global means: sums and counts per rank, one all-reduce at the end."""
-        rt = self._rt
-        assert rt is not None
-        eval_model = model if rt.fsdp or self.compile else module  # DDP's wrapper adds nothing here
-        was_training = module.training
-        module.eval()
-        loss_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
-        count = torch.zeros((), device=rt.device, dtype=torch.float64)
-        metric_sums: dict[str, torch.Tensor] = {}
-        metric_counts: dict[str, int] = {}
-        # Validation draws on no training randomness, so a run with it matches one without.
-        with rng_preserved(rt.device), torch.inference_mode():
-            for w, window in enumerate(source.windows(epoch=0)):
-                if self.limit_val_batches is not None and w >= self.limit_val_batches:
-                    break
-                weight = 1.0 if window.micro_batches else 0.0  # a filler only tells this rank the metric names
-                for batch in window.micro_batches or [window.filler]:
-                    inputs, targets = module.split_batch(batch)
-                    with rt.autocast():
-                        outputs = eval_model(inputs)
-                        loss = module.compute_loss(outputs, targets)
-                    self.doctor.check_eval_mode(module)
-                    n = module.count_items(batch)
-                    loss_sum += loss.double() * n * weight
-                    count += n * weight
-                    for k, v in module.compute_metrics(outputs, targets).items():
-                        v = v.detach().reshape(-1).double()
-                        metric_sums[k] = metric_sums.get(k, 0) + v.sum() * weight
-                        metric_counts[k] = metric_counts.get(k, 0) + int(v.numel() * weight)
-        module.train(was_training)
-        keys = sorted(metric_sums)
-        packed = torch.stack(
-            [loss_sum, count]
-            + [
-                t
-                for k in keys
-                for t in (
-                    torch.as_tensor(metric_sums[k], device=rt.device).double(),
-                    torch.tensor(float(metric_counts[k]), device=rt.device, dtype=torch.float64),
-                )
-            ]
-        )
-        values = rt.all_reduce_sum(packed).tolist()
-        out = {"loss": values[0] / max(values[1], 1.0)}
-        for j, k in enumerate(keys):
-            out[k] = values[2 + 2 * j] / max(values[3 + 2 * j], 1.0)
-        return out
+        """Exact global means over ``source`` (see :func:`framework.evaluation.evaluate`)."""
+        assert self._rt is not None
+        return evaluate(module, model, source, self._rt, self.doctor, self.limit_val_batches, self.compile)
 
     # ------------------------------------------------------------------ checkpoints and preemption
 
@@ -729,85 +686,6 @@ class Engine:
         self.metrics.update({k: v for k, v in record.items() if k not in ("step", "epoch")})
         return record
 
-    def _write_config(self, module: LoopModule, opt: Optimization, batching: Batching) -> dict[str, Any]:
-        """Write ``config.json`` (rank 0, with a run_dir) and return the config (also for the trackers)."""
-        rt = self._rt
-        assert rt is not None
-        config = {k: _jsonable(v) for k, v in vars(self).items() if not k.startswith("_") and k not in _STATE_KEYS}
-        config.update(
-            doctor=self.doctor.level,
-            module=type(module).__name__,
-            optimizer=type(opt.optimizer).__name__,
-            scheduler=type(opt.scheduler).__name__ if opt.scheduler is not None else None,
-            world_size=rt.world_size,
-            accumulation=batching.accumulation,
-            global_batch=batching.batch_size,
-            micro_batch_size=batching.micro_batch_size,
-            mixed_precision=rt.mixed_precision,
-            device=str(rt.device),
-        )
-        if self.run_dir is None or not rt.is_main:
-            return config
-        os.makedirs(self.run_dir, exist_ok=True)
-        with open(os.path.join(self.run_dir, "config.json"), "w") as f:
-            json.dump(config, f, indent=2)
-        return config
-
-
-_STATE_KEYS = {
-    "step", "epoch", "batch_in_epoch", "items_read", "micro_steps", "skipped_steps",
-    "consecutive_skips", "should_stop", "metrics", "trace", "callbacks", "doctor",
-}  # fmt: skip
-
-
-def _zero_grad(optimizer: torch.optim.Optimizer) -> None:
-    """``optimizer.zero_grad(set_to_none=True)``. For an optimizer that keeps torch's own ``zero_grad``,
-    the same loop without the per-call dynamo and profiler wrappers around it (5-10 µs a step)."""
-    if type(optimizer).zero_grad is not torch.optim.Optimizer.zero_grad or "zero_grad" in optimizer.__dict__:
-        optimizer.zero_grad(set_to_none=True)
-        return
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            p.grad = None
-
-
-def _grad_norms(grads: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Each gradient's 2-norm (one fused op on CPU and CUDA)."""
-    with torch.no_grad():
-        if grads[0].device.type in ("cpu", "cuda"):
-            return list(torch._foreach_norm(grads, 2.0))
-        return [torch.linalg.vector_norm(g, 2.0) for g in grads]
-
-
-def _pack(scalars: list[torch.Tensor]) -> torch.Tensor:
-    """Scalar tensors stacked into one, so that they are read in one go (one op)."""
-    try:
-        return torch.stack(scalars)
-    except RuntimeError:  # on several devices (a model split over GPUs)
-        return torch.stack([t.to(scalars[-1].device) for t in scalars])
-
-
-def _grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """``torch.nn.utils.get_total_norm(grads, foreach=True)``: the same kernels and, for gradients of one
-    device and dtype, the same bits, without its per-call Python grouping (about 15 µs a step on a
-    small CPU model)."""
-    if grads[0].device.type not in ("cpu", "cuda"):
-        return torch.nn.utils.get_total_norm(grads, foreach=True)
-    with torch.no_grad():
-        norms = torch._foreach_norm(grads, 2.0)
-        try:
-            return torch.linalg.vector_norm(torch.stack(norms), 2.0)
-        except RuntimeError:  # gradients on several devices (a model split over GPUs)
-            return torch.nn.utils.get_total_norm(grads, foreach=True)
-
-
-def _jsonable(v: Any) -> Any:
-    if v is None or isinstance(v, (bool, int, float, str)):
-        return v
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    return getattr(v, "__name__", type(v).__name__)
-
 
 def _check_module(module: Any) -> None:
     if not isinstance(module, LoopModule):
@@ -824,20 +702,3 @@ def _check_module(module: Any) -> None:
 
 def _fmt_metrics(metrics: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-
-
-def _summary(module: nn.Module, rt: Runtime, batching: Batching) -> str:
-    lines = [f"{type(module).__name__}: parameters (total / trainable) per top-level child"]
-    for name, child in module.named_children():
-        total = sum(p.numel() for p in child.parameters())
-        train = sum(p.numel() for p in child.parameters() if p.requires_grad)
-        lines.append(f"  {name:<20} {total:>12,} {train:>12,}")
-    total = sum(p.numel() for p in module.parameters())
-    train = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    lines.append(f"  {'total':<20} {total:>12,} {train:>12,}")
-    lines.append(
-        f"precision={rt.mixed_precision} world_size={rt.world_size} device={rt.device} "
-        f"global_batch={batching.batch_size} micro_batch={batching.micro_batch_size} "
-        f"accumulation={batching.accumulation}"
-    )
-    return "\n".join(lines)
