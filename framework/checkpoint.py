@@ -139,15 +139,8 @@ def set_rng_state(meta: Any, tensors: dict[str, torch.Tensor]) -> None:
 # ---------------------------------------------------------------- writing
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a directory's entries (after a rename), to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -158,14 +151,14 @@ def _fsync_dir(path: Path) -> None:
 def write_json(path: Path, obj: Any) -> None:
     with open(path, "w") as f:
         json.dump(obj, f)
-    _fsync_file(path)
+    _fsync(path)
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
     save_file(tensors, str(path), metadata=metadata)
-    _fsync_file(path)
+    _fsync(path)
 
 
 def temp_dir(root: Path, name: str) -> Path:
@@ -176,7 +169,7 @@ def finalize(root: Path, tmp: Path, name: str) -> Path:
     """Write the manifest last, rename into place atomically, then point ``latest`` at it."""
     files = sorted(p.name for p in tmp.iterdir() if p.is_file())
     write_json(tmp / MANIFEST, {"files": {f: (tmp / f).stat().st_size for f in files}, "format": 1})
-    _fsync_dir(tmp)
+    _fsync(tmp)
     final = root / name
     if final.exists():  # re-saving the same step (e.g. a manual save): swap, never leave a gap without one
         trash = root / f".trash-{name}"
@@ -186,12 +179,12 @@ def finalize(root: Path, tmp: Path, name: str) -> Path:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    _fsync_dir(root)
+    _fsync(root)
     pointer = root / ".latest.tmp"
     pointer.write_text(name + "\n")
-    _fsync_file(pointer)
+    _fsync(pointer)
     os.replace(pointer, root / "latest")
-    _fsync_dir(root)
+    _fsync(root)
     return final
 
 
