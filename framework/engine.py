@@ -257,10 +257,8 @@ class Engine:
                     if not window.micro_batches:
                         module.eval()  # the zero-weight filler must not update BatchNorm stats or draw dropout
                     with rt.no_sync(model, sync=i == len(batches) - 1):
-                        with (
-                            rt.autocast(),
-                            self.doctor.watch(module, batch),
-                        ):  # catches backward/step/zero_grad in user code
+                        # (the doctor's watch catches backward/step/zero_grad called from user code)
+                        with rt.autocast(), self.doctor.watch(module, batch):
                             # 2. forward
                             self._record("forward", i)
                             outputs = model(inputs)
