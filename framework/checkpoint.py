@@ -303,12 +303,16 @@ def load_weights(module: torch.nn.Module, path: str | os.PathLike[str], strict: 
         p = p / "model.safetensors"
     if not p.is_file():
         raise CheckpointError(f"{p} does not exist; pass a checkpoint directory, a run dir or a .safetensors file")
-    tensors, meta = read_tensors(p)
-    aliases = json.loads(meta.get("aliases", "{}"))
-    for name, target in aliases.items():
-        tensors[name] = tensors[target]
-    module.load_state_dict(tensors, strict=strict)
+    module.load_state_dict(read_weights(p), strict=strict)
     return module
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A ``model.safetensors`` as a state dict, with tied weights (stored once) shared again."""
+    tensors, meta = read_tensors(path)
+    for name, target in json.loads(meta.get("aliases", "{}")).items():
+        tensors[name] = tensors[target]
+    return tensors
 
 
 # ---------------------------------------------------------------- the engine's state <-> a checkpoint
@@ -415,13 +419,11 @@ def load_engine(engine: Any, fit: Any, path: Path) -> None:
         )
     # Read and check every file before changing anything, so a bad checkpoint leaves the run untouched.
     tensors, _ = read_tensors(path / "state.safetensors")
-    weights, weights_meta = read_tensors(path / "model.safetensors")
+    weights = read_weights(path / "model.safetensors")
     rng_file = path / f"rng-rank{rt.rank}.json"
     same_world = state["world_size"] == rt.world_size and rng_file.is_file()
     if same_world:
         rng_meta, rng_tensors = read_json(rng_file), read_tensors(path / f"rng-rank{rt.rank}.safetensors")[0]
-    for name, target in json.loads(weights_meta.get("aliases", "{}")).items():
-        weights[name] = weights[target]
     fit.module.load_state_dict(weights)
     optim_state = unflatten(state["optimizer"], tensors)
     if rt.fsdp:

@@ -141,7 +141,7 @@ class Engine:
             raise ValueError(f"max_consecutive_skips={max_consecutive_skips!r}; use a positive int (default 10)")
         if log_every_n_steps < 1:
             raise ValueError(f"log_every_n_steps={log_every_n_steps}; use a positive int")
-        self.max_epochs, self.max_steps, self.max_time = max_epochs, max_steps, max_time
+        self.max_epochs, self.max_time = max_epochs, max_time
         # FRAMEWORK_MAX_STEPS caps it: `python -m framework doctor` runs a recipe for a few steps.
         self.max_steps = max_steps_override(max_steps)
         self.batch_size, self.micro_batch_size = batch_size, micro_batch_size
