@@ -15,6 +15,7 @@ from torch import nn
 
 from .doctor_findings import Finding, Recorder, name_list
 from .doctor_inspect import fingerprint
+from .grads import values_of
 
 # Snapshots of parameters for the `updates` check are exact copies up to this many elements in
 # total (1 GiB of fp32); beyond it, a float64 sum and norm per parameter stand in for the copy.
@@ -183,7 +184,7 @@ class ParameterChecks(Recorder):
         flags = torch.stack(
             [torch.ne(s, q).any() for s, q in zip(snapshot, now, strict=True)]
             + [
-                (p.grad.count_nonzero() == 0) if p.grad is not None else torch.tensor(True, device=p.device)
+                (values_of(p.grad).count_nonzero() == 0) if p.grad is not None else torch.tensor(True, device=p.device)
                 for p in params
             ]
         ).tolist()
@@ -230,7 +231,7 @@ class ParameterChecks(Recorder):
         if self.off:
             return ""
         name = self._name(self._module) if self._module is not None else "the module"
-        with_grad = [(p, p.grad) for p in params if p.grad is not None]
+        with_grad = [(p, values_of(p.grad)) for p in params if p.grad is not None]
         flags = torch.stack([~torch.isfinite(loss).all()] + [~torch.isfinite(g).all() for _, g in with_grad]).tolist()
         parts = []
         if flags[0]:

@@ -432,21 +432,19 @@ class Engine:
         if scaler is not None:
             scaler.unscale_(opt.optimizer)
         grad_norm: torch.Tensor | None = None
-        checked: list[torch.Tensor]  # what the guard reads: the total norm, or each gradient's norm
+        flag: torch.Tensor | None = None  # 1.0 where a gradient or the loss is non-finite (the cheap check)
         if rt.fsdp:  # grads are sharded: only FSDP knows the global norm
             grad_norm = model.clip_grad_norm_(self.clip_grad_norm or math.inf)  # type: ignore[operator]
-            checked = [grad_norm]
         else:
             grads = [p.grad for p in params if p.grad is not None]
             if grads and not log_now and self.clip_grad_norm is None and rt.world_size == 1 and scaler is None:
-                # Nothing reads the total norm this step, only whether a gradient went non-finite:
-                # each gradient's norm tells that; not summing them saves two ops a step.
-                checked = gradient_ops.grad_norms(grads)
-            else:
-                total = gradient_ops.grad_norm(grads) if grads else torch.zeros((), device=rt.device)
-                grad_norm, checked = total, [total]
+                # Nothing reads the total norm this step, only whether something went non-finite:
+                # one fused check tells that for half the cost of the norms.
+                flag = gradient_ops.nonfinite_flag([*grads, window_loss])
+            if flag is None:
+                grad_norm = gradient_ops.grad_norm(grads) if grads else torch.zeros((), device=rt.device)
                 if self.clip_grad_norm is not None:
-                    torch.nn.utils.clip_grads_with_norm_(params, self.clip_grad_norm, total, foreach=True)
+                    torch.nn.utils.clip_grads_with_norm_(params, self.clip_grad_norm, grad_norm, foreach=True)
         if self.clip_grad_value is not None:
             torch.nn.utils.clip_grad_value_(params, self.clip_grad_value)
 
@@ -463,13 +461,16 @@ class Engine:
             # decides the same everywhere; a rank-local loss must not (ranks would disagree
             # and the next collective would hang). Under fp16 the scaler's verdict, taken on
             # those same reduced gradients, already agrees across ranks.
-            assert grad_norm is not None  # (each gradient's norm is checked on one process only)
+            assert grad_norm is not None  # (the fused check runs on one process only)
             bad = ~torch.isfinite(grad_norm) if scaler is None else torch.zeros((), dtype=torch.bool, device=rt.device)
             bad_f, time_f, preempt_f, *overflow_f = torch.cat([bad.double().reshape(1), stop, *overflow]).tolist()
             bad_host, stop_host = bool(bad_f), (time_f > 0, preempt_f > 0)
         elif scaler is None:
-            values = gradient_ops.pack([*checked, window_loss]).tolist()  # the one read
-            bad_host = not all(map(math.isfinite, values))
+            if flag is not None:
+                bad_host = flag.item() != 0.0  # the one read
+            else:
+                assert grad_norm is not None
+                bad_host = not all(map(math.isfinite, gradient_ops.pack([grad_norm, window_loss]).tolist()))
             overflow_f, stop_host = [], (self._time_up(), self._preempted)
         else:
             bad = ~torch.isfinite(window_loss)

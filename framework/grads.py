@@ -1,4 +1,4 @@
-"""Gradient helpers for the optimizer step: reset, per-gradient norms, total norm, packing.
+"""Gradient helpers for the optimizer step: reset, the non-finite check, norms, packing.
 
 They do what ``optimizer.zero_grad(set_to_none=True)`` and ``torch.nn.utils.get_total_norm``
 do, minus per-call Python overhead that shows on small models (the engine's step is
@@ -21,12 +21,48 @@ def zero_grad(optimizer: torch.optim.Optimizer) -> None:
             p.grad = None
 
 
-def grad_norms(grads: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Each gradient's 2-norm (one fused op on CPU and CUDA)."""
-    with torch.no_grad():
-        if grads[0].device.type in ("cpu", "cuda"):
-            return list(torch._foreach_norm(grads, 2.0))
-        return [torch.linalg.vector_norm(g, 2.0) for g in grads]
+def values_of(grad: torch.Tensor) -> torch.Tensor:
+    """A gradient's values as a dense tensor: itself, or for a sparse gradient (``nn.Embedding(sparse=True)``)
+    its coalesced values (coalescing sums the duplicate indices a backward leaves), which most kernels
+    (norms, isfinite, count_nonzero) have no sparse version for.
+
+    Example::
+
+        >>> values_of(torch.sparse_coo_tensor([[0, 0, 2]], [1.0, 2.0, 4.0], (4,)))
+        tensor([3., 4.])
+    """
+    return grad.coalesce().values() if grad.layout == torch.sparse_coo else grad
+
+
+_UNIT: dict[torch.device, torch.Tensor] = {}  # the unscale factor 1.0 per device, made once (read, never written)
+
+
+def nonfinite_flag(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """A one-element float tensor on the tensors' device: 1.0 if any element of ``tensors`` is NaN or
+    ±inf, else 0.0; or None where the fused check does not apply (sparse or complex tensors, several
+    devices), and the caller measures norms instead.
+
+    It is the check GradScaler runs before every fp16 step, with an unscale factor of exactly 1
+    (``x * 1.0`` changes no bit): one fused op over all tensors, where a norm per gradient and a stack
+    are two (in a real CPU step about 5 µs against 10 µs on a tiny MLP).
+
+    Example::
+
+        >>> grads = [torch.ones(3), torch.tensor([1.0, float("nan")])]
+        >>> nonfinite_flag(grads)
+        tensor([1.])
+    """
+    device = tensors[0].device
+    unit = _UNIT.get(device)
+    if unit is None:
+        with torch.inference_mode(False):
+            unit = _UNIT[device] = torch.ones(1, device=device)
+    found = torch.zeros(1, device=device)
+    try:
+        torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, unit)
+    except (RuntimeError, NotImplementedError):  # no kernel for this layout/dtype, or tensors on several devices
+        return None
+    return found
 
 
 def pack(scalars: list[torch.Tensor]) -> torch.Tensor:
@@ -40,7 +76,20 @@ def pack(scalars: list[torch.Tensor]) -> torch.Tensor:
 def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     """``torch.nn.utils.get_total_norm(grads, foreach=True)``: the same kernels and, for gradients of one
     device and dtype, the same bits, without its per-call Python grouping (about 15 µs a step on a
-    small CPU model)."""
+    small CPU model). Unlike it, sparse gradients (``nn.Embedding(sparse=True)``) count too.
+
+    Example::
+
+        >>> grad_norm([torch.tensor([3.0]), torch.tensor([4.0])])
+        tensor(5.)
+    """
+    try:
+        return _total_norm(grads)
+    except NotImplementedError:
+        return _total_norm([values_of(g) for g in grads])  # sparse gradients have no norm kernel
+
+
+def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     if grads[0].device.type not in ("cpu", "cuda"):
         return torch.nn.utils.get_total_norm(grads, foreach=True)
     with torch.no_grad():
