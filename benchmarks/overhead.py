@@ -369,12 +369,11 @@ def guard_cost(w: Workload, iters: int = 2000) -> dict[str, float]:
             fn()
         return (time.perf_counter() - t) / iters
 
-    flag = gradient_ops.nonfinite_flag([*grads, loss])
+    check = gradient_ops.NonFiniteCheck()
+    flag = check([*grads, loss])
     assert flag is not None
     return {
-        "the fused check of the gradients and the loss (grads.nonfinite_flag)": bench(
-            lambda: gradient_ops.nonfinite_flag([*grads, loss])
-        ),
+        "the fused check of the gradients and the loss (grads.NonFiniteCheck)": bench(lambda: check([*grads, loss])),
         "the one host read (.item())": bench(flag.item),
         "instead, a norm per gradient + one stack (the check before the fused one)": bench(
             lambda: torch.stack([*torch._foreach_norm(grads, 2.0), loss])
@@ -388,13 +387,13 @@ def guard_disabled():
     """Benchmark-only: make the engine's NaN guard a no-op (a fixed all-finite flag), to price it in a real step."""
     from framework import grads as gradient_ops
 
-    real = gradient_ops.nonfinite_flag
+    real = gradient_ops.NonFiniteCheck.__call__
     finite = torch.zeros(1)
-    gradient_ops.nonfinite_flag = lambda tensors: finite  # type: ignore[assignment]
+    gradient_ops.NonFiniteCheck.__call__ = lambda self, tensors: finite  # type: ignore[method-assign]
     try:
         yield
     finally:
-        gradient_ops.nonfinite_flag = real  # type: ignore[assignment]
+        gradient_ops.NonFiniteCheck.__call__ = real  # type: ignore[method-assign]
 
 
 def guard_in_situ(w: Workload, reps: int) -> tuple[float, float]:

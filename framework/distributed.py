@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+_NULL = contextlib.nullcontext()  # reusable: the no-op context of the common path, without a new object per step
+
 
 class Runtime:
     """Where and how this process runs. Build it with :func:`make_runtime`.
@@ -71,13 +73,13 @@ class Runtime:
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """Autocast for forward + loss under bf16/fp16, else a no-op."""
         if self.mixed_precision == "no":
-            return contextlib.nullcontext()
+            return _NULL
         return self.accelerator.autocast()
 
     def no_sync(self, model: nn.Module, sync: bool) -> contextlib.AbstractContextManager[Any]:
         """Skip DDP/FSDP's gradient all-reduce for every micro-batch but the window's last."""
         if sync or self.world_size == 1 or not hasattr(model, "no_sync"):
-            return contextlib.nullcontext()
+            return _NULL
         no_sync: Any = model.no_sync  # DDP and FSDP both have it; nn.Module does not declare it
         ctx: contextlib.AbstractContextManager[Any] = no_sync()
         return ctx

@@ -189,6 +189,7 @@ class Engine:
         self._fit: _Fit | None = None
         self._saved_step: int | None = None
         self._t0 = time.monotonic()
+        self._finite_check = gradient_ops.NonFiniteCheck()  # the per-step NaN guard's fused check
 
     # ------------------------------------------------------------------ public API
 
@@ -235,7 +236,7 @@ class Engine:
         previous_handlers = self._install_signal_handlers()
         self._t0 = t_log = time.monotonic()
         steps_since_log = 0
-        loss_sum = torch.zeros((), device=rt.device)  # mean train loss since the last log, on device
+        losses: list[torch.Tensor] = []  # the window losses since the last log, on device (summed when logged)
         items_sum: Any = 0
         module.train()
         while not self._done():
@@ -274,7 +275,9 @@ class Engine:
                         weight = weights[i]
                         scaled = loss if isinstance(weight, float) and weight == 1.0 else loss * weight
                         (rt.scaler.scale(scaled) if rt.scaler is not None else scaled).backward()
-                    part = scaled.detach().float()
+                    part = scaled.detach()
+                    if part.dtype != torch.float32:
+                        part = part.float()  # the window's loss sums in fp32 (a bf16 loss would round)
                     window_loss = part if window_loss is None else window_loss + part
                 if not window.micro_batches or not module.training:
                     module.train()  # back from the filler's eval mode (a whole-tree walk: not every step)
@@ -294,14 +297,16 @@ class Engine:
                 self.batch_in_epoch = window.index + 1
                 self.items_read = window.items_read
                 self.micro_steps += len(window.micro_batches)
-                loss_sum += window_loss
+                losses.append(window_loss)  # (no kernel per step; folded now and then between rare log steps)
+                if len(losses) == 1024:
+                    losses[:] = [torch.stack(losses).sum()]
                 items_sum = items_sum + items
                 steps_since_log += 1
                 record: dict[str, float] = {}
                 if log_now:
-                    record = self._log_train(opt, loss_sum, items_sum, grad_norm, steps_since_log, t_log)
+                    record = self._log_train(opt, losses, items_sum, grad_norm, steps_since_log, t_log)
                     log.write(record)
-                    loss_sum.zero_()
+                    losses.clear()
                     items_sum, steps_since_log, t_log = 0, 0, time.monotonic()
                 progress.update(1, record, self.step)
                 fire(self.callbacks, "on_step_end", self, module, record)
@@ -440,7 +445,7 @@ class Engine:
             if grads and not log_now and self.clip_grad_norm is None and rt.world_size == 1 and scaler is None:
                 # Nothing reads the total norm this step, only whether something went non-finite:
                 # one fused check tells that for half the cost of the norms.
-                flag = gradient_ops.nonfinite_flag([*grads, window_loss])
+                flag = self._finite_check([*grads, window_loss])
             if flag is None:
                 grad_norm = gradient_ops.grad_norm(grads) if grads else torch.zeros((), device=rt.device)
                 if self.clip_grad_norm is not None:
@@ -468,6 +473,8 @@ class Engine:
         elif scaler is None:
             if flag is not None:
                 bad_host = flag.item() != 0.0  # the one read
+                if bad_host:
+                    self._finite_check.clear()
             else:
                 assert grad_norm is not None
                 bad_host = not all(map(math.isfinite, gradient_ops.pack([grad_norm, window_loss]).tolist()))
@@ -662,13 +669,13 @@ class Engine:
         return self._stop_requested or self.should_stop
 
     def _log_train(
-        self, opt: Optimization, loss_sum: torch.Tensor, items: Any, grad_norm: Any, steps: int, t_since: float
+        self, opt: Optimization, losses: list[torch.Tensor], items: Any, grad_norm: Any, steps: int, t_since: float
     ) -> dict[str, float]:
         rt = self._rt
         assert rt is not None
         # Log steps are the only place the loop reads device values (a host sync on GPU).
         # `items` is already global (it came out of the window's all-reduce); the loss is per rank.
-        loss_total = rt.all_reduce_sum(loss_sum.double().clone())
+        loss_total = rt.all_reduce_sum(torch.stack(losses).sum(dtype=torch.float64))
         loss_total, n_items = torch.stack([loss_total, torch.as_tensor(items, device=rt.device).double()]).tolist()
         elapsed = max(time.monotonic() - t_since, 1e-9)
         record = {

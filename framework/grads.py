@@ -34,35 +34,46 @@ def values_of(grad: torch.Tensor) -> torch.Tensor:
     return grad.coalesce().values() if grad.layout == torch.sparse_coo else grad
 
 
-_UNIT: dict[torch.device, torch.Tensor] = {}  # the unscale factor 1.0 per device, made once (read, never written)
-
-
-def nonfinite_flag(tensors: list[torch.Tensor]) -> torch.Tensor | None:
-    """A one-element float tensor on the tensors' device: 1.0 if any element of ``tensors`` is NaN or
-    ±inf, else 0.0; or None where the fused check does not apply (sparse or complex tensors, several
-    devices), and the caller measures norms instead.
+class NonFiniteCheck:
+    """Is any element of these tensors NaN or ±inf? One fused op, read as a one-element float flag.
 
     It is the check GradScaler runs before every fp16 step, with an unscale factor of exactly 1
-    (``x * 1.0`` changes no bit): one fused op over all tensors, where a norm per gradient and a stack
-    are two (in a real CPU step about 5 µs against 10 µs on a tiny MLP).
+    (``x * 1.0`` changes no bit): one op over all tensors, where a norm per gradient and a stack are
+    two (in a real CPU step about 5 µs against 10 µs on a tiny MLP). The op only ever raises the flag,
+    so one flag tensor per device serves every step until it reads 1.0; :meth:`clear` lowers it.
 
     Example::
 
-        >>> grads = [torch.ones(3), torch.tensor([1.0, float("nan")])]
-        >>> nonfinite_flag(grads)
+        >>> check = NonFiniteCheck()
+        >>> check([torch.ones(3), torch.tensor([1.0, float("nan")])])
         tensor([1.])
+        >>> check.clear()
+        >>> check([torch.ones(3)])
+        tensor([0.])
     """
-    device = tensors[0].device
-    unit = _UNIT.get(device)
-    if unit is None:
-        with torch.inference_mode(False):
-            unit = _UNIT[device] = torch.ones(1, device=device)
-    found = torch.zeros(1, device=device)
-    try:
-        torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, unit)
-    except (RuntimeError, NotImplementedError):  # no kernel for this layout/dtype, or tensors on several devices
-        return None
-    return found
+
+    def __init__(self) -> None:
+        self._flags: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> (flag, unit scale)
+
+    def __call__(self, tensors: list[torch.Tensor]) -> torch.Tensor | None:
+        """The flag (1.0 where anything is non-finite), or None where the fused op does not apply (sparse
+        or complex tensors, tensors on several devices): the caller measures norms instead."""
+        device = tensors[0].device
+        pair = self._flags.get(device)
+        if pair is None:
+            with torch.inference_mode(False):
+                pair = self._flags[device] = (torch.zeros(1, device=device), torch.ones(1, device=device))
+        flag, unit = pair
+        try:
+            torch._amp_foreach_non_finite_check_and_unscale_(tensors, flag, unit)
+        except (RuntimeError, NotImplementedError):  # no kernel for this layout/dtype, or several devices
+            return None
+        return flag
+
+    def clear(self) -> None:
+        """Lower the flags after a check found something (until then they stay 0.0 and need no reset)."""
+        for flag, _ in self._flags.values():
+            flag.zero_()
 
 
 def pack(scalars: list[torch.Tensor]) -> torch.Tensor:

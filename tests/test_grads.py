@@ -20,11 +20,11 @@ def some_grads(dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-def test_nonfinite_flag_is_zero_for_finite_tensors_and_changes_no_bit(dtype):
+def test_nonfinite_check_is_zero_for_finite_tensors_and_changes_no_bit(dtype):
     tensors = some_grads(dtype)
     tensors[0][0, 0] = -0.0  # x * 1.0 keeps the sign of zero
     before = [t.clone() for t in tensors]
-    flag = gradient_ops.nonfinite_flag(tensors)
+    flag = gradient_ops.NonFiniteCheck()(tensors)
     assert flag is not None and flag.tolist() == [0.0]
     for t, b in zip(tensors, before, strict=True):
         assert torch.equal(t, b) and torch.equal(torch.signbit(t), torch.signbit(b))
@@ -32,26 +32,39 @@ def test_nonfinite_flag_is_zero_for_finite_tensors_and_changes_no_bit(dtype):
 
 @pytest.mark.parametrize("bad", BAD)
 @pytest.mark.parametrize("where", [0, 1, 2], ids=["matrix", "vector", "0-dim loss"])
-def test_nonfinite_flag_catches_nan_and_inf_in_any_tensor(bad, where):
+def test_nonfinite_check_catches_nan_and_inf_in_any_tensor(bad, where):
+    check = gradient_ops.NonFiniteCheck()
     tensors = some_grads()
+    assert check(tensors).tolist() == [0.0]  # type: ignore[union-attr]
     tensors[where].view(-1)[-1] = bad
-    flag = gradient_ops.nonfinite_flag(tensors)
-    assert flag is not None and flag.tolist() == [1.0]
-    # A fresh flag per call: the next finite check is not stuck at 1.
+    assert check(tensors).tolist() == [1.0]  # type: ignore[union-attr]
+    # The flag is reused across calls: it stays raised until cleared, then reads finite again.
     tensors[where].view(-1)[-1] = 1.0
-    assert gradient_ops.nonfinite_flag(tensors).tolist() == [0.0]  # type: ignore[union-attr]
+    assert check(tensors).tolist() == [1.0]  # type: ignore[union-attr]
+    check.clear()
+    assert check(tensors).tolist() == [0.0]  # type: ignore[union-attr]
 
 
-def test_nonfinite_flag_reads_non_contiguous_tensors():
+def test_nonfinite_check_reads_non_contiguous_tensors():
     t = torch.randn(5, 3).t()
     t[2, 4] = float("nan")
-    assert gradient_ops.nonfinite_flag([t]).tolist() == [1.0]  # type: ignore[union-attr]
+    assert gradient_ops.NonFiniteCheck()([t]).tolist() == [1.0]  # type: ignore[union-attr]
 
 
-def test_nonfinite_flag_returns_none_where_the_fused_check_does_not_apply():
+def test_nonfinite_check_returns_none_where_the_fused_op_does_not_apply():
     # Sparse gradients (nn.Embedding(sparse=True)) have no fused kernel: the engine measures norms instead.
     sparse = torch.sparse_coo_tensor([[0, 2]], [1.0, float("nan")], (4,), check_invariants=True)
-    assert gradient_ops.nonfinite_flag([torch.ones(2), sparse]) is None
+    assert gradient_ops.NonFiniteCheck()([torch.ones(2), sparse]) is None
+
+
+def test_a_skipped_step_lowers_the_flag_for_the_next_one():
+    # With nan_policy="skip", the step after a bad one must be judged on its own values.
+    from tests.scripts.issue4_common import Net, data
+
+    x, y = data(4 * 16, nan_items=[16])  # window 1 of 4 is bad
+    engine = Engine(max_epochs=1, batch_size=16, shuffle=False, nan_policy="skip", progress=False, doctor="off")
+    engine.fit(Net(optimizer="sgd", lr=0.1), (x, y))
+    assert engine.skipped_steps == 1 and engine.step == 4
 
 
 def test_grad_norm_counts_sparse_gradients():
