@@ -13,10 +13,11 @@ recipe's ``val_data`` so the eval-mode check runs too.
 
 Example::
 
-    python -m framework doctor recipes/digits.py --run-dir /tmp/doctor-run
+    python -m framework doctor recipes/digits.py --run-dir "$(mktemp -d)"
     python -m framework doctor --steps 5 recipes/adder.py
 
-Pass the recipe a scratch ``--run-dir``: the short run writes there like any run.
+Pass the recipe a new scratch ``--run-dir`` each time (the short run writes there like any run,
+and a fresh run refuses a dir that holds another), or none: the recipes then pick a new one.
 """
 
 from __future__ import annotations

@@ -205,6 +205,8 @@ class Engine:
             print(engine.metrics["val/loss"])
         """
         _check_module(module)
+        if self.resume is None and self._fit is None:  # (a later fit of this engine continues its run)
+            run_info.refuse_earlier_run(self.run_dir)
         rt = self._runtime()
         model = rt.wrap(module)
         if self.compile:
@@ -212,7 +214,9 @@ class Engine:
         opt = parse_optimizers(module.configure_optimizers(), f"{type(module).__name__}.configure_optimizers")
         batching = resolve_batching(train_data, self.batch_size, self.micro_batch_size, rt.world_size)
         source = self._source(train_data, batching, self.shuffle)
-        val_source = self._val_source(val_data, batching) if val_data is not None else None
+        val_source = (
+            self._val_source(val_data, batching.micro_batch_size, rt.world_size) if val_data is not None else None
+        )
         self.doctor.start_fit(module, opt.optimizer, batching, train_data, val_data, is_main=rt.is_main, fsdp=rt.fsdp)
         params = [p for g in opt.optimizer.param_groups for p in g["params"]]
         self._fit = fit = _Fit(
@@ -389,8 +393,7 @@ class Engine:
         rt = self._runtime()
         module.to(rt.device)
         micro = self.micro_batch_size or (max(1, self.batch_size // rt.world_size) if self.batch_size else 64)
-        batching = Batching(micro * rt.world_size, micro, 1, rt.world_size)
-        return self._evaluate(module, module, self._val_source(data, batching))
+        return self._evaluate(module, module, self._val_source(data, micro, rt.world_size))
 
     # ------------------------------------------------------------------ the step's parts
 
@@ -505,7 +508,7 @@ class Engine:
         where = f"optimizer step {self.step} (epoch {self.epoch}, batch {window.index})"
         if self._rt is not None and self._rt.scaler is not None:
             self._rt.scaler.update()  # the scaler must close its step even when we drop it
-        opt.optimizer.zero_grad(set_to_none=True)
+        gradient_ops.zero_grad(opt.optimizer)  # the bad gradients go before anything can step on them
         if self.nan_policy == "raise":
             raise NonFiniteError(
                 f"non-finite loss or gradient norm at {where}{self.doctor.nonfinite_detail}; parameters and optimizer state are unchanged. "
@@ -620,14 +623,14 @@ class Engine:
             stream_sharded=self.stream_sharded and training,
         )
 
-    def _val_source(self, data: Any, train: Batching) -> Source:
+    def _val_source(self, data: Any, micro: int | None, world_size: int) -> Source:
+        """Validation batches of ``micro`` items per process (a DataLoader keeps its own batch size)."""
         from torch.utils.data import DataLoader
 
-        micro = train.micro_batch_size
         if isinstance(data, DataLoader) or micro is None:
-            batching = resolve_batching(data, None, None, train.world_size)
+            batching = resolve_batching(data, None, None, world_size)
         else:
-            batching = Batching(micro * train.world_size, micro, 1, train.world_size)
+            batching = Batching(micro * world_size, micro, 1, world_size)
         return self._source(data, batching, shuffle=False, training=False)
 
     def _epoch(self, source: Source) -> Any:

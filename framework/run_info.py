@@ -1,13 +1,16 @@
-"""What a run records about itself: the resolved config (``config.json``) and the model summary."""
+"""What a run records about itself: the resolved config (``config.json``) and the model summary; and
+whether a run dir already holds another run."""
 
 from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from .checkpoint import list_checkpoints
 from .data import Batching
 from .distributed import Runtime
 from .optim import Optimization
@@ -20,6 +23,58 @@ STATE_KEYS = {
     "step", "epoch", "batch_in_epoch", "items_read", "micro_steps", "skipped_steps",
     "consecutive_skips", "should_stop", "metrics", "trace", "callbacks", "doctor",
 }  # fmt: skip
+
+
+def earlier_run(run_dir: str | os.PathLike[str]) -> str | None:
+    """What in ``run_dir`` shows that a run used it (its checkpoints, or its metrics.jsonl), or None.
+
+    Example::
+
+        earlier_run("runs/digits")   # "checkpoints up to step-00000270", or None for a new dir
+    """
+    root = Path(run_dir)
+    found = list_checkpoints(root / "checkpoints")
+    if found:
+        return f"checkpoints up to {found[-1].path.name}"
+    metrics = root / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        return "a metrics.jsonl"
+    return None
+
+
+def refuse_earlier_run(run_dir: str | os.PathLike[str] | None) -> None:
+    """Raise if a fresh run (no ``resume``) would start in a run dir that holds another run.
+
+    Its checkpoints there would be pruned as older than the earlier run's higher-numbered ones,
+    ``resume="auto"`` would then continue the earlier run, and ``metrics.jsonl`` would mix both.
+
+    Example::
+
+        refuse_earlier_run("runs/digits")   # ValueError if runs/digits/checkpoints/step-* exist
+    """
+    what = earlier_run(run_dir) if run_dir is not None else None
+    if what is not None:
+        raise ValueError(
+            f"run_dir={str(run_dir)!r} already holds an earlier run ({what}); a fresh run there would mix its "
+            "checkpoints and metrics with that run's (keep_last would prune the new checkpoints first, and "
+            "resume='auto' would pick the old ones). Fix: pass resume='auto' to continue that run, or use a "
+            "new run_dir (or delete the old one)"
+        )
+
+
+def next_free_run_dir(base: str) -> str:
+    """``base`` if no run has used it, else the first of ``base-2``, ``base-3``, ... that none has: a
+    default run dir for recipes, so that running a command again starts a new run beside the old one.
+
+    Example::
+
+        next_free_run_dir("runs/digits-mlp")   # "runs/digits-mlp", then "runs/digits-mlp-2", ...
+    """
+    candidate, n = base, 1
+    while earlier_run(candidate) is not None:
+        n += 1
+        candidate = f"{base}-{n}"
+    return candidate
 
 
 def write_config(

@@ -60,6 +60,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from framework import Engine, LoopModule
 from framework.config import parse_config, save_yaml
+from framework.run_info import next_free_run_dir
 
 
 @dataclass
@@ -87,7 +88,7 @@ class Config:
     data_seed: int = 1234
     log_every_n_steps: int = 50
     progress: bool = True
-    run_dir: str = "runs/adder"
+    run_dir: str | None = None  # default: runs/adder (-2, -3, ... once used; with --resume, that one)
     checkpoint_every_n_steps: int | None = None  # also at every epoch end (the engine's default with a run dir)
     resume: str | None = None  # "auto": continue from the run dir's newest checkpoint (e.g. after a SLURM requeue)
     smoke: bool = False  # a few steps on a small set, for CI
@@ -307,6 +308,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # Only the main process prints the summary and writes files; `accelerate launch` sets RANK.
     is_main = int(os.environ.get("RANK", "0")) == 0
     t0 = time.monotonic()
+    run_dir = cfg.run_dir or ("runs/adder" if cfg.resume else next_free_run_dir("runs/adder"))
 
     train, val = make_data(cfg)  # deterministic: every process builds the same sets
     torch.manual_seed(cfg.seed)  # the same initial weights on every process and every run
@@ -318,14 +320,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         batch_size=cfg.batch_size,
         micro_batch_size=cfg.micro_batch_size,
         seed=cfg.seed,
-        run_dir=cfg.run_dir,
+        run_dir=run_dir,
         log_every_n_steps=cfg.log_every_n_steps,
         progress=cfg.progress,
         checkpoint_every_n_steps=cfg.checkpoint_every_n_steps,
         resume=cfg.resume,
     )
     if is_main:
-        save_yaml(cfg, os.path.join(cfg.run_dir, "recipe_config.yaml"))
+        save_yaml(cfg, os.path.join(run_dir, "recipe_config.yaml"))
     engine.fit(module, train, val)
     # The final score, whether the run ended on max_steps, at an epoch end or on max_time.
     # Every process takes part (validate all-reduces sums and counts) and gets the same numbers.
@@ -335,7 +337,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         print(
             f"adder: val/exact_match={result['exact_match']:.4f} val/token_acc={result['token_acc']:.4f} "
             f"val/loss={result['loss']:.4f} on {len(val[0])} held-out problems; steps={engine.step} wall={wall:.1f}s\n"
-            f"outputs: {os.path.abspath(cfg.run_dir)} (metrics.jsonl, config.json, recipe_config.yaml)",
+            f"outputs: {os.path.abspath(run_dir)} (metrics.jsonl, config.json, recipe_config.yaml)",
             flush=True,
         )
     return {

@@ -43,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from framework import Engine, LoopModule
 from framework.config import parse_config, save_yaml
+from framework.run_info import next_free_run_dir
 
 
 @dataclass
@@ -62,7 +63,7 @@ class Config:
     split_seed: int = 0  # the fixed train/val/test split
     log_every_n_steps: int = 20
     progress: bool = True
-    run_dir: str | None = None  # default: runs/digits-<model>
+    run_dir: str | None = None  # default: runs/digits-<model> (-2, -3, ... once used; with --resume, that one)
     checkpoint_every_n_steps: int | None = None  # also at every epoch end (the engine's default with a run dir)
     resume: str | None = None  # "auto": continue from the run dir's newest checkpoint (e.g. after a SLURM requeue)
     smoke: bool = False  # a few steps on a small subset, for CI
@@ -135,7 +136,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     cfg = parse_config(Config, argv, description=__doc__)
     if cfg.smoke:  # a few steps on a subset, but through every code path (fit, per-epoch validation, test)
         cfg.max_epochs, cfg.max_time, cfg.log_every_n_steps = 2, None, 1
-    run_dir = cfg.run_dir or f"runs/digits-{cfg.model}"
+    base = f"runs/digits-{cfg.model}"
+    run_dir = cfg.run_dir or (base if cfg.resume else next_free_run_dir(base))
     # Only the main process prints the summary and writes files; `accelerate launch` sets RANK.
     is_main = int(os.environ.get("RANK", "0")) == 0
     t0 = time.monotonic()
