@@ -144,6 +144,16 @@ class ParameterChecks(Recorder):
         if self.checking and self._applied >= 2 and self._snapshot is not None:
             self._decide_updates()
 
+    def retract_applied(self) -> None:
+        """A step reported applied turned out skipped (the engine read its NaN verdict a step late).
+
+        Example::
+
+            doctor.retract_applied()
+        """
+        if not self.off and self._applied > 0:
+            self._applied -= 1
+
     def end_fit(self) -> None:
         """Decide what is still pending at the end of a short fit.
 

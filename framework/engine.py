@@ -31,9 +31,12 @@ from .data import Batching, Source, Window, make_source, resolve_batching
 from .distributed import Runtime, make_runtime
 from .doctor import Doctor, LoopError, max_steps_override
 from .evaluation import evaluate
+from .guard import NAN_CHECKS, Pending, read_later, step_unless_found, why_not_deferred
 from .logging import MetricsLog, Progress, start_trackers
 from .module import LoopModule
 from .optim import Optimization, parse_optimizers
+
+_STEP_EVENTS = ("optimizer_step", "scheduler_step")  # what a skipped step does not have in the trace
 
 
 @dataclass
@@ -70,6 +73,10 @@ class Engine:
     - ``shuffle`` (True; seeded, and the same global order at any world size), ``seed`` (0).
     - ``mixed_precision``: "no" | "bf16" | "fp16" (default: what ``accelerate launch`` set, else "no").
     - ``clip_grad_norm``, ``clip_grad_value``; ``nan_policy``: "raise" | "skip"; ``max_consecutive_skips``.
+    - ``nan_check``: when the NaN guard's verdict is read: "step" (at once: one scalar read per step,
+      a sync on a GPU), "deferred" (a step late, with the bad step skipped on the device: no sync;
+      needs a fused optimizer, e.g. ``AdamW(..., fused=True)``; see :mod:`framework.guard`), or
+      "auto" (default: "deferred" on a GPU where the optimizer allows it, else "step").
     - ``run_dir``: where ``metrics.jsonl`` and ``config.json`` go; ``log_every_n_steps`` (50);
       ``progress`` (True); ``log_with`` (Accelerate tracker names, e.g. ["tensorboard"]).
     - ``callbacks``; ``compile`` (torch.compile); ``doctor``: "basic" | "full" | "off";
@@ -100,6 +107,7 @@ class Engine:
         clip_grad_value: float | None = None,
         nan_policy: str = "raise",
         max_consecutive_skips: int = 10,
+        nan_check: str = "auto",
         run_dir: str | None = None,
         log_every_n_steps: int = 50,
         progress: bool = True,
@@ -131,6 +139,8 @@ class Engine:
             )
         if nan_policy not in ("raise", "skip"):
             raise ValueError(f'nan_policy={nan_policy!r}; use "raise" or "skip"')
+        if nan_check not in NAN_CHECKS:
+            raise ValueError(f'nan_check={nan_check!r}; use "auto", "step" or "deferred"')
         # A clip threshold <= 0 would zero (or, for the norm, flip) every gradient: silent non-training.
         for name, clip in (("clip_grad_norm", clip_grad_norm), ("clip_grad_value", clip_grad_value)):
             if clip is not None and not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0):
@@ -148,7 +158,7 @@ class Engine:
         self.shuffle, self.seed = shuffle, seed
         self.mixed_precision = mixed_precision
         self.clip_grad_norm, self.clip_grad_value = clip_grad_norm, clip_grad_value
-        self.nan_policy, self.max_consecutive_skips = nan_policy, max_consecutive_skips
+        self.nan_policy, self.max_consecutive_skips, self.nan_check = nan_policy, max_consecutive_skips, nan_check
         self.run_dir, self.log_every_n_steps, self.progress = run_dir, log_every_n_steps, progress
         self.log_with = log_with
         self.callbacks = list(callbacks)
@@ -190,6 +200,8 @@ class Engine:
         self._saved_step: int | None = None
         self._t0 = time.monotonic()
         self._finite_check = gradient_ops.NonFiniteCheck()  # the per-step NaN guard's fused check
+        self._defer = False  # read the guard's verdict a step late (framework.guard), decided per fit
+        self._pending: Pending | None = None  # the step whose verdict is on its way
 
     # ------------------------------------------------------------------ public API
 
@@ -219,6 +231,7 @@ class Engine:
         )
         self.doctor.start_fit(module, opt.optimizer, batching, train_data, val_data, is_main=rt.is_main, fsdp=rt.fsdp)
         params = [p for g in opt.optimizer.param_groups for p in g["params"]]
+        self._defer, self._pending = self._decide_deferral(opt, rt), None  # (none left from a fit that raised)
         self._fit = fit = _Fit(
             module, model, opt, source, checkpoint.fingerprint(self, module, opt.optimizer, batching.batch_size)
         )
@@ -331,6 +344,7 @@ class Engine:
             if not epoch_ended:
                 break
             # The epoch is complete: validate, then step a per-epoch scheduler.
+            self._settle()
             t_pause = time.monotonic()
             epoch_metrics: dict[str, float] = {"epoch_time": t_pause - t_epoch}
             if val_source is not None:
@@ -348,6 +362,7 @@ class Engine:
             self.batch_in_epoch = self.items_read = 0
             if self.checkpoint_every_epoch:
                 self._save(monitor_value=epoch_metrics.get(self.monitor))
+        self._settle()  # the last step's verdict, if it is still on its way
         if (
             self.run_dir is not None
             and self._saved_step != self.step
@@ -375,6 +390,7 @@ class Engine:
         if self._fit is None:
             raise RuntimeError("save_checkpoint needs a fit in progress or finished; call engine.fit(...) first")
         target = Path(path)
+        self._settle()  # a checkpoint holds settled state only
         return str(checkpoint.save_engine(self, self._fit, target.parent.resolve(), target.name))
 
     def validate(self, module: LoopModule, data: Any) -> dict[str, float]:
@@ -436,6 +452,8 @@ class Engine:
         (max_time up on any rank, preemption signal on any rank))."""
         rt = self._rt
         assert rt is not None
+        if self._pending is not None:
+            self._settle()  # the previous step's verdict first, if it came a step late (before this step applies)
         scaler = rt.scaler
         if scaler is not None:
             scaler.unscale_(opt.optimizer)
@@ -455,6 +473,8 @@ class Engine:
                     torch.nn.utils.clip_grads_with_norm_(params, self.clip_grad_norm, grad_norm, foreach=True)
         if self.clip_grad_value is not None:
             torch.nn.utils.clip_grad_value_(params, self.clip_grad_value)
+        if self._defer and not log_now and not self.doctor.checking:
+            return self._step_deferred(opt, window, window_loss, flag, grad_norm, stop)
 
         # The one host read per step: did anything go non-finite, and does any rank want to stop?
         # Under fp16 the GradScaler owns overflowing gradients, so only the loss is checked here;
@@ -489,7 +509,7 @@ class Engine:
         if bad_host:
             if self.nan_policy == "raise":
                 self.doctor.diagnose_nonfinite(window_loss, params)  # names the culprit while the gradients exist
-            self._on_nonfinite(opt, window)
+            self._on_nonfinite(opt, f"optimizer step {self.step} (epoch {self.epoch}, batch {window.index})")
             return False, grad_norm, stop_host
         self.consecutive_skips = 0
         if scaler is None:
@@ -504,16 +524,85 @@ class Engine:
             self.skipped_steps += 1
         return applied, grad_norm, stop_host
 
-    def _on_nonfinite(self, opt: Optimization, window: Window) -> None:
-        where = f"optimizer step {self.step} (epoch {self.epoch}, batch {window.index})"
+    def _step_deferred(
+        self,
+        opt: Optimization,
+        window: Window,
+        window_loss: torch.Tensor,
+        flag: torch.Tensor | None,
+        grad_norm: torch.Tensor | None,
+        stop: Any,
+    ) -> tuple[bool, torch.Tensor | None, tuple[bool, bool]]:
+        """Step with the guard's flag as the optimizer's own skip switch, and read the flag a step
+        late (framework.guard): no host sync. Returns as an applied step; _settle undoes a bad one."""
+        rt = self._rt
+        assert rt is not None
+        if flag is None:  # the total norm was measured (clipping, several processes)
+            assert grad_norm is not None
+            ok = torch.isfinite(grad_norm)
+            if rt.world_size == 1:  # (under DDP only the all-reduced norm agrees across ranks)
+                ok = ok & torch.isfinite(window_loss)
+            flag = (~ok).float()
+        found = flag.reshape(())
+        flags = found.double().reshape(1) if rt.world_size == 1 else torch.cat([found.double().reshape(1), stop])
+        self._pending = Pending.before_step(
+            self.step, self.epoch, window.index, read_later(flags), opt.optimizer, self._step_scheduler(opt)
+        )
+        step_unless_found(opt.optimizer, found)
+        return True, grad_norm, ((self._time_up(), self._preempted) if rt.world_size == 1 else (False, False))
+
+    def _settle(self) -> None:
+        """Read the verdict of a step taken with it pending; undo the host's part of it if it was bad."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        bad, *stop = pending.read()
+        if stop:  # several processes: the stop flags came with the verdict
+            self._stop_requested |= stop[0] > 0 or stop[1] > 0
+            self._preempted |= stop[1] > 0
+        if not bad:
+            self.consecutive_skips = 0
+            return
+        assert self._fit is not None
+        opt = self._fit.opt
+        # The optimizer skipped that step on the device; undo what the host did for it.
+        pending.undo(opt.optimizer, self._step_scheduler(opt))
+        self._finite_check.clear()
+        self.doctor.retract_applied()
+        if self.trace is not None:
+            self.trace[:] = [e for e in self.trace if not (e[1] == pending.step and e[0] in _STEP_EVENTS)]
+        where = f"optimizer step {pending.step} (epoch {pending.epoch}, batch {pending.batch})"
+        # The gradients of the step in progress are good; they go only if the run stops here.
+        self._on_nonfinite(opt, where, drop_gradients=self.nan_policy == "raise", deferred=True)
+
+    def _step_scheduler(self, opt: Optimization) -> Any:
+        return opt.scheduler if opt.interval == "step" else None
+
+    def _decide_deferral(self, opt: Optimization, rt: Runtime) -> bool:
+        """nan_check="auto": defer on a GPU where the optimizer can skip on the device; "deferred": also on
+        CPU (where reading at once costs nothing), and an error where it cannot."""
+        if self.nan_check == "step":
+            return False
+        reason = why_not_deferred(opt.optimizer, opt.scheduler, opt.interval)
+        if reason is None and (rt.scaler is not None or rt.fsdp):
+            reason = "fp16 (its GradScaler owns the skip) and FSDP read the verdict at once"
+        if self.nan_check == "deferred":
+            if reason is not None:
+                raise ValueError(f'nan_check="deferred": {reason}; or use nan_check="step"')
+            return True
+        return reason is None and rt.device.type == "cuda"
+
+    def _on_nonfinite(self, opt: Optimization, where: str, drop_gradients: bool = True, deferred: bool = False) -> None:
         if self._rt is not None and self._rt.scaler is not None:
             self._rt.scaler.update()  # the scaler must close its step even when we drop it
-        gradient_ops.zero_grad(opt.optimizer)  # the bad gradients go before anything can step on them
+        if drop_gradients:
+            gradient_ops.zero_grad(opt.optimizer)  # the bad gradients go before anything can step on them
         if self.nan_policy == "raise":
+            late = " (read a step late, nan_check=deferred; nan_check='step' names the parameters)" if deferred else ""
             raise NonFiniteError(
-                f"non-finite loss or gradient norm at {where}{self.doctor.nonfinite_detail}; parameters and optimizer state are unchanged. "
-                "Fix: lower the learning rate, set clip_grad_norm, check that batch's data, or use "
-                'nan_policy="skip" to drop such steps'
+                f"non-finite loss or gradient norm at {where}{self.doctor.nonfinite_detail}{late}; parameters and "
+                "optimizer state are unchanged. Fix: lower the learning rate, set clip_grad_norm, check that batch's "
+                'data, or use nan_policy="skip" to drop such steps'
             )
         self.skipped_steps += 1
         self.consecutive_skips += 1
@@ -537,6 +626,7 @@ class Engine:
 
     def _save(self, monitor_value: float | None = None) -> None:
         assert self._fit is not None
+        self._settle()  # a checkpoint holds settled state only
         path = checkpoint.save_engine(self, self._fit, self._checkpoint_root(), monitor_value=monitor_value)
         self._saved_step = self.step
         fire(self.callbacks, "on_checkpoint_save", self, str(path))

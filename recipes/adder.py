@@ -60,7 +60,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from framework import Engine, LoopModule
 from framework.config import parse_config, save_yaml
-from framework.run_info import next_free_run_dir
+from framework.run_info import next_free_run_dir, refuse_earlier_run
 
 
 @dataclass
@@ -285,6 +285,8 @@ class Adder(LoopModule):
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr,
             betas=(0.9, 0.98),
+            # On a GPU: it can skip a non-finite step on the device, so the NaN guard needs no sync per step.
+            fused=next(self.parameters()).is_cuda or None,
         )
 
         def schedule(step: int) -> float:  # linear warmup, then cosine decay to final_lr_ratio at max_steps
@@ -326,6 +328,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         checkpoint_every_n_steps=cfg.checkpoint_every_n_steps,
         resume=cfg.resume,
     )
+    if not cfg.resume:
+        refuse_earlier_run(run_dir)  # (as fit would) before this run's config overwrites another run's
     if is_main:
         save_yaml(cfg, os.path.join(run_dir, "recipe_config.yaml"))
     engine.fit(module, train, val)

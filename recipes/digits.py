@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from framework import Engine, LoopModule
 from framework.config import parse_config, save_yaml
-from framework.run_info import next_free_run_dir
+from framework.run_info import next_free_run_dir, refuse_earlier_run
 
 
 @dataclass
@@ -87,7 +87,9 @@ class Classifier(LoopModule):
         return {"acc": (outputs.argmax(-1) == targets).float()}  # one value per image: an exact mean
 
     def configure_optimizers(self):  # type: ignore[no-untyped-def]
-        opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        # Fused on a GPU: it can skip a non-finite step on the device, so the NaN guard needs no sync per step.
+        fused = next(self.parameters()).is_cuda or None
+        opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay, fused=fused)
         # Cosine decay over the planned epochs, stepped once per epoch by the engine.
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(self.epochs, 1))
         return {"optimizer": opt, "scheduler": sched, "interval": "epoch"}
@@ -161,6 +163,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         checkpoint_every_n_steps=cfg.checkpoint_every_n_steps,
         resume=cfg.resume,
     )
+    if not cfg.resume:
+        refuse_earlier_run(run_dir)  # (as fit would) before this run's config overwrites another run's
     if is_main:
         save_yaml(cfg, os.path.join(run_dir, "recipe_config.yaml"))
     engine.fit(module, train, splits["val"])

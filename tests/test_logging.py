@@ -376,25 +376,20 @@ READS = ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__", "
 class SGDClassifier(TinyClassifier):
     """SGD has no step counter (AdamW reads its CPU step tensors with .item() inside torch.optim)."""
 
+    fused: bool | None = None
+
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, fused=self.fused)
 
 
-# Without clipping, steps that log nothing check with the fused non-finite flag instead of the total norm.
-@pytest.mark.parametrize("clip", [1.0, None], ids=["total-norm", "fused-check"])
-@pytest.mark.parametrize("doctor", ["off", "basic"])
-def test_no_host_reads_outside_log_steps_except_the_nan_guard(monkeypatch, doctor, clip):
+class FusedSGDClassifier(SGDClassifier):
+    fused = True  # can skip a step on the device: nan_check="deferred"
+
+
+def count_reads(monkeypatch, engine: Engine, module: TinyClassifier) -> list[tuple[int, str, str, str, bool]]:
+    """Fit, and return every read of a tensor's value by framework code between fit start and end:
+    (engine.step, framework file, function, method, doctor checking)."""
     framework_dir = str(ROOT / "framework")
-    engine = Engine(
-        max_epochs=2,
-        batch_size=32,
-        micro_batch_size=8,
-        clip_grad_norm=clip,
-        log_every_n_steps=3,
-        progress=False,
-        seed=0,
-        doctor=doctor,
-    )
     reads: list[tuple[int, str, str, str, bool]] = []  # engine.step, framework file, function, method, checking
 
     class Loop(Callback):  # count from the first step to the end, not the setup before it
@@ -425,9 +420,31 @@ def test_no_host_reads_outside_log_steps_except_the_nan_guard(monkeypatch, docto
     x, y = classification_data(200)
     for name in READS:
         monkeypatch.setattr(torch.Tensor, name, counting(name))
-    engine.fit(SGDClassifier(), (x, y), (x[:64], y[:64]))
+    engine.fit(module, (x, y), (x[:64], y[:64]))
     monkeypatch.undo()
+    return reads
 
+
+def reading_engine(clip: float | None, doctor: str, nan_check: str = "step") -> Engine:
+    return Engine(
+        max_epochs=2,
+        batch_size=32,
+        micro_batch_size=8,
+        clip_grad_norm=clip,
+        log_every_n_steps=3,
+        progress=False,
+        seed=0,
+        doctor=doctor,
+        nan_check=nan_check,
+    )
+
+
+# Without clipping, steps that log nothing check with the fused non-finite flag instead of the total norm.
+@pytest.mark.parametrize("clip", [1.0, None], ids=["total-norm", "fused-check"])
+@pytest.mark.parametrize("doctor", ["off", "basic"])
+def test_no_host_reads_outside_log_steps_except_the_nan_guard(monkeypatch, doctor, clip):
+    engine = reading_engine(clip, doctor)
+    reads = count_reads(monkeypatch, engine, SGDClassifier())
     assert engine.step == 14
     engine_reads = [r for r in reads if r[1] in ("engine.py", "evaluation.py")]
     doctor_reads = [r for r in reads if r[1].startswith("doctor")]  # doctor.py and its doctor_*.py parts
@@ -445,6 +462,24 @@ def test_no_host_reads_outside_log_steps_except_the_nan_guard(monkeypatch, docto
     # ... and the doctor reads only on its checked steps (none when off).
     assert all(checking for *_, checking in doctor_reads), doctor_reads
     assert doctor_reads == [] if doctor == "off" else len({s for s, *_ in doctor_reads}) <= 5
+
+
+@pytest.mark.parametrize("clip", [1.0, None], ids=["total-norm", "fused-check"])
+@pytest.mark.parametrize("doctor", ["off", "basic"])
+def test_deferred_nan_check_reads_nothing_on_the_device_outside_log_and_checked_steps(monkeypatch, doctor, clip):
+    # nan_check="deferred" (framework.guard): a step's verdict is copied to the host without waiting
+    # and read in _settle a step later; _optimizer_step itself reads only where reading is allowed
+    # anyway: on log steps and on the doctor's sparse checked steps.
+    engine = reading_engine(clip, doctor, nan_check="deferred")
+    reads = count_reads(monkeypatch, engine, FusedSGDClassifier())
+    assert engine.step == 14 and engine._defer
+    engine_reads = [r for r in reads if r[1] in ("engine.py", "evaluation.py")]
+    assert {fn for _, _, fn, _, _ in engine_reads} <= {"_optimizer_step", "_settle", "_log_train", "evaluate"}
+    log_steps = {2, 5, 8, 11}  # engine.step while steps 3, 6, 9, 12 are taken
+    in_step = {s for s, _, fn, _, checking in engine_reads if fn == "_optimizer_step" and not checking}
+    assert in_step <= log_steps, engine_reads
+    settled = [s for s, _, fn, _, _ in engine_reads if fn == "_settle"]
+    assert len(settled) == len(set(settled)) >= 5, engine_reads  # at most one verdict a step, and some came late
 
 
 # ---------------------------------------------------------------- 2 processes

@@ -128,3 +128,81 @@ def test_nan_policy_and_skip_limit_are_checked_up_front():
         Engine(max_steps=1, nan_policy="ignore")
     with pytest.raises(ValueError, match="max_consecutive_skips"):
         Engine(max_steps=1, nan_policy="skip", max_consecutive_skips=0)
+
+
+# ---------------------------------------------------------------- nan_check="deferred" (framework.guard)
+# The verdict is read a step late and a bad step is skipped by the fused optimizer on the device, so
+# the loop needs no host sync; the end state must be bitwise that of reading the verdict at once.
+
+
+@pytest.mark.parametrize("clip", [None, 1.0], ids=["fused-check", "total-norm"])
+@pytest.mark.parametrize(
+    ("doctor", "micro_batch_size", "bad_windows"),
+    [("off", None, [2, 3, 7]), ("basic", 4, [3, 5, 7])],  # (the doctor's checked steps 0, 1, 2, 4 read at once)
+)
+def test_deferred_skip_ends_bitwise_where_reading_at_once_ends(clip, doctor, micro_batch_size, bad_windows):
+    # Two bad steps in a row (the flag must be lowered in between) and the last step (settled after the loop).
+    x, y = data(8 * BATCH, nan_items=[w * BATCH + 3 for w in bad_windows])
+    kw = dict(batch_size=BATCH, micro_batch_size=micro_batch_size, shuffle=False, progress=False, doctor=doctor)
+    kw.update(nan_policy="skip", clip_grad_norm=clip, max_epochs=1)
+    runs = {}
+    for check in ("step", "deferred"):
+        module = Net(optimizer="adamw", lr=1e-2, scheduler="lambda", fused=True)
+        engine = Engine(nan_check=check, trace=True, **kw)
+        engine.fit(module, (x, y))
+        assert engine._defer == (check == "deferred")
+        runs[check] = (engine, module)
+    (at_once, a), (late, b) = runs["step"], runs["deferred"]
+    assert late.skipped_steps == at_once.skipped_steps == 3 and late.step == 8
+    assert torch.isfinite(flat(b)).all()
+    assert torch.equal(flat(a), flat(b))
+    assert_state_equal(a.opt.state_dict()["state"], b.opt.state_dict()["state"])
+    assert b.sched.last_epoch == a.sched.last_epoch == 8 - 3
+    assert [g["lr"] for g in b.opt.param_groups] == [g["lr"] for g in a.opt.param_groups]
+    assert late.trace == at_once.trace  # a skipped step has no optimizer_step/scheduler_step event
+
+
+def test_deferred_skip_does_change_the_state_when_the_device_skip_is_missing(monkeypatch):
+    # Sanity check of the test above: without the optimizer's device-side skip the bad step is applied
+    # (its NaN gradient reaches AdamW's moments) and the end state is far from reading at once.
+    import framework.engine as fe
+
+    monkeypatch.setattr(fe, "step_unless_found", lambda optimizer, found: optimizer.step())
+    x, y = data(8 * BATCH, nan_items=[3 * BATCH])
+    module = Net(optimizer="adamw", lr=1e-2, fused=True)
+    kw = dict(batch_size=BATCH, shuffle=False, progress=False, doctor="off", nan_policy="skip")
+    Engine(max_epochs=1, nan_check="deferred", **kw).fit(module, (x, y))
+    assert not torch.isfinite(flat(module)).all()
+
+
+@pytest.mark.parametrize("poison", ["loss", "grad"])
+def test_deferred_raise_names_the_step_and_leaves_its_state(poison):
+    x, y = data(4 * BATCH)
+    module = Net(optimizer="adamw", lr=1e-2, poison_call=(4 + 2) * 2, poison=poison, fused=True)
+    snaps = Snapshots()
+    engine = Engine(
+        max_epochs=3,
+        batch_size=BATCH,
+        micro_batch_size=BATCH // 2,
+        nan_check="deferred",
+        progress=False,
+        callbacks=[snaps],
+    )
+    with pytest.raises(NonFiniteError, match=r"optimizer step 6 \(epoch 1, batch 2\).*read a step late"):
+        engine.fit(module, (x, y))
+    # Step 6 ended as if applied (its verdict came with step 7), but the optimizer had skipped it.
+    assert len(snaps.params) == 7
+    assert torch.equal(flat(module), snaps.params[5]) and torch.equal(snaps.params[6], snaps.params[5])
+    assert_state_equal(module.opt.state_dict()["state"], snaps.opt_state[5])
+    assert all(p.grad is None for p in module.parameters())
+
+
+def test_nan_check_deferred_needs_an_optimizer_that_can_skip_on_the_device():
+    x, y = data(2 * BATCH)
+    with pytest.raises(ValueError, match=r'nan_check="deferred": AdamW cannot skip a step on the device.*fused=True'):
+        Engine(max_epochs=1, batch_size=BATCH, nan_check="deferred", progress=False).fit(Net(optimizer="adamw"), (x, y))
+    with pytest.raises(ValueError, match=r"nan_check='sometimes'"):
+        Engine(max_steps=1, nan_check="sometimes")
+    engine = Engine(max_epochs=1, batch_size=BATCH, progress=False)  # "auto" reads at once on CPU: it is free
+    engine.fit(Net(optimizer="adamw", fused=True), (x, y))
+    assert engine._defer is False

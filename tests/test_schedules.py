@@ -142,3 +142,12 @@ def test_two_processes_one_scheduler_step_per_optimizer_step_and_nan_steps_agree
         assert out["raise"] is not None and "optimizer step 1 (epoch 0, batch 1)" in out["raise"]
     assert ranks[0]["lambda_params"] == ranks[1]["lambda_params"]
     assert ranks[0]["skip"]["params"] == ranks[1]["skip"]["params"]  # the ranks stayed in step
+    # nan_check="deferred": the verdict a step late (skipped on the device), bitwise the same end state.
+    for out in ranks:
+        at_once, late = out["fused_step"], out["fused_deferred"]
+        assert (at_once["deferred"], late["deferred"]) == (False, True)
+        assert late["skipped_steps"] == at_once["skipped_steps"] == 2  # window 1 of both epochs
+        assert late["last_epoch"] == at_once["last_epoch"] == 6 - 2
+        assert late["params"] == at_once["params"] and all(math.isfinite(v) for v in late["params"])
+        assert out["deferred_raise"] is not None and "optimizer step 1 (epoch 0, batch 1)" in out["deferred_raise"]
+    assert ranks[0]["fused_deferred"]["params"] == ranks[1]["fused_deferred"]["params"]

@@ -54,6 +54,23 @@ def test_smoke_in_process(tmp_path, capsys, model):
     assert json.loads((run_dir / "config.json").read_text())["module"] == "Classifier"
 
 
+def test_running_again_starts_a_new_run_dir_and_never_writes_into_another_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the default run dir is relative: runs/digits-mlp
+    smoke = ["--smoke", "--progress", "false"]
+    digits.main(smoke)
+    digits.main(smoke)
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["digits-mlp", "digits-mlp-2"]
+    first = tmp_path / "runs" / "digits-mlp"
+    before = (first / "recipe_config.yaml").read_text(), (first / "metrics.jsonl").read_text()
+    # Naming that dir again without --resume is refused before anything is written there ...
+    with pytest.raises(ValueError, match=r"already holds an earlier run.*resume='auto'"):
+        digits.main([*smoke, "--run-dir", str(first), "--lr", "0.5"])
+    assert ((first / "recipe_config.yaml").read_text(), (first / "metrics.jsonl").read_text()) == before
+    # ... and --resume auto continues it (it had finished: nothing more to train).
+    result = digits.main([*smoke, "--run-dir", str(first), "--resume", "auto"])
+    assert 0.0 <= result["test/acc"] <= 1.0 and f"outputs: {first}" in capsys.readouterr().out
+
+
 def test_yaml_config_and_overrides(tmp_path, capsys):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("model: cnn\nhidden: 32\nlr: 0.5\n")

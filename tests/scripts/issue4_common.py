@@ -26,6 +26,7 @@ class Net(LoopModule):
       ``lambda_calls``) or "lambda_epoch" (the same, with ``interval="epoch"``).
     - ``poison_call`` / ``poison``: on the ``poison_call``-th training forward (0-based),
       make the loss NaN ("loss") or keep the loss finite but make the gradient NaN ("grad").
+    - ``fused``: the optimizer's fused kernel, which can skip a step on the device.
     """
 
     def __init__(
@@ -36,12 +37,14 @@ class Net(LoopModule):
         poison_call: int | None = None,
         poison: str = "loss",
         seed: int = 0,
+        fused: bool = False,
     ) -> None:
         super().__init__()
         torch.manual_seed(seed)
         self.net = nn.Sequential(nn.Linear(N_FEATURES, 16), nn.Tanh(), nn.Linear(16, N_CLASSES))
         self.optimizer_name, self.lr, self.scheduler_name = optimizer, lr, scheduler
         self.poison_call, self.poison = poison_call, poison
+        self.fused = fused  # torch's fused kernels: they can skip a step on the device (nan_check="deferred")
         self.train_forwards = 0
         self.lambda_calls: list[int] = []
         self.opt: torch.optim.Optimizer | None = None
@@ -69,9 +72,9 @@ class Net(LoopModule):
 
     def configure_optimizers(self) -> Any:
         if self.optimizer_name == "sgd":
-            self.opt = torch.optim.SGD(self.parameters(), lr=self.lr)
+            self.opt = torch.optim.SGD(self.parameters(), lr=self.lr, fused=self.fused or None)
         else:
-            self.opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.01)
+            self.opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.01, fused=self.fused or None)
         if self.scheduler_name is None:
             return self.opt
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_lambda)

@@ -8,6 +8,8 @@ epoch, in order (shuffle=False). Writes OUT_DIR/rank{r}.json with, per rank:
   lambda_epoch_calls             the same LambdaLR with interval="epoch"
   skip                           nan_policy="skip" with a NaN item that only rank 1 reads
   raise                          the NonFiniteError message under "raise" for the same data (None if none)
+  fused_step, fused_deferred     nan_policy="skip" with fused AdamW, reading the verdict at once / a step late
+  deferred_raise                 the NonFiniteError message under "raise" with nan_check="deferred"
 """
 
 from __future__ import annotations
@@ -60,6 +62,25 @@ def main(out: Path) -> None:
         Engine(max_epochs=1, nan_policy="raise", **KW).fit(Net(optimizer="sgd", lr=0.1), data(48, nan_items=[NAN_ITEM]))
     except NonFiniteError as e:
         result["raise"] = str(e)
+
+    # nan_check="deferred" (fused AdamW skips on the device, the verdict and the stop flags come a step
+    # late): the same NaN must end both ranks bitwise where reading at once ends them.
+    for check in ("step", "deferred"):
+        module = Net(optimizer="adamw", lr=1e-2, scheduler="lambda", fused=True)
+        engine = Engine(max_epochs=2, nan_policy="skip", nan_check=check, **KW)
+        engine.fit(module, data(48, nan_items=[NAN_ITEM]))
+        result[f"fused_{check}"] = {
+            "deferred": engine._defer,
+            "skipped_steps": engine.skipped_steps,
+            "last_epoch": module.sched.last_epoch,
+            "params": flat(module).tolist(),
+        }
+    try:
+        engine = Engine(max_epochs=1, nan_policy="raise", nan_check="deferred", **KW)
+        engine.fit(Net(optimizer="sgd", lr=0.1, fused=True), data(48, nan_items=[NAN_ITEM]))
+        result["deferred_raise"] = None
+    except NonFiniteError as e:
+        result["deferred_raise"] = str(e)
 
     (out / f"rank{rt.rank}.json").write_text(json.dumps(result))
 

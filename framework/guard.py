@@ -1,0 +1,121 @@
+"""The NaN guard's verdict a step late, so that a GPU step needs no host sync.
+
+The guard decides, before the optimizer step, whether the gradients and the loss are finite.
+Read at once, that verdict is one device-to-host sync per step: free on CPU, but on a GPU it
+drains the queue of kernels every step. An optimizer that can skip its own step on the device
+(torch's fused Adam, AdamW, SGD and Adagrad read a ``found_inf`` tensor, as GradScaler uses them)
+lets the engine defer the read instead:
+
+1. the step runs with ``found_inf`` = the guard's flag, so a bad step changes no parameter and
+   no optimizer state (step counters included), on the device, without the host knowing;
+2. the flag is copied to the host asynchronously, and read at the next step, after that step's
+   backward is queued: by then the copy is long done, and the wait never starves the GPU;
+3. if it was bad, the host undoes its own part of that step (the per-step LR scheduler and the
+   param groups' lr) and counts it as skipped, or raises: the same end state as a verdict read
+   at once. Callbacks saw that step end as if applied; the error cannot name the parameters
+   whose gradients went bad (``nan_check="step"`` does).
+
+Example::
+
+    reason = why_not_deferred(optimizer, scheduler, "step")   # None: the optimizer can skip on the device
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+NAN_CHECKS = ("auto", "step", "deferred")
+
+
+def why_not_deferred(optimizer: torch.optim.Optimizer, scheduler: Any, interval: str) -> str | None:
+    """None if steps with this optimizer and scheduler can be skipped on the device and undone on
+    the host, else why not, in the user's terms.
+
+    Example::
+
+        why_not_deferred(torch.optim.AdamW(params, fused=True), None, "step")   # None
+    """
+    if not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return (
+            f"{type(optimizer).__name__} cannot skip a step on the device; create it with fused=True "
+            "(torch.optim.Adam, AdamW, SGD and Adagrad support it)"
+        )
+    if scheduler is not None and interval == "step" and not hasattr(scheduler, "load_state_dict"):
+        return f"the per-step scheduler {type(scheduler).__name__} has no state_dict to undo a skipped step with"
+    return None
+
+
+def read_later(flags: torch.Tensor) -> Callable[[], list[float]]:
+    """Start copying ``flags`` to the host without waiting; the returned function waits for that copy
+    only (not for the work queued after it) and returns the values.
+
+    Example::
+
+        read = read_later(flag)    # now: queue the copy
+        ...                        # queue the next step's forward and backward
+        bad, = read()              # waits for the copy, not for them
+    """
+    if flags.device.type == "cuda":
+        host = flags.to("cpu", non_blocking=True)  # pinned memory, filled in stream order
+        done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        done.record()
+
+        def read() -> list[float]:
+            done.synchronize()
+            return host.tolist()
+
+        return read
+    host = flags.detach().clone()  # CPU: computed already; a copy, as the flag tensor is reused
+    return host.tolist
+
+
+def step_unless_found(optimizer: torch.optim.Optimizer, found: torch.Tensor) -> None:
+    """``optimizer.step()``, which the optimizer itself turns into a no-op (parameters, state and step
+    counts untouched) where the 0-dim float tensor ``found`` is non-zero: GradScaler's protocol for
+    fused optimizers, with no scale.
+
+    Example::
+
+        step_unless_found(torch.optim.AdamW(params, fused=True), flag.reshape(()))
+    """
+    holder: Any = optimizer
+    holder.found_inf, holder.grad_scale = found, None
+    try:
+        optimizer.step()
+    finally:
+        del holder.found_inf, holder.grad_scale
+
+
+@dataclass
+class Pending:
+    """A step taken with its verdict still on the way, and what the host must undo if it was bad."""
+
+    step: int  # the engine's step counter when it was taken
+    epoch: int
+    batch: int
+    read: Callable[[], list[float]]  # [bad, then (time_up, preempted) under several processes]
+    scheduler_state: dict[str, Any] | None  # the per-step scheduler before it stepped for this step
+    lrs: list[Any]  # each param group's lr before that
+
+    @classmethod
+    def before_step(
+        cls, step: int, epoch: int, batch: int, read: Callable[[], list[float]], optimizer: Any, scheduler: Any
+    ) -> Pending:
+        """Record what a bad verdict must undo: call before the scheduler steps for this step."""
+        lrs = [g["lr"].clone() if isinstance(g["lr"], torch.Tensor) else g["lr"] for g in optimizer.param_groups]
+        state = scheduler.state_dict() if scheduler is not None else None
+        return cls(step, epoch, batch, read, state, lrs)
+
+    def undo(self, optimizer: Any, scheduler: Any) -> None:
+        """Put the scheduler and the learning rates back to before this (skipped) step."""
+        if self.scheduler_state is not None:
+            scheduler.load_state_dict(self.scheduler_state)
+        for group, lr in zip(optimizer.param_groups, self.lrs, strict=True):
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].copy_(lr)  # (a tensor lr is updated in place by schedulers)
+            else:
+                group["lr"] = lr
