@@ -231,7 +231,8 @@ class Engine:
         )
         self.doctor.start_fit(module, opt.optimizer, batching, train_data, val_data, is_main=rt.is_main, fsdp=rt.fsdp)
         params = [p for g in opt.optimizer.param_groups for p in g["params"]]
-        self._defer, self._pending = self._decide_deferral(opt, rt), None  # (none left from a fit that raised)
+        self._defer, why_not = self._decide_deferral(opt, rt)
+        self._pending = None  # (none left from a fit that raised)
         self._fit = fit = _Fit(
             module, model, opt, source, checkpoint.fingerprint(self, module, opt.optimizer, batching.batch_size)
         )
@@ -247,7 +248,9 @@ class Engine:
             self.run_dir, rt.is_main, tracker=start_trackers(rt.accelerator, self.log_with, self.run_dir, config)
         )
         progress = Progress(self.progress, rt.is_main)
-        progress.message(run_info.summary(module, rt, batching))
+        progress.message(run_info.summary(module, rt, batching, nan_check="deferred" if self._defer else "step"))
+        if why_not is not None and rt.device.type == "cuda":
+            progress.message(f"NaN guard: one host sync per step, as {why_not}")
 
         fire(self.callbacks, "on_fit_start", self, module)
         previous_handlers = self._install_signal_handlers()
@@ -578,19 +581,17 @@ class Engine:
     def _step_scheduler(self, opt: Optimization) -> Any:
         return opt.scheduler if opt.interval == "step" else None
 
-    def _decide_deferral(self, opt: Optimization, rt: Runtime) -> bool:
-        """nan_check="auto": defer on a GPU where the optimizer can skip on the device; "deferred": also on
-        CPU (where reading at once costs nothing), and an error where it cannot."""
+    def _decide_deferral(self, opt: Optimization, rt: Runtime) -> tuple[bool, str | None]:
+        """(defer?, why not where it cannot). nan_check="auto": defer on a GPU where the optimizer can skip
+        on the device; "deferred": also on CPU (where reading at once costs nothing), an error where it cannot."""
         if self.nan_check == "step":
-            return False
+            return False, None
         reason = why_not_deferred(opt.optimizer, opt.scheduler, opt.interval)
         if reason is None and (rt.scaler is not None or rt.fsdp):
             reason = "fp16 (its GradScaler owns the skip) and FSDP read the verdict at once"
-        if self.nan_check == "deferred":
-            if reason is not None:
-                raise ValueError(f'nan_check="deferred": {reason}; or use nan_check="step"')
-            return True
-        return reason is None and rt.device.type == "cuda"
+        if self.nan_check == "deferred" and reason is not None:
+            raise ValueError(f'nan_check="deferred": {reason}; or use nan_check="step"')
+        return reason is None and (self.nan_check == "deferred" or rt.device.type == "cuda"), reason
 
     def _on_nonfinite(self, opt: Optimization, where: str, drop_gradients: bool = True, deferred: bool = False) -> None:
         if self._rt is not None and self._rt.scaler is not None:

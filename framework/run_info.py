@@ -117,12 +117,13 @@ def jsonable(v: Any) -> Any:
     return getattr(v, "__name__", type(v).__name__)
 
 
-def summary(module: nn.Module, rt: Runtime, batching: Batching) -> str:
-    """The model summary printed at fit start: parameters per top-level child, precision, world, batching.
+def summary(module: nn.Module, rt: Runtime, batching: Batching, nan_check: str = "step") -> str:
+    """The model summary printed at fit start: parameters per top-level child, precision, world, batching,
+    and when the NaN guard's verdict is read (``nan_check``: "step" or "deferred").
 
     Example::
 
-        print(summary(module, runtime, batching))
+        print(summary(module, runtime, batching, nan_check="step"))
     """
     lines = [f"{type(module).__name__}: parameters (total / trainable) per top-level child"]
     for name, child in module.named_children():
@@ -135,6 +136,6 @@ def summary(module: nn.Module, rt: Runtime, batching: Batching) -> str:
     lines.append(
         f"precision={rt.mixed_precision} world_size={rt.world_size} device={rt.device} "
         f"global_batch={batching.batch_size} micro_batch={batching.micro_batch_size} "
-        f"accumulation={batching.accumulation}"
+        f"accumulation={batching.accumulation} nan_check={nan_check}"
     )
     return "\n".join(lines)

@@ -230,6 +230,7 @@ def test_without_a_terminal_one_plain_line_per_log_step_and_no_carriage_returns(
     assert lines[0].startswith("TinyClassifier: parameters (total / trainable)")
     assert re.match(r"^\s+net\s+387\s+387$", lines[1]) and re.match(r"^\s+total\s+387\s+387$", lines[2])
     assert "precision=no world_size=1" in lines[3] and "global_batch=32" in lines[3] and "accumulation=1" in lines[3]
+    assert lines[3].endswith("nan_check=step")  # (on CPU the verdict is read at once: it costs nothing)
     assert sum(1 for line in lines if "val/loss=" in line) == 2  # one line per validation
     assert len(lines) == 4 + 4 + 2  # summary, log steps, validations: nothing else
 

@@ -206,3 +206,22 @@ def test_nan_check_deferred_needs_an_optimizer_that_can_skip_on_the_device():
     engine = Engine(max_epochs=1, batch_size=BATCH, progress=False)  # "auto" reads at once on CPU: it is free
     engine.fit(Net(optimizer="adamw", fused=True), (x, y))
     assert engine._defer is False
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_on_a_gpu_auto_defers_with_a_fused_optimizer_and_ends_where_reading_at_once_ends(precision):
+    x, y = data(8 * BATCH, nan_items=[3 * BATCH + 1, 6 * BATCH + 2])
+    kw = dict(max_epochs=1, batch_size=BATCH, shuffle=False, progress=False, doctor="off", nan_policy="skip")
+    runs = {}
+    for check in ("step", "auto"):
+        module = Net(optimizer="adamw", lr=1e-2, scheduler="lambda", fused=True)
+        engine = Engine(nan_check=check, mixed_precision=precision, **kw)
+        engine.fit(module, (x, y))
+        runs[check] = (engine, module)
+    (at_once, a), (late, b) = runs["step"], runs["auto"]
+    assert late._defer and not at_once._defer
+    assert late.skipped_steps == at_once.skipped_steps == 2
+    assert torch.equal(flat(a), flat(b)) and torch.isfinite(flat(b)).all()
+    assert b.sched.last_epoch == a.sched.last_epoch == 8 - 2

@@ -1,0 +1,212 @@
+"""GPU throughput: the Engine against a hand-written Accelerate loop, in bf16 (issue 9's GPU target:
+>= 0.98x the hand-written loop's tokens/s). Not a CI test: run it where a CUDA GPU is present.
+
+    .venv/bin/python benchmarks/gpu.py                   # writes benchmarks/gpu_results.md
+    .venv/bin/python benchmarks/gpu.py --quick           # a smoke run
+    .venv/bin/python benchmarks/gpu.py --quick --allow-cpu --out ''   # check the script itself on a CPU
+
+Workloads, both with AdamW(fused=True) for every loop and bf16 autocast:
+
+- the medium MLP 784-1024-1024-10, batch 256 (items/s);
+- a small GPT: the adder recipe's decoder-only transformer scaled up (8 layers, d_model 512,
+  8 heads), batch 256 problems of 14 tokens (tokens/s).
+
+Loops: the hand-written Accelerate loop (``Accelerator(mixed_precision="bf16")``, ``prepare``,
+``accelerator.backward``, as in Accelerate's examples); the Engine with defaults (the NaN guard
+reads its verdict a step late with the fused optimizer: ``nan_check="auto"``); the Engine
+barebones; and the Engine barebones with ``nan_check="step"``, which prices the per-step sync
+that a non-fused optimizer would cost. Marginal time per step, (T(N2) - T(N1)) / (N2 - N1), with
+``torch.cuda.synchronize()`` before each clock read, loops interleaved, median of the repetitions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import io
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from framework import Engine, LoopModule  # noqa: E402
+
+
+def load_adder() -> Any:
+    spec = importlib.util.spec_from_file_location("recipe_adder", ROOT / "recipes" / "adder.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["recipe_adder"] = module  # (its dataclasses resolve annotations through sys.modules)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fused_adamw(module: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(module.parameters(), lr=1e-4, fused=next(module.parameters()).is_cuda or None)
+
+
+class MLP(LoopModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.net(inputs)
+
+    def compute_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(outputs.float(), targets)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return fused_adamw(self)
+
+
+def workloads(quick: bool) -> dict[str, tuple[Callable[[], LoopModule], tuple[torch.Tensor, ...], int, int]]:
+    """name -> (model factory, data tensors, batch size, tokens per item)."""
+    g = torch.Generator().manual_seed(0)
+    out: dict[str, tuple[Callable[[], LoopModule], tuple[torch.Tensor, ...], int, int]] = {}
+    n = 256 * (8 if quick else 64)
+    out["medium MLP 784-1024-1024-10, batch 256"] = (
+        MLP,
+        (torch.randn(n, 784, generator=g), torch.randint(0, 10, (n,), generator=g)),
+        256,
+        1,
+    )
+    adder = load_adder()
+    layers, width = (2, 128) if quick else (8, 512)
+    cfg = adder.Config(n_layer=layers, d_model=width, n_head=8, train_size=n, val_size=256, digit_positions=True)
+
+    class GPT(adder.Adder):  # type: ignore[misc,name-defined]
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return fused_adamw(self)
+
+    train, _ = adder.make_data(cfg)
+    out[f"GPT {layers} layers x {width} (the adder's, scaled up), batch 256"] = (
+        lambda: GPT(cfg),
+        train,
+        256,
+        train[0].shape[1],
+    )
+    return out
+
+
+def run_accelerate(factory: Callable[[], LoopModule], data: tuple[torch.Tensor, ...], batch: int, n: int) -> None:
+    """The loop from Accelerate's examples, with the module's own loss."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    accelerator = Accelerator(mixed_precision="bf16", cpu=not torch.cuda.is_available())
+    torch.manual_seed(0)
+    module = factory().to(accelerator.device)
+    opt = module.configure_optimizers()
+    loader = DataLoader(TensorDataset(*data), batch_size=batch, shuffle=True, drop_last=True)
+    model, opt, loader = accelerator.prepare(module, opt, loader)
+    model.train()
+    step = 0
+    while step < n:
+        for inputs, targets in loader:
+            opt.zero_grad(set_to_none=True)
+            loss = module.compute_loss(model(inputs), targets)
+            accelerator.backward(loss)
+            opt.step()
+            step += 1
+            if step == n:
+                break
+
+
+def run_engine(
+    factory: Callable[[], LoopModule], data: tuple[torch.Tensor, ...], batch: int, n: int, **kw: Any
+) -> None:
+    torch.manual_seed(0)
+    Engine(max_steps=n, batch_size=batch, seed=0, mixed_precision="bf16", **kw).fit(factory(), data)
+
+
+def loops_for(
+    factory: Callable[[], LoopModule], data: tuple[torch.Tensor, ...], batch: int
+) -> dict[str, Callable[[int], None]]:
+    barebones = dict(progress=False, doctor="off", log_every_n_steps=10**9)
+    return {
+        "hand-written Accelerate loop": partial(run_accelerate, factory, data, batch),
+        "Engine, defaults (nan_check=auto: deferred on a GPU)": partial(run_engine, factory, data, batch),
+        "Engine, barebones": partial(run_engine, factory, data, batch, **barebones),
+        'Engine, barebones, nan_check="step" (a sync per step)': partial(
+            run_engine, factory, data, batch, nan_check="step", **barebones
+        ),
+    }
+
+
+def measure(loops: dict[str, Callable[[int], None]], n1: int, n2: int, reps: int) -> dict[str, list[float]]:
+    """Marginal seconds per step of each loop, one value per repetition; loops interleaved, order rotated."""
+    for loop in loops.values():
+        timed(partial(loop, 2))  # warm-up: kernels, allocator, lazy imports
+    per_step: dict[str, list[float]] = {k: [] for k in loops}
+    names = list(loops)
+    for r in range(reps):
+        for k in names[r % len(names) :] + names[: r % len(names)]:
+            t1, t2 = timed(partial(loops[k], n1)), timed(partial(loops[k], n2))
+            per_step[k].append((t2 - t1) / (n2 - n1))
+    return per_step
+
+
+def timed(fn: Callable[[], None]) -> float:
+    sink = io.StringIO()
+    with contextlib.redirect_stderr(sink), contextlib.redirect_stdout(sink):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="small models, short runs: a smoke test")
+    p.add_argument("--allow-cpu", action="store_true", help="run without a GPU (to check the script only)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "gpu_results.md"), help="'' = don't write")
+    args = p.parse_args()
+    if not torch.cuda.is_available() and not args.allow_cpu:
+        sys.exit("benchmarks/gpu.py needs a CUDA GPU (--allow-cpu runs it on CPU to check the script only)")
+    n1, n2 = (3, 8) if args.quick else (20, 120)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (script check only)"
+    lines = [
+        "# GPU throughput",
+        "",
+        f"Produced by `python benchmarks/gpu.py {' '.join(sys.argv[1:])}` on {device}, torch {torch.__version__}, "
+        f"{time.strftime('%Y-%m-%d')}. bf16, AdamW(fused=True) in every loop; marginal time per step, "
+        f"N1={n1}, N2={n2}, median of {args.reps} interleaved repetitions.",
+        "",
+    ]
+    for name, (factory, data, batch, tokens) in workloads(args.quick).items():
+        per_step = measure(loops_for(factory, data, batch), n1, n2, args.reps)
+        base = statistics.median(per_step["hand-written Accelerate loop"])
+        first = len(lines)
+        lines += [f"### {name}", "", "| loop | ms/step | tokens/s | vs Accelerate loop |", "|---|---|---|---|"]
+        for k, v in per_step.items():
+            med = statistics.median(v)
+            lines.append(f"| {k} | {med * 1e3:.2f} | {batch * tokens / med:,.0f} | {base / med:.3f}x |")
+        lines.append("")
+        print("\n".join(lines[first:]), flush=True)
+    if args.out:
+        Path(args.out).write_text("\n".join(lines).rstrip() + "\n")
+        print(f"written to {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
