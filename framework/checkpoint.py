@@ -318,12 +318,17 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- the engine's state <-> a checkpoint
 
 
+_KERNEL_FLAGS = ("foreach", "fused", "capturable")
+
+
 def fingerprint(
     engine: Any, module: torch.nn.Module, optimizer: torch.optim.Optimizer, batch_size: int | None
 ) -> dict[str, Any]:
     """What a checkpoint depends on: resuming with any of it changed is an error."""
     tensors: dict[str, torch.Tensor] = {}
-    defaults = flatten({k: v for k, v in optimizer.defaults.items() if not callable(v)}, tensors, "defaults")
+    # (the kernel flags say how a step is computed, not what: a run may resume on other hardware)
+    settings = {k: v for k, v in optimizer.defaults.items() if not callable(v) and k not in _KERNEL_FLAGS}
+    defaults = flatten(settings, tensors, "defaults")
     return {
         "batch_size": batch_size,
         "seed": engine.seed,

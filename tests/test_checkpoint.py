@@ -253,6 +253,27 @@ def test_resume_errors_are_clear_and_never_a_silent_fresh_start(tmp_path):
     assert engine.step == 7
 
 
+def test_resume_may_switch_the_optimizer_kernel_but_not_its_settings(tmp_path):
+    # fused/foreach say how the step is computed, not what (the recipes use fused=True on a GPU):
+    # a run checkpointed with one kernel resumes with another; a changed lr is still an error.
+    class Fusable(TinyClassifier):
+        def __init__(self, fused: bool | None, lr: float = 1e-2) -> None:
+            super().__init__()
+            self.fused, self.lr = fused, lr
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=self.lr, fused=self.fused)
+
+    x, y = classification_data(200)
+    kw = dict(batch_size=32, run_dir=str(tmp_path), progress=False)
+    Engine(max_epochs=1, **kw).fit(Fusable(None), (x, y))
+    with pytest.raises(CheckpointError, match=r"optimizer: checkpoint .*'lr': 0.01.* vs now .*'lr': 0.02"):
+        Engine(max_epochs=2, resume="auto", **kw).fit(Fusable(True, lr=2e-2), (x, y))
+    engine = Engine(max_epochs=2, resume="auto", **kw)
+    engine.fit(Fusable(True), (x, y))
+    assert engine.step == 14
+
+
 def test_auto_skips_incomplete_checkpoint_with_a_warning(tmp_path):
     _fit(tmp_path / "run", max_epochs=1)
     root = tmp_path / "run" / "checkpoints"
