@@ -9,7 +9,8 @@ lets the engine defer the read instead:
 1. the step runs with ``found_inf`` = the guard's flag, so a bad step changes no parameter and
    no optimizer state (step counters included), on the device, without the host knowing;
 2. the flag is copied to the host asynchronously, and read at the next step, after that step's
-   backward is queued: by then the copy is long done, and the wait never starves the GPU;
+   backward is queued: by then the copy is normally done, and waiting for it alone (not for the
+   work queued after it) leaves the GPU busy;
 3. if it was bad, the host undoes its own part of that step (the per-step LR scheduler and the
    param groups' lr) and counts it as skipped, or raises: the same end state as a verdict read
    at once. Callbacks saw that step end as if applied; the error cannot name the parameters
