@@ -512,7 +512,7 @@ class Engine:
         if bad_host:
             if self.nan_policy == "raise":
                 self.doctor.diagnose_nonfinite(window_loss, params)  # names the culprit while the gradients exist
-            self._on_nonfinite(opt, f"optimizer step {self.step} (epoch {self.epoch}, batch {window.index})")
+            self._on_nonfinite(opt, (self.step, self.epoch, window.index))
             return False, grad_norm, stop_host
         self.consecutive_skips = 0
         if scaler is None:
@@ -574,9 +574,9 @@ class Engine:
         self.doctor.retract_applied()
         if self.trace is not None:
             self.trace[:] = [e for e in self.trace if not (e[1] == pending.step and e[0] in _STEP_EVENTS)]
-        where = f"optimizer step {pending.step} (epoch {pending.epoch}, batch {pending.batch})"
         # The gradients of the step in progress are good; they go only if the run stops here.
-        self._on_nonfinite(opt, where, drop_gradients=self.nan_policy == "raise", deferred=True)
+        position = (pending.step, pending.epoch, pending.batch)
+        self._on_nonfinite(opt, position, drop_gradients=self.nan_policy == "raise", deferred=True)
 
     def _step_scheduler(self, opt: Optimization) -> Any:
         return opt.scheduler if opt.interval == "step" else None
@@ -593,7 +593,11 @@ class Engine:
             raise ValueError(f'nan_check="deferred": {reason}; or use nan_check="step"')
         return reason is None and (self.nan_check == "deferred" or rt.device.type == "cuda"), reason
 
-    def _on_nonfinite(self, opt: Optimization, where: str, drop_gradients: bool = True, deferred: bool = False) -> None:
+    def _on_nonfinite(
+        self, opt: Optimization, position: tuple[int, int, int], drop_gradients: bool = True, deferred: bool = False
+    ) -> None:
+        """Count or raise for a bad step at ``position`` = (optimizer step, epoch, batch)."""
+        where = "optimizer step {} (epoch {}, batch {})".format(*position)
         if self._rt is not None and self._rt.scaler is not None:
             self._rt.scaler.update()  # the scaler must close its step even when we drop it
         if drop_gradients:
