@@ -77,6 +77,22 @@ def next_free_run_dir(base: str) -> str:
     return candidate
 
 
+def recipe_run_dir(explicit: str | None, default: str, resume: str | None) -> str:
+    """The run dir a recipe writes to, refused before it writes anything there (its own config
+    included) where a fresh run would land in another run's dir: ``explicit`` if given, else
+    ``default`` to resume, else the first free of ``default``, ``default-2``, ...
+
+    Example::
+
+        run_dir = recipe_run_dir(cfg.run_dir, "runs/adder", cfg.resume)
+    """
+    if explicit is None:
+        return default if resume else next_free_run_dir(default)
+    if not resume:
+        refuse_earlier_run(explicit)
+    return explicit
+
+
 def write_config(
     engine: Engine, module: nn.Module, opt: Optimization, batching: Batching, rt: Runtime
 ) -> dict[str, Any]:

@@ -60,7 +60,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from framework import Engine, LoopModule
 from framework.config import parse_config, save_yaml
-from framework.run_info import next_free_run_dir, refuse_earlier_run
+from framework.run_info import recipe_run_dir
 
 
 @dataclass
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # Only the main process prints the summary and writes files; `accelerate launch` sets RANK.
     is_main = int(os.environ.get("RANK", "0")) == 0
     t0 = time.monotonic()
-    run_dir = cfg.run_dir or ("runs/adder" if cfg.resume else next_free_run_dir("runs/adder"))
+    run_dir = recipe_run_dir(cfg.run_dir, "runs/adder", cfg.resume)
 
     train, val = make_data(cfg)  # deterministic: every process builds the same sets
     torch.manual_seed(cfg.seed)  # the same initial weights on every process and every run
@@ -328,8 +328,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         checkpoint_every_n_steps=cfg.checkpoint_every_n_steps,
         resume=cfg.resume,
     )
-    if not cfg.resume:
-        refuse_earlier_run(run_dir)  # (as fit would) before this run's config overwrites another run's
     if is_main:
         save_yaml(cfg, os.path.join(run_dir, "recipe_config.yaml"))
     engine.fit(module, train, val)

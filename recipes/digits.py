@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from framework import Engine, LoopModule
 from framework.config import parse_config, save_yaml
-from framework.run_info import next_free_run_dir, refuse_earlier_run
+from framework.run_info import recipe_run_dir
 
 
 @dataclass
@@ -138,8 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     cfg = parse_config(Config, argv, description=__doc__)
     if cfg.smoke:  # a few steps on a subset, but through every code path (fit, per-epoch validation, test)
         cfg.max_epochs, cfg.max_time, cfg.log_every_n_steps = 2, None, 1
-    base = f"runs/digits-{cfg.model}"
-    run_dir = cfg.run_dir or (base if cfg.resume else next_free_run_dir(base))
+    run_dir = recipe_run_dir(cfg.run_dir, f"runs/digits-{cfg.model}", cfg.resume)
     # Only the main process prints the summary and writes files; `accelerate launch` sets RANK.
     is_main = int(os.environ.get("RANK", "0")) == 0
     t0 = time.monotonic()
@@ -163,8 +162,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         checkpoint_every_n_steps=cfg.checkpoint_every_n_steps,
         resume=cfg.resume,
     )
-    if not cfg.resume:
-        refuse_earlier_run(run_dir)  # (as fit would) before this run's config overwrites another run's
     if is_main:
         save_yaml(cfg, os.path.join(run_dir, "recipe_config.yaml"))
     engine.fit(module, train, splits["val"])

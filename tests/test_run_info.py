@@ -8,7 +8,7 @@ import hashlib
 import pytest
 
 from framework import Engine
-from framework.run_info import earlier_run, next_free_run_dir
+from framework.run_info import earlier_run, next_free_run_dir, recipe_run_dir
 
 from .helpers import TinyClassifier, classification_data
 
@@ -73,3 +73,18 @@ def test_next_free_run_dir_counts_up_past_used_dirs(tmp_path):
         (tmp_path / "runs" / used.rsplit("/", 1)[1]).mkdir(parents=True)
         (tmp_path / "runs" / used.rsplit("/", 1)[1] / "metrics.jsonl").write_text('{"step": 1}\n')
     assert next_free_run_dir(base) == base + "-3"
+
+
+def test_recipe_run_dir_refuses_an_explicit_used_dir_unless_resuming(tmp_path):
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(ValueError, match=r"already holds an earlier run.*resume='auto'"):
+        recipe_run_dir(str(used), "runs/x", resume=None)
+    assert recipe_run_dir(str(used), "runs/x", resume="auto") == str(used)
+    base = str(tmp_path / "runs" / "x")
+    assert recipe_run_dir(None, base, resume=None) == base
+    (tmp_path / "runs" / "x").mkdir(parents=True)
+    (tmp_path / "runs" / "x" / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert recipe_run_dir(None, base, resume=None) == base + "-2"
+    assert recipe_run_dir(None, base, resume="auto") == base  # resuming goes back to the default dir
