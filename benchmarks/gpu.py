@@ -22,9 +22,7 @@ that a non-fused optimizer would cost. Marginal time per step, (T(N2) - T(N1)) /
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
-import io
 import statistics
 import sys
 import time
@@ -41,6 +39,8 @@ from torch.utils.data import DataLoader, TensorDataset
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from overhead import interleaved  # noqa: E402  (benchmarks/overhead.py: the same interleaved marginal timing)
 
 from framework import Engine, LoopModule  # noqa: E402
 
@@ -149,31 +149,6 @@ def loops_for(
     }
 
 
-def measure(loops: dict[str, Callable[[int], None]], n1: int, n2: int, reps: int) -> dict[str, list[float]]:
-    """Marginal seconds per step of each loop, one value per repetition; loops interleaved, order rotated."""
-    for loop in loops.values():
-        timed(partial(loop, 2))  # warm-up: kernels, allocator, lazy imports
-    per_step: dict[str, list[float]] = {k: [] for k in loops}
-    names = list(loops)
-    for r in range(reps):
-        for k in names[r % len(names) :] + names[: r % len(names)]:
-            t1, t2 = timed(partial(loops[k], n1)), timed(partial(loops[k], n2))
-            per_step[k].append((t2 - t1) / (n2 - n1))
-    return per_step
-
-
-def timed(fn: Callable[[], None]) -> float:
-    sink = io.StringIO()
-    with contextlib.redirect_stderr(sink), contextlib.redirect_stdout(sink):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=5)
@@ -194,7 +169,7 @@ def main() -> None:
         "",
     ]
     for name, (factory, data, batch, tokens) in workloads(args.quick).items():
-        per_step = measure(loops_for(factory, data, batch), n1, n2, args.reps)
+        per_step = interleaved(loops_for(factory, data, batch), n1, n2, args.reps, warmup=2)
         base = statistics.median(per_step["hand-written Accelerate loop"])
         first = len(lines)
         lines += [f"### {name}", "", "| loop | ms/step | tokens/s | vs Accelerate loop |", "|---|---|---|---|"]

@@ -65,6 +65,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -308,11 +309,35 @@ CLOCK: Callable[[], float] = time.perf_counter  # --clock cpu: time.process_time
 
 
 def timed(fn: Callable[[], None]) -> float:
+    """Seconds ``fn`` takes, quietly; on a GPU, until its queued work is done."""
     gc.collect()
+    cuda = torch.cuda.is_available()
     with quiet():
+        if cuda:
+            torch.cuda.synchronize()
         t = CLOCK()
         fn()
+        if cuda:
+            torch.cuda.synchronize()
         return CLOCK() - t
+
+
+def interleaved(
+    loops: dict[str, Callable[[int], None]], n1: int, n2: int, reps: int, warmup: int | None = None
+) -> dict[str, list[float]]:
+    """Marginal seconds per step, (T(n2) - T(n1)) / (n2 - n1), for every loop, one value per repetition;
+    loops interleaved, their order rotated each repetition. ``warmup`` steps run first for each loop, so
+    first-call costs (lazy imports, allocator growth) stay out of the numbers."""
+    names = list(loops)
+    if warmup:
+        for name in names:
+            timed(partial(loops[name], warmup))
+    out: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(reps):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            t1, t2 = timed(partial(loops[name], n1)), timed(partial(loops[name], n2))
+            out[name].append((t2 - t1) / (n2 - n1))
+    return out
 
 
 def loops_for(w: Workload, kind: str, ds: Dataset, lightning: bool, tmp: str) -> dict[str, Callable[[int], None]]:
@@ -336,17 +361,7 @@ def measure(w: Workload, kind: str, reps: int, lightning: bool, tmp: str, only: 
     loops = loops_for(w, kind, ds, lightning, tmp)
     if only:
         loops = {k: v for k, v in loops.items() if k.startswith("raw PyTorch") or only.lower() in k.lower()}
-    names = list(loops)
-    for name in names:  # warm-up: first-call costs (lazy imports, allocator growth) stay out of the numbers
-        timed(lambda name=name: loops[name](max(2, w.n1 // 4)))
-    out: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(reps):
-        order = names[r % len(names) :] + names[: r % len(names)]
-        for name in order:
-            t1 = timed(lambda name=name: loops[name](w.n1))
-            t2 = timed(lambda name=name: loops[name](w.n2))
-            out[name].append((t2 - t1) / (w.n2 - w.n1))
-    return out
+    return interleaved(loops, w.n1, w.n2, reps, warmup=max(2, w.n1 // 4))
 
 
 def guard_cost(w: Workload, iters: int = 2000) -> dict[str, float]:
@@ -406,12 +421,7 @@ def guard_in_situ(w: Workload, reps: int) -> tuple[float, float]:
             run_engine(w, ds, n, barebones=True)
 
     loops = {"with": lambda n: run_engine(w, ds, n, barebones=True), "without": without}
-    out: dict[str, list[float]] = {k: [] for k in loops}
-    for r in range(reps):
-        for name in list(loops) if r % 2 == 0 else list(loops)[::-1]:
-            t1 = timed(lambda name=name: loops[name](w.n1))
-            t2 = timed(lambda name=name: loops[name](w.n2))
-            out[name].append((t2 - t1) / (w.n2 - w.n1))
+    out = interleaved(loops, w.n1, w.n2, reps)  # (two loops: their order alternates)
     return statistics.median(out["with"]), statistics.median(out["without"])
 
 
