@@ -99,22 +99,25 @@ class Pending:
     epoch: int
     batch: int
     read: Callable[[], list[float]]  # [bad, then (time_up, preempted) under several processes]
-    scheduler_state: dict[str, Any] | None  # the per-step scheduler before it stepped for this step
-    lrs: list[Any]  # each param group's lr before that
+    scheduler_state: dict[str, Any] | None  # the per-step scheduler before it stepped for this step (if any)
+    lrs: list[Any]  # each param group's lr before that (with a per-step scheduler)
 
     @classmethod
     def before_step(
         cls, step: int, epoch: int, batch: int, read: Callable[[], list[float]], optimizer: Any, scheduler: Any
     ) -> Pending:
-        """Record what a bad verdict must undo: call before the scheduler steps for this step."""
+        """Record what a bad verdict must undo: call before the scheduler steps for this step. Without a
+        per-step scheduler nothing on the host changes the learning rates, and nothing is recorded."""
+        if scheduler is None:
+            return cls(step, epoch, batch, read, None, [])
         lrs = [g["lr"].clone() if isinstance(g["lr"], torch.Tensor) else g["lr"] for g in optimizer.param_groups]
-        state = scheduler.state_dict() if scheduler is not None else None
-        return cls(step, epoch, batch, read, state, lrs)
+        return cls(step, epoch, batch, read, scheduler.state_dict(), lrs)
 
     def undo(self, optimizer: Any, scheduler: Any) -> None:
         """Put the scheduler and the learning rates back to before this (skipped) step."""
-        if self.scheduler_state is not None:
-            scheduler.load_state_dict(self.scheduler_state)
+        if self.scheduler_state is None:
+            return
+        scheduler.load_state_dict(self.scheduler_state)
         for group, lr in zip(optimizer.param_groups, self.lrs, strict=True):
             if isinstance(group["lr"], torch.Tensor):
                 group["lr"].copy_(lr)  # (a tensor lr is updated in place by schedulers)
