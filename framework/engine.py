@@ -32,7 +32,7 @@ from .distributed import Runtime, make_runtime
 from .doctor import Doctor, LoopError, max_steps_override
 from .evaluation import evaluate
 from .guard import NAN_CHECKS, Pending, read_later, step_unless_found, why_not_deferred
-from .logging import MetricsLog, Progress, start_trackers
+from .logging import MetricsLog, Progress, TrainLoss, start_trackers
 from .module import LoopModule
 from .optim import Optimization, parse_optimizers
 
@@ -217,9 +217,15 @@ class Engine:
             print(engine.metrics["val/loss"])
         """
         _check_module(module)
-        if self.resume is None and self._fit is None:  # (a later fit of this engine continues its run)
-            run_info.refuse_earlier_run(self.run_dir)
         rt = self._runtime()
+        with run_info.run_dir_lock(self.run_dir, rt):  # (one fit at a time writes a run dir)
+            if self.resume is None and self._fit is None:  # (a later fit of this engine continues its run)
+                run_info.refuse_earlier_run(self.run_dir)
+            self._fit_loop(rt, module, train_data, val_data)
+        return self
+
+    def _fit_loop(self, rt: Runtime, module: LoopModule, train_data: Any, val_data: Any) -> None:
+        """The fit loop: setup, then per window the five steps in order, then per epoch validation."""
         model = rt.wrap(module)
         if self.compile:
             model = torch.compile(model)  # type: ignore[assignment]
@@ -245,9 +251,17 @@ class Engine:
         # Trackers (log_with) start on rank 0 and finish in log.close(); not accelerator.end_training(),
         # which would also destroy the process group that a later validate() or fit() needs.
         log = MetricsLog(
-            self.run_dir, rt.is_main, tracker=start_trackers(rt.accelerator, self.log_with, self.run_dir, config)
+            self.run_dir,
+            rt.is_main,
+            tracker=start_trackers(rt.accelerator, self.log_with, self.run_dir, config),
+            resumed_at=self.step if self.resume is not None else None,
         )
         progress = Progress(self.progress, rt.is_main)
+        if log.dropped:
+            progress.message(
+                f"metrics.jsonl: dropped {log.dropped} record(s) logged after step {self.step} by the run this one "
+                "resumes (they were not in its checkpoint; this run logs those steps again)"
+            )
         progress.message(run_info.summary(module, rt, batching, nan_check="deferred" if self._defer else "step"))
         if why_not is not None and rt.device.type == "cuda":
             progress.message(f"NaN guard: one host sync per step, as {why_not}")
@@ -255,8 +269,7 @@ class Engine:
         fire(self.callbacks, "on_fit_start", self, module)
         previous_handlers = self._install_signal_handlers()
         self._t0 = t_log = time.monotonic()
-        steps_since_log = 0
-        losses: list[torch.Tensor] = []  # the window losses since the last log, on device (summed when logged)
+        losses = TrainLoss(rt.all_reduce_sum, rt.device)  # the window losses since the last log, on the device
         items_sum: Any = 0
         module.train()
         while not self._done():
@@ -317,17 +330,13 @@ class Engine:
                 self.batch_in_epoch = window.index + 1
                 self.items_read = window.items_read
                 self.micro_steps += len(window.micro_batches)
-                losses.append(window_loss)  # (no kernel per step; folded now and then between rare log steps)
-                if len(losses) == 1024:
-                    losses[:] = [torch.stack(losses).sum()]
+                losses.add(window_loss)  # (no kernel per step: summed on log steps)
                 items_sum = items_sum + items
-                steps_since_log += 1
                 record: dict[str, float] = {}
                 if log_now:
-                    record = self._log_train(opt, losses, items_sum, grad_norm, steps_since_log, t_log)
+                    record = self._log_train(opt, losses, items_sum, grad_norm, t_log)
                     log.write(record)
-                    losses.clear()
-                    items_sum, steps_since_log, t_log = 0, 0, time.monotonic()
+                    items_sum, t_log = 0, time.monotonic()
                 progress.update(1, record, self.step)
                 fire(self.callbacks, "on_step_end", self, module, record)
                 time_up, preempted = stop
@@ -377,7 +386,6 @@ class Engine:
         log.close()
         self.doctor.end_fit()  # decides the checks still pending after a short fit
         fire(self.callbacks, "on_fit_end", self, module)
-        return self
 
     def save_checkpoint(self, path: str | os.PathLike[str]) -> str:
         """Save a complete checkpoint of the current fit into directory ``path`` (atomically).
@@ -767,19 +775,22 @@ class Engine:
         return self._stop_requested or self.should_stop
 
     def _log_train(
-        self, opt: Optimization, losses: list[torch.Tensor], items: Any, grad_norm: Any, steps: int, t_since: float
+        self, opt: Optimization, losses: TrainLoss, items: Any, grad_norm: Any, t_since: float
     ) -> dict[str, float]:
         rt = self._rt
         assert rt is not None
         # Log steps are the only place the loop reads device values (a host sync on GPU).
-        # `items` is already global (it came out of the window's all-reduce); the loss is per rank.
-        loss_total = rt.all_reduce_sum(torch.stack(losses).sum(dtype=torch.float64))
-        loss_total, n_items = torch.stack([loss_total, torch.as_tensor(items, device=rt.device).double()]).tolist()
+        # `items` is already global (it came out of the window's all-reduce); the losses are per rank
+        # (each rank's window loss is its share of world_size x the step's mean loss).
+        loss_total, finite_steps = losses.take()
+        loss_total, finite_steps, n_items = torch.stack(
+            [loss_total, finite_steps.double(), torch.as_tensor(items, device=rt.device).double()]
+        ).tolist()
         elapsed = max(time.monotonic() - t_since, 1e-9)
         record = {
             "step": self.step,
             "epoch": self.epoch,
-            "train/loss": loss_total / rt.world_size / steps,
+            "train/loss": loss_total / rt.world_size / finite_steps if finite_steps else math.nan,
             "lr": float(opt.optimizer.param_groups[0]["lr"]),
             "train/items_per_sec": n_items / elapsed,
         }

@@ -69,7 +69,9 @@ class LoopModule(nn.Module):
 
         The dict form is ``{"optimizer": opt, "scheduler": sched, "interval": "step" | "epoch"}``;
         ``interval`` defaults to ``"step"`` (one scheduler step per applied optimizer step).
-        The default is AdamW with lr=1e-3.
+        The default is AdamW with lr=1e-3, fused on a GPU: a fused optimizer can skip a
+        non-finite step on the device, so the NaN guard needs no host sync per step there
+        (``Engine(nan_check="auto")``). Creating your own on a GPU, pass ``fused=True`` for the same.
 
         Example::
 
@@ -79,7 +81,9 @@ class LoopModule(nn.Module):
                         "scheduler": torch.optim.lr_scheduler.StepLR(opt, 1),
                         "interval": "epoch"}
         """
-        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+        params = list(self.parameters())
+        on_gpu = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
+        return torch.optim.AdamW(params, lr=1e-3, fused=True if on_gpu else None)
 
     def split_batch(self, batch: Any) -> tuple[Any, Any]:
         """Split one collated batch into ``(inputs, targets)``. Default: ``(batch[0], batch[1])``.

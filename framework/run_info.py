@@ -1,13 +1,19 @@
 """What a run records about itself: the resolved config (``config.json``) and the model summary; and
-whether a run dir already holds another run."""
+whether a run dir already holds another run, or is in use by one right now."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
+import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from .checkpoint import list_checkpoints
@@ -60,6 +66,74 @@ def refuse_earlier_run(run_dir: str | os.PathLike[str] | None) -> None:
             "resume='auto' would pick the old ones). Fix: pass resume='auto' to continue that run, or use a "
             "new run_dir (or delete the old one)"
         )
+
+
+class RunDirInUse(RuntimeError):
+    """Another process is running a fit that writes to this run dir."""
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: str | os.PathLike[str] | None, rt: Runtime) -> Iterator[None]:
+    """Hold ``run_dir/.lock`` while a fit writes to ``run_dir``; raise :class:`RunDirInUse` on every
+    process if another fit holds it.
+
+    Two runs writing one run dir would interleave their checkpoints (``keep_last`` pruning each
+    other's) and ``metrics.jsonl`` lines, and both pass :func:`refuse_earlier_run` if they start
+    together. The lock is an OS file lock (``flock``) taken by the main process: the OS releases
+    it when that process dies, so a killed run never leaves a stale lock behind, and
+    ``resume="auto"`` after a crash just works. The file itself stays (it names the last holder).
+
+    Example::
+
+        with run_dir_lock("runs/exp1", runtime):
+            ...   # write checkpoints and metrics
+    """
+    fd: int | None = None
+    holder: str | None = None
+    if run_dir is not None and rt.is_main:
+        fd, holder = _try_lock(Path(run_dir))
+    if rt.world_size > 1:  # every rank raises (rank 0 alone would leave the others waiting in a collective)
+        failed = rt.all_reduce_sum(torch.tensor([float(holder is not None)], device=rt.device))
+        if holder is None and failed.item() > 0:
+            holder = "another process (see the main process's error)"
+    if holder is not None:
+        raise RunDirInUse(
+            f"run_dir={str(run_dir)!r} is in use by {holder}: two runs would interleave their checkpoints and "
+            "metrics.jsonl. Fix: wait for that run to end (or stop it), or give this run its own run_dir"
+        )
+    try:
+        yield
+    finally:
+        if fd is not None and fd >= 0:
+            os.close(fd)  # (closing releases the flock)
+
+
+def _try_lock(run_dir: Path) -> tuple[int | None, str | None]:
+    """(open lock fd, or -1 where the filesystem has no flock; who holds the lock, or None)."""
+    try:
+        import fcntl
+    except ImportError:  # (not POSIX: no flock)
+        return -1, None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        return None, holder
+    except OSError as e:  # some network filesystems do not implement flock
+        os.close(fd)
+        warnings.warn(
+            f"could not lock {run_dir / '.lock'} ({e}); two runs started into this run_dir would not be "
+            "stopped from mixing their checkpoints",
+            stacklevel=4,
+        )
+        return -1, None
+    os.ftruncate(fd, 0)
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    os.pwrite(fd, f"the fit of pid {os.getpid()} on host {socket.gethostname()} (started {started})".encode(), 0)
+    return fd, None
 
 
 def next_free_run_dir(base: str) -> str:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from framework import LoopModule
+from framework import Callback, LoopModule
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
@@ -60,3 +60,14 @@ def classification_data(n: int = 1000, seed: int = 0) -> tuple[torch.Tensor, tor
     x = torch.randn(n, 8, generator=g)
     y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
     return x, y
+
+
+class CrashAt(Callback):
+    """Stands in for a kill: raises KeyboardInterrupt at the end of step ``step`` (after it was logged)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, engine, module, metrics):
+        if engine.step == self.step:
+            raise KeyboardInterrupt

@@ -39,7 +39,8 @@ def test_every_name_in_the_architecture_page_exists():
 
 def test_the_fit_loop_shows_the_five_steps_in_order():
     src = (ROOT / "framework" / "engine.py").read_text()
-    fit = src[src.index("    def fit(") : src.index("    def ", src.index("    def fit(") + 10)]
+    start = src.index("    def _fit_loop(")  # (fit() takes the run dir's lock, then runs this)
+    fit = src[start : src.index("    def ", start + 10)]
     marks = [
         fit.index(m)
         for m in ("# 1. zero gradients", "# 2. forward", "# 3. loss", "# 4. backward", "# 5. optimizer step")

@@ -30,7 +30,7 @@ from torch import nn
 
 from framework import Callback, EarlyStopping, Engine
 from framework.logging import MetricsLog, Progress, tracker_config
-from tests.helpers import ROOT, TinyClassifier, classification_data, launch
+from tests.helpers import ROOT, CrashAt, TinyClassifier, classification_data, launch
 
 SCRIPTS = ROOT / "tests" / "scripts"
 PROGRESS_LINE = re.compile(r"^epoch \d+ step (\d+): loss=\S+ lr=\S+ items/s=\S+$")
@@ -512,3 +512,68 @@ def test_only_rank_0_logs_under_two_processes(tmp_path):
     # The process group outlived fit (trackers finished without end_training): validate still worked.
     after = json.loads((tmp_path / "after_fit.json").read_text())
     assert after["validate"]["loss"] == pytest.approx(after["val/loss"], rel=1e-12)
+
+
+def test_a_resumed_run_drops_the_records_logged_after_its_checkpoint(tmp_path, capsys):
+    x, y = classification_data(200)
+    kw = dict(
+        max_epochs=2, batch_size=32, seed=0, run_dir=str(tmp_path), log_every_n_steps=1, checkpoint_every_n_steps=4
+    )
+    with pytest.raises(KeyboardInterrupt):
+        Engine(progress=False, callbacks=[CrashAt(10)], **kw).fit(TinyClassifier(), (x, y), (x[:64], y[:64]))
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines(keepends=True)
+    assert [json.loads(line)["step"] for line in lines][-3:] == [8, 9, 10]  # step 7's epoch record is in there too
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 11, "epoch": 1, "train/lo')  # the kill cut a write short
+
+    resumed = Engine(resume="auto", progress=True, **kw)
+    resumed.fit(TinyClassifier(), (x, y), (x[:64], y[:64]))  # from step-00000008
+    assert "dropped 3 record(s) logged after step 8" in capsys.readouterr().err
+
+    after = (tmp_path / "metrics.jsonl").read_text().splitlines(keepends=True)
+    assert after[: len(lines) - 2] == lines[:-2]  # the records up to the checkpoint, byte for byte
+    recs = [json.loads(line) for line in after]
+    train_steps = [r["step"] for r in recs if "train/loss" in r]
+    assert train_steps == list(range(1, 15))  # every step once, in order
+    assert [r["step"] for r in recs if "val/loss" in r] == [7, 14]
+    # An exact resume logs the dropped steps again with the same loss.
+    again = {r["step"]: r["train/loss"] for r in recs if "train/loss" in r}
+    assert [again[9], again[10]] == [json.loads(line)["train/loss"] for line in lines[-2:]]
+
+
+# ---------------------------------------------------------------- TrainLoss
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["cpu-buffer", "kept-tensors"])
+def test_train_loss_sums_finite_steps_across_folds_and_processes(monkeypatch, keep):
+    from framework.logging import TrainLoss
+
+    values = [0.5, float("nan"), 1.5, float("inf"), 2.0, 3.0, 4.0]
+    monkeypatch.setattr(TrainLoss, "FOLD", 2)  # folds after every 2nd add
+    doubled = TrainLoss(lambda t: t.mul_(2), torch.device("cpu"))  # stands in for a sum over 2 processes
+    if keep:
+        doubled._buffer = None  # the GPU path: the step's own tensors are kept
+    for v in values:
+        doubled.add(torch.tensor(v))
+    total, count = doubled.take()
+    assert total.item() == 2 * (0.5 + 1.5 + 2.0 + 3.0 + 4.0) and count.item() == 5
+    doubled.add(torch.tensor(float("nan")))
+    total, count = doubled.take()  # a fresh interval: nothing from before
+    assert total.item() == 0.0 and count.item() == 0
+
+
+def test_train_loss_on_cpu_keeps_no_step_tensor_alive():
+    """A small tensor kept alive per step fragments glibc's heap among the freed activations (peak
+    RSS of the medium MLP grew 1.1-1.3x over 200 steps): on CPU each loss is copied, not kept."""
+    import weakref
+
+    from framework.logging import TrainLoss
+
+    losses = TrainLoss(lambda t: t, torch.device("cpu"))
+    loss = torch.tensor(0.25)
+    ref = weakref.ref(loss)
+    losses.add(loss)
+    del loss
+    assert ref() is None
+    total, count = losses.take()
+    assert (total.item(), count.item()) == (0.25, 1)

@@ -39,6 +39,17 @@ def test_defaults():
     opt = m.configure_optimizers()
     assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["lr"] == 1e-3
     assert {id(p) for p in opt.param_groups[0]["params"]} == {id(p) for p in m.parameters()}
+    assert not opt.defaults["fused"]  # on CPU: torch's default AdamW (the NaN guard's read is free here)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_default_optimizer_is_fused_on_a_gpu_so_the_nan_guard_needs_no_sync():
+    from framework.guard import why_not_deferred
+
+    opt = Bare().cuda().configure_optimizers()
+    assert opt.defaults["fused"] is True
+    assert why_not_deferred(opt, None, "step") is None
 
 
 def test_count_items_follows_split_batch():

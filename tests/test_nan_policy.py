@@ -225,3 +225,21 @@ def test_on_a_gpu_auto_defers_with_a_fused_optimizer_and_ends_where_reading_at_o
     assert late.skipped_steps == at_once.skipped_steps == 2
     assert torch.equal(flat(a), flat(b)) and torch.isfinite(flat(b)).all()
     assert b.sched.last_epoch == a.sched.last_epoch == 8 - 2
+
+
+@pytest.mark.parametrize("nan_check", ["step", "deferred"])
+def test_logged_train_loss_leaves_out_skipped_steps(tmp_path, nan_check):
+    """Windows 2 and 3 (of 6) have a NaN loss and are skipped. Logged every 3 steps, train/loss is the
+    mean of the interval's finite step losses, not NaN; an interval with only bad steps logs NaN."""
+    x, y = data(6 * BATCH, nan_items=[2 * BATCH + 5, 3 * BATCH + 1])
+    kw = dict(max_epochs=1, batch_size=BATCH, shuffle=False, progress=False, nan_policy="skip", nan_check=nan_check)
+    per_step = {}
+    for every in (1, 3):
+        run_dir = tmp_path / f"every{every}"
+        Engine(log_every_n_steps=every, run_dir=str(run_dir), **kw).fit(Net(optimizer="adamw", fused=True), (x, y))
+        per_step[every] = {r["step"]: r for r in read_metrics(run_dir) if "train/loss" in r}
+    single = {step: r["train/loss"] for step, r in per_step[1].items()}
+    assert [step for step, loss in single.items() if loss != loss] == [3, 4]  # alone in its interval: NaN
+    assert per_step[3][3]["train/loss"] == pytest.approx((single[1] + single[2]) / 2, rel=1e-12)
+    assert per_step[3][6]["train/loss"] == pytest.approx((single[5] + single[6]) / 2, rel=1e-12)
+    assert per_step[3][6]["train/skipped_steps"] == 2

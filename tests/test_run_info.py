@@ -1,16 +1,20 @@
 """framework.run_info: a fresh run never starts in a run dir that holds another run (its checkpoints
-would be pruned first and resume="auto" would pick the other run's), and recipes default to a new dir."""
+would be pruned first and resume="auto" would pick the other run's), nor in one that a running fit
+writes to, and recipes default to a new dir."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import os
 
 import pytest
+import torch
 
 from framework import Engine
-from framework.run_info import earlier_run, next_free_run_dir, recipe_run_dir
+from framework.run_info import RunDirInUse, earlier_run, next_free_run_dir, recipe_run_dir
 
-from .helpers import TinyClassifier, classification_data
+from .helpers import ROOT, CrashAt, TinyClassifier, classification_data, launch
 
 
 def engine(run_dir, **kw) -> Engine:
@@ -21,7 +25,7 @@ def digest(run_dir) -> dict[str, str]:
     return {
         str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(run_dir.rglob("*"))
-        if p.is_file()
+        if p.is_file() and p.name != ".lock"  # (the lock names its latest holder; it is not run data)
     }
 
 
@@ -88,3 +92,41 @@ def test_recipe_run_dir_refuses_an_explicit_used_dir_unless_resuming(tmp_path):
     (tmp_path / "runs" / "x" / "metrics.jsonl").write_text('{"step": 1}\n')
     assert recipe_run_dir(None, base, resume=None) == base + "-2"
     assert recipe_run_dir(None, base, resume="auto") == base  # resuming goes back to the default dir
+
+
+def test_a_fit_refuses_a_run_dir_that_a_running_fit_holds_and_writes_nothing(tmp_path):
+    # Another process's fit, as the OS sees it: an flock on run_dir/.lock (a separate open file
+    # description conflicts even within one process).
+    (tmp_path / "run").mkdir()
+    holder = os.open(tmp_path / "run" / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(holder, b"the fit of pid 4242 on host node7")
+    module = TinyClassifier()
+    before = [p.detach().clone() for p in module.parameters()]
+    try:
+        with pytest.raises(RunDirInUse, match=r"in use by the fit of pid 4242 on host node7.*own run_dir"):
+            engine(tmp_path / "run", resume="auto").fit(module, classification_data(100))
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]
+        assert all(torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
+    finally:
+        os.close(holder)
+    engine(tmp_path / "run", max_steps=1, resume="auto").fit(module, classification_data(100))  # released: runs
+
+
+def test_the_lock_is_released_when_a_fit_raises_so_a_resume_can_follow(tmp_path):
+    data = classification_data(200)
+    crashing = engine(tmp_path, checkpoint_every_n_steps=2, callbacks=[CrashAt(3)])
+    with pytest.raises(KeyboardInterrupt):
+        crashing.fit(TinyClassifier(), data)
+    resumed = engine(tmp_path, resume="auto")
+    resumed.fit(TinyClassifier(), data)  # the same process, a new Engine: the dead fit's lock is gone
+    assert resumed.step == 8
+    assert "pid" in (tmp_path / ".lock").read_text()  # the file stays, naming its last holder
+
+
+def test_under_two_processes_every_rank_refuses_a_held_run_dir(tmp_path):
+    launch(ROOT / "tests" / "scripts" / "run_dir_lock_ddp.py", str(tmp_path), timeout=120)  # (fails, not hangs)
+    busy0, busy1 = ((tmp_path / f"busy-rank{r}.txt").read_text() for r in (0, 1))
+    assert "in use by the fit of pid 4242 on host node7" in busy0
+    assert "in use by another process (see the main process's error)" in busy1
+    assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == [".lock"]

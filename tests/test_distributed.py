@@ -1,0 +1,74 @@
+"""framework/distributed.py: which runtime a process gets. One plain process runs without an
+Accelerator (no import of Accelerate: memory and start-up it would not earn back), and gets the
+device, autocast and GradScaler that Accelerate would give it; launchers, FSDP/DeepSpeed and
+trackers get the Accelerator. (Several processes: tests/scripts, launched by the other tests.)"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from framework.distributed import _one_plain_process, make_runtime
+
+from .helpers import ROOT
+
+
+def test_one_plain_process_trains_without_importing_accelerate():
+    code = """
+import sys
+from framework import Engine
+from tests.helpers import TinyClassifier, classification_data
+engine = Engine(max_steps=3, batch_size=32, progress=False, mixed_precision="bf16")
+engine.fit(TinyClassifier(), classification_data(100))
+print(engine._rt.accelerator, engine._rt.device, engine._rt.world_size, "accelerate" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["None", "cpu", "1", "False"], out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_the_plain_runtime_gives_what_the_accelerator_gives(tmp_path, precision):
+    pytest.importorskip("tensorboard")  # (trackers are what makes a single process take the Accelerator)
+    plain = make_runtime(precision)
+    accelerated = make_runtime(precision, log_with=["tensorboard"], project_dir=str(tmp_path))
+    assert plain.accelerator is None and accelerated.accelerator is not None
+    linear = torch.nn.Linear(4, 4)
+    x = torch.randn(2, 4)
+    dtypes = []
+    for rt in (plain, accelerated):
+        with rt.autocast():
+            dtypes.append(linear(x).dtype)
+        assert (rt.device, rt.world_size, rt.rank, rt.is_main, rt.fsdp, rt.scaler) == (
+            plain.device,
+            1,
+            0,
+            True,
+            False,
+            None,
+        )
+        assert rt.mixed_precision == precision
+    assert dtypes == [torch.bfloat16 if precision == "bf16" else torch.float32] * 2
+
+
+@pytest.mark.parametrize(
+    ("env", "plain"),
+    [
+        ({}, True),
+        ({"WORLD_SIZE": "1"}, True),  # a single-process launch that says so
+        ({"ACCELERATE_MIXED_PRECISION": "bf16", "ACCELERATE_USE_CPU": "True"}, True),  # accelerate launch, 1 process
+        ({"WORLD_SIZE": "2"}, False),
+        ({"LOCAL_RANK": "0"}, False),  # torchrun with one process: Accelerate builds its process group of one
+        ({"OMPI_COMM_WORLD_SIZE": "4"}, False),
+        ({"ACCELERATE_USE_FSDP": "true"}, False),
+        ({"ACCELERATE_USE_DEEPSPEED": "1"}, False),
+    ],
+)
+def test_what_counts_as_one_plain_process(monkeypatch, env, plain):
+    for name in ("WORLD_SIZE", "LOCAL_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert _one_plain_process() is plain
