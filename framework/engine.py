@@ -269,7 +269,7 @@ class Engine:
         fire(self.callbacks, "on_fit_start", self, module)
         previous_handlers = self._install_signal_handlers()
         self._t0 = t_log = time.monotonic()
-        losses = TrainLoss(rt.all_reduce_sum, rt.device)  # the window losses since the last log, on the device
+        losses = TrainLoss(rt.all_reduce_sum, rt.device, self.log_every_n_steps)  # window losses since the last log
         items_sum: Any = 0
         module.train()
         while not self._done():

@@ -50,28 +50,32 @@ class TrainLoss:
         total, steps = losses.take()            # on a log step; train/loss = total / world / steps
     """
 
-    FOLD = 1024  # steps held before they are summed (long log intervals)
+    FOLD = 1024  # steps held at most before they are summed (long log intervals)
 
-    def __init__(self, reduce: Any, device: Any) -> None:
+    def __init__(self, reduce: Any, device: Any, capacity: int = FOLD) -> None:
         import torch
 
         self._reduce = reduce
+        self._capacity = max(1, min(capacity, self.FOLD))  # (the steps between log steps, say)
         # On a GPU the step's own loss tensors are kept: no kernel per step. On CPU each is copied
-        # into one buffer instead (about 1 us): a small tensor kept alive per step, allocated among
-        # the step's large freed activations, fragments glibc's heap (peak resident memory of a
-        # 784-1024-1024-10 MLP grew from 1.0x to 1.1-1.3x the raw loop's over 200 steps).
-        self._buffer = torch.empty(self.FOLD, dtype=torch.float64, device=device) if device.type == "cpu" else None
+        # into a slot of one buffer instead (under 1 us): a small tensor kept alive per step,
+        # allocated among the step's large freed activations, fragments glibc's heap (peak resident
+        # memory of a 784-1024-1024-10 MLP grew from 1.0x to 1.1-1.3x the raw loop's over 200 steps).
+        self._slots: list[Any] | None = None
+        if device.type == "cpu":
+            self._buffer = torch.empty(self._capacity, dtype=torch.float64, device=device)
+            self._slots = list(self._buffer.unbind(0))  # (views made once: indexing per step costs 0.5 us)
         self._open: list[Any] = []
         self._n = 0
         self._folded: tuple[Any, Any] | None = None
 
     def add(self, loss: Any) -> None:
-        if self._buffer is None:
+        if self._slots is None:
             self._open.append(loss)
         else:
-            self._buffer[self._n].copy_(loss)
+            self._slots[self._n].copy_(loss)
         self._n += 1
-        if self._n == self.FOLD:
+        if self._n == self._capacity:
             self._fold()
 
     def take(self) -> tuple[Any, Any]:
@@ -85,7 +89,7 @@ class TrainLoss:
             return
         import torch
 
-        values = torch.stack(self._open) if self._buffer is None else self._buffer[: self._n]
+        values = torch.stack(self._open) if self._slots is None else self._buffer[: self._n]
         self._open.clear()
         self._n = 0
         # Per step, summed over processes first: a step counts only if its loss is finite everywhere.

@@ -89,18 +89,24 @@ def run_dir_lock(run_dir: str | os.PathLike[str] | None, rt: Runtime) -> Iterato
             ...   # write checkpoints and metrics
     """
     fd: int | None = None
-    holder: str | None = None
+    error: Exception | None = None
     if run_dir is not None and rt.is_main:
-        fd, holder = _try_lock(Path(run_dir))
+        try:
+            fd, holder = _try_lock(Path(run_dir))
+        except OSError as e:  # (the run dir cannot be created or opened: the error says why)
+            error = e
+        else:
+            if holder is not None:
+                error = RunDirInUse(
+                    f"run_dir={str(run_dir)!r} is in use by {holder}: two runs would interleave their checkpoints "
+                    "and metrics.jsonl. Fix: wait for that run to end (or stop it), or give this run its own run_dir"
+                )
     if rt.world_size > 1:  # every rank raises (rank 0 alone would leave the others waiting in a collective)
-        failed = rt.all_reduce_sum(torch.tensor([float(holder is not None)], device=rt.device))
-        if holder is None and failed.item() > 0:
-            holder = "another process (see the main process's error)"
-    if holder is not None:
-        raise RunDirInUse(
-            f"run_dir={str(run_dir)!r} is in use by {holder}: two runs would interleave their checkpoints and "
-            "metrics.jsonl. Fix: wait for that run to end (or stop it), or give this run its own run_dir"
-        )
+        failed = rt.all_reduce_sum(torch.tensor([float(error is not None)], device=rt.device))
+        if error is None and failed.item() > 0:
+            error = RunDirInUse(f"the main process could not lock run_dir={str(run_dir)!r}; see its error")
+    if error is not None:
+        raise error
     try:
         yield
     finally:

@@ -545,14 +545,13 @@ def test_a_resumed_run_drops_the_records_logged_after_its_checkpoint(tmp_path, c
 
 
 @pytest.mark.parametrize("keep", [False, True], ids=["cpu-buffer", "kept-tensors"])
-def test_train_loss_sums_finite_steps_across_folds_and_processes(monkeypatch, keep):
+def test_train_loss_sums_finite_steps_across_folds_and_processes(keep):
     from framework.logging import TrainLoss
 
     values = [0.5, float("nan"), 1.5, float("inf"), 2.0, 3.0, 4.0]
-    monkeypatch.setattr(TrainLoss, "FOLD", 2)  # folds after every 2nd add
-    doubled = TrainLoss(lambda t: t.mul_(2), torch.device("cpu"))  # stands in for a sum over 2 processes
+    doubled = TrainLoss(lambda t: t.mul_(2), torch.device("cpu"), capacity=2)  # 2 processes; folds every 2 adds
     if keep:
-        doubled._buffer = None  # the GPU path: the step's own tensors are kept
+        doubled._slots = None  # the GPU path: the step's own tensors are kept
     for v in values:
         doubled.add(torch.tensor(v))
     total, count = doubled.take()

@@ -128,5 +128,5 @@ def test_under_two_processes_every_rank_refuses_a_held_run_dir(tmp_path):
     launch(ROOT / "tests" / "scripts" / "run_dir_lock_ddp.py", str(tmp_path), timeout=120)  # (fails, not hangs)
     busy0, busy1 = ((tmp_path / f"busy-rank{r}.txt").read_text() for r in (0, 1))
     assert "in use by the fit of pid 4242 on host node7" in busy0
-    assert "in use by another process (see the main process's error)" in busy1
+    assert "the main process could not lock run_dir=" in busy1 and "see its error" in busy1
     assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == [".lock"]
