@@ -555,7 +555,8 @@ def main() -> None:
     if args.note:
         lines += [args.note, ""]
     summary: dict[str, dict[str, float]] = {}  # loop -> column -> ratio vs raw
-    n = 5 if args.quick else 20
+    # Long enough for heap growth to show (kept per-step allocations once grew it 1.1-1.3x by step 200).
+    n = 20 if args.quick else 200
     rss: dict[str, list[float]] = {"raw": [], "engine": [], "engine-barebones": []}
     if not args.no_rss:  # first, while this process is small (see peak_rss)
         print("... peak RSS", file=sys.stderr, flush=True)

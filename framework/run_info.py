@@ -74,8 +74,9 @@ class RunDirInUse(RuntimeError):
 
 @contextlib.contextmanager
 def run_dir_lock(run_dir: str | os.PathLike[str] | None, rt: Runtime) -> Iterator[None]:
-    """Hold ``run_dir/.lock`` while a fit writes to ``run_dir``; raise :class:`RunDirInUse` on every
-    process if another fit holds it.
+    """Hold ``run_dir/.lock`` while a fit writes to ``run_dir``. Raise on every process, before anything
+    is written, if another fit holds it (:class:`RunDirInUse`, naming the holder) or the main process
+    cannot create it (its ``OSError``; the other processes raise :class:`RunDirInUse`).
 
     Two runs writing one run dir would interleave their checkpoints (``keep_last`` pruning each
     other's) and ``metrics.jsonl`` lines, and both pass :func:`refuse_earlier_run` if they start
