@@ -499,6 +499,7 @@ def test_only_rank_0_logs_under_two_processes(tmp_path):
     assert "world_size=2" in err0 and "\r" not in err0
     assert not any(PROGRESS_LINE.match(line) for line in err1.splitlines()), err1
     assert "parameters" not in err1 and "val/loss" not in err1, err1
+    assert "Warning" not in err0 + err1, (err0, err1)  # (none at exit either: the teardown hook is quiet)
     # One metrics.jsonl writer: every record once (a second writer would duplicate them).
     recs = records(tmp_path / "run")
     assert [r["step"] for r in recs if "train/loss" in r] == log_steps
