@@ -250,11 +250,12 @@ class Engine:
         config = run_info.write_config(self, module, opt, batching, rt)
         # Trackers (log_with) start on rank 0 and finish in log.close(); not accelerator.end_training(),
         # which would also destroy the process group that a later validate() or fit() needs.
+        resumed_at = self.step if self.resume is not None else None  # (its later records are dropped)
         log = MetricsLog(
             self.run_dir,
             rt.is_main,
-            tracker=start_trackers(rt.accelerator, self.log_with, self.run_dir, config),
-            resumed_at=self.step if self.resume is not None else None,
+            tracker=start_trackers(rt.accelerator, self.log_with, self.run_dir, config, resumed_at),
+            resumed_at=resumed_at,
         )
         progress = Progress(self.progress, rt.is_main)
         if log.dropped:

@@ -187,14 +187,19 @@ def _cut_after(path: str, step: int) -> int:
     return len(lines) - len(kept)
 
 
-def start_trackers(accelerator: Any, log_with: Any, run_dir: str | None, config: dict[str, Any]) -> Any:
+def start_trackers(
+    accelerator: Any, log_with: Any, run_dir: str | None, config: dict[str, Any], resumed_at: int | None = None
+) -> Any:
     """Start the Accelerate trackers named in ``log_with`` (main process only); return what to log to.
 
     Returns ``accelerator`` on the main process when trackers were asked for,
     else None. The project name is the run directory's name, so TensorBoard
     writes its event files under ``RUN_DIR/<name>/`` (view them with
     ``tensorboard --logdir RUN_DIR``). ``config`` is logged as hyperparameters,
-    flattened to the scalar types every tracker accepts.
+    flattened to the scalar types every tracker accepts. A run resumed at step
+    ``resumed_at`` has TensorBoard hide the events that the run it resumes logged
+    after that step (``purge_step``), as ``metrics.jsonl`` drops them: the resumed
+    run logs those steps again.
 
     Raises ImportError on every process when a named tracker's package is
     missing: Accelerate would drop it with only a debug message, and a run that
@@ -222,7 +227,8 @@ def start_trackers(accelerator: Any, log_with: Any, run_dir: str | None, config:
     if not accelerator.is_main_process:
         return None
     project = os.path.basename(os.path.abspath(run_dir)) if run_dir else "framework"
-    accelerator.init_trackers(project, config=tracker_config(config))
+    init_kwargs = {"tensorboard": {"purge_step": resumed_at + 1}} if resumed_at is not None else None
+    accelerator.init_trackers(project, config=tracker_config(config), init_kwargs=init_kwargs)
     return accelerator
 
 

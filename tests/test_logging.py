@@ -542,6 +542,24 @@ def test_a_resumed_run_drops_the_records_logged_after_its_checkpoint(tmp_path, c
     assert [again[9], again[10]] == [json.loads(line)["train/loss"] for line in lines[-2:]]
 
 
+def test_a_resumed_run_hides_the_tensorboard_events_logged_after_its_checkpoint(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    x, y = classification_data(200)
+    kw = dict(
+        max_epochs=2, batch_size=32, seed=0, run_dir=str(tmp_path / "tb"), log_every_n_steps=1,
+        checkpoint_every_n_steps=4, log_with=["tensorboard"], progress=False,
+    )  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        Engine(callbacks=[CrashAt(10)], **kw).fit(TinyClassifier(), (x, y))
+    time.sleep(1.1)  # (event file names hold the second they were opened in)
+    Engine(resume="auto", **kw).fit(TinyClassifier(), (x, y))  # from step-00000008
+    acc = EventAccumulator(str(tmp_path / "tb" / "tb"))  # both event files, oldest first
+    acc.Reload()
+    assert len(glob.glob(str(tmp_path / "tb" / "tb" / "events.out.tfevents.*"))) == 2
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 15))  # 9 and 10 once, not twice
+
+
 # ---------------------------------------------------------------- TrainLoss
 
 
