@@ -4,7 +4,9 @@ We take from Accelerate what it does well (reading the ``accelerate launch``
 config, setting up the process group, device, autocast, GradScaler, DDP/FSDP
 wrapping) and nothing that costs per step: no prepared optimizer, scheduler or
 dataloader wrappers, and no ``accelerator.backward``, whose division by the
-accumulation steps is what the exactness rule replaces.
+accumulation steps is what the exactness rule replaces. One plain process needs
+none of that: it gets the same device, autocast and GradScaler without an
+Accelerator (:func:`make_runtime`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import contextlib
 import gc
 import os
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -74,12 +76,10 @@ class Runtime:
         return model
 
     def to_device(self, batch: Any) -> Any:
-        """Send a batch to this process's device (a no-op on CPU)."""
+        """Send a batch to this process's device (a no-op on CPU); see :func:`send_to_device`."""
         if self._on_cpu:
             return batch
-        from accelerate.utils import send_to_device
-
-        return send_to_device(batch, self.device, non_blocking=True)
+        return send_to_device(batch, self.device)
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """Autocast for forward + loss under bf16/fp16, else a no-op."""
@@ -108,6 +108,30 @@ class Runtime:
             torch.distributed.barrier()
 
 
+def send_to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` with its tensors on ``device``, structure kept, as Accelerate's ``send_to_device``:
+    tensors (and anything else with a ``.to``, e.g. a tokenizer's ``BatchEncoding``) anywhere in
+    tuples, lists, namedtuples and mappings; other values as they are.
+
+    Example::
+
+        inputs, targets = send_to_device((x, {"labels": y}), torch.device("cuda"))
+    """
+    to = getattr(batch, "to", None)
+    if callable(to):
+        try:
+            return to(device, non_blocking=True)
+        except TypeError:  # (a .to without non_blocking)
+            return to(device)
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple
+        return type(batch)(*(send_to_device(v, device) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(send_to_device(v, device) for v in batch)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: send_to_device(v, device) for k, v in batch.items()})  # type: ignore[call-arg]
+    return batch
+
+
 def make_runtime(mixed_precision: str | None = None, log_with: Any = None, project_dir: str | None = None) -> Runtime:
     """The runtime for this process, from ``accelerate launch``'s environment and our arguments.
 
@@ -124,7 +148,8 @@ def make_runtime(mixed_precision: str | None = None, log_with: Any = None, proje
 
         rt = make_runtime("bf16")
     """
-    cuda = torch.cuda.is_available() and not _env_flag("ACCELERATE_USE_CPU")
+    use_cpu = _env_flag("ACCELERATE_USE_CPU")  # (read even without a GPU: a bad value is an error anywhere)
+    cuda = torch.cuda.is_available() and not use_cpu
     requested = mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if requested not in ("no", "bf16", "fp16"):
         raise ValueError(f'mixed_precision={requested!r}; use "no", "bf16" or "fp16"')
@@ -162,17 +187,26 @@ _ACCELERATE_ENGINES = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCEL
 
 def _one_plain_process() -> bool:
     """No launcher started several processes (torchrun also sets LOCAL_RANK for one: Accelerate then
-    builds a process group of one, which user code may expect), no FSDP/DeepSpeed, no process group."""
+    builds a process group of one, which user code may expect), no FSDP/DeepSpeed, no process group,
+    and nothing else in Accelerate's settings that the plain runtime would not honour: a device of
+    its choosing (ACCELERATE_TORCH_DEVICE), a dynamo backend (with which it also turns TF32 on)."""
     if "LOCAL_RANK" in os.environ or any(os.environ.get(k, "1") != "1" for k in _WORLD_SIZES):
         return False
-    if any(_env_flag(k) for k in _ACCELERATE_ENGINES):
+    if any(_env_flag(k) for k in _ACCELERATE_ENGINES) or os.environ.get("ACCELERATE_TORCH_DEVICE"):
+        return False
+    if os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").strip().lower() not in ("no", ""):
         return False
     return not (torch.distributed.is_available() and torch.distributed.is_initialized())
 
 
 def _env_flag(name: str) -> bool:
-    """Accelerate's reading of a boolean environment variable."""
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "y", "on", "t")
+    """A boolean environment variable, read as Accelerate reads it (an unknown value is an error)."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("", "0", "false", "no", "n", "off", "f"):
+        return False
+    if value in ("1", "true", "yes", "y", "on", "t"):
+        return True
+    raise ValueError(f"{name}={os.environ[name]!r}; use true or false (1/0, yes/no, on/off)")
 
 
 _exit_hook_registered = False

@@ -246,22 +246,27 @@ class Engine:
         # replaces these states with the checkpoint's.
         checkpoint.seed_everything(self.seed + rt.rank)
         self.should_stop = False  # a resumed run that had stopped early restores it (and ends at once)
-        self._restore(fit)
+        restored = self._restore(fit)
         config = run_info.write_config(self, module, opt, batching, rt)
         # Trackers (log_with) start on rank 0 and finish in log.close(); not accelerator.end_training(),
         # which would also destroy the process group that a later validate() or fit() needs.
-        resumed_at = self.step if self.resume is not None else None  # (its later records are dropped)
+        # A resumed run logs the steps after its checkpoint again: the records of them go first.
+        resumed_at = (self.step, self.epoch) if self.resume is not None else None
+        resumed_step = None if resumed_at is None else resumed_at[0]
         log = MetricsLog(
             self.run_dir,
             rt.is_main,
-            tracker=start_trackers(rt.accelerator, self.log_with, self.run_dir, config, resumed_at),
+            tracker=start_trackers(rt.accelerator, self.log_with, self.run_dir, config, resumed_step),
             resumed_at=resumed_at,
         )
         progress = Progress(self.progress, rt.is_main)
         if log.dropped:
             progress.message(
                 f"metrics.jsonl: dropped {log.dropped} record(s) logged after step {self.step} by the run this one "
-                "resumes (they were not in its checkpoint; this run logs those steps again)"
+                f"resumes from {restored.name} (this run logs those steps again)"
+                if restored is not None
+                else f"metrics.jsonl: dropped {log.dropped} record(s) of an earlier start of this run (resume='auto' "
+                "found no checkpoint in run_dir, so the run starts again from step 0)"
             )
         progress.message(run_info.summary(module, rt, batching, nan_check="deferred" if self._defer else "step"))
         if why_not is not None and rt.device.type == "cuda":
@@ -645,14 +650,15 @@ class Engine:
         self._saved_step = self.step
         fire(self.callbacks, "on_checkpoint_save", self, str(path))
 
-    def _restore(self, fit: _Fit) -> None:
-        """Apply ``resume``: None (fresh), "auto" (newest complete checkpoint, else fresh), or a path."""
+    def _restore(self, fit: _Fit) -> Path | None:
+        """Apply ``resume``: None (fresh), "auto" (newest complete checkpoint, else fresh), or a path.
+        Returns the checkpoint loaded, or None."""
         if self.resume is None:
-            return
+            return None
         if self.resume == "auto":
             path = checkpoint.newest_complete(self._checkpoint_root())
             if path is None:
-                return
+                return None
         else:
             path = Path(self.resume)
             if not path.is_dir():
@@ -662,6 +668,7 @@ class Engine:
         checkpoint.load_engine(self, fit, path)
         self._saved_step = self.step
         fire(self.callbacks, "on_checkpoint_load", self, str(path))
+        return path
 
     def _install_signal_handlers(self) -> dict[int, Any]:
         """Preemption signals only set a flag; the loop checkpoints at the next step boundary."""

@@ -106,7 +106,9 @@ class MetricsLog:
 
     ``tracker`` is an ``accelerate.Accelerator`` whose trackers were started by
     :func:`start_trackers` (or anything with ``log(values, step=...)``); ``close``
-    finishes its trackers. Only the main process writes.
+    finishes its trackers. Only the main process writes. ``resumed_at=(step, epoch)``, the position
+    of the checkpoint a run resumes from, first drops the records that run will log again
+    (``dropped`` says how many).
 
     Example::
 
@@ -115,7 +117,9 @@ class MetricsLog:
         log.close()
     """
 
-    def __init__(self, run_dir: str | None, is_main: bool, tracker: Any = None, resumed_at: int | None = None) -> None:
+    def __init__(
+        self, run_dir: str | None, is_main: bool, tracker: Any = None, resumed_at: tuple[int, int] | None = None
+    ) -> None:
         self.is_main = is_main
         self.tracker = tracker if is_main else None
         self._file: IO[str] | None = None
@@ -124,7 +128,7 @@ class MetricsLog:
             os.makedirs(run_dir, exist_ok=True)
             path = os.path.join(run_dir, "metrics.jsonl")
             if resumed_at is not None:
-                self.dropped = _cut_after(path, resumed_at)
+                self.dropped = _cut_after(path, *resumed_at)
             # Append: a resumed run continues the same file.
             self._file = open(path, "a")  # noqa: SIM115 (closed in close())
 
@@ -159,11 +163,12 @@ class MetricsLog:
             self.tracker = None
 
 
-def _cut_after(path: str, step: int) -> int:
-    """Drop the records of ``path`` past ``step`` (and a line a kill cut short); return how many went.
+def _cut_after(path: str, step: int, epoch: int) -> int:
+    """Drop the records of ``path`` that a run resumed at (``step``, ``epoch``) logs again: records of
+    later steps, epoch records of ``epoch`` or later (that epoch had not ended at the checkpoint),
+    and a line a kill cut short. Returns how many went.
 
-    A run resumed from its step-``step`` checkpoint trains and logs the steps after it again; the
-    killed run's records of those steps would otherwise appear twice. Rewritten atomically, so a
+    Otherwise the killed run's records of those steps would appear twice. Rewritten atomically, so a
     crash here leaves the old file whole.
     """
     if not os.path.isfile(path):
@@ -176,7 +181,7 @@ def _cut_after(path: str, step: int) -> int:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue  # (only a write the kill interrupted is not a whole JSON line)
-        if record.get("step", 0) <= step:
+        if record.get("step", 0) <= step and not ("epoch_time" in record and record.get("epoch", 0) >= epoch):
             kept.append(line if line.endswith("\n") else line + "\n")
     if len(kept) == len(lines) and all(line.endswith("\n") for line in lines):
         return 0

@@ -112,7 +112,7 @@ def run_dir_lock(run_dir: str | os.PathLike[str] | None, rt: Runtime) -> Iterato
         yield
     finally:
         if fd is not None and fd >= 0:
-            os.close(fd)  # (closing releases the flock)
+            _unlock(fd)
 
 
 def _try_lock(run_dir: Path) -> tuple[int | None, str | None]:
@@ -137,10 +137,23 @@ def _try_lock(run_dir: Path) -> tuple[int | None, str | None]:
             stacklevel=4,
         )
         return -1, None
-    os.ftruncate(fd, 0)
-    started = time.strftime("%Y-%m-%d %H:%M:%S")
-    os.pwrite(fd, f"the fit of pid {os.getpid()} on host {socket.gethostname()} (started {started})".encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        os.pwrite(fd, f"the fit of pid {os.getpid()} on host {socket.gethostname()} (started {started})".encode(), 0)
+    except OSError:  # (a full disk, say: do not keep the lock of a fit that will not run)
+        _unlock(fd)
+        raise
     return fd, None
+
+
+def _unlock(fd: int) -> None:
+    import fcntl
+
+    # Unlock explicitly: closing alone would not release it while a process forked during the fit
+    # (a DataLoader worker, persistent_workers=True) still shares the open file.
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
 
 
 def next_free_run_dir(base: str) -> str:

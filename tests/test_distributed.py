@@ -5,13 +5,14 @@ trackers get the Accelerator. (Several processes: tests/scripts, launched by the
 
 from __future__ import annotations
 
+import collections
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from framework.distributed import _one_plain_process, make_runtime
+from framework.distributed import _one_plain_process, make_runtime, send_to_device
 
 from .helpers import ROOT
 
@@ -64,6 +65,9 @@ def test_the_plain_runtime_gives_what_the_accelerator_gives(tmp_path, precision)
         ({"OMPI_COMM_WORLD_SIZE": "4"}, False),
         ({"ACCELERATE_USE_FSDP": "true"}, False),
         ({"ACCELERATE_USE_DEEPSPEED": "1"}, False),
+        ({"ACCELERATE_TORCH_DEVICE": "cuda:1"}, False),  # a device of Accelerate's choosing
+        ({"ACCELERATE_DYNAMO_BACKEND": "INDUCTOR"}, False),  # (Accelerate then also turns TF32 on)
+        ({"ACCELERATE_DYNAMO_BACKEND": "NO"}, True),  # what accelerate launch sets without one
     ],
 )
 def test_what_counts_as_one_plain_process(monkeypatch, env, plain):
@@ -72,3 +76,29 @@ def test_what_counts_as_one_plain_process(monkeypatch, env, plain):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert _one_plain_process() is plain
+
+
+def test_an_unreadable_flag_is_an_error_not_false(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "maybe")
+    with pytest.raises(ValueError, match=r"ACCELERATE_USE_CPU='maybe'; use true or false"):
+        make_runtime("no")
+
+
+def test_send_to_device_keeps_the_structure():
+    Pair = collections.namedtuple("Pair", "inputs targets")
+
+    class Encoding(dict):  # like a tokenizer's BatchEncoding: a mapping with its own .to
+        def to(self, device, non_blocking=False):
+            return Encoding({k: v.to(device) for k, v in self.items()})
+
+    batch = {
+        "pair": Pair(torch.ones(2), [torch.zeros(3), "text", 7]),
+        "encoding": Encoding(ids=torch.arange(4)),
+        "tuple": (torch.ones(1),),
+    }
+    moved = send_to_device(batch, torch.device("meta"))
+    assert type(moved["pair"]) is Pair and moved["pair"].inputs.is_meta
+    assert moved["pair"].targets[0].is_meta and moved["pair"].targets[1:] == ["text", 7]
+    assert type(moved["encoding"]) is Encoding and moved["encoding"]["ids"].is_meta
+    assert type(moved["tuple"]) is tuple and moved["tuple"][0].is_meta
+    assert batch["pair"].inputs.device.type == "cpu"  # the original is left as it was

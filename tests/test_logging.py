@@ -542,6 +542,36 @@ def test_a_resumed_run_drops_the_records_logged_after_its_checkpoint(tmp_path, c
     assert [again[9], again[10]] == [json.loads(line)["train/loss"] for line in lines[-2:]]
 
 
+def test_the_cut_keeps_what_the_checkpoint_had_seen(tmp_path):
+    """Resumed at step 12 inside epoch 1: the records of steps <= 12 stay, except an epoch record of
+    epoch 1 (a stream's last window can be checkpointed before its epoch's validation ran)."""
+    lines = [
+        {"step": 6, "epoch": 0, "train/loss": 1.0},
+        {"step": 6, "epoch": 0, "epoch_time": 1.0, "val/loss": 0.9},  # epoch 0 ended before the checkpoint
+        {"step": 12, "epoch": 1, "train/loss": 0.5},
+        {"step": 12, "epoch": 1, "epoch_time": 1.0, "val/loss": 0.4},  # epoch 1 had not, at the checkpoint
+        {"step": 14, "epoch": 2, "train/loss": 0.3},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    log = MetricsLog(str(tmp_path), is_main=True, resumed_at=(12, 1))
+    log.close()
+    assert log.dropped == 2
+    assert records(tmp_path) == lines[:3]
+
+
+def test_resume_auto_without_a_checkpoint_starts_the_log_again_and_says_so(tmp_path, capsys):
+    x, y = classification_data(200)
+    kw = dict(max_steps=6, batch_size=32, run_dir=str(tmp_path), log_every_n_steps=2, checkpoint_every_epoch=False)
+    with pytest.raises(KeyboardInterrupt):  # (killed before its first checkpoint)
+        Engine(progress=False, callbacks=[CrashAt(4)], **kw).fit(TinyClassifier(), (x, y))
+    assert [r["step"] for r in records(tmp_path)] == [2, 4]
+    Engine(resume="auto", progress=True, **kw).fit(TinyClassifier(), (x, y))
+    assert "dropped 2 record(s) of an earlier start of this run (resume='auto' found no checkpoint" in (
+        capsys.readouterr().err
+    )
+    assert [r["step"] for r in records(tmp_path)] == [2, 4, 6]  # one run's log, not two
+
+
 def test_a_resumed_run_hides_the_tensorboard_events_logged_after_its_checkpoint(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

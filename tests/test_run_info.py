@@ -130,3 +130,16 @@ def test_under_two_processes_every_rank_refuses_a_held_run_dir(tmp_path):
     assert "in use by the fit of pid 4242 on host node7" in busy0
     assert "the main process could not lock run_dir=" in busy1 and "see its error" in busy1
     assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == [".lock"]
+
+
+def test_the_lock_is_released_while_forked_dataloader_workers_live_on(tmp_path):
+    # Persistent workers share the lock's open file: closing it alone would leave the run dir locked.
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = classification_data(200)
+    loader = DataLoader(TensorDataset(x, y), batch_size=50, num_workers=2, persistent_workers=True)
+    e = Engine(max_steps=4, progress=False, run_dir=str(tmp_path), checkpoint_every_n_steps=2)
+    e.fit(TinyClassifier(), loader)
+    e.max_steps = 8
+    e.fit(TinyClassifier(), loader)  # the workers from the first fit are still alive
+    assert e.step == 8
