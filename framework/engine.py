@@ -261,13 +261,14 @@ class Engine:
         )
         progress = Progress(self.progress, rt.is_main)
         if log.dropped:
-            progress.message(
-                f"metrics.jsonl: dropped {log.dropped} record(s) logged after step {self.step} by the run this one "
-                f"resumes from {restored.name} (this run logs those steps again)"
-                if restored is not None
-                else f"metrics.jsonl: dropped {log.dropped} record(s) of an earlier start of this run (resume='auto' "
-                "found no checkpoint in run_dir, so the run starts again from step 0)"
-            )
+            if restored is not None:
+                why = f"logged after step {self.step} by the run this one resumes from {restored.name}"
+            elif self.step == 0:
+                why = "of an earlier start of this run (resume='auto' found no checkpoint in run_dir, so the run "
+                why += "starts again from step 0)"
+            else:  # (a later fit of this engine, with no checkpoint to go back to)
+                why = f"logged after step {self.step}, where this fit goes on"
+            progress.message(f"metrics.jsonl: dropped {log.dropped} record(s) {why}; this run logs those steps again")
         progress.message(run_info.summary(module, rt, batching, nan_check="deferred" if self._defer else "step"))
         if why_not is not None and rt.device.type == "cuda":
             progress.message(f"NaN guard: one host sync per step, as {why_not}")

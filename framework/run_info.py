@@ -152,8 +152,10 @@ def _unlock(fd: int) -> None:
 
     # Unlock explicitly: closing alone would not release it while a process forked during the fit
     # (a DataLoader worker, persistent_workers=True) still shares the open file.
-    fcntl.flock(fd, fcntl.LOCK_UN)
-    os.close(fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def next_free_run_dir(base: str) -> str:

@@ -71,7 +71,11 @@ def test_the_plain_runtime_gives_what_the_accelerator_gives(tmp_path, precision)
     ],
 )
 def test_what_counts_as_one_plain_process(monkeypatch, env, plain):
-    for name in ("WORLD_SIZE", "LOCAL_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+    for name in (
+        *("WORLD_SIZE", "LOCAL_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"),
+        *("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_MEGATRON_LM"),
+        *("ACCELERATE_TORCH_DEVICE", "ACCELERATE_DYNAMO_BACKEND", "ACCELERATE_USE_CPU"),
+    ):  # (whatever the shell running the tests has set)
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
