@@ -248,11 +248,11 @@ class Engine:
         self.should_stop = False  # a resumed run that had stopped early restores it (and ends at once)
         restored = self._restore(fit)
         config = run_info.write_config(self, module, opt, batching, rt)
-        # Trackers (log_with) start on rank 0 and finish in log.close(); not accelerator.end_training(),
-        # which would also destroy the process group that a later validate() or fit() needs.
         # A resumed run logs the steps after its checkpoint again: the records of them go first.
         resumed_at = (self.step, self.epoch) if self.resume is not None else None
         resumed_step = None if resumed_at is None else resumed_at[0]
+        # Trackers (log_with) start on rank 0 and finish in log.close(); not accelerator.end_training(),
+        # which would also destroy the process group that a later validate() or fit() needs.
         log = MetricsLog(
             self.run_dir,
             rt.is_main,
@@ -337,7 +337,7 @@ class Engine:
                 self.batch_in_epoch = window.index + 1
                 self.items_read = window.items_read
                 self.micro_steps += len(window.micro_batches)
-                losses.add(window_loss)  # (no kernel per step: summed on log steps)
+                losses.add(window_loss)  # (stays on the device: summed and read on log steps)
                 items_sum = items_sum + items
                 record: dict[str, float] = {}
                 if log_now:
