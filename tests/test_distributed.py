@@ -106,3 +106,15 @@ def test_send_to_device_keeps_the_structure():
     assert type(moved["encoding"]) is Encoding and moved["encoding"]["ids"].is_meta
     assert type(moved["tuple"]) is tuple and moved["tuple"][0].is_meta
     assert batch["pair"].inputs.device.type == "cpu"  # the original is left as it was
+
+
+def test_a_one_process_accelerate_launch_keeps_its_precision(monkeypatch):
+    # What `accelerate launch --config_file X.yaml` of one process leaves in the environment.
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")
+    for name in ("WORLD_SIZE", "LOCAL_RANK", "ACCELERATE_TORCH_DEVICE"):
+        monkeypatch.delenv(name, raising=False)
+    rt = make_runtime()
+    assert (rt.accelerator, rt.mixed_precision, rt.device.type) == (None, "bf16", "cpu")
+    assert make_runtime("no").mixed_precision == "no"  # the Engine's own argument wins
