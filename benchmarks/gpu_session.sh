@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 9, as one device call (the device tool: `run` with this command,
+# timeout_s=600). It needs nothing installed: the device image's python3 has torch, accelerate,
+# pytest, safetensors, pyyaml and tensorboard. Everything it prints also lands in $OUT.
+#
+#   bash benchmarks/gpu_session.sh          # on the GPU machine (about 6 minutes)
+#   OUT=/tmp/o bash benchmarks/gpu_session.sh --dry   # here, on CPU: checks the script runs
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_session}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+bench_args=()
+if [ "${1:-}" = "--dry" ]; then
+  PY=${PY_DRY:-.venv/bin/python}
+  bench_args=(--quick --allow-cpu)
+fi
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || echo "no nvidia-smi"
+  $PY -c "import sys, torch, accelerate; print(sys.version.split()[0], 'torch', torch.__version__, 'accelerate', accelerate.__version__, 'cuda', torch.cuda.is_available())"
+} 2>&1 | tee "$OUT/machine.txt"
+# The CUDA tests: fp16 GradScaler, bf16, the deferred NaN verdict, the fused default optimizer.
+timeout 240 $PY -m pytest -m cuda -q -p no:cacheprovider -o addopts="" tests 2>&1 | tee "$OUT/cuda_tests.txt"
+tests_rc=$?
+# Tokens/s vs a hand-written Accelerate loop in bf16 (medium MLP, GPT 8x512), and the per-step sync's price.
+timeout 330 $PY benchmarks/gpu.py "${bench_args[@]}" --out "$OUT/gpu_results.md" 2>&1 | tee "$OUT/gpu_bench.txt"
+bench_rc=$?
+echo "cuda tests exit $tests_rc, benchmark exit $bench_rc" | tee -a "$OUT/machine.txt"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
