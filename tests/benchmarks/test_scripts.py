@@ -1,0 +1,61 @@
+"""benchmarks/: the scripts still run against the current framework and write their tables (smoke
+runs with tiny settings; the numbers themselves are measured by running the scripts, not here)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+from tests.helpers import ROOT
+
+
+def run(script: str, *args: str, timeout: float = 240) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def ratios(text: str, row: str) -> list[float]:
+    """The 'N.NNx' ratios in the table rows that start with ``| row |``."""
+    lines = [line for line in text.splitlines() if line.startswith(f"| {row} |")]
+    assert lines, f"no row {row!r} in:\n{text}"
+    return [float(x) for line in lines for x in re.findall(r"(\d+\.\d+)x", line)]
+
+
+def test_overhead_writes_its_tables_and_checks_its_targets(tmp_path):
+    out = tmp_path / "results.md"
+    run(
+        "overhead.py",
+        *("--quick", "--no-lightning", "--no-rss", "--no-import", "--workloads", "tiny", "--data", "tensor"),
+        *("--out", str(out)),
+    )
+    text = out.read_text()
+    for row in (
+        "raw PyTorch loop (DataLoader)",
+        "Engine, defaults",
+        "Engine, barebones",
+        "hand-written Accelerate loop",
+    ):
+        assert all(r > 0 for r in ratios(text, row))
+    assert re.search(r"In a real step .*: \d+ µs/step with the guard, \d+ without", text)
+    assert re.search(r"\| tiny model, tensor data, Engine defaults <= 1.00x raw \| \d+\.\d+x \| (yes|no) \|", text)
+
+
+def test_gpu_benchmark_runs_its_loops_on_cpu_when_asked(tmp_path):
+    out = tmp_path / "gpu_results.md"
+    run("gpu.py", "--quick", "--allow-cpu", "--reps", "1", "--out", str(out))
+    text = out.read_text()
+    assert text.count("| hand-written Accelerate loop |") == 2  # the MLP and the GPT
+    for row in (
+        "Engine, defaults (nan_check=auto: deferred on a GPU)",
+        'Engine, barebones, nan_check="step" (a sync per step)',
+    ):
+        assert len(ratios(text, row)) == 2 and all(r > 0 for r in ratios(text, row))
