@@ -108,7 +108,10 @@ class Callback:
         """Called after each optimizer step; ``metrics`` is the train record on log steps, else empty.
 
         Only log steps carry values: reading a device tensor here on every step
-        would add the host sync that the engine avoids.
+        would add the host sync that the engine avoids. Under ``nan_check="deferred"``
+        (the default on a GPU with a fused optimizer) a step's NaN verdict comes a step
+        late: this can run for a step that is then undone, and ``engine.skipped_steps``
+        counts it from the next step on.
 
         Example::
 
