@@ -25,5 +25,11 @@ tests_rc=$?
 # Tokens/s vs a hand-written Accelerate loop in bf16 (medium MLP, GPT 8x512), and the per-step sync's price.
 timeout 330 $PY benchmarks/gpu.py "${bench_args[@]}" --out "$OUT/gpu_results.md" 2>&1 | tee "$OUT/gpu_bench.txt"
 bench_rc=$?
+# For information (not in the exit status): the single-process suite with the GPU visible, so the
+# engine runs on CUDA; tests that compare against a hand-written CPU loop may differ there.
+# (The multiprocess tests launch launch/cpu_ddp.yaml, which is for machines without a GPU.)
+timeout 150 $PY -m pytest -m "not multiprocess" -q -p no:cacheprovider -n 8 \
+  tests/test_nan_policy.py tests/test_checkpoint.py tests/test_logging.py tests/test_engine.py 2>&1 |
+  tee "$OUT/suite_on_gpu.txt" | tail -15
 echo "cuda tests exit $tests_rc, benchmark exit $bench_rc" | tee -a "$OUT/machine.txt"
 [ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

@@ -124,6 +124,7 @@ def test_the_lock_is_released_when_a_fit_raises_so_a_resume_can_follow(tmp_path)
     assert "pid" in (tmp_path / ".lock").read_text()  # the file stays, naming its last holder
 
 
+@pytest.mark.multiprocess
 def test_under_two_processes_every_rank_refuses_a_held_run_dir(tmp_path):
     launch(ROOT / "tests" / "scripts" / "run_dir_lock_ddp.py", str(tmp_path), timeout=120)  # (fails, not hangs)
     busy0, busy1 = ((tmp_path / f"busy-rank{r}.txt").read_text() for r in (0, 1))
