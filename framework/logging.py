@@ -173,23 +173,26 @@ def _cut_after(path: str, step: int, epoch: int) -> int:
     """
     if not os.path.isfile(path):
         return 0
-    with open(path) as f:
-        lines = f.read().splitlines(keepends=True)
-    kept = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # (only a write the kill interrupted is not a whole JSON line)
-        if record.get("step", 0) <= step and not ("epoch_time" in record and record.get("epoch", 0) >= epoch):
-            kept.append(line if line.endswith("\n") else line + "\n")
-    if len(kept) == len(lines) and all(line.endswith("\n") for line in lines):
-        return 0
+    dropped, mended = 0, False
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
-    return len(lines) - len(kept)
+    with open(path) as src, open(tmp, "w") as dst:  # (line by line: a long run's log can be large)
+        for line in src:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                dropped += 1  # (only a write the kill interrupted is not a whole JSON line)
+                continue
+            if record.get("step", 0) > step or ("epoch_time" in record and record.get("epoch", 0) >= epoch):
+                dropped += 1
+                continue
+            if not line.endswith("\n"):  # (the next record would be appended to this line)
+                line, mended = line + "\n", True
+            dst.write(line)
+    if dropped or mended:
+        os.replace(tmp, path)
+    else:
+        os.remove(tmp)
+    return dropped
 
 
 def start_trackers(

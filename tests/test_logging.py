@@ -559,6 +559,16 @@ def test_the_cut_keeps_what_the_checkpoint_had_seen(tmp_path):
     assert records(tmp_path) == lines[:3]
 
 
+def test_the_cut_ends_a_last_record_that_lost_its_newline(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 2, "epoch": 0}\n{"step": 3, "epoch": 0}')  # no newline
+    log = MetricsLog(str(tmp_path), is_main=True, resumed_at=(3, 0))
+    log.write({"step": 4, "epoch": 0})
+    log.close()
+    assert log.dropped == 0
+    assert [r["step"] for r in records(tmp_path)] == [2, 3, 4]  # (not "...3}{"step": 4...")
+    assert not (tmp_path / "metrics.jsonl.tmp").exists()
+
+
 def test_resume_auto_without_a_checkpoint_starts_the_log_again_and_says_so(tmp_path, capsys):
     x, y = classification_data(200)
     kw = dict(max_steps=6, batch_size=32, run_dir=str(tmp_path), log_every_n_steps=2, checkpoint_every_epoch=False)
