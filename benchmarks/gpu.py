@@ -43,6 +43,7 @@ if str(ROOT) not in sys.path:
 from overhead import interleaved  # noqa: E402  (benchmarks/overhead.py: the same interleaved marginal timing)
 
 from framework import Engine, LoopModule  # noqa: E402
+from framework.optim import fused_on_gpu  # noqa: E402
 
 
 def load_adder() -> Any:
@@ -55,7 +56,7 @@ def load_adder() -> Any:
 
 
 def fused_adamw(module: nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(module.parameters(), lr=1e-4, fused=next(module.parameters()).is_cuda or None)
+    return torch.optim.AdamW(module.parameters(), lr=1e-4, fused=fused_on_gpu(module.parameters()))
 
 
 class MLP(LoopModule):

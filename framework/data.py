@@ -159,6 +159,7 @@ def collate(samples: list[Any]) -> Any:
     return _default_collate(samples)
 
 
+# Typed: torch leaves default_collate untyped, and strict mypy refuses a call to it.
 _default_collate: Callable[[list[Any]], Any] = default_collate
 
 

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .optim import fused_on_gpu
+
 
 class LoopModule(nn.Module):
     """An ``nn.Module`` that also knows how to compute its loss.
@@ -71,7 +73,8 @@ class LoopModule(nn.Module):
         ``interval`` defaults to ``"step"`` (one scheduler step per applied optimizer step).
         The default is AdamW with lr=1e-3, fused on a GPU: a fused optimizer can skip a
         non-finite step on the device, so the NaN guard needs no host sync per step there
-        (``Engine(nan_check="auto")``). Creating your own on a GPU, pass ``fused=True`` for the same.
+        (``Engine(nan_check="auto")``). For your own optimizer, ``fused=fused_on_gpu(...)``
+        (:func:`framework.optim.fused_on_gpu`) does the same.
 
         Example::
 
@@ -81,9 +84,7 @@ class LoopModule(nn.Module):
                         "scheduler": torch.optim.lr_scheduler.StepLR(opt, 1),
                         "interval": "epoch"}
         """
-        params = list(self.parameters())
-        on_gpu = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
-        return torch.optim.AdamW(params, lr=1e-3, fused=True if on_gpu else None)
+        return torch.optim.AdamW(self.parameters(), lr=1e-3, fused=fused_on_gpu(self.parameters()))
 
     def split_batch(self, batch: Any) -> tuple[Any, Any]:
         """Split one collated batch into ``(inputs, targets)``. Default: ``(batch[0], batch[1])``.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,19 @@ class Optimization:
     optimizer: torch.optim.Optimizer
     scheduler: Any = None
     interval: str = "step"
+
+
+def fused_on_gpu(params: Iterable[torch.Tensor]) -> bool | None:
+    """``fused=`` for a torch optimizer: True where every parameter is a floating-point CUDA tensor,
+    else None (torch's default). A fused optimizer can skip a non-finite step on the device, so the
+    engine's NaN guard needs no host sync per step (``Engine(nan_check="auto")``).
+
+    Example::
+
+        torch.optim.AdamW(self.parameters(), lr=3e-4, fused=fused_on_gpu(self.parameters()))
+    """
+    params = list(params)
+    return True if params and all(p.is_cuda and p.is_floating_point() for p in params) else None
 
 
 def _is_scheduler(obj: Any) -> bool:

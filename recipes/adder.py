@@ -60,6 +60,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from framework import Engine, LoopModule
 from framework.config import parse_config, save_yaml
+from framework.optim import fused_on_gpu
 from framework.run_info import recipe_run_dir
 
 
@@ -286,7 +287,7 @@ class Adder(LoopModule):
             lr=cfg.lr,
             betas=(0.9, 0.98),
             # On a GPU: it can skip a non-finite step on the device, so the NaN guard needs no sync per step.
-            fused=next(self.parameters()).is_cuda or None,
+            fused=fused_on_gpu(self.parameters()),
         )
 
         def schedule(step: int) -> float:  # linear warmup, then cosine decay to final_lr_ratio at max_steps

@@ -43,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from framework import Engine, LoopModule
 from framework.config import parse_config, save_yaml
+from framework.optim import fused_on_gpu
 from framework.run_info import recipe_run_dir
 
 
@@ -88,7 +89,7 @@ class Classifier(LoopModule):
 
     def configure_optimizers(self):  # type: ignore[no-untyped-def]
         # Fused on a GPU: it can skip a non-finite step on the device, so the NaN guard needs no sync per step.
-        fused = next(self.parameters()).is_cuda or None
+        fused = fused_on_gpu(self.parameters())
         opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay, fused=fused)
         # Cosine decay over the planned epochs, stepped once per epoch by the engine.
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(self.epochs, 1))

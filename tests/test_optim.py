@@ -1,4 +1,4 @@
-"""framework/optim.py: what configure_optimizers may return, and the errors for anything else."""
+"""framework/optim.py: what configure_optimizers may return, the errors for anything else, and fused_on_gpu."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from framework.optim import Optimization, parse_optimizers
+from framework.optim import Optimization, fused_on_gpu, parse_optimizers
 
 
 @pytest.fixture
@@ -89,3 +89,19 @@ def test_bad_interval(opt):
     sched = torch.optim.lr_scheduler.StepLR(opt, 1)
     with pytest.raises(ValueError, match=r"interval='batch'; use \"step\" or \"epoch\""):
         parse_optimizers({"optimizer": opt, "scheduler": sched, "interval": "batch"})
+
+
+def test_fused_on_gpu_leaves_cpu_and_non_float_parameters_to_torch():
+    assert fused_on_gpu(torch.nn.Linear(2, 2).parameters()) is None  # (a generator is fine)
+    assert fused_on_gpu([]) is None
+    assert fused_on_gpu([torch.zeros(2, dtype=torch.long)]) is None
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fused_on_gpu_on_cuda_parameters():
+    linear = torch.nn.Linear(2, 2).cuda()
+    assert fused_on_gpu(linear.parameters()) is True
+    assert fused_on_gpu([*linear.parameters(), torch.zeros(2)]) is None  # one on the CPU: torch's default
+    opt = torch.optim.AdamW(linear.parameters(), fused=fused_on_gpu(linear.parameters()))
+    assert opt.defaults["fused"] is True
