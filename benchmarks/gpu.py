@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from overhead import interleaved  # noqa: E402  (benchmarks/overhead.py: the same interleaved marginal timing)
+from overhead import accelerate_steps, interleaved, new_accelerator  # noqa: E402  (benchmarks/overhead.py)
 
 from framework import Engine, LoopModule  # noqa: E402
 from framework.optim import fused_on_gpu  # noqa: E402
@@ -104,29 +104,12 @@ def workloads(quick: bool) -> dict[str, tuple[Callable[[], LoopModule], tuple[to
 
 
 def run_accelerate(factory: Callable[[], LoopModule], data: tuple[torch.Tensor, ...], batch: int, n: int) -> None:
-    """The loop from Accelerate's examples, with the module's own loss."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
-    accelerator = Accelerator(mixed_precision="bf16", cpu=not torch.cuda.is_available())
+    """The loop from Accelerate's examples, with the module's own loss and optimizer."""
+    accelerator = new_accelerator(mixed_precision="bf16", cpu=not torch.cuda.is_available())
     torch.manual_seed(0)
     module = factory().to(accelerator.device)
-    opt = module.configure_optimizers()
     loader = DataLoader(TensorDataset(*data), batch_size=batch, shuffle=True, drop_last=True)
-    model, opt, loader = accelerator.prepare(module, opt, loader)
-    model.train()
-    step = 0
-    while step < n:
-        for inputs, targets in loader:
-            opt.zero_grad(set_to_none=True)
-            loss = module.compute_loss(model(inputs), targets)
-            accelerator.backward(loss)
-            opt.step()
-            step += 1
-            if step == n:
-                break
+    accelerate_steps(accelerator, module, module.configure_optimizers(), loader, module.compute_loss, n)
 
 
 def run_engine(

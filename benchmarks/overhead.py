@@ -67,6 +67,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -207,29 +208,39 @@ def run_engine(w: Workload, ds: Dataset, n: int, barebones: bool) -> None:
     Engine(max_steps=n, batch_size=w.batch, seed=0, **kw).fit(fresh_model(w), ds)
 
 
-def run_accelerate(w: Workload, ds: Dataset, n: int) -> None:
-    """A hand-written Accelerate loop, as in Accelerate's examples."""
+def new_accelerator(**kw: Any) -> Any:
+    """A fresh ``Accelerator(**kw)`` (its shared state reset first, so each loop gets its own settings)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    accelerator = Accelerator(cpu=True)
-    model = fresh_model(w)
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    loader = DataLoader(ds, batch_size=w.batch, shuffle=True)
+    return Accelerator(**kw)
+
+
+def accelerate_steps(accelerator: Any, model: Any, opt: Any, loader: DataLoader[Any], loss_fn: Any, n: int) -> None:
+    """``n`` steps of the loop in Accelerate's examples: ``prepare``, then zero_grad, forward, loss,
+    ``accelerator.backward``, step (also the GPU benchmark's baseline, benchmarks/gpu.py)."""
     model, opt, loader = accelerator.prepare(model, opt, loader)
     model.train()
     step = 0
     while step < n:
         for x, y in loader:
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(w)(model(x), y)
+            loss = loss_fn(model(x), y)
             accelerator.backward(loss)
             opt.step()
             step += 1
             if step == n:
                 break
+
+
+def run_accelerate(w: Workload, ds: Dataset, n: int) -> None:
+    """A hand-written Accelerate loop, as in Accelerate's examples."""
+    accelerator = new_accelerator(cpu=True)
+    model = fresh_model(w)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    accelerate_steps(accelerator, model, opt, DataLoader(ds, batch_size=w.batch, shuffle=True), loss_fn(w), n)
 
 
 def run_fabric(w: Workload, ds: Dataset, n: int) -> None:
