@@ -7,6 +7,7 @@ gradient reset, modes, scaling, precision, checkpoints).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -87,14 +88,40 @@ class LoopModule(nn.Module):
         return torch.optim.AdamW(self.parameters(), lr=1e-3, fused=fused_on_gpu(self.parameters()))
 
     def split_batch(self, batch: Any) -> tuple[Any, Any]:
-        """Split one collated batch into ``(inputs, targets)``. Default: ``(batch[0], batch[1])``.
+        """Split one collated batch into ``(inputs, targets)``.
+
+        Default: a dict batch (HuggingFace's convention) gives ``(batch, batch["labels"])``, so
+        ``forward`` receives the whole dict (``self.model(**inputs)``); a pair ``(x, y)`` gives
+        ``(x, y)``. Anything else (a dict without ``"labels"``, a tuple of three) is an error that
+        asks you to define ``split_batch``: guessing would train on the wrong tensor.
 
         Example::
 
             def split_batch(self, batch):
-                return batch["tokens"][:, :-1], batch["tokens"][:, 1:]
+                x, mask, y = batch
+                return (x, mask), y
         """
-        return batch[0], batch[1]
+        if isinstance(batch, Mapping):
+            if "labels" not in batch:
+                raise TypeError(
+                    f"{type(self).__name__} got a dict batch with keys {sorted(map(str, batch))} and no 'labels'; "
+                    "the default split_batch returns (batch, batch['labels']). Define split_batch(self, batch) "
+                    "returning (inputs, targets), e.g. return batch, batch['target']"
+                )
+            return batch, batch["labels"]
+        if isinstance(batch, (tuple, list)) and len(batch) == 2:
+            return batch[0], batch[1]
+        if isinstance(batch, (tuple, list)):
+            raise TypeError(
+                f"{type(self).__name__} got a batch of {len(batch)} parts; the default split_batch takes "
+                "(inputs, targets) pairs only. Define split_batch(self, batch) returning (inputs, targets), "
+                "e.g. x, mask, y = batch; return (x, mask), y"
+            )
+        raise TypeError(
+            f"{type(self).__name__} got a batch of type {type(batch).__name__}; the default split_batch takes "
+            "(inputs, targets) pairs or dicts with 'labels'. Define split_batch(self, batch) returning "
+            "(inputs, targets)"
+        )
 
     def count_items(self, batch: Any) -> int | torch.Tensor:
         """How many items ``compute_loss`` averages over in ``batch``. Default: ``len(targets)``.
