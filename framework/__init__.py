@@ -2,7 +2,8 @@
 
 Example::
 
-    from framework import LoopModule, Engine
+    from framework import LoopModule, Engine, seed_everything
+    seed_everything(0)   # before building the model
     engine = Engine(max_epochs=10, batch_size=64, seed=0, run_dir="runs/digits")
     engine.fit(Classifier(), train_data, val_data)
 """
@@ -11,8 +12,10 @@ from . import schedules  # so a plain `import framework` exposes framework.sched
 from .callbacks import Callback, EarlyStopping
 from .checkpoint import CheckpointError, load_weights
 from .doctor import LoopError, LoopWarning
-from .engine import Engine, NonFiniteError
+from .engine import Engine
+from .guard import NonFiniteError
 from .module import LoopModule
+from .rng import seed_everything
 
 __all__ = [
     "Callback",
@@ -25,5 +28,6 @@ __all__ = [
     "NonFiniteError",
     "load_weights",
     "schedules",
+    "seed_everything",
 ]
 __version__ = "0.1.0"

@@ -7,14 +7,15 @@ steps and around epochs, never between zero_grad and the optimizer step. Like
 logging, a callback must only read: changing parameters, gradients, the data or
 the global RNG from one breaks "observation never steers" (DESIGN.md).
 
-The eight events, in the order a run fires them::
+The nine events, in the order a run fires them::
 
     on_checkpoint_load          if ``resume`` loaded a checkpoint
     on_fit_start                once, before the first step
       on_epoch_start            each epoch (also a resumed, partial one)
-        on_step_end             after every optimizer step (applied or skipped)
+        on_step_end             after every optimizer step (applied or skipped: engine.last_step says)
+        on_step_retracted       a step seen as applied was skipped (its NaN verdict came a step late)
         on_checkpoint_save      after a step checkpoint was written completely
-      on_validation_end         after the epoch's validation: {"val/loss": ..., "val/<metric>": ...}
+      on_validation_end         after each validation (epoch end, val_every_n_steps, engine.validate)
       on_epoch_end              after each complete epoch: epoch_time and val/...
       on_checkpoint_save        after the epoch checkpoint
     on_fit_end                  once, after the last step
@@ -50,12 +51,13 @@ if TYPE_CHECKING:
 
 
 class Callback:
-    """Base class: override any of the eight events; the defaults do nothing.
+    """Base class: override any of the nine events; the defaults do nothing.
 
     Events: ``on_fit_start``, ``on_fit_end``, ``on_epoch_start``, ``on_epoch_end``,
-    ``on_step_end`` (after an applied or skipped optimizer step), ``on_validation_end``,
+    ``on_step_end`` (after an applied or skipped optimizer step; ``engine.last_step.applied`` /
+    ``.skipped`` / ``.pending`` tell which), ``on_step_retracted``, ``on_validation_end``,
     ``on_checkpoint_save``, ``on_checkpoint_load``. State returned by ``state_dict``
-    is stored in checkpoints (JSON-serialisable values only) and handed back to
+    is stored in checkpoints (numbers, strings, lists, dicts and tensors) and handed back to
     ``load_state_dict`` on resume.
 
     Example::
@@ -118,6 +120,16 @@ class Callback:
             def on_step_end(self, engine, module, metrics):
                 if metrics and metrics["train/loss"] < 0.01:
                     engine.should_stop = True
+        """
+
+    def on_step_retracted(self, engine: Engine, module: LoopModule, step: int) -> None:
+        """Called when a step that ``on_step_end`` saw as applied turns out skipped: under
+        ``nan_check="deferred"`` its NaN verdict comes a step late (the optimizer skipped it on the device).
+
+        Example::
+
+            def on_step_retracted(self, engine, module, step):
+                self.applied_steps.discard(step)
         """
 
     def on_validation_end(self, engine: Engine, module: LoopModule, metrics: dict[str, float]) -> None:
@@ -203,7 +215,10 @@ class EarlyStopping(Callback):
         return value > self.best + self.min_delta
 
     def on_validation_end(self, engine: Engine, module: LoopModule, metrics: dict[str, float]) -> None:
-        """Compare ``metrics[monitor]`` with the best so far; ask the engine to stop after ``patience`` misses."""
+        """Compare ``metrics[monitor]`` with the best so far; ask the engine to stop after ``patience`` misses.
+        A standalone ``engine.validate`` (outside fit) does not count."""
+        if not getattr(engine, "fitting", True):
+            return
         value = self._value(metrics)
         if self._improved(value):
             self.best, self.bad_epochs = value, 0

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 import warnings
@@ -35,56 +34,6 @@ MANIFEST = "manifest.json"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used, with what is wrong and what to do."""
-
-
-# ---------------------------------------------------------------- tensors <-> JSON + safetensors
-
-
-def flatten(obj: Any, tensors: dict[str, torch.Tensor], prefix: str) -> Any:
-    """Replace every tensor in ``obj`` by a reference, collecting tensors under ``prefix``.
-
-    Handles what optimizer/scheduler/scaler state dicts hold: dicts (any key type),
-    lists, tuples, numbers, strings, None and tensors.
-    """
-    if isinstance(obj, torch.Tensor):
-        key = f"{prefix}"
-        tensors[key] = obj.detach().cpu().contiguous()
-        return {"__tensor__": key}
-    if isinstance(obj, dict):
-        if all(isinstance(k, str) for k in obj) and "__tensor__" not in obj:
-            return {k: flatten(v, tensors, f"{prefix}/{k}") for k, v in obj.items()}
-        return {"__items__": [[_key(k), flatten(v, tensors, f"{prefix}/{i}")] for i, (k, v) in enumerate(obj.items())]}
-    if isinstance(obj, tuple):
-        return {"__tuple__": [flatten(v, tensors, f"{prefix}/{i}") for i, v in enumerate(obj)]}
-    if isinstance(obj, list):
-        return [flatten(v, tensors, f"{prefix}/{i}") for i, v in enumerate(obj)]
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    raise CheckpointError(
-        f"cannot store a {type(obj).__name__} at {prefix!r} in a checkpoint; state dicts may hold tensors, "
-        "numbers, strings, lists, tuples and dicts only"
-    )
-
-
-def _key(k: Any) -> Any:
-    if isinstance(k, (bool, int, float, str)) or k is None:
-        return k
-    raise CheckpointError(f"cannot store a dict key of type {type(k).__name__} in a checkpoint")
-
-
-def unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    """Inverse of :func:`flatten`."""
-    if isinstance(obj, dict):
-        if "__tensor__" in obj:
-            return tensors[obj["__tensor__"]]
-        if "__items__" in obj:
-            return {k: unflatten(v, tensors) for k, v in obj["__items__"]}
-        if "__tuple__" in obj:
-            return tuple(unflatten(v, tensors) for v in obj["__tuple__"])
-        return {k: unflatten(v, tensors) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [unflatten(v, tensors) for v in obj]
-    return obj
 
 
 def dedup_shared(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -103,37 +52,6 @@ def dedup_shared(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
         seen[sig] = name
         unique[name] = t.contiguous()
     return unique, aliases
-
-
-# ---------------------------------------------------------------- RNG
-
-
-def rng_state() -> tuple[Any, dict[str, torch.Tensor]]:
-    """This process's RNG states (torch CPU, CUDA, numpy, python) as (JSON part, tensors)."""
-    import numpy as np
-
-    tensors: dict[str, torch.Tensor] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda/{i}"] = s
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    tensors["numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.uint32).view(np.int32).copy())
-    version, internal, gauss_next = random.getstate()
-    meta = {"numpy": [kind, int(pos), int(has_gauss), float(gauss)], "python": [version, list(internal), gauss_next]}
-    return meta, tensors
-
-
-def set_rng_state(meta: Any, tensors: dict[str, torch.Tensor]) -> None:
-    import numpy as np
-
-    torch.set_rng_state(tensors["torch"])
-    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda/")), key=lambda k: int(k[5:]))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
-    kind, pos, has_gauss, gauss = meta["numpy"]
-    np.random.set_state((kind, tensors["numpy"].numpy().view(np.uint32), pos, has_gauss, gauss))
-    version, internal, gauss_next = meta["python"]
-    random.setstate((version, tuple(internal), gauss_next))
 
 
 # ---------------------------------------------------------------- writing
@@ -165,10 +83,11 @@ def temp_dir(root: Path, name: str) -> Path:
     return root / f".tmp-{name}"
 
 
-def finalize(root: Path, tmp: Path, name: str) -> Path:
+def finalize(root: Path, tmp: Path, name: str, monitor_value: float | None = None) -> Path:
     """Write the manifest last, rename into place atomically, then point ``latest`` at it."""
-    files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-    write_json(tmp / MANIFEST, {"files": {f: (tmp / f).stat().st_size for f in files}, "format": 1})
+    files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+    manifest = {"files": {f: (tmp / f).stat().st_size for f in files}, "format": 1, "monitor_value": monitor_value}
+    write_json(tmp / MANIFEST, manifest)
     _fsync(tmp)
     final = root / name
     if final.exists():  # re-saving the same step (e.g. a manual save): swap, never leave a gap without one
@@ -191,7 +110,7 @@ def finalize(root: Path, tmp: Path, name: str) -> Path:
 # ---------------------------------------------------------------- finding and validating
 
 
-def validate(path: Path) -> str | None:
+def verify(path: Path) -> str | None:
     """None if ``path`` is a complete checkpoint, else the reason it is not."""
     manifest = path / MANIFEST
     if not manifest.is_file():
@@ -226,7 +145,7 @@ def list_checkpoints(root: Path) -> list[Found]:
 def newest_complete(root: Path) -> Path | None:
     """The newest complete checkpoint; incomplete ones are skipped with a warning naming them."""
     for found in reversed(list_checkpoints(root)):
-        problem = validate(found.path)
+        problem = verify(found.path)
         if problem is None:
             return found.path
         warnings.warn(f"skipping incomplete checkpoint {found.path}: {problem}", stacklevel=3)
@@ -238,12 +157,12 @@ def prune(root: Path, keep_last: int, keep_best: int, mode: str) -> None:
 
     Called only after a new checkpoint is complete, so there is always one to resume from.
     """
-    complete = [f for f in list_checkpoints(root) if validate(f.path) is None]
+    complete = [f for f in list_checkpoints(root) if verify(f.path) is None]
     keep = {f.path for f in complete[-keep_last:]} if keep_last > 0 else set()
     if keep_best > 0:
         scored = []
         for f in complete:
-            value = json.loads((f.path / "state.json").read_text()).get("monitor_value")
+            value = json.loads((f.path / MANIFEST).read_text()).get("monitor_value")
             if value is not None:
                 scored.append((value if mode == "min" else -value, f.step, f.path))
         keep |= {p for _, _, p in sorted(scored)[:keep_best]}
@@ -297,7 +216,7 @@ def load_weights(module: torch.nn.Module, path: str | os.PathLike[str], strict: 
             raise CheckpointError(f"no complete checkpoint under {p / 'checkpoints'}")
         p = newest
     if p.is_dir():
-        problem = validate(p)
+        problem = verify(p)
         if problem is not None:
             raise CheckpointError(f"{p} is not a complete checkpoint: {problem}")
         p = p / "model.safetensors"
@@ -315,173 +234,74 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-# ---------------------------------------------------------------- the engine's state <-> a checkpoint
+# ---------------------------------------------------------------- one checkpoint, written and read
 
 
-_KERNEL_FLAGS = ("foreach", "fused", "capturable")
+class CheckpointWriter:
+    """Writes the files of one checkpoint into a staging dir; :meth:`finalize` publishes it atomically.
 
-
-def fingerprint(
-    engine: Any, module: torch.nn.Module, optimizer: torch.optim.Optimizer, batch_size: int | None
-) -> dict[str, Any]:
-    """What a checkpoint depends on: resuming with any of it changed is an error."""
-    tensors: dict[str, torch.Tensor] = {}
-    # (the kernel flags say how a step is computed, not what: a run may resume on other hardware)
-    settings = {k: v for k, v in optimizer.defaults.items() if not callable(v) and k not in _KERNEL_FLAGS}
-    defaults = flatten(settings, tensors, "defaults")
-    return {
-        "batch_size": batch_size,
-        "seed": engine.seed,
-        "shuffle": engine.shuffle,
-        "model": {k: list(v.shape) for k, v in module.state_dict().items()},
-        "optimizer": {"class": type(optimizer).__name__, "groups": len(optimizer.param_groups), "defaults": defaults},
-    }
-
-
-def _differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    out = []
-    for key in sorted(set(saved) | set(now)):
-        a, b = saved.get(key), now.get(key)
-        if a == b:
-            continue
-        if key == "model" and isinstance(a, dict) and isinstance(b, dict):
-            for name in sorted(set(a) | set(b)):
-                if a.get(name) != b.get(name):
-                    out.append(f"model.{name}: checkpoint {a.get(name)} vs now {b.get(name)}")
-        else:
-            out.append(f"{key}: checkpoint {a!r} vs now {b!r}")
-    return out
-
-
-def save_engine(engine: Any, fit: Any, root: Path, name: str | None = None, monitor_value: float | None = None) -> Path:
-    """Save everything a bitwise-exact resume needs. Collective: every rank calls it.
-
-    ``monitor_value`` (epoch-end saves, right after validation) ranks the checkpoint for ``keep_best``.
-    """
-    rt = engine._rt
-    name = name or f"step-{engine.step:08d}"
-    tmp = temp_dir(root, name)
-    if rt.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    rt.barrier()
-    if rt.fsdp:  # gathering sharded state is itself collective
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        model_state = rt.accelerator.get_state_dict(fit.model)
-        optim_state = FSDP.optim_state_dict(fit.model, fit.opt.optimizer)
-    else:
-        model_state = fit.module.state_dict()
-        optim_state = fit.opt.optimizer.state_dict()
-    if rt.is_main:
-        unique, aliases = dedup_shared(model_state)
-        write_tensors(tmp / "model.safetensors", unique, {"aliases": json.dumps(aliases)})
-        tensors: dict[str, torch.Tensor] = {}
-        loader_rng = getattr(fit.source, "epoch_rng", None)
-        state = {
-            "optimizer": flatten(optim_state, tensors, "optimizer"),
-            "scheduler": flatten(fit.opt.scheduler.state_dict(), tensors, "scheduler") if fit.opt.scheduler else None,
-            "scaler": flatten(rt.scaler.state_dict(), tensors, "scaler") if rt.scaler is not None else None,
-            "loader_epoch_rng": flatten(loader_rng, tensors, "loader_epoch_rng") if loader_rng is not None else None,
-            "counters": {k: getattr(engine, k) for k in COUNTERS},
-            "world_size": rt.world_size,
-            "config": fit.fingerprint,
-            "callbacks": [[type(cb).__name__, st] for cb in engine.callbacks if (st := cb.state_dict())],
-            "metrics": engine.metrics,
-            "monitor_value": monitor_value,
-        }
-        write_tensors(tmp / "state.safetensors", tensors)
-        write_json(tmp / "state.json", state)
-    meta, rng_tensors = rng_state()
-    write_json(tmp / f"rng-rank{rt.rank}.json", meta)
-    write_tensors(tmp / f"rng-rank{rt.rank}.safetensors", rng_tensors)
-    rt.barrier()
-    if rt.is_main:
-        finalize(root, tmp, name)
-        prune(root, engine.keep_last, engine.keep_best, engine.mode)
-    rt.barrier()
-    return root / name
-
-
-COUNTERS = (
-    "step", "epoch", "batch_in_epoch", "items_read", "micro_steps", "skipped_steps", "consecutive_skips", "should_stop",
-)  # fmt: skip
-
-
-def load_engine(engine: Any, fit: Any, path: Path) -> None:
-    """Restore a checkpoint written by :func:`save_engine` into a prepared fit."""
-    rt = engine._rt
-    problem = validate(path)
-    if problem is not None:
-        raise CheckpointError(f"cannot resume from {path}: {problem}; pass a complete checkpoint or resume='auto'")
-    state = read_json(path / "state.json")
-    diffs = _differences(state["config"], fit.fingerprint)
-    if diffs:
-        raise CheckpointError(
-            f"cannot resume from {path}: the run's configuration differs from the checkpoint's:\n  "
-            + "\n  ".join(diffs)
-            + "\nrestore these settings, or start a new run_dir"
-        )
-    # Read and check every file before changing anything, so a bad checkpoint leaves the run untouched.
-    tensors, _ = read_tensors(path / "state.safetensors")
-    weights = read_weights(path / "model.safetensors")
-    rng_file = path / f"rng-rank{rt.rank}.json"
-    same_world = state["world_size"] == rt.world_size and rng_file.is_file()
-    if same_world:
-        rng_meta, rng_tensors = read_json(rng_file), read_tensors(path / f"rng-rank{rt.rank}.safetensors")[0]
-    fit.module.load_state_dict(weights)
-    optim_state = unflatten(state["optimizer"], tensors)
-    if rt.fsdp:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        optim_state = FSDP.optim_state_dict_to_load(fit.model, fit.opt.optimizer, optim_state)
-    fit.opt.optimizer.load_state_dict(optim_state)
-    if state["scheduler"] is not None:
-        if fit.opt.scheduler is None:
-            raise CheckpointError(f"{path} has LR scheduler state but configure_optimizers returned no scheduler")
-        fit.opt.scheduler.load_state_dict(unflatten(state["scheduler"], tensors))
-    if state["scaler"] is not None and rt.scaler is not None:
-        rt.scaler.load_state_dict(unflatten(state["scaler"], tensors))
-    if state["loader_epoch_rng"] is not None and hasattr(fit.source, "resume_rng"):
-        fit.source.resume_rng = unflatten(state["loader_epoch_rng"], tensors)
-    for k, v in state["counters"].items():
-        setattr(engine, k, v)
-    engine.metrics = dict(state["metrics"])
-    # Stateful callbacks are matched by class, in order; a stateless or newly added one starts fresh.
-    remaining = list(engine.callbacks)
-    for cb_name, cb_state in state["callbacks"]:
-        match = next((cb for cb in remaining if type(cb).__name__ == cb_name), None)
-        if match is None:
-            raise CheckpointError(
-                f"cannot resume from {path}: it holds state for a {cb_name} callback, but this run has none; "
-                f"pass the same callbacks as the run that saved it (now: {[type(cb).__name__ for cb in engine.callbacks]})"
-            )
-        remaining.remove(match)
-        match.load_state_dict(cb_state)
-    if same_world:
-        set_rng_state(rng_meta, rng_tensors)
-    else:
-        # Elastic resume: the data order and global batch carry over exactly, but
-        # per-rank random streams (dropout, augmentation) cannot be re-split.
-        if rt.is_main:
-            warnings.warn(
-                f"resuming a {state['world_size']}-process checkpoint on {rt.world_size} process(es): data order, "
-                "global batch and optimizer state carry over exactly, but per-rank RNG streams (dropout, random "
-                "augmentation) cannot; they are re-seeded from (seed, step, rank)",
-                stacklevel=3,
-            )
-        seed_everything(engine.seed * 1_000_003 + engine.step * 101 + rt.rank)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch (CPU and CUDA), numpy and python's ``random``.
+    Every rank writes its own files, then :meth:`commit`; the main process then :meth:`finalize` s
+    (manifest last, rename, ``latest``, prune). No collective inside: callers barrier.
 
     Example::
 
-        seed_everything(0)
+        w = CheckpointWriter(root, "step-00000120", rank=0, world_size=1, is_main=True)
+        w.prepare()
+        w.json("state.json", {...}); w.tensors("model.safetensors", weights)
+        w.commit()
+        path = w.finalize(keep_last=3, keep_best=0, mode="min", monitor_value=None)
     """
-    import numpy as np
 
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
+    def __init__(self, root: Path, name: str, *, rank: int, world_size: int, is_main: bool) -> None:
+        self.root, self.name, self.rank, self.world_size, self.is_main = root, name, rank, world_size, is_main
+        self.staging = temp_dir(root, name)
+
+    def prepare(self) -> None:
+        """Main process: a fresh, empty staging dir (the other ranks wait at a barrier after it)."""
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging.mkdir(parents=True)
+
+    def json(self, filename: str, obj: Any) -> None:
+        write_json(self.staging / filename, obj)
+
+    def tensors(self, filename: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+        write_tensors(self.staging / filename, tensors, metadata)
+
+    def external(self, filename: str) -> None:
+        """A file written into the staging dir by something else (torch.distributed.checkpoint's shards)."""
+        _fsync(self.staging / filename)
+
+    def commit(self) -> None:
+        """This rank's files are written and flushed."""
+
+    def finalize(self, *, keep_last: int, keep_best: int, mode: str, monitor_value: float | None) -> Path:
+        """Main process: publish the checkpoint (manifest last, atomic rename, ``latest``), then prune."""
+        final = finalize(self.root, self.staging, self.name, monitor_value)
+        prune(self.root, keep_last, keep_best, mode)
+        return final
+
+
+class CheckpointReader:
+    """One complete checkpoint, checked against its manifest before anything is read.
+
+    Example::
+
+        r = CheckpointReader(path)
+        state = r.json("state.json"); weights = r.tensors("model.safetensors")
+    """
+
+    def __init__(self, path: Path) -> None:
+        problem = verify(path)
+        if problem is not None:
+            raise CheckpointError(f"cannot use {path}: {problem}; pass a complete checkpoint or resume='auto'")
+        self.path = path
+        self.files = sorted(json.loads((path / MANIFEST).read_text())["files"])
+
+    def has(self, filename: str) -> bool:
+        return filename in self.files
+
+    def json(self, filename: str) -> Any:
+        return read_json(self.path / filename)
+
+    def tensors(self, filename: str) -> dict[str, torch.Tensor]:
+        return read_tensors(self.path / filename)[0]

@@ -1,241 +1,410 @@
-"""Small typed configs for recipes: a dataclass, an optional YAML file, ``--key value`` overrides.
+"""The Engine's arguments, validated once: :class:`EngineConfig`.
 
-A recipe declares its hyperparameters once, as a dataclass with defaults. The
-command line then accepts ``--config FILE.yaml`` and one ``--key value`` flag
-per field; every value is converted to the field's declared type. Precedence:
-dataclass defaults < YAML file < command-line flags. Nothing is executed:
-YAML is read with ``yaml.safe_load`` and flags are parsed by type, never with
-``eval``. Config builds objects in the recipe; it is not threaded through the
-framework (the Engine only sees plain keyword arguments).
+``Engine(max_epochs=10, batch_size=64, ...)`` keeps its flat keyword arguments (the contract);
+they are gathered here into one typed, nested object and every one is checked at construction
+(type, range, choices), with a message that names the argument and the fix. Everything else
+reads the config: the loop, ``config.json`` (:meth:`EngineConfig.to_json`) and the resume
+fingerprint. Each field's documentation lives once, in its ``doc`` metadata;
+:func:`describe` renders it (the README's argument table is tested against it).
 
 Example::
 
-    from dataclasses import dataclass
-    from typing import Literal
-    from framework.config import parse_config
-
-    @dataclass
-    class Config:
-        lr: float = 1e-3
-        batch_size: int = 64
-        micro_batch_size: int | None = None   # "none" on the command line
-        model: Literal["mlp", "cnn"] = "mlp"  # choices are checked
-        smoke: bool = False                    # "--smoke" alone means True
-
-    cfg = parse_config(Config)   # python recipe.py --config my.yaml --lr 3e-4 --smoke
-
-    # my.yaml (keys are field names; dashes or underscores both work):
-    #   lr: 0.0003
-    #   batch_size: 128
-
-Supported field types: ``int``, ``float``, ``str``, ``bool``, ``Literal[...]``,
-and ``X | None`` of those. Unknown keys (in the file or on the command line)
-are errors that list the valid ones.
+    config = EngineConfig.from_options(max_epochs=10, batch_size=64, run_dir="runs/a")
+    config.stop.max_epochs, config.data.batch_size, config.checkpoint.keep_last   # 10, 64, 3
+    EngineConfig.from_options(keep_last=0)   # ValueError: keep_last=0; use an int >= 1, e.g. keep_last=3
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import os
-import sys
-import types
-import typing
-from collections.abc import Sequence
-from typing import Any, Literal, TypeVar, Union
+import difflib
+import math
+import signal
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
-T = TypeVar("T")
-
-_TRUE = {"1", "true", "yes", "on", "y"}
-_FALSE = {"0", "false", "no", "off", "n"}
-_NONE = {"none", "null", "~"}
+# ---------------------------------------------------------------- checks (each names the fix)
 
 
-class ConfigError(ValueError):
-    """A config value or key that does not fit the recipe's dataclass."""
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
-    """``X | None`` -> (X, True); anything else -> (tp, False)."""
-    origin = typing.get_origin(tp)
-    if origin is Union or (hasattr(types, "UnionType") and origin is types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1 and len(typing.get_args(tp)) == 2:
-            return args[0], True
-        raise TypeError(f"unsupported config field type {tp!r}: only X | None unions are allowed")
-    return tp, False
-
-
-def convert(value: Any, tp: Any, name: str) -> Any:
-    """Convert ``value`` (a string from the command line or a YAML scalar) to the field type ``tp``.
-
-    Example::
-
-        >>> convert("3e-4", float, "lr"), convert("none", int | None, "micro_batch_size")
-        (0.0003, None)
-    """
-    base, optional = _unwrap_optional(tp)
-    if optional and (value is None or (isinstance(value, str) and value.strip().lower() in _NONE)):
-        return None
-    if value is None:
-        raise ConfigError(f"{name}: None is not allowed for a field of type {_type_name(tp)}")
-    if typing.get_origin(base) is Literal:
-        choices = typing.get_args(base)
-        for c in choices:
-            if value == c or (isinstance(value, str) and value == str(c)):
-                return c
-        raise ConfigError(f"{name}={value!r}: choose one of {list(choices)}")
-    if base is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-            return value.strip().lower() in _TRUE
-        raise ConfigError(f"{name}={value!r}: expected a boolean (true/false, yes/no, 1/0)")
-    if base is int:
-        if isinstance(value, bool):  # bool is an int subclass; True as a batch size is a mistake
-            raise ConfigError(f"{name}={value!r}: expected an integer")
-        if isinstance(value, int):
-            return value
+def _positive_int(example: int) -> Callable[[str, Any], str | None]:
+    def check(name: str, value: Any) -> str | None:
+        if value is None or (_int(value) and value >= 1):
+            return None
         if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            text = value.strip().replace("_", "")
-            try:
-                return int(text)
-            except ValueError:
-                try:  # allow "1e5" for integers when it is whole
-                    f = float(text)
-                except ValueError:
-                    f = float("nan")
-                if f == f and f.is_integer():
-                    return int(f)
-        raise ConfigError(f"{name}={value!r}: expected an integer")
-    if base is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{name}={value!r}: expected a number")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                pass
-        raise ConfigError(f"{name}={value!r}: expected a number")
-    if base is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{name}={value!r}: expected a string")
-    raise TypeError(f"unsupported config field type {tp!r} for {name}; use int, float, str, bool, Literal or X | None")
+            return f"use an int, e.g. {name}={int(value)}"
+        if isinstance(value, float):
+            return f"use a whole number, e.g. {name}={max(1, math.ceil(value))}"
+        return f"use a positive int, e.g. {name}={example}, or None"
+
+    return check
 
 
-def _type_name(tp: Any) -> str:
-    base, optional = _unwrap_optional(tp)
-    if typing.get_origin(base) is Literal:
-        name = "{" + ",".join(str(c) for c in typing.get_args(base)) + "}"
-    else:
-        name = getattr(base, "__name__", str(base))
-    return f"{name} | None" if optional else name
+def _count_at_least(minimum: int, example: int) -> Callable[[str, Any], str | None]:
+    def check(name: str, value: Any) -> str | None:
+        if _int(value) and value >= minimum:
+            return None
+        return f"use an int >= {minimum}, e.g. {name}={example}"
+
+    return check
 
 
-def _fields(cls: type) -> dict[str, Any]:
-    if not dataclasses.is_dataclass(cls):
-        raise TypeError(f"{cls!r} is not a dataclass; declare the recipe's config with @dataclass")
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+def _positive_number(example: float) -> Callable[[str, Any], str | None]:
+    def check(name: str, value: Any) -> str | None:
+        if value is None:
+            return None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+            return None
+        return f"use a positive finite number, e.g. {name}={example}, or None"
+
+    return check
 
 
-def load_yaml(path: str | os.PathLike[str], cls: type) -> dict[str, Any]:
-    """Read a YAML mapping of field values (``yaml.safe_load``: data only, no code), typed from ``cls``.
-
-    Example::
-
-        >>> load_yaml("configs/fast.yaml", Config)
-        {'lr': 0.003, 'batch_size': 128}
-    """
-    import yaml
-
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f)
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of field: value, got {type(data).__name__}")
-    fields = _fields(cls)
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = str(key).replace("-", "_")
-        if name not in fields:
-            raise ConfigError(f"{path}: unknown key {key!r}; valid keys: {', '.join(fields)}")
-        out[name] = convert(value, fields[name], f"{path}:{key}")
-    return out
+def _fraction(name: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, float) and 0.0 < value < 1.0:
+        return None
+    return f"use a float strictly between 0 and 1, e.g. {name}=0.999, or None for no EMA"
 
 
-def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: str | None = None) -> T:
-    """Build ``cls`` (a dataclass) from defaults, ``--config FILE.yaml`` and ``--key value`` flags.
+def _flag(name: str, value: Any) -> str | None:
+    return None if isinstance(value, bool) else f"use True or False, e.g. {name}=True"
 
-    Each field ``foo_bar`` gets a flag ``--foo-bar`` (``--foo_bar`` works too). A
-    ``bool`` field also takes the bare flag (``--smoke`` means ``--smoke true``).
-    ``X | None`` fields take ``none``. ``--help`` lists every field with its type
-    and default.
 
-    Example::
+def _flag_or_none(name: str, value: Any) -> str | None:
+    return None if value is None or isinstance(value, bool) else "use True, False or None (automatic)"
 
-        cfg = parse_config(Config, ["--config", "fast.yaml", "--lr", "3e-4", "--smoke"])
-    """
-    fields = _fields(cls)
-    dc: Any = cls  # a dataclass (checked by _fields)
-    defaults = {f.name: f.default for f in dataclasses.fields(dc) if f.default is not dataclasses.MISSING}
-    parser = argparse.ArgumentParser(
-        description=description,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False,  # a typo must not silently match another flag
+
+def _choices(*options: Any) -> Callable[[str, Any], str | None]:
+    def check(name: str, value: Any) -> str | None:
+        if value in options and (value is None or type(value) is str):
+            return None
+        names = [f'"{o}"' for o in options if o is not None]
+        shown = ", ".join(names[:-1]) + f" or {names[-1]}" + (" (or None)" if None in options else "")
+        near = difflib.get_close_matches(str(value), [str(o) for o in options if o is not None], n=1)
+        return f"use {shown}" + (f" (did you mean {near[0]!r}?)" if near else "")
+
+    return check
+
+
+def _seed(name: str, value: Any) -> str | None:
+    if _int(value) and 0 <= value < 2**63:
+        return None
+    return f"use a non-negative int below 2**63, e.g. {name}=0"
+
+
+def _path_or_none(name: str, value: Any) -> str | None:
+    if value is None or (isinstance(value, str) and value) or hasattr(value, "__fspath__"):
+        return None
+    return f"use a directory path (str), e.g. {name}='runs/exp1', or None"
+
+
+def _resume(name: str, value: Any) -> str | None:
+    if value is None or value == "auto" or (isinstance(value, str) and value) or hasattr(value, "__fspath__"):
+        return None
+    return "use None (a fresh run), 'auto' (the newest complete checkpoint in run_dir) or a checkpoint path"
+
+
+def _text(name: str, value: Any) -> str | None:
+    return None if isinstance(value, str) and value else f"use a non-empty str, e.g. {name}='val/loss'"
+
+
+def _signals(name: str, value: Any) -> str | None:
+    if isinstance(value, str):
+        return f"use a tuple of signal names, e.g. {name}=({value!r},), not a bare string"
+    if not isinstance(value, (tuple, list)):
+        return f"use a tuple of signal names, e.g. {name}=('SIGTERM', 'SIGUSR1'), or () for none"
+    for s in value:
+        if not isinstance(s, str) or not s.startswith("SIG") or not hasattr(signal, s) or s in ("SIGKILL", "SIGSTOP"):
+            return f"{s!r} is not a signal that can be caught; use names such as 'SIGTERM', 'SIGUSR1', 'SIGINT'"
+    return None
+
+
+def _trackers(name: str, value: Any) -> str | None:
+    if value is None or isinstance(value, (str, list, tuple)):
+        return None
+    return f"use a tracker name or a list of them, e.g. {name}=['tensorboard'], or None"
+
+
+def _callable_or_none(name: str, value: Any) -> str | None:
+    return None if value is None or callable(value) else "use a function (list of samples -> batch) or None"
+
+
+def _option(default: Any, check: Callable[[str, Any], str | None], doc: str) -> Any:
+    """A config field: its default, its check and its one-line documentation."""
+    return field(default=default, metadata={"check": check, "doc": doc})
+
+
+# ---------------------------------------------------------------- the groups
+
+
+@dataclass(frozen=True)
+class StopConfig:
+    """When training stops (set ``max_epochs`` or ``max_steps`` for ``fit``)."""
+
+    max_epochs: int | None = _option(None, _positive_int(10), "epochs to train")
+    max_steps: int | None = _option(None, _positive_int(1000), "optimizer steps to train")
+    max_time: float | None = _option(
+        None, _positive_number(3600.0), "seconds of training, then stop at a step boundary"
     )
-    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of field: value (overridden by flags)")
-    for name, tp in fields.items():
-        flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
-        default = defaults.get(name, "required")
-        help_text = f"{_type_name(tp)} (default: {default})"
-        base, _ = _unwrap_optional(tp)
-        if base is bool:
-            parser.add_argument(
-                *flags, dest=name, nargs="?", const="true", default=None, metavar="BOOL", help=help_text
-            )
-        else:
-            parser.add_argument(
-                *flags, dest=name, default=None, metavar=_type_name(tp).upper().replace(" ", ""), help=help_text
-            )
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-
-    values: dict[str, Any] = dict(defaults)
-    if args.config:
-        values.update(load_yaml(args.config, cls))
-    for name, tp in fields.items():
-        raw = getattr(args, name)
-        if raw is not None:
-            try:
-                values[name] = convert(raw, tp, f"--{name.replace('_', '-')}")
-            except ConfigError as e:
-                parser.error(str(e))
-    missing = [n for n in fields if n not in values]
-    if missing:
-        parser.error(f"missing required value(s): {', '.join('--' + m.replace('_', '-') for m in missing)}")
-    return cls(**values)
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """The config as a plain dict (for logging, or saving next to the run's metrics)."""
-    return dataclasses.asdict(cfg)
+@dataclass(frozen=True)
+class DataConfig:
+    """Global batches and how Dataset inputs are read."""
+
+    batch_size: int | None = _option(None, _positive_int(64), "global items per optimizer step, over all processes")
+    micro_batch_size: int | None = _option(
+        None, _positive_int(16), "items per forward on one device (default batch_size / world_size)"
+    )
+    shuffle: bool = _option(True, _flag, "seeded per epoch; the same global order at any world size")
+    drop_last: bool = _option(False, _flag, "drop each epoch's partial last global batch (Dataset inputs)")
+    num_workers: int = _option(0, _count_at_least(0, 2), "worker processes reading a Dataset")
+    collate_fn: Callable[..., Any] | None = _option(None, _callable_or_none, "turns a list of samples into a batch")
+    pin_memory: bool = _option(False, _flag, "pinned host memory for GPU copies")
+    stream_sharded: bool = _option(False, _flag, "an IterableDataset that already yields only this rank's items")
+    limit_train_batches: int | None = _option(None, _positive_int(10), "debug: optimizer steps per epoch")
+    limit_val_batches: int | None = _option(None, _positive_int(10), "debug: global batches per validation")
+    overfit_batches: int | None = _option(None, _positive_int(1), "debug: train on the first n global batches")
 
 
-def save_yaml(cfg: Any, path: str | os.PathLike[str]) -> None:
-    """Write ``cfg`` as YAML that ``--config`` reads back to the same values.
+@dataclass(frozen=True)
+class PrecisionConfig:
+    """Numerics of the step: precision, compilation."""
+
+    mixed_precision: str | None = _option(
+        None, _choices(None, "no", "bf16", "fp16"), "'no' | 'bf16' | 'fp16' (default: the launch config's)"
+    )
+    compile: bool = _option(False, _flag, "wrap the model in torch.compile")
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """The optimizer step: clipping, the NaN guard, EMA."""
+
+    clip_grad_norm: float | None = _option(None, _positive_number(1.0), "clip the global gradient norm")
+    clip_grad_value: float | None = _option(None, _positive_number(1.0), "clip each gradient element")
+    nan_policy: str = _option("raise", _choices("raise", "skip"), "a non-finite step raises or is dropped everywhere")
+    max_consecutive_skips: int = _option(10, _count_at_least(1, 10), "skipped steps in a row before raising")
+    nan_check: str = _option(
+        "auto", _choices("auto", "step", "deferred"), "when the NaN verdict is read: at once or a step late"
+    )
+    ema_decay: float | None = _option(None, _fraction, "keep an EMA of the parameters; validation uses it")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Where a run writes and what it keeps."""
+
+    run_dir: str | None = _option(None, _path_or_none, "metrics.jsonl, config.json and checkpoints/ go here")
+    checkpoint_every_n_steps: int | None = _option(None, _positive_int(500), "also checkpoint every n steps")
+    checkpoint_every_epoch: bool | None = _option(
+        None, _flag_or_none, "checkpoint at epoch ends (default: with run_dir)"
+    )
+    checkpoint_async: bool = _option(False, _flag, "write checkpoints in a background thread")
+    keep_last: int = _option(3, _count_at_least(1, 3), "newest checkpoints kept")
+    keep_best: int = _option(0, _count_at_least(0, 1), "best checkpoints kept by monitor")
+    monitor: str = _option("val/loss", _text, "the validation key keep_best ranks by")
+    mode: str = _option("min", _choices("min", "max"), "whether lower or higher monitor is better")
+    resume: str | None = _option(None, _resume, "None | 'auto' | a checkpoint path")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """What the run reports, and how often."""
+
+    log_every_n_steps: int = _option(50, _count_at_least(1, 50), "train records every n steps")
+    progress: bool = _option(True, _flag, "progress bar / lines on rank 0")
+    log_with: Any = _option(None, _trackers, "Accelerate trackers, e.g. ['tensorboard']")
+    trace: bool = _option(False, _flag, "record the step events in engine.trace")
+    doctor: str = _option("basic", _choices("basic", "full", "off"), "the loop doctor's level")
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """Several processes: the strategy, and how stops and failures are agreed."""
+
+    strategy: str = _option(
+        "auto", _choices("auto", "ddp", "fsdp"), "auto: plain, DDP for several, FSDP if launched so"
+    )
+    find_unused_parameters: bool | None = _option(
+        None, _flag_or_none, "DDP: parameters some steps do not use (None: an error naming them at step 1)"
+    )
+    collective_timeout: float | None = _option(
+        None, _positive_number(300.0), "seconds a collective waits for a peer (default 300 CPU, 600 GPU)"
+    )
+    preemption_signals: tuple[str, ...] = _option(
+        ("SIGTERM", "SIGUSR1"), _signals, "checkpoint at an agreed step boundary, then exit 143"
+    )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Every Engine argument, validated; build it with :meth:`from_options`.
 
     Example::
 
-        save_yaml(cfg, "runs/digits/recipe_config.yaml")   # rerun: --config runs/digits/recipe_config.yaml
+        config = EngineConfig.from_options(max_steps=100, batch_size=32)
+        config.to_json()["batch_size"]   # 32
     """
-    import yaml
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    stop: StopConfig = field(default_factory=StopConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    step: StepConfig = field(default_factory=StepConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    seed: int = _option(0, _seed, "seeds the data order, and every RNG per rank at fit start")
+    val_every_n_steps: int | None = _option(
+        None, _positive_int(500), "validate every n optimizer steps (instead of at epoch ends)"
+    )
+
+    @classmethod
+    def from_options(cls, **options: Any) -> EngineConfig:
+        """Build and check the config from ``Engine``'s flat keyword arguments.
+
+        Example::
+
+            EngineConfig.from_options(max_epochs=2, batch_size=8).stop.max_epochs   # 2
+        """
+        groups = _group_fields()
+        unknown = [k for k in options if k not in _FLAT]
+        if unknown:
+            near = {k: difflib.get_close_matches(k, list(_FLAT), n=1) for k in unknown}
+            hints = "; ".join(f"{k!r}" + (f" (did you mean {m[0]!r}?)" if m else "") for k, m in near.items())
+            raise TypeError(f"Engine got unknown argument(s) {hints}; the arguments are listed in framework.config")
+        for name, value in options.items():
+            check = _FLAT[name].metadata["check"]
+            problem = check(name, value)
+            if problem is not None:
+                raise ValueError(f"{name}={value!r}; {problem}")
+        built: dict[str, Any] = {}
+        for group, names in groups.items():
+            kw = {n: options[n] for n in names if n in options}
+            built[group] = _GROUP_TYPES[group](**kw)
+        top = {n: options[n] for n in ("seed", "val_every_n_steps") if n in options}
+        config = cls(**built, **top)
+        config._check_together()
+        return config
+
+    def _check_together(self) -> None:
+        """Checks that involve several arguments."""
+        ck = self.checkpoint
+        wants_dir = ck.checkpoint_every_n_steps or ck.checkpoint_every_epoch or ck.keep_best or ck.resume
+        if wants_dir and ck.run_dir is None:
+            raise ValueError("checkpointing and resume need a run_dir, e.g. Engine(run_dir='runs/exp1', ...)")
+        trackers = [self.logging.log_with] if isinstance(self.logging.log_with, str) else self.logging.log_with or []
+        if "tensorboard" in list(trackers) and ck.run_dir is None:
+            raise ValueError("log_with=['tensorboard'] writes its event files under run_dir; pass Engine(run_dir=...)")
+
+    @property
+    def checkpoint_every_epoch(self) -> bool:
+        """``checkpoint_every_epoch`` resolved: on by default when there is a run_dir."""
+        ck = self.checkpoint
+        return ck.run_dir is not None if ck.checkpoint_every_epoch is None else ck.checkpoint_every_epoch
+
+    def flat(self) -> dict[str, Any]:
+        """Every argument by its Engine keyword.
+
+        Example::
+
+            EngineConfig.from_options(seed=3).flat()["seed"]   # 3
+        """
+        out: dict[str, Any] = {}
+        for group in _GROUP_TYPES:
+            out.update({f.name: getattr(getattr(self, group), f.name) for f in dataclasses.fields(_GROUP_TYPES[group])})
+        out.update(seed=self.seed, val_every_n_steps=self.val_every_n_steps)
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        """:meth:`flat` with JSON-friendly values (objects by name): what ``config.json`` records.
+
+        Example::
+
+            json.dumps(EngineConfig.from_options(max_steps=5).to_json())
+        """
+        return {k: jsonable(v) for k, v in self.flat().items()}
+
+
+_GROUP_TYPES: dict[str, Any] = {
+    "stop": StopConfig,
+    "data": DataConfig,
+    "precision": PrecisionConfig,
+    "step": StepConfig,
+    "checkpoint": CheckpointConfig,
+    "logging": LoggingConfig,
+    "distributed": DistributedConfig,
+}
+
+
+def _group_fields() -> dict[str, list[str]]:
+    return {g: [f.name for f in dataclasses.fields(t)] for g, t in _GROUP_TYPES.items()}
+
+
+# Every Engine keyword -> its dataclass field (names are unique across groups).
+_FLAT: dict[str, dataclasses.Field[Any]] = {
+    **{f.name: f for t in _GROUP_TYPES.values() for f in dataclasses.fields(t)},
+    **{f.name: f for f in dataclasses.fields(EngineConfig) if f.name in ("seed", "val_every_n_steps")},
+}
+
+
+def describe() -> list[tuple[str, str, Any, str]]:
+    """One row per Engine argument: ``(name, group, default, doc)``, in declaration order.
+
+    Example::
+
+        for name, group, default, doc in describe():
+            print(f"{name:<24} {default!r:<12} {doc}")
+    """
+    rows = []
+    for group, t in _GROUP_TYPES.items():
+        rows += [(f.name, group, f.default, f.metadata["doc"]) for f in dataclasses.fields(t)]
+    rows += [(n, "run", _FLAT[n].default, _FLAT[n].metadata["doc"]) for n in ("seed", "val_every_n_steps")]
+    return rows
+
+
+def jsonable(value: Any) -> Any:
+    """A JSON-friendly stand-in for a config value (callables and objects by name).
+
+    Example::
+
+        >>> jsonable(("SIGTERM",)), jsonable(len)
+        (['SIGTERM'], 'len')
+    """
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [jsonable(x) for x in value]
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if hasattr(value, "__fspath__"):
+        return str(value)
+    return getattr(value, "__name__", type(value).__name__)
+
+
+# Recipes' command-line configs (re-exported: recipes import them from here).
+from .recipe_config import ConfigError, convert, load_yaml, parse_config, save_yaml  # noqa: E402
+
+__all__ = [
+    "CheckpointConfig",
+    "ConfigError",
+    "DataConfig",
+    "DistributedConfig",
+    "EngineConfig",
+    "LoggingConfig",
+    "PrecisionConfig",
+    "StepConfig",
+    "StopConfig",
+    "convert",
+    "describe",
+    "jsonable",
+    "load_yaml",
+    "parse_config",
+    "save_yaml",
+]

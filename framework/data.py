@@ -41,6 +41,8 @@ class Window:
     filler: Any = None
     items_read: int = 0  # stream items consumed up to the end of this window (streams only)
     exhausted: bool = False  # a self-sharded stream on this rank has ended (see StreamSource)
+    forwards: int = 0  # the most micro-batches any rank has in this window (FSDP runs that many on every rank)
+    order: list[int] = field(default_factory=list)  # each micro-batch's place in the epoch's global order
 
 
 @dataclass
@@ -124,6 +126,11 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
         return torch.arange(n)
     state = int(np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0] >> 1)
     return torch.randperm(n, generator=torch.Generator().manual_seed(state))
+
+
+def most_chunks(n_items: int, world_size: int, size: int) -> int:
+    """The most micro-batches of ``size`` items any rank gets from a window of ``n_items`` (see :func:`rank_share`)."""
+    return max(-(-(hi - lo) // size) for lo, hi in (rank_share(n_items, world_size, r) for r in range(world_size)))
 
 
 def rank_share(n_items: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -214,11 +221,21 @@ class _IndexedSource(Source):
             lo, hi = rank_share(len(window), b.world_size, self.rank)
             yield w, _chunks(window[lo:hi] if b.world_size > 1 else window, b.micro_batch_size), window
 
+    def _window(self, w: int, micro: list[Any], window: torch.Tensor, filler: Any) -> Window:
+        b = self.batching
+        assert b.batch_size is not None and b.micro_batch_size is not None
+        lo, _ = rank_share(len(window), b.world_size, self.rank)
+        first = w * b.batch_size + lo
+        order = [first + i * b.micro_batch_size for i in range(len(micro))]
+        return Window(
+            w, micro, filler, forwards=most_chunks(len(window), b.world_size, b.micro_batch_size), order=order
+        )
+
     def windows(self, epoch: int, start: int = 0, items_read: int = 0) -> Iterator[Window]:
         for w, micro_idx, window in self._plan(epoch, start):
             micro = [self.to_device(self.fetch(i)) for i in micro_idx]
             filler = None if micro else self.to_device(self.fetch(window[:1]))
-            yield Window(w, micro, filler)
+            yield self._window(w, micro, window, filler)
 
 
 class TensorSource(_IndexedSource):
@@ -281,7 +298,7 @@ class MapSource(_IndexedSource):
         for w, micro_idx, window in plan:
             micro = [self.to_device(next(it)) for _ in micro_idx]
             filler = None if micro else self.to_device(self.fetch(window[:1]))
-            yield Window(w, micro, filler)
+            yield self._window(w, micro, window, filler)
 
 
 class StreamSource(Source):
@@ -336,11 +353,14 @@ class StreamSource(Source):
             items = list(itertools.islice(it, b.batch_size))
             if not items:
                 return
+            first = items_read
             items_read += len(items)
             lo, hi = rank_share(len(items), b.world_size, self.rank)
             micro = [self.to_device(self.collate_fn(c)) for c in _chunks(items[lo:hi], b.micro_batch_size)]
             filler = None if micro else self.to_device(self.collate_fn(items[:1]))
-            yield Window(w, micro, filler, items_read)
+            forwards = most_chunks(len(items), b.world_size, b.micro_batch_size)
+            order = [first + lo + i * b.micro_batch_size for i in range(len(micro))]
+            yield Window(w, micro, filler, items_read, forwards=forwards, order=order)
             w += 1
 
     def _own_shard(self, it: Iterator[Any], w: int, items_read: int) -> Iterator[Window]:
@@ -444,7 +464,8 @@ class LoaderSource(Source):
             mine = group[self.rank :: b.world_size]
             micro = [self.to_device(x) for x in mine]
             filler = None if micro else self.to_device(group[0])
-            yield Window(w, micro, filler)
+            order = [w * per_window + self.rank + k * b.world_size for k in range(len(micro))]
+            yield Window(w, micro, filler, forwards=-(-len(group) // b.world_size), order=order)
             w += 1
 
 

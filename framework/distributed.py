@@ -19,61 +19,54 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
-from torch import nn
 
 _NULL = contextlib.nullcontext()  # reusable: the no-op context of the common path, without a new object per step
 
 
 class Runtime:
-    """Where and how this process runs. Build it with :func:`make_runtime`.
+    """Where and how this process runs: device, world, precision, collectives. Build it with
+    :func:`make_runtime`; how the model is spread over the processes is the strategy's
+    (:mod:`framework.strategies`).
 
-    ``accelerator`` is the ``accelerate.Accelerator`` behind it, or None for one plain process,
-    which needs none (see :func:`make_runtime`).
+    ``accelerator`` is the ``accelerate.Accelerator`` behind it, or None where none is needed (one
+    plain process; FSDP, which the engine applies itself).
 
     Example::
 
         rt = make_runtime(mixed_precision="no")
-        model = rt.wrap(module)
         print(rt.world_size, rt.rank, rt.device)
     """
 
-    def __init__(self, accelerator: Any = None, *, device: torch.device | None = None, mixed_precision: str = "no"):
+    def __init__(
+        self,
+        accelerator: Any = None,
+        *,
+        device: torch.device | None = None,
+        mixed_precision: str = "no",
+        autocast: bool = True,
+    ):
         self.accelerator = accelerator
-        if accelerator is None:  # one plain process: what Accelerate would pick for it, without Accelerate
+        if accelerator is None:  # what Accelerate would pick for this process, without Accelerate
             assert device is not None
             self.device: torch.device = device
-            self.world_size, self.rank, self.is_main = 1, 0, True
-            self.fsdp = False
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+            self.world_size = torch.distributed.get_world_size() if distributed else 1
+            self.rank = torch.distributed.get_rank() if distributed else 0
+            self.is_main = self.rank == 0
             self.mixed_precision: str = mixed_precision
             self.scaler: Any = torch.amp.GradScaler(device.type) if mixed_precision == "fp16" else None
         else:
-            from accelerate.utils import DistributedType
-
             self.device = accelerator.device
             self.world_size = accelerator.num_processes
             self.rank = accelerator.process_index
             self.is_main = accelerator.is_main_process
-            self.fsdp = accelerator.distributed_type == DistributedType.FSDP
             self.mixed_precision = accelerator.mixed_precision
             self.scaler = accelerator.scaler  # a GradScaler under fp16, else None
         self._on_cpu = self.device.type == "cpu"
-        self._amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.mixed_precision)
-
-    def wrap(self, module: nn.Module) -> nn.Module:
-        """Move ``module`` to the device and wrap it for DDP/FSDP when several processes run.
-
-        One process gets the module itself back: no wrapper, no per-step cost.
-        """
-        if self.world_size == 1 and not self.fsdp:
-            return module.to(self.device)
-        model = self.accelerator.prepare_model(module)
-        # Accelerate patches forward with autocast + fp32 outputs under mixed
-        # precision; the engine autocasts forward *and* loss itself, so undo it
-        # and leave the user's module as it was.
-        if "_original_forward" in module.__dict__:
-            module.__dict__.pop("forward", None)
-            del module.__dict__["_original_forward"]
-        return model
+        # (FSDP2 casts parameters itself, MixedPrecisionPolicy: then forward runs without autocast)
+        self._amp_dtype = (
+            {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.mixed_precision) if autocast else None
+        )
 
     def to_device(self, batch: Any) -> Any:
         """Send a batch to this process's device (a no-op on CPU); see :func:`send_to_device`."""
@@ -89,19 +82,33 @@ class Runtime:
             return torch.autocast(self.device.type, dtype=self._amp_dtype)  # = Accelerate's, for one process
         return self.accelerator.autocast()
 
-    def no_sync(self, model: nn.Module, sync: bool) -> contextlib.AbstractContextManager[Any]:
-        """Skip DDP/FSDP's gradient all-reduce for every micro-batch but the window's last."""
-        if sync or self.world_size == 1 or not hasattr(model, "no_sync"):
-            return _NULL
-        no_sync: Any = model.no_sync  # DDP and FSDP both have it; nn.Module does not declare it
-        ctx: contextlib.AbstractContextManager[Any] = no_sync()
-        return ctx
-
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over all processes in place (a no-op on one process)."""
         if self.world_size > 1:
             torch.distributed.all_reduce(tensor)
         return tensor
+
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Element-wise maximum of ``tensor`` over all processes, in place (a no-op on one process)."""
+        if self.world_size > 1:
+            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+        return tensor
+
+    def broadcast(self, tensors: list[torch.Tensor], src: int = 0) -> None:
+        """Overwrite ``tensors`` in place with rank ``src``'s values, one message per dtype."""
+        if self.world_size == 1 or not tensors:
+            return
+        from .grads import flatten_dense, unflatten_dense
+
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for t in tensors:
+            by_dtype.setdefault(t.dtype, []).append(t)
+        for group in by_dtype.values():
+            flat = flatten_dense([t.detach() for t in group])
+            torch.distributed.broadcast(flat, src)
+            with torch.no_grad():
+                for t, value in zip(group, unflatten_dense(flat, group), strict=True):
+                    t.copy_(value)
 
     def barrier(self) -> None:
         if self.world_size > 1:
@@ -132,12 +139,24 @@ def send_to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def make_runtime(mixed_precision: str | None = None, log_with: Any = None, project_dir: str | None = None) -> Runtime:
+def make_runtime(
+    mixed_precision: str | None = None,
+    log_with: Any = None,
+    project_dir: str | None = None,
+    *,
+    strategy: str = "auto",
+    timeout: float | None = None,
+) -> Runtime:
     """The runtime for this process, from ``accelerate launch``'s environment and our arguments.
 
-    Several processes (and FSDP, DeepSpeed, trackers): an Accelerator sets them up. Without a
-    CUDA device we ask Accelerate for CPU, which makes a multi-process launch
-    (launch/cpu_ddp.yaml) run over gloo instead of silently running one plain process.
+    Several processes: the engine creates the process group itself, with a collective timeout
+    (``timeout`` seconds; default 300 on CPU, 600 on GPU), so that a dead or absent peer is an error
+    within minutes, not torch's 30 minutes of silence. Under DDP (and for trackers, DeepSpeed) an
+    Accelerator then adopts that group; without a CUDA device we ask Accelerate for CPU, which makes a
+    multi-process launch (launch/cpu_ddp.yaml) run over gloo instead of silently running one plain
+    process. FSDP (``strategy="fsdp"``, or a launch config with ``distributed_type: FSDP``) gets no
+    Accelerator: Accelerate's FSDP plugin does not shard on CPU, so the engine applies torch's
+    ``fully_shard`` itself (:mod:`framework.strategies`).
 
     One plain process (``python script.py``, or ``accelerate launch`` of one process) needs no
     Accelerator: the device (CUDA if present and not ``ACCELERATE_USE_CPU``, else CPU), autocast
@@ -158,8 +177,40 @@ def make_runtime(mixed_precision: str | None = None, log_with: Any = None, proje
             'mixed_precision="fp16" needs a CUDA GPU (its GradScaler guards fp16 overflow); '
             'on CPU use mixed_precision="bf16" or "no"'
         )
-    if not log_with and _one_plain_process():
+    fsdp = wants_fsdp(strategy)
+    if fsdp and requested == "fp16":
+        raise ValueError('mixed_precision="fp16" with FSDP needs a sharded GradScaler; use mixed_precision="bf16"')
+    launched = _launched()
+    if not log_with and not launched and (not fsdp or strategy == "auto") and _no_accelerate_engine():
         return Runtime(device=torch.device("cuda" if cuda else "cpu"), mixed_precision=requested)
+    if launched or fsdp:
+        _init_process_group(cuda, timeout)
+    if fsdp:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        accelerator = _accelerator(cuda, requested, log_with, project_dir, hide_fsdp=True) if log_with else None
+        if accelerator is None:
+            return Runtime(device=device, mixed_precision=requested, autocast=False)
+        return Runtime(accelerator, autocast=False)
+    return Runtime(_accelerator(cuda, requested, log_with, project_dir, hide_fsdp=strategy == "ddp"))
+
+
+def wants_fsdp(strategy: str) -> bool:
+    """Does this run shard with FSDP: ``strategy="fsdp"``, or ``"auto"`` under a launch config asking for FSDP
+    (``distributed_type: FSDP``, which ``accelerate launch`` passes on as ``ACCELERATE_USE_FSDP``) with
+    several processes.
+
+    Example::
+
+        wants_fsdp("auto")   # True under accelerate launch --config_file launch/cpu_fsdp.yaml
+    """
+    if strategy == "fsdp":
+        return True
+    return strategy == "auto" and _env_flag("ACCELERATE_USE_FSDP") and _launched()
+
+
+def _accelerator(cuda: bool, precision: str, log_with: Any, project_dir: str | None, hide_fsdp: bool) -> Any:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
@@ -167,36 +218,67 @@ def make_runtime(mixed_precision: str | None = None, log_with: Any = None, proje
     # precisions; Accelerate's shared state would refuse the second one.
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    accelerator = Accelerator(
-        cpu=not cuda,
-        mixed_precision=requested,
-        step_scheduler_with_optimizer=False,
-        log_with=log_with,
-        project_dir=project_dir,
-    )
+    # Where the engine shards itself (or DDP is forced), Accelerate must not read the launch config's FSDP
+    # request: its plugin refuses CPU and would otherwise wrap the model its own way.
+    hidden = os.environ.pop("ACCELERATE_USE_FSDP", None) if hide_fsdp else None
+    try:
+        accelerator = Accelerator(
+            cpu=not cuda,
+            mixed_precision=precision,
+            step_scheduler_with_optimizer=False,
+            log_with=log_with,
+            project_dir=project_dir,
+        )
+    finally:
+        if hidden is not None:
+            os.environ["ACCELERATE_USE_FSDP"] = hidden
     _accelerators.add(accelerator)
     _destroy_process_group_at_exit()
-    return Runtime(accelerator)
+    return accelerator
+
+
+def _init_process_group(cuda: bool, timeout: float | None) -> None:
+    """Create the default process group (from the launcher's RANK/WORLD_SIZE/MASTER_* variables, or a group
+    of one for FSDP in a plain process) with the collective timeout, unless one exists."""
+    import datetime
+
+    if torch.distributed.is_initialized():
+        return
+    seconds = timeout if timeout is not None else (600.0 if cuda else 300.0)
+    kwargs: dict[str, Any] = {"backend": "nccl" if cuda else "gloo", "timeout": datetime.timedelta(seconds=seconds)}
+    if "RANK" not in os.environ:  # (FSDP in one plain process: a world of one)
+        kwargs.update(store=torch.distributed.HashStore(), rank=0, world_size=1)  # type: ignore[attr-defined]
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group(**kwargs)
+    _destroy_process_group_at_exit()
 
 
 # World sizes that launchers (torchrun, accelerate launch, mpirun) leave in the environment, and
 # the engines Accelerate sets up even for one process.
 _WORLD_SIZES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
-_ACCELERATE_ENGINES = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_MEGATRON_LM")
+_ACCELERATE_ENGINES = ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_MEGATRON_LM")
+
+
+def _launched() -> bool:
+    """A launcher started this process (torchrun also sets LOCAL_RANK for one process: a process group of one,
+    which user code may expect), or a process group exists already."""
+    if "LOCAL_RANK" in os.environ or any(os.environ.get(k, "1") != "1" for k in _WORLD_SIZES):
+        return True
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _no_accelerate_engine() -> bool:
+    """Nothing in Accelerate's settings that the plain runtime would not honour: DeepSpeed/Megatron, a device of
+    its choosing (ACCELERATE_TORCH_DEVICE), a dynamo backend (with which it also turns TF32 on)."""
+    if any(_env_flag(k) for k in _ACCELERATE_ENGINES) or os.environ.get("ACCELERATE_TORCH_DEVICE"):
+        return False
+    return os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").strip().lower() in ("no", "")
 
 
 def _one_plain_process() -> bool:
-    """No launcher started several processes (torchrun also sets LOCAL_RANK for one: Accelerate then
-    builds a process group of one, which user code may expect), no FSDP/DeepSpeed, no process group,
-    and nothing else in Accelerate's settings that the plain runtime would not honour: a device of
-    its choosing (ACCELERATE_TORCH_DEVICE), a dynamo backend (with which it also turns TF32 on)."""
-    if "LOCAL_RANK" in os.environ or any(os.environ.get(k, "1") != "1" for k in _WORLD_SIZES):
-        return False
-    if any(_env_flag(k) for k in _ACCELERATE_ENGINES) or os.environ.get("ACCELERATE_TORCH_DEVICE"):
-        return False
-    if os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").strip().lower() not in ("no", ""):
-        return False
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    """One process that needs no Accelerator (see :func:`make_runtime`)."""
+    return not _launched() and not _env_flag("ACCELERATE_USE_FSDP") and _no_accelerate_engine()
 
 
 def _env_flag(name: str) -> bool:
@@ -231,7 +313,7 @@ def _destroy_process_group_at_exit() -> None:
         # destroy_process_group alone leaves the group alive until interpreter teardown, which
         # still aborted about 1 in 10 two-process runs; with this, 0 in 32.
         for accelerator in list(_accelerators):
-            accelerator._models.clear()
+            getattr(accelerator, "_models", []).clear()
         gc.collect()
         # Wrappers still referenced elsewhere (an engine alive at exit) keep their Reducer, and with
         # it the group and gloo's worker threads, into interpreter teardown, which aborted about 1 in

@@ -348,7 +348,7 @@ class Doctor(ParameterChecks):
             self._check_modes(module)
             self._phase = "compute_loss"
 
-    def check_loss(self, module: nn.Module, loss: Any, outputs: Any = None) -> None:
+    def check_loss(self, module: nn.Module, loss: Any, outputs: Any = None, phase: str | None = None) -> None:
         """``compute_loss`` must return a differentiable scalar tensor computed from this step's outputs.
 
         The type checks run every step (metadata only); the graph walk on checked steps.

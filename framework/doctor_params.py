@@ -94,7 +94,7 @@ class ParameterChecks(Recorder):
                 "requires_grad_(False) on the ones you mean to freeze",
             )
 
-    def after_backward(self) -> None:
+    def after_backward(self, phase: str | None = None) -> None:
         """After the step's last backward, before the optimizer step: which trainable parameters got no
         gradient (metadata only). Decided over the first two checked steps, so a parameter that is
         legitimately idle on one batch (a routed expert) is not reported; under DDP after the first.
@@ -127,7 +127,7 @@ class ParameterChecks(Recorder):
                 "Fix: use them in forward, remove them, or call requires_grad_(False) on them if frozen by design",
             )
 
-    def after_optimizer_step(self, applied: bool) -> None:
+    def after_optimizer_step(self, applied: bool, phase: str | None = None) -> None:
         """After step 5: were the parameters changed? Decided after the second applied step (so an lr that
         warms up from 0 is not reported), on a checked step.
 

@@ -1,19 +1,79 @@
-"""Validation: exact global means over a set, at any world size.
+"""Validation: exact global means over a set, and stateful metrics, at any world size.
 
-The module runs in eval mode under ``torch.inference_mode()``; each rank sums the
-item-weighted loss and every metric's values and counts, and one all-reduce at the
-end turns them into exact means (no padded duplicates, no mean of per-rank means).
+The module runs in eval mode under ``torch.inference_mode()``; each rank sums the item-weighted loss
+and every ``compute_metrics`` value and count, and one all-reduce at the end turns them into exact
+means (no padded duplicates, no mean of per-rank means). Stateful metrics
+(``LoopModule.configure_metrics``: torchmetrics, or anything with ``update``/``compute``/``reset``)
+are reset first, updated on every real batch (never on a rank's zero-weight filler) and computed
+with their own cross-rank sync, so a non-decomposable metric (F1, AUROC) is exact over the set too.
+
+Example::
+
+    metrics = evaluate(module, module, source, runtime, Doctor("off"), stateful=module.configure_metrics())
+    metrics["loss"], metrics["acc"], metrics["f1"]
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
 
 from .data import Source
 from .distributed import Runtime, rng_preserved
-from .doctor import Doctor
 from .module import LoopModule
+
+
+def check_metrics(metrics: Any, owner: str, world_size: int) -> dict[str, Any]:
+    """What ``configure_metrics`` returned, checked: a dict of objects with update/compute/reset; under several
+    processes each must sync itself across them in ``compute`` (torchmetrics' ``Metric`` does).
+
+    Example::
+
+        check_metrics({"f1": torchmetrics.F1Score("binary")}, "Net.configure_metrics", world_size=2)
+    """
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, dict) or not all(isinstance(k, str) and k for k in metrics):
+        raise TypeError(f"{owner} must return a dict of name -> metric object, got {type(metrics).__name__}")
+    for name, m in metrics.items():
+        missing = [a for a in ("update", "compute", "reset") if not callable(getattr(m, a, None))]
+        if missing:
+            raise TypeError(f"{owner}[{name!r}] is a {type(m).__name__} without {missing}; use a torchmetrics Metric")
+        if world_size > 1 and not _syncs(m):
+            raise TypeError(
+                f"{owner}[{name!r}] is a {type(m).__name__}, which does not sync across processes: with "
+                f"{world_size} processes each would compute it over its own share of the set. Use a "
+                "torchmetrics Metric (it syncs in compute), or set syncs_across_processes = True on an object that does"
+            )
+    return dict(metrics)
+
+
+def _syncs(metric: Any) -> bool:
+    if getattr(metric, "syncs_across_processes", False):
+        return True
+    try:
+        from torchmetrics import Metric, MetricCollection
+    except ImportError:
+        return False
+    return isinstance(metric, (Metric, MetricCollection)) and getattr(metric, "sync_on_compute", True)
+
+
+def _scalars(name: str, value: Any) -> dict[str, float]:
+    """A metric's ``compute()`` result as named floats (a dict result, e.g. a MetricCollection, by key)."""
+    if isinstance(value, dict):
+        out: dict[str, float] = {}
+        for k, v in value.items():
+            out.update(_scalars(f"{name}/{k}" if name else str(k), v))
+        return out
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"metric {name!r} computed a tensor of shape {list(value.shape)}; log scalars only (e.g. average='macro')"
+            )
+        return {name: float(value.reshape(()))}
+    return {name: float(value)}
 
 
 def evaluate(
@@ -21,37 +81,51 @@ def evaluate(
     model: nn.Module,
     source: Source,
     rt: Runtime,
-    doctor: Doctor,
+    doctor: Any,
     limit_batches: int | None = None,
-    compiled: bool = False,
+    *,
+    stateful: dict[str, Any] | None = None,
+    equal_forwards: bool = False,
 ) -> dict[str, float]:
-    """``{"loss": ..., <compute_metrics keys>: ...}``, each the exact mean over every item of ``source``.
+    """``{"loss": ..., <compute_metrics keys>: ..., <stateful metric names>: ...}``, each exact over ``source``.
 
-    ``model`` is the wrapped module (used only where the wrapper matters: FSDP, torch.compile);
-    ``limit_batches`` caps the global batches (``limit_val_batches``). The module's mode is restored.
+    ``model`` is what forwards run through (the strategy's eval model: the module, a compiled one, the
+    sharded module); ``limit_batches`` caps the global batches (``limit_val_batches``);
+    ``equal_forwards`` pads a rank's windows with fillers to the most any rank runs (FSDP). The
+    module's mode is restored.
 
     Example::
 
         metrics = evaluate(module, module, source, runtime, Doctor("off"))
         metrics["loss"], metrics["acc"]
     """
-    eval_model = model if rt.fsdp or compiled else module  # DDP's wrapper adds nothing here
     was_training = module.training
     module.eval()
     loss_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
     count = torch.zeros((), device=rt.device, dtype=torch.float64)
     metric_sums: dict[str, torch.Tensor] = {}
     metric_counts: dict[str, int] = {}
+    stateful = stateful or {}
+    for m in stateful.values():
+        m.reset()
+        if hasattr(m, "to"):
+            m.to(rt.device)
     # Validation draws on no training randomness, so a run with it matches one without.
     with rng_preserved(rt.device), torch.inference_mode():
         for w, window in enumerate(source.windows(epoch=0)):
             if limit_batches is not None and w >= limit_batches:
                 break
-            weight = 1.0 if window.micro_batches else 0.0  # a filler only tells this rank the metric names
-            for batch in window.micro_batches or [window.filler]:
+            real = window.micro_batches
+            batches = list(real) or [window.filler]
+            if equal_forwards:
+                batches += [window.filler if window.filler is not None else batches[0]] * (
+                    window.forwards - len(batches)
+                )
+            for i, batch in enumerate(batches):
+                weight = 1.0 if i < len(real) else 0.0  # a filler only tells this rank the metric names
                 inputs, targets = module.split_batch(batch)
                 with rt.autocast():
-                    outputs = eval_model(inputs)
+                    outputs = model(inputs)
                     loss = module.compute_loss(outputs, targets)
                 doctor.check_eval_mode(module)
                 n = module.count_items(batch)
@@ -61,6 +135,11 @@ def evaluate(
                     v = v.detach().reshape(-1).double()
                     metric_sums[k] = metric_sums.get(k, 0) + v.sum() * weight
                     metric_counts[k] = metric_counts.get(k, 0) + int(v.numel() * weight)
+                if stateful and weight:
+                    module.update_metrics(stateful, outputs, targets)
+        computed: dict[str, float] = {}
+        for name, m in stateful.items():  # (collective for torchmetrics: every rank computes, in this order)
+            computed.update(_scalars(name, m.compute()))
     module.train(was_training)
     keys = sorted(metric_sums)
     packed = torch.stack(
@@ -78,4 +157,8 @@ def evaluate(
     out = {"loss": values[0] / max(values[1], 1.0)}
     for j, k in enumerate(keys):
         out[k] = values[2 + 2 * j] / max(values[3 + 2 * j], 1.0)
+    clash = sorted(set(out) & set(computed))
+    if clash:
+        raise ValueError(f"metric name(s) {clash} come from both compute_metrics and configure_metrics; rename one")
+    out.update(computed)
     return out

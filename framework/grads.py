@@ -7,7 +7,15 @@ measured against a hand-written loop in ``benchmarks/overhead.py``).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+# torch leaves these untyped (strict mypy refuses a call to them): one flat buffer for a list of tensors
+# of one dtype, and back (the bucketing DDP does for its all-reduce).
+flatten_dense: Any = _flatten_dense_tensors
+unflatten_dense: Any = _unflatten_dense_tensors
 
 
 def zero_grad(optimizer: torch.optim.Optimizer) -> None:

@@ -32,6 +32,18 @@ import torch
 NAN_CHECKS = ("auto", "step", "deferred")
 
 
+class NonFiniteError(FloatingPointError):
+    """A non-finite loss or gradient norm under ``nan_policy="raise"``; parameters are left untouched.
+
+    Example::
+
+        try:
+            engine.fit(model, data)
+        except NonFiniteError as e:
+            print(e)   # names the optimizer step, epoch and batch, and the fix
+    """
+
+
 def why_not_deferred(optimizer: torch.optim.Optimizer, scheduler: Any, interval: str) -> str | None:
     """None if steps with this optimizer and scheduler can be skipped on the device and undone on
     the host, else why not, in the user's terms.
@@ -123,3 +135,56 @@ class Pending:
                 group["lr"].copy_(lr)  # (a tensor lr is updated in place by schedulers)
             else:
                 group["lr"] = lr
+
+
+class NanPolicy:
+    """What a step with a non-finite loss or gradient does: it is dropped on every rank and counted
+    (``nan_policy="skip"``, raising after ``max_consecutive_skips`` in a row), or it raises
+    :class:`NonFiniteError` (``"raise"``). Either way the bad gradients go first, so nothing can step on them.
+
+    ``counters`` holds ``skipped_steps`` and ``consecutive_skips`` (the engine's, checkpointed);
+    ``detail`` gives what the doctor found out about the culprit, for the message.
+
+    Example::
+
+        policy = NanPolicy("skip", 10, counters, detail=lambda: "")
+        policy.bad(optimizers, (12, 1, 3))     # counts it; raises after 10 in a row
+    """
+
+    def __init__(self, policy: str, max_consecutive: int, counters: Any, detail: Callable[[], str]) -> None:
+        self.policy, self.max_consecutive, self.counters, self.detail = policy, max_consecutive, counters, detail
+
+    def good(self) -> None:
+        """A step whose verdict was finite."""
+        self.counters.consecutive_skips = 0
+
+    def bad(
+        self,
+        optimizers: list[torch.optim.Optimizer],
+        position: tuple[int, int, int],
+        *,
+        drop_gradients: bool = True,
+        deferred: bool = False,
+    ) -> None:
+        """Count or raise for a bad step at ``position`` = (optimizer step, epoch, batch)."""
+        from .grads import zero_grad
+
+        where = "optimizer step {} (epoch {}, batch {})".format(*position)
+        if drop_gradients:
+            for optimizer in optimizers:
+                zero_grad(optimizer)  # the bad gradients go before anything can step on them
+        if self.policy == "raise":
+            late = " (read a step late, nan_check=deferred; nan_check='step' names the parameters)" if deferred else ""
+            raise NonFiniteError(
+                f"non-finite loss or gradient norm at {where}{self.detail()}{late}; parameters and "
+                "optimizer state are unchanged. Fix: lower the learning rate, set clip_grad_norm, check that batch's "
+                'data, or use nan_policy="skip" to drop such steps'
+            )
+        self.counters.skipped_steps += 1
+        self.counters.consecutive_skips += 1
+        if self.counters.consecutive_skips >= self.max_consecutive:
+            raise NonFiniteError(
+                f"{self.counters.consecutive_skips} consecutive non-finite steps up to {where} "
+                f"(max_consecutive_skips={self.max_consecutive}); training has diverged: lower the "
+                "learning rate or set clip_grad_norm"
+            )

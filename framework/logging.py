@@ -78,6 +78,11 @@ class TrainLoss:
         if self._n == self._capacity:
             self._fold()
 
+    @property
+    def pending(self) -> bool:
+        """Steps added since the last :meth:`take`."""
+        return self._n > 0 or self._folded is not None
+
     def take(self) -> tuple[Any, Any]:
         self._fold()
         assert self._folded is not None, "take() needs at least one add() since the last take()"

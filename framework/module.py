@@ -19,9 +19,11 @@ from .optim import fused_on_gpu
 class LoopModule(nn.Module):
     """An ``nn.Module`` that also knows how to compute its loss.
 
-    Required: ``forward(inputs)`` and ``compute_loss(outputs, targets)``.
+    Required: ``forward(inputs)`` and ``compute_loss(outputs, targets)`` (or
+    ``compute_loss(outputs, targets, phase)`` for alternating optimizers, e.g. a GAN).
     Optional hooks (defaults below): ``configure_optimizers``, ``split_batch``,
-    ``count_items`` and ``compute_metrics``.
+    ``count_items``, ``compute_metrics``, ``configure_metrics``, ``update_metrics``,
+    ``predict_step`` and ``fsdp_blocks``.
 
     Example::
 
@@ -68,10 +70,14 @@ class LoopModule(nn.Module):
         )
 
     def configure_optimizers(self) -> Any:
-        """Return an optimizer, ``(optimizer, scheduler)``, or a dict.
+        """Return an optimizer, ``(optimizer, scheduler)``, a dict, or a dict of named optimizers.
 
         The dict form is ``{"optimizer": opt, "scheduler": sched, "interval": "step" | "epoch"}``;
         ``interval`` defaults to ``"step"`` (one scheduler step per applied optimizer step).
+        Several optimizers: ``{"muon": Muon(matrices), "adamw": AdamW(rest)}`` (each value any of the
+        single forms) step jointly after one backward; with ``compute_loss(outputs, targets, phase)``
+        they are alternating phases in the dict's order, e.g. ``{"discriminator": opt_d, "generator":
+        opt_g}`` (see :mod:`framework.optim`).
         The default is AdamW with lr=1e-3, fused on a GPU: a fused optimizer can skip a
         non-finite step on the device, so the NaN guard needs no host sync per step there
         (``Engine(nan_check="auto")``). For your own optimizer, ``fused=fused_on_gpu(...)``
@@ -149,3 +155,72 @@ class LoopModule(nn.Module):
                 return {"acc": (outputs.argmax(-1) == targets).float()}
         """
         return {}
+
+    def configure_metrics(self) -> dict[str, Any]:
+        """Return ``{name: metric}``: stateful metrics for validation (torchmetrics ``Metric`` s, or objects
+        with ``update``/``compute``/``reset``). Default: none.
+
+        The engine resets them before each validation, updates them on every real batch (never a
+        rank's filler or a duplicate) through :meth:`update_metrics`, and computes them with their own
+        cross-rank sync: ``val/<name>`` is exact over the set at any world size (F1, AUROC, ...).
+
+        Example::
+
+            def configure_metrics(self):
+                return {"f1": torchmetrics.classification.BinaryF1Score(),
+                        "auroc": torchmetrics.classification.BinaryAUROC()}
+        """
+        return {}
+
+    def update_metrics(self, metrics: dict[str, Any], outputs: Any, targets: Any) -> None:
+        """Feed one validation batch to the metrics of :meth:`configure_metrics`. Default: ``m.update(outputs, targets)``.
+
+        Example::
+
+            def update_metrics(self, metrics, outputs, targets):
+                probs = outputs.softmax(-1)[:, 1]
+                metrics["f1"].update(probs, targets)
+                metrics["auroc"].update(probs, targets)
+        """
+        for metric in metrics.values():
+            metric.update(outputs, targets)
+
+    def predict_step(self, batch: Any) -> Any:
+        """The output kept for each item by ``Engine.predict``: tensors with one row per item (or dicts/tuples
+        of them). Default: the forward of the batch's inputs (:meth:`prediction_inputs`); batches without
+        targets are fine.
+
+        Example::
+
+            def predict_step(self, batch):
+                return self(batch[0]).softmax(-1)
+        """
+        return self(self.prediction_inputs(batch))
+
+    def prediction_inputs(self, batch: Any) -> Any:
+        """The inputs of a prediction batch: :meth:`split_batch`'s if you overrode it; else a dict batch without
+        ``labels``, the first part of a tuple/list, or the batch itself.
+
+        Example::
+
+            module.prediction_inputs((x, y))   # x
+        """
+        if type(self).split_batch is not LoopModule.split_batch:
+            return self.split_batch(batch)[0]
+        if isinstance(batch, Mapping):
+            return {k: v for k, v in batch.items() if k != "labels"}
+        if isinstance(batch, (tuple, list)):
+            return batch[0]
+        return batch
+
+    def fsdp_blocks(self) -> list[nn.Module] | None:
+        """The submodules that FSDP shards as units of their own (gathered only while they run), or None for
+        the default policy (:func:`framework.strategies.default_blocks`: large elements of ModuleLists and
+        Sequentials, e.g. a transformer's blocks). Used only with ``strategy="fsdp"``.
+
+        Example::
+
+            def fsdp_blocks(self):
+                return list(self.transformer.h)
+        """
+        return None

@@ -1,21 +1,94 @@
-"""Turn what ``configure_optimizers`` returned into (optimizer, scheduler, interval), or say what is wrong."""
+"""What ``configure_optimizers`` returns, parsed: one or several named optimizers, each with its scheduler.
+
+Accepted forms:
+
+- an optimizer; ``(optimizer, scheduler)``; ``{"optimizer": opt, "scheduler": sched, "interval": "step" | "epoch"}``;
+- a dict of named optimizers, each value one of the forms above:
+  ``{"muon": Muon(matrices), "adamw": AdamW(rest)}`` or ``{"discriminator": opt_d, "generator": opt_g}``.
+
+Several optimizers step *jointly* (one backward, then each steps on its own parameters, with its own
+scheduler), or, when ``compute_loss`` takes a ``phase`` argument, as alternating *phases* in the
+dict's order (:mod:`framework.step`).
+
+Example::
+
+    opts = parse_optimizers({"d": torch.optim.Adam(d.parameters()), "g": torch.optim.Adam(g.parameters())})
+    [o.name for o in opts]   # ["d", "g"]
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import inspect
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+_SINGLE_KEYS = {"optimizer", "scheduler", "interval"}
+
 
 @dataclass
 class Optimization:
-    """The optimizer, its optional LR scheduler, and when the scheduler steps ("step" | "epoch")."""
+    """One named optimizer, its optional LR scheduler, and when the scheduler steps ("step" | "epoch")."""
 
     optimizer: torch.optim.Optimizer
     scheduler: Any = None
     interval: str = "step"
+    name: str = "optimizer"
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        """The parameters this optimizer holds, in param-group order."""
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    @property
+    def step_scheduler(self) -> Any:
+        """The scheduler if it steps per optimizer step, else None."""
+        return self.scheduler if self.interval == "step" else None
+
+
+class Optimizers:
+    """The optimizers of a fit, in order; iterate for :class:`Optimization` s.
+
+    ``named`` is False for the single-optimizer forms (checkpoints and logs then use the plain names
+    ``optimizer``, ``lr``), True for a dict of named optimizers.
+
+    Example::
+
+        opts = parse_optimizers(torch.optim.SGD(model.parameters(), lr=0.1))
+        opts.first.optimizer, len(opts), opts.named   # (SGD, 1, False)
+    """
+
+    def __init__(self, items: list[Optimization], named: bool) -> None:
+        self.items, self.named = items, named
+
+    def __iter__(self) -> Iterator[Optimization]:
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def first(self) -> Optimization:
+        return self.items[0]
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        """Every parameter of every optimizer (each once: a parameter in two optimizers is refused)."""
+        return [p for o in self.items for p in o.params]
+
+    def lrs(self) -> dict[str, float]:
+        """The logged learning rates: ``lr`` (the first param group of the first optimizer) and, with several
+        named optimizers, ``lr/<name>`` for each."""
+        out = {"lr": _lr(self.first.optimizer)}
+        if self.named:
+            out.update({f"lr/{o.name}": _lr(o.optimizer) for o in self.items})
+        return out
+
+
+def _lr(optimizer: torch.optim.Optimizer) -> float:
+    return float(optimizer.param_groups[0]["lr"])
 
 
 def fused_on_gpu(params: Iterable[torch.Tensor]) -> bool | None:
@@ -31,11 +104,24 @@ def fused_on_gpu(params: Iterable[torch.Tensor]) -> bool | None:
     return True if params and all(p.is_cuda and p.is_floating_point() for p in params) else None
 
 
+def takes_phase(compute_loss: Any) -> bool:
+    """Does ``compute_loss`` take a ``phase`` argument (alternating phases, one per optimizer)?
+
+    Example::
+
+        takes_phase(GAN().compute_loss)   # True for def compute_loss(self, outputs, targets, phase)
+    """
+    try:
+        return "phase" in inspect.signature(compute_loss).parameters
+    except (TypeError, ValueError):  # (a builtin or C callable: no phases)
+        return False
+
+
 def _is_scheduler(obj: Any) -> bool:
     return hasattr(obj, "step") and hasattr(obj, "state_dict") and hasattr(obj, "optimizer")
 
 
-def _check_scheduler(scheduler: Any, owner: str) -> None:
+def _check_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer, owner: str) -> None:
     # ReduceLROnPlateau.step needs a metric; the engine steps schedulers without one, so it would
     # fail with a TypeError only at the first scheduler step (after a whole epoch of training).
     if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -44,39 +130,72 @@ def _check_scheduler(scheduler: Any, owner: str) -> None:
             "return only the optimizer and step the scheduler yourself in a Callback, e.g. "
             'on_validation_end(self, engine, module, metrics): sched.step(metrics["val/loss"])'
         )
+    if scheduler is not None and getattr(scheduler, "optimizer", optimizer) is not optimizer:
+        raise ValueError(f"{owner} returned a scheduler built on another optimizer; pair each scheduler with its own")
 
 
-def parse_optimizers(returned: Any, owner: str = "configure_optimizers") -> Optimization:
-    """Accept an optimizer, ``(optimizer, scheduler)`` or ``{"optimizer", "scheduler", "interval"}``.
+def _one(value: Any, owner: str, name: str) -> Optimization:
+    """One optimizer in any of the single forms."""
+    fix = (
+        f"{owner} must return an optimizer, (optimizer, scheduler), or "
+        '{"optimizer": opt, "scheduler": sched, "interval": "step" | "epoch"}; or a dict of named ones of these, '
+        'e.g. {"muon": opt_a, "adamw": opt_b}'
+    )
+    if isinstance(value, torch.optim.Optimizer):
+        return Optimization(value, name=name)
+    if isinstance(value, (tuple, list)):
+        if len(value) == 2 and isinstance(value[0], torch.optim.Optimizer) and _is_scheduler(value[1]):
+            _check_scheduler(value[1], value[0], owner)
+            return Optimization(value[0], value[1], name=name)
+        raise TypeError(f"{owner} returned a {type(value).__name__} of {[type(x).__name__ for x in value]}; {fix}")
+    if isinstance(value, dict):
+        unknown = set(value) - _SINGLE_KEYS
+        if unknown or not isinstance(value.get("optimizer"), torch.optim.Optimizer):
+            raise TypeError(f"{owner} returned a dict with keys {sorted(map(str, value))}; {fix}")
+        scheduler = value.get("scheduler")
+        if scheduler is not None and not _is_scheduler(scheduler):
+            raise TypeError(f"{owner} returned scheduler={type(scheduler).__name__}, not an LR scheduler; {fix}")
+        _check_scheduler(scheduler, value["optimizer"], owner)
+        interval = value.get("interval", "step")
+        if interval not in ("step", "epoch"):
+            raise ValueError(f'{owner} returned interval={interval!r}; use "step" or "epoch"')
+        return Optimization(value["optimizer"], scheduler, interval, name=name)
+    raise TypeError(f"{owner} returned {type(value).__name__}; {fix}")
+
+
+def _is_single_dict(value: Any) -> bool:
+    return (
+        isinstance(value, dict)
+        and isinstance(value.get("optimizer"), torch.optim.Optimizer)
+        and set(value) <= _SINGLE_KEYS
+    )
+
+
+def parse_optimizers(returned: Any, owner: str = "configure_optimizers") -> Optimizers:
+    """Accept every form of the module docstring; refuse a parameter held by two optimizers.
 
     Example::
 
-        >>> parse_optimizers(torch.optim.SGD(model.parameters(), lr=0.1)).interval
+        >>> parse_optimizers(torch.optim.SGD(model.parameters(), lr=0.1)).first.interval
         'step'
     """
-    fix = (
-        f"{owner} must return an optimizer, (optimizer, scheduler), or "
-        '{"optimizer": opt, "scheduler": sched, "interval": "step" | "epoch"}'
-    )
-    if isinstance(returned, torch.optim.Optimizer):
-        return Optimization(returned)
-    if isinstance(returned, (tuple, list)):
-        if len(returned) == 2 and isinstance(returned[0], torch.optim.Optimizer) and _is_scheduler(returned[1]):
-            _check_scheduler(returned[1], owner)
-            return Optimization(returned[0], returned[1])
-        raise TypeError(
-            f"{owner} returned a {type(returned).__name__} of {[type(x).__name__ for x in returned]}; {fix}"
-        )
-    if isinstance(returned, dict):
-        unknown = set(returned) - {"optimizer", "scheduler", "interval"}
-        if unknown or not isinstance(returned.get("optimizer"), torch.optim.Optimizer):
-            raise TypeError(f"{owner} returned a dict with keys {sorted(returned)}; {fix}")
-        scheduler = returned.get("scheduler")
-        if scheduler is not None and not _is_scheduler(scheduler):
-            raise TypeError(f"{owner} returned scheduler={type(scheduler).__name__}, not an LR scheduler; {fix}")
-        _check_scheduler(scheduler, owner)
-        interval = returned.get("interval", "step")
-        if interval not in ("step", "epoch"):
-            raise ValueError(f'{owner} returned interval={interval!r}; use "step" or "epoch"')
-        return Optimization(returned["optimizer"], scheduler, interval)
-    raise TypeError(f"{owner} returned {type(returned).__name__}; {fix}")
+    if isinstance(returned, dict) and returned and not _is_single_dict(returned):
+        for name in returned:
+            if not isinstance(name, str) or not name or "/" in name:
+                raise TypeError(
+                    f"{owner} returned a dict with key {name!r}; name each optimizer with a str without '/'"
+                )
+        items = [_one(v, f"{owner}[{k!r}]", k) for k, v in returned.items()]
+        named = True
+    else:
+        items, named = [_one(returned, owner, "optimizer")], False
+    seen: dict[int, str] = {}
+    for o in items:
+        for p in o.params:
+            if id(p) in seen and seen[id(p)] != o.name:
+                raise ValueError(
+                    f"{owner}: a parameter of shape {list(p.shape)} is in both optimizers {seen[id(p)]!r} and "
+                    f"{o.name!r}; give each parameter to one optimizer (e.g. split by p.ndim >= 2 for Muon + AdamW)"
+                )
+            seen[id(p)] = o.name
+    return Optimizers(items, named)

@@ -19,16 +19,10 @@ from torch import nn
 from .checkpoint import list_checkpoints
 from .data import Batching
 from .distributed import Runtime
-from .optim import Optimization
+from .optim import Optimizers
 
 if TYPE_CHECKING:
     from .engine import Engine
-
-# Engine attributes that are run state, not configuration.
-STATE_KEYS = {
-    "step", "epoch", "batch_in_epoch", "items_read", "micro_steps", "skipped_steps",
-    "consecutive_skips", "should_stop", "metrics", "trace", "callbacks", "doctor",
-}  # fmt: skip
 
 
 def earlier_run(run_dir: str | os.PathLike[str]) -> str | None:
@@ -190,46 +184,42 @@ def recipe_run_dir(explicit: str | None, default: str, resume: str | None) -> st
 
 
 def write_config(
-    engine: Engine, module: nn.Module, opt: Optimization, batching: Batching, rt: Runtime
+    engine: Engine, module: nn.Module, optimizers: Optimizers, batching: Batching, rt: Runtime, strategy: str
 ) -> dict[str, Any]:
-    """Write ``config.json`` (rank 0, with a run_dir) and return the config (the trackers get it too).
+    """Write ``config.json`` (rank 0, with a run_dir) from the validated :class:`~framework.config.EngineConfig`,
+    plus what the run resolved (world, accumulation, precision, device, strategy); return it (trackers get it too).
 
     Example::
 
-        config = write_config(engine, module, opt, batching, runtime)
+        config = write_config(engine, module, optimizers, batching, runtime, "single")
         config["accumulation"]
     """
-    config = {k: jsonable(v) for k, v in vars(engine).items() if not k.startswith("_") and k not in STATE_KEYS}
+    config = engine.config.to_json()
     config.update(
-        doctor=engine.doctor.level,
+        callbacks=[type(cb).__name__ for cb in engine.callbacks],
         module=type(module).__name__,
-        optimizer=type(opt.optimizer).__name__,
-        scheduler=type(opt.scheduler).__name__ if opt.scheduler is not None else None,
+        optimizer=type(optimizers.first.optimizer).__name__,
+        scheduler=type(optimizers.first.scheduler).__name__ if optimizers.first.scheduler is not None else None,
+        optimizers={o.name: type(o.optimizer).__name__ for o in optimizers},
         world_size=rt.world_size,
         accumulation=batching.accumulation,
         global_batch=batching.batch_size,
         micro_batch_size=batching.micro_batch_size,
         mixed_precision=rt.mixed_precision,
         device=str(rt.device),
+        strategy=strategy,
+        max_steps=engine.max_steps,
     )
-    if engine.run_dir is None or not rt.is_main:
+    run_dir = engine.config.checkpoint.run_dir
+    if run_dir is None or not rt.is_main:
         return config
-    os.makedirs(engine.run_dir, exist_ok=True)
-    with open(os.path.join(engine.run_dir, "config.json"), "w") as f:
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     return config
 
 
-def jsonable(v: Any) -> Any:
-    """A JSON-friendly stand-in for a config value (callables and objects by name)."""
-    if v is None or isinstance(v, (bool, int, float, str)):
-        return v
-    if isinstance(v, (list, tuple)):
-        return [jsonable(x) for x in v]
-    return getattr(v, "__name__", type(v).__name__)
-
-
-def summary(module: nn.Module, rt: Runtime, batching: Batching, nan_check: str = "step") -> str:
+def summary(module: nn.Module, rt: Runtime, batching: Batching, nan_check: str = "step", strategy: str = "") -> str:
     """The model summary printed at fit start: parameters per top-level child, precision, world, batching,
     and when the NaN guard's verdict is read (``nan_check``: "step" or "deferred").
 
@@ -248,6 +238,6 @@ def summary(module: nn.Module, rt: Runtime, batching: Batching, nan_check: str =
     lines.append(
         f"precision={rt.mixed_precision} world_size={rt.world_size} device={rt.device} "
         f"global_batch={batching.batch_size} micro_batch={batching.micro_batch_size} "
-        f"accumulation={batching.accumulation} nan_check={nan_check}"
+        f"accumulation={batching.accumulation} nan_check={nan_check}" + (f" {strategy}" if strategy else "")
     )
     return "\n".join(lines)

@@ -129,7 +129,7 @@ def test_sigterm_checkpoints_exits_143_and_resumes_exactly(tmp_path):
     saved = (run_dir / "checkpoints" / "latest").read_text().strip()
     assert f"checkpoint saved to {run_dir / 'checkpoints' / saved}" in err
     state = json.loads((run_dir / "checkpoints" / saved / "state.json").read_text())
-    assert state["counters"]["batch_in_epoch"] not in (0, 19), "the SIGTERM checkpoint should be mid-epoch"
+    assert state["state"]["counters"]["batch_in_epoch"] not in (0, 19), "the SIGTERM checkpoint should be mid-epoch"
     _run(cmd)
     _assert_bitwise(straight, out)
 
@@ -267,7 +267,7 @@ def test_resume_may_switch_the_optimizer_kernel_but_not_its_settings(tmp_path):
     x, y = classification_data(200)
     kw = dict(batch_size=32, run_dir=str(tmp_path), progress=False)
     Engine(max_epochs=1, **kw).fit(Fusable(None), (x, y))
-    with pytest.raises(CheckpointError, match=r"optimizer: checkpoint .*'lr': 0.01.* vs now .*'lr': 0.02"):
+    with pytest.raises(CheckpointError, match=r"optimizers: checkpoint .*'lr': 0.01.* vs now .*'lr': 0.02"):
         Engine(max_epochs=2, resume="auto", **kw).fit(Fusable(True, lr=2e-2), (x, y))
     engine = Engine(max_epochs=2, resume="auto", **kw)
     engine.fit(Fusable(True), (x, y))

@@ -316,11 +316,16 @@ def test_error_batch_size_not_divisible_names_valid_values():
     assert "[3, 5, 6, 10, 15, 30]" in msg
 
 
-def test_error_max_epochs_and_max_steps_unset():
+def test_error_max_epochs_and_max_steps_unset_at_fit_only():
+    x, y = classification_data(64)
     with pytest.raises(ValueError, match="max_epochs or max_steps"):
-        Engine(batch_size=32)
+        Engine(batch_size=32, progress=False).fit(TinyClassifier(), (x, y))
     with pytest.raises(ValueError, match="max_epochs or max_steps"):
-        Engine(batch_size=32, max_time=10)
+        Engine(batch_size=32, max_time=10, progress=False).fit(TinyClassifier(), (x, y))
+    # validate and predict need neither (batch_size alone is enough)
+    engine = Engine(batch_size=32, progress=False)
+    assert set(engine.validate(TinyClassifier(), (x, y))) == {"loss", "acc"}
+    assert engine.predict(TinyClassifier(), x).shape == (64, 3)
 
 
 def test_error_configure_optimizers_junk():

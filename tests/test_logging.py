@@ -114,9 +114,9 @@ def test_items_per_sec_and_epoch_time_leave_validation_out(monkeypatch):
         now[0] += 1.0
         return now[0]
 
-    def slow_evaluate(self, *args):
+    def slow_evaluate(*args, **kwargs):
         now[0] += 1000.0
-        return original_evaluate(self, *args)
+        return original_evaluate(*args, **kwargs)
 
     class Keep(Callback):
         def __init__(self):
@@ -129,9 +129,13 @@ def test_items_per_sec_and_epoch_time_leave_validation_out(monkeypatch):
         def on_epoch_end(self, engine, module, metrics):
             self.epochs.append(dict(metrics))
 
-    original_evaluate = Engine._evaluate
-    monkeypatch.setattr(engine_mod, "time", types.SimpleNamespace(monotonic=monotonic))  # the engine's clock only
-    monkeypatch.setattr(Engine, "_evaluate", slow_evaluate)
+    import framework.fit as fit_mod
+
+    original_evaluate = engine_mod.evaluate
+    clock = types.SimpleNamespace(monotonic=monotonic)
+    monkeypatch.setattr(engine_mod, "time", clock)  # the engine's clock only
+    monkeypatch.setattr(fit_mod, "time", clock)
+    monkeypatch.setattr(engine_mod, "evaluate", slow_evaluate)
     keep = Keep()
     fit(log_every_n_steps=7, callbacks=[keep])  # one log step per epoch: 7 and 14
     assert [r["step"] for r in keep.train] == [7, 14]
@@ -230,9 +234,10 @@ def test_without_a_terminal_one_plain_line_per_log_step_and_no_carriage_returns(
     assert lines[0].startswith("TinyClassifier: parameters (total / trainable)")
     assert re.match(r"^\s+net\s+387\s+387$", lines[1]) and re.match(r"^\s+total\s+387\s+387$", lines[2])
     assert "precision=no world_size=1" in lines[3] and "global_batch=32" in lines[3] and "accumulation=1" in lines[3]
-    assert lines[3].endswith("nan_check=step")  # (on CPU the verdict is read at once: it costs nothing)
-    assert sum(1 for line in lines if "val/loss=" in line) == 2  # one line per validation
-    assert len(lines) == 4 + 4 + 2  # summary, log steps, validations: nothing else
+    assert "nan_check=step " in lines[3]  # (on CPU the verdict is read at once: it costs nothing)
+    assert sum(1 for line in lines if line.startswith("epoch") and "val/loss=" in line) == 2  # one per validation
+    assert lines[-1].startswith("fit done at step 14: train/loss=") and "val/loss=" in lines[-1]
+    assert len(lines) == 4 + 4 + 2 + 1  # summary, log steps, validations, the final line: nothing else
 
 
 def test_progress_false_prints_nothing(capsys):
@@ -447,18 +452,16 @@ def test_no_host_reads_outside_log_steps_except_the_nan_guard(monkeypatch, docto
     engine = reading_engine(clip, doctor)
     reads = count_reads(monkeypatch, engine, SGDClassifier())
     assert engine.step == 14
-    engine_reads = [r for r in reads if r[1] in ("engine.py", "evaluation.py")]
+    engine_reads = [r for r in reads if r[1] in ("engine.py", "evaluation.py", "step.py", "fit.py")]
     doctor_reads = [r for r in reads if r[1].startswith("doctor")]  # doctor.py and its doctor_*.py parts
     assert len(engine_reads) + len(doctor_reads) == len(reads), reads  # nobody else reads
-    assert {fn for _, _, fn, _, _ in engine_reads} <= {"_optimizer_step", "_log_train", "evaluate"}, engine_reads
-    # Log steps read (this also proves the counting sees reads at all) ...
-    assert {s for s, _, fn, _, _ in engine_reads if fn == "_log_train"} == {3, 6, 9, 12}  # the logged steps
+    assert {fn for _, _, fn, _, _ in engine_reads} <= {"__call__", "train_record", "evaluate"}, engine_reads
+    # Log steps read (this also proves the counting sees reads at all), and the end of fit (the steps since) ...
+    assert {s for s, _, fn, _, _ in engine_reads if fn == "train_record"} == {3, 6, 9, 12, 14}  # the logged steps
     # ... validation reads once per epoch, at its end ...
     assert [s for s, _, fn, _, _ in engine_reads if fn == "evaluate"] == [7, 14]
-    # ... every step does at most the guard's one read ...
-    per_step = [
-        sum(1 for s, _, fn, _, _ in engine_reads if fn == "_optimizer_step" and s == step) for step in range(14)
-    ]
+    # ... every step does at most the guard's one read (OptimizerStep.__call__) ...
+    per_step = [sum(1 for s, _, fn, _, _ in engine_reads if fn == "__call__" and s == step) for step in range(14)]
     assert max(per_step) <= GUARD_READS_PER_STEP, per_step
     # ... and the doctor reads only on its checked steps (none when off).
     assert all(checking for *_, checking in doctor_reads), doctor_reads
@@ -469,17 +472,17 @@ def test_no_host_reads_outside_log_steps_except_the_nan_guard(monkeypatch, docto
 @pytest.mark.parametrize("doctor", ["off", "basic"])
 def test_deferred_nan_check_reads_nothing_on_the_device_outside_log_and_checked_steps(monkeypatch, doctor, clip):
     # nan_check="deferred" (framework.guard): a step's verdict is copied to the host without waiting
-    # and read in _settle a step later; _optimizer_step itself reads only where reading is allowed
+    # and read in OptimizerStep.settle a step later; the step itself reads only where reading is allowed
     # anyway: on log steps and on the doctor's sparse checked steps.
     engine = reading_engine(clip, doctor, nan_check="deferred")
     reads = count_reads(monkeypatch, engine, FusedSGDClassifier())
-    assert engine.step == 14 and engine._defer
-    engine_reads = [r for r in reads if r[1] in ("engine.py", "evaluation.py")]
-    assert {fn for _, _, fn, _, _ in engine_reads} <= {"_optimizer_step", "_settle", "_log_train", "evaluate"}
+    assert engine.step == 14 and engine._fit.defer
+    engine_reads = [r for r in reads if r[1] in ("engine.py", "evaluation.py", "step.py", "fit.py")]
+    assert {fn for _, _, fn, _, _ in engine_reads} <= {"__call__", "settle", "train_record", "evaluate"}
     log_steps = {2, 5, 8, 11}  # engine.step while steps 3, 6, 9, 12 are taken
-    in_step = {s for s, _, fn, _, checking in engine_reads if fn == "_optimizer_step" and not checking}
+    in_step = {s for s, _, fn, _, checking in engine_reads if fn == "__call__" and not checking}
     assert in_step <= log_steps, engine_reads
-    settled = [s for s, _, fn, _, _ in engine_reads if fn == "_settle"]
+    settled = [s for s, _, fn, _, _ in engine_reads if fn == "settle"]
     assert len(settled) == len(set(settled)) >= 5, engine_reads  # at most one verdict a step, and some came late
 
 

@@ -150,7 +150,7 @@ def test_deferred_skip_ends_bitwise_where_reading_at_once_ends(clip, doctor, mic
         module = Net(optimizer="adamw", lr=1e-2, scheduler="lambda", fused=True)
         engine = Engine(nan_check=check, trace=True, **kw)
         engine.fit(module, (x, y))
-        assert engine._defer == (check == "deferred")
+        assert engine._fit.defer == (check == "deferred")
         runs[check] = (engine, module)
     (at_once, a), (late, b) = runs["step"], runs["deferred"]
     assert late.skipped_steps == at_once.skipped_steps == 3 and late.step == 8
@@ -165,9 +165,9 @@ def test_deferred_skip_ends_bitwise_where_reading_at_once_ends(clip, doctor, mic
 def test_deferred_skip_does_change_the_state_when_the_device_skip_is_missing(monkeypatch):
     # Sanity check of the test above: without the optimizer's device-side skip the bad step is applied
     # (its NaN gradient reaches AdamW's moments) and the end state is far from reading at once.
-    import framework.engine as fe
+    import framework.step as fs
 
-    monkeypatch.setattr(fe, "step_unless_found", lambda optimizer, found: optimizer.step())
+    monkeypatch.setattr(fs, "step_unless_found", lambda optimizer, found: optimizer.step())
     x, y = data(8 * BATCH, nan_items=[3 * BATCH])
     module = Net(optimizer="adamw", lr=1e-2, fused=True)
     kw = dict(batch_size=BATCH, shuffle=False, progress=False, doctor="off", nan_policy="skip")
@@ -205,7 +205,7 @@ def test_nan_check_deferred_needs_an_optimizer_that_can_skip_on_the_device():
         Engine(max_steps=1, nan_check="sometimes")
     engine = Engine(max_epochs=1, batch_size=BATCH, progress=False)  # "auto" reads at once on CPU: it is free
     engine.fit(Net(optimizer="adamw", fused=True), (x, y))
-    assert engine._defer is False
+    assert engine._fit.defer is False
 
 
 @pytest.mark.cuda
@@ -221,7 +221,7 @@ def test_on_a_gpu_auto_defers_with_a_fused_optimizer_and_ends_where_reading_at_o
         engine.fit(module, (x, y))
         runs[check] = (engine, module)
     (at_once, a), (late, b) = runs["step"], runs["auto"]
-    assert late._defer and not at_once._defer
+    assert late._fit.defer and not at_once._fit.defer
     assert late.skipped_steps == at_once.skipped_steps == 2
     assert torch.equal(flat(a), flat(b)) and torch.isfinite(flat(b)).all()
     assert b.sched.last_epoch == a.sched.last_epoch == 8 - 2

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from framework.optim import Optimization, fused_on_gpu, parse_optimizers
+from framework.optim import Optimization, fused_on_gpu, parse_optimizers, takes_phase
 
 
 @pytest.fixture
@@ -15,20 +15,21 @@ def opt():
 
 
 def test_optimizer_alone(opt):
-    assert parse_optimizers(opt) == Optimization(opt, None, "step")
+    parsed = parse_optimizers(opt)
+    assert parsed.first == Optimization(opt, None, "step") and len(parsed) == 1 and not parsed.named
 
 
 @pytest.mark.parametrize("container", [tuple, list])
 def test_optimizer_and_scheduler(opt, container):
     sched = torch.optim.lr_scheduler.StepLR(opt, 1)
-    assert parse_optimizers(container([opt, sched])) == Optimization(opt, sched, "step")
+    assert parse_optimizers(container([opt, sched])).first == Optimization(opt, sched, "step")
 
 
 def test_dict_forms(opt):
     sched = torch.optim.lr_scheduler.StepLR(opt, 1)
-    assert parse_optimizers({"optimizer": opt}) == Optimization(opt, None, "step")
-    assert parse_optimizers({"optimizer": opt, "scheduler": sched}) == Optimization(opt, sched, "step")
-    assert parse_optimizers({"optimizer": opt, "scheduler": sched, "interval": "epoch"}) == Optimization(
+    assert parse_optimizers({"optimizer": opt}).first == Optimization(opt, None, "step")
+    assert parse_optimizers({"optimizer": opt, "scheduler": sched}).first == Optimization(opt, sched, "step")
+    assert parse_optimizers({"optimizer": opt, "scheduler": sched, "interval": "epoch"}).first == Optimization(
         opt, sched, "epoch"
     )
 
@@ -55,7 +56,6 @@ FIX = r"must return an optimizer, \(optimizer, scheduler\), or"
         lambda o: [o],
         lambda o: (o, o),
         lambda o: (o, torch.optim.lr_scheduler.StepLR(o, 1), "step"),
-        lambda o: {"opt": o},
         lambda o: {"optimizer": o, "lr_scheduler": None},
         lambda o: {"optimizer": "adam"},
         lambda o: {"optimizer": o, "scheduler": o},
@@ -67,7 +67,6 @@ FIX = r"must return an optimizer, \(optimizer, scheduler\), or"
         "list1",
         "two_optimizers",
         "triple",
-        "wrong_key",
         "extra_key",
         "string_optimizer",
         "optimizer_as_scheduler",
@@ -105,3 +104,40 @@ def test_fused_on_gpu_on_cuda_parameters():
     assert fused_on_gpu([*linear.parameters(), torch.zeros(2)]) is None  # one on the CPU: torch's default
     opt = torch.optim.AdamW(linear.parameters(), fused=fused_on_gpu(linear.parameters()))
     assert opt.defaults["fused"] is True
+
+
+def test_a_dict_of_named_optimizers_in_order_each_in_any_single_form():
+    model = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+    a = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    b = torch.optim.AdamW(model[1].parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.StepLR(b, 1)
+    parsed = parse_optimizers({"sgd": a, "adamw": {"optimizer": b, "scheduler": sched, "interval": "epoch"}})
+    assert parsed.named and [o.name for o in parsed] == ["sgd", "adamw"]
+    assert parsed.items[1] == Optimization(b, sched, "epoch", "adamw")
+    assert parsed.lrs() == {"lr": 0.1, "lr/sgd": 0.1, "lr/adamw": 1e-3}
+    assert parse_optimizers({"opt": a}).named  # one named optimizer is a dict of one
+
+
+def test_a_parameter_in_two_optimizers_is_refused_naming_both():
+    model = nn.Linear(2, 2)
+    a, b = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD([model.bias], lr=0.1)
+    with pytest.raises(ValueError, match=r"in both optimizers 'a' and 'b'"):
+        parse_optimizers({"a": a, "b": b})
+
+
+def test_a_scheduler_of_another_optimizer_is_refused():
+    model = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+    a = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    b = torch.optim.SGD(model[1].parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="scheduler built on another optimizer"):
+        parse_optimizers({"a": (a, torch.optim.lr_scheduler.StepLR(b, 1)), "b": b})
+
+
+def test_takes_phase_reads_the_signature():
+    class Joint:
+        def compute_loss(self, outputs, targets): ...
+
+    class Phased:
+        def compute_loss(self, outputs, targets, phase): ...
+
+    assert not takes_phase(Joint().compute_loss) and takes_phase(Phased().compute_loss)

@@ -71,7 +71,7 @@ def main():
     )
     engine.fit(model, (x, y), (x[:100], y[:100]))
     if engine._rt.is_main:
-        opt = engine._fit.opt.optimizer
+        opt = engine._fit.optimizers.first.optimizer
         torch.save({"model": model.state_dict(), "optim": opt.state_dict(), "step": engine.step}, a.out)
 
 

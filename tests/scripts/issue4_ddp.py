@@ -70,7 +70,7 @@ def main(out: Path) -> None:
         engine = Engine(max_epochs=2, nan_policy="skip", nan_check=check, **KW)
         engine.fit(module, data(48, nan_items=[NAN_ITEM]))
         result[f"fused_{check}"] = {
-            "deferred": engine._defer,
+            "deferred": engine._fit.defer,
             "skipped_steps": engine.skipped_steps,
             "last_epoch": module.sched.last_epoch,
             "params": flat(module).tolist(),

@@ -1,4 +1,4 @@
-"""framework.config: typed dataclass configs from defaults < YAML < --key value flags."""
+"""framework.recipe_config: typed dataclass configs from defaults < YAML < --key value flags."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Literal
 
 import pytest
 
-from framework.config import ConfigError, convert, load_yaml, parse_config, save_yaml
+from framework.recipe_config import ConfigError, convert, load_yaml, parse_config, save_yaml
 
 
 @dataclass

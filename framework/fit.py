@@ -1,0 +1,489 @@
+"""What one fit works on, built once before the loop: :func:`prepare_fit` returns a :class:`Fit`.
+
+The strategy and the model it prepared, the optimizers and one :class:`~framework.step.OptimizerStep`
+per group that steps together (all of them, or one per alternating phase), the data sources, the
+train state registry, the EMA, the stateful metrics, the logs and the stop flags. The engine's loop
+(:mod:`framework.engine`) reads top to bottom over these; nothing here changes the step's order.
+
+Example::
+
+    run = prepare_fit(engine, runtime, module, train_data, val_data)
+    for window in run.epoch(0, engine.counters): ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from . import checkpoint, run_info
+from . import state as train_state
+from .data import Batching, Source, Window, make_source, resolve_batching
+from .ema import EMA
+from .evaluation import check_metrics
+from .guard import NanPolicy, why_not_deferred
+from .logging import MetricsLog, Progress, TrainLoss, start_trackers
+from .module import LoopModule
+from .optim import Optimizers, parse_optimizers, takes_phase
+from .rng import seed_everything
+from .step import OptimizerStep
+from .strategies import Strategy, make_strategy
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+
+class DataPosition:
+    """The data side of the train position that the counters do not hold: a user DataLoader's shuffling RNG.
+
+    Example::
+
+        state.register("data", DataPosition(source))
+    """
+
+    def __init__(self, source: Source) -> None:
+        self.source = source
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loader_epoch_rng": getattr(self.source, "epoch_rng", None)}
+
+    def check_state_dict(self, value: Any) -> None:
+        if not isinstance(value, dict) or set(value) != {"loader_epoch_rng"}:
+            raise KeyError("expected exactly {'loader_epoch_rng'}")
+        rng = value["loader_epoch_rng"]
+        if rng is not None and (not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8):
+            raise TypeError("'loader_epoch_rng' must be a uint8 tensor or null")
+
+    def load_state_dict(self, value: dict[str, Any]) -> None:
+        if value["loader_epoch_rng"] is not None and hasattr(self.source, "resume_rng"):
+            self.source.resume_rng = value["loader_epoch_rng"]
+
+
+@dataclass
+class Fit:
+    """The objects of one fit (see the module docstring); the loop calls its methods between the steps."""
+
+    engine: Engine
+    rt: Any
+    strategy: Strategy
+    module: LoopModule
+    model: nn.Module  # what training forwards run through (a DDP wrapper, a compiled model, the module)
+    eval_model: nn.Module
+    optimizers: Optimizers
+    steps: list[tuple[str | None, OptimizerStep]]  # (phase name or None, its optimizer step), in order
+    phased: bool
+    batching: Batching
+    source: Source
+    val_source: Source | None
+    state: train_state.TrainState
+    fingerprint: dict[str, Any]
+    ema: EMA | None
+    metric_objects: dict[str, Any]
+    stops: Any
+    log: MetricsLog = field(init=False)
+    progress: Progress = field(init=False)
+    losses: list[TrainLoss] = field(default_factory=list)
+    grad_norms: list[torch.Tensor | None] = field(default_factory=list)
+    items_sum: Any = 0
+    t_log: float = 0.0
+    t_epoch: float = 0.0
+    n_windows: int | None = None
+    first_step: int = 0
+    restored: Path | None = None
+    defer: bool = False  # the NaN guard's verdict is read a step late (framework.guard)
+
+    # ---- per epoch and per step
+
+    @property
+    def epoch_ends_here(self) -> bool:
+        """The step just taken was the epoch's last window."""
+        return self.engine.batch_in_epoch == self.n_windows
+
+    def start_epoch(self, epoch: int, done: int) -> None:
+        self.t_epoch = time.monotonic()
+        self.n_windows = self._epoch_windows()
+        self.progress.start_epoch(epoch, self.n_windows, done)
+
+    def epoch(self, epoch: int, counters: train_state.Counters) -> Iterator[Window]:
+        """This epoch's windows from the current position, with the debug limits applied."""
+        data = self.engine.config.data
+        limit = data.overfit_batches or data.limit_train_batches
+        empty = True
+        for window in self.source.windows(epoch, counters.batch_in_epoch, counters.items_read):
+            if limit is not None and window.index >= limit:
+                return
+            if data.stream_sharded and self._all_shards_ended(window.exhausted):
+                return
+            empty = False
+            yield window
+        if empty and counters.batch_in_epoch == 0:
+            raise ValueError("the training data yielded no batches this epoch; pass a non-empty dataset")
+
+    def _all_shards_ended(self, exhausted: bool) -> bool:
+        """Self-sharded streams end at different points per rank; the epoch ends when all have.
+        (One small all-reduce and host read per step, only with stream_sharded=True.)"""
+        flag = self.rt.all_reduce_sum(torch.tensor([float(exhausted)], device=self.rt.device))
+        return int(flag.item()) == self.rt.world_size
+
+    def _epoch_windows(self) -> int | None:
+        n = self.source.num_windows()
+        data = self.engine.config.data
+        limit = data.overfit_batches or data.limit_train_batches
+        return min(n, limit) if (n is not None and limit is not None) else (n if limit is None else limit)
+
+    def weigh(self, window: Window) -> tuple[list[Any], list[Any], Any, torch.Tensor | None]:
+        """This rank's forwards for ``window`` (real micro-batches, then zero-weight fillers: a rank with none
+        left still joins the gradient all-reduce; under FSDP every rank runs as many as the busiest), the
+        loss weights ``n_i * world_size / N`` (one all-reduce for N, the window's item count over all
+        ranks), N, and the stop flags of all ranks, folded into the same all-reduce (None on one process)."""
+        rt, module, doctor = self.rt, self.module, self.engine.doctor
+        batches = list(window.micro_batches) or [window.filler]
+        if self.strategy.equal_forwards and window.forwards > len(batches):
+            batches += [window.filler if window.filler is not None else batches[0]] * (window.forwards - len(batches))
+        counts: list[Any] = [module.count_items(b) for b in window.micro_batches]
+        for n in counts:
+            doctor.check_count(module, n)
+        counts += [0] * (len(batches) - len(counts))
+        if rt.world_size == 1 and all(isinstance(n, int) for n in counts):
+            total = sum(counts)
+            return batches, [n / max(total, 1) for n in counts], total, None
+        local = sum(counts[1:], counts[0])
+        packed = torch.as_tensor(local, device=rt.device).double().reshape(1)
+        if rt.world_size > 1:
+            packed = torch.cat([packed, self.stops.device_flags(rt.device)])
+        rt.all_reduce_sum(packed)
+        scale = rt.world_size / packed[0].clamp(min=1)
+        # The stop flags stay on the device; the optimizer step reads them with the NaN verdict in one go.
+        return batches, [(n * scale).float() for n in counts], packed[0], packed[1:] if rt.world_size > 1 else None
+
+    def compute_loss(self, outputs: Any, targets: Any, phase: str | None) -> Any:
+        """``module.compute_loss(outputs, targets)``, with ``phase=`` for alternating phases."""
+        if phase is None:
+            return self.module.compute_loss(outputs, targets)
+        loss_fn: Any = self.module.compute_loss  # (a signature with `phase`: checked at setup)
+        return loss_fn(outputs, targets, phase=phase)
+
+    def poison_if_nonfinite(self, scaled: torch.Tensor, window_loss: torch.Tensor | None) -> torch.Tensor:
+        """``scaled`` times 1.0, or NaN where this rank's window loss is non-finite: the last backward then
+        carries a rank-local bad loss into the gradient all-reduce, so every rank's NaN guard sees it (no
+        extra collective, no host read; 1.0 changes no bit)."""
+        total = scaled.detach() if window_loss is None else window_loss + scaled.detach()
+        return scaled * torch.where(torch.isfinite(total), 1.0, math.nan)
+
+    def train_record(self, step: int, epoch: int, skipped: int) -> dict[str, float]:
+        """The train record of a log step: every device value in one host read."""
+        taken = [t for loss in self.losses for t in loss.take()]
+        norms = [g for g in self.grad_norms if g is not None]
+        values = torch.stack(
+            [*(t.double() for t in taken), torch.as_tensor(self.items_sum, device=self.rt.device).double()]
+            + [g.double() for g in norms]
+        ).tolist()
+        world, now = self.rt.world_size, time.monotonic()
+        record: dict[str, float] = {"step": step, "epoch": epoch}
+        for p, (phase, _) in enumerate(self.steps):
+            total, finite_steps = values[2 * p], values[2 * p + 1]
+            key = "train/loss" if phase is None else f"train/loss/{phase}"
+            record[key] = total / world / finite_steps if finite_steps else math.nan
+        record.update(self.optimizers.lrs())
+        record["train/items_per_sec"] = values[2 * len(self.steps)] / max(now - self.t_log, 1e-9)
+        named = [phase for (phase, _), g in zip(self.steps, self.grad_norms, strict=True) if g is not None]
+        for phase, value in zip(named, values[2 * len(self.steps) + 1 :], strict=True):
+            record["train/grad_norm" if phase is None else f"train/grad_norm/{phase}"] = value
+        if skipped:
+            record["train/skipped_steps"] = skipped
+        wait = getattr(self.source, "data_wait", None)
+        if callable(wait):
+            record["train/data_wait"] = wait()
+        self.items_sum, self.t_log = 0, now
+        return record
+
+    def settle(self) -> None:
+        """Every deferred NaN verdict read (a checkpoint, a validation and the end hold settled state only)."""
+        for _, optimizer_step in self.steps:
+            optimizer_step.settle()
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Validation and prediction during a fit: the ranks' buffers in rank 0's state, the EMA weights in."""
+        self.strategy.sync_buffers(self.module)
+        with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
+            yield
+
+    # ---- checkpoints
+
+    def save(self, root: Path, name: str, monitor_value: float | None, prune: bool) -> Path:
+        """A complete checkpoint of this fit (collective): settled state, buffers agreed."""
+        self.settle()
+        self.strategy.sync_buffers(self.module)
+        ck = self.engine.config.checkpoint
+        writer = checkpoint.CheckpointWriter(
+            root, name, rank=self.rt.rank, world_size=self.rt.world_size, is_main=self.rt.is_main
+        )
+        return train_state.save(
+            self.state, writer, strategy=self.strategy, rt=self.rt, fingerprint=self.fingerprint,
+            monitor_value=monitor_value, keep_last=ck.keep_last if prune else 1 << 30,
+            keep_best=ck.keep_best, mode=ck.mode,
+        )  # fmt: skip
+
+    def load(self, path: Path) -> None:
+        reader = checkpoint.CheckpointReader(path)
+        train_state.load(
+            self.state, reader, strategy=self.strategy, rt=self.rt, fingerprint=self.fingerprint,
+            seed=self.engine.config.seed,
+        )  # fmt: skip
+        self.restored = path
+
+    def wait_for_checkpoints(self) -> None:
+        """A background checkpoint write finishes before the process exits."""
+
+    # ---- the end
+
+    def final_summary(self, step: int, metrics: dict[str, float]) -> str:
+        shown = {k: v for k, v in metrics.items() if k.startswith(("train/loss", "val/"))}
+        text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
+        return f"fit done at step {step}: {text}" if text else f"fit done at step {step}"
+
+    def close_logs(self) -> None:
+        self.progress.close()
+        self.log.close()
+
+    def close(self) -> None:
+        """Release what the fit holds (logs, data workers), on every exit path."""
+        self.close_logs()
+        close = getattr(self.source, "close", None)
+        if callable(close):
+            close()
+        if self.val_source is not None and callable(getattr(self.val_source, "close", None)):
+            self.val_source.close()  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------- building it
+
+
+def source_for(engine: Engine, rt: Any, data: Any, batching: Batching, shuffle: bool, training: bool) -> Source:
+    d = engine.config.data
+    return make_source(
+        data,
+        batching,
+        rank=rt.rank,
+        seed=engine.config.seed,
+        shuffle=shuffle,
+        to_device=rt.to_device,
+        collate_fn=d.collate_fn,
+        num_workers=d.num_workers,
+        pin_memory=d.pin_memory,
+        stream_sharded=d.stream_sharded and training,
+    )
+
+
+def validation_source(engine: Engine, rt: Any, data: Any, micro: int | None = None, predicting: bool = False) -> Source:
+    """Validation (or prediction) batches of ``micro`` items per process (a DataLoader keeps its own)."""
+    from torch.utils.data import DataLoader
+
+    if isinstance(data, torch.Tensor):
+        data = (data,)  # (predict on bare inputs)
+    d = engine.config.data
+    if micro is None:
+        micro = d.micro_batch_size or (max(1, d.batch_size // rt.world_size) if d.batch_size else 64)
+    if isinstance(data, DataLoader):
+        batching = resolve_batching(data, None, None, rt.world_size)
+    else:
+        batching = Batching(micro * rt.world_size, micro, 1, rt.world_size)
+    return source_for(engine, rt, data, batching, shuffle=False, training=False)
+
+
+def prepare_fit(engine: Engine, rt: Any, module: LoopModule, train_data: Any, val_data: Any) -> Fit:
+    """Build the :class:`Fit` of ``engine.fit(module, train_data, val_data)`` and apply ``resume``.
+
+    Example::
+
+        run = prepare_fit(engine, engine._runtime(), module, train, val)
+    """
+    config, doctor = engine.config, engine.doctor
+    owner = type(module).__name__
+    phased = takes_phase(module.compute_loss)
+    strategy = make_strategy(rt, config.distributed.strategy, config.distributed.find_unused_parameters)
+    checker = getattr(doctor, "check_initial_weights", None)
+    if callable(checker) and rt.world_size > 1:
+        checker(module)  # (before the wrap broadcasts rank 0's weights)
+    model = strategy.prepare(module, manual_sync=phased)
+    eval_model = strategy.eval_model(module, model)
+    if config.precision.compile:
+        model = eval_model = torch.compile(model)  # type: ignore[assignment]
+    optimizers = parse_optimizers(module.configure_optimizers(), f"{owner}.configure_optimizers")
+    if phased and not optimizers.named:
+        raise TypeError(
+            f"{owner}.compute_loss takes `phase`, so each optimizer is a phase: configure_optimizers must return a "
+            'dict of named optimizers, e.g. {"discriminator": opt_d, "generator": opt_g}'
+        )
+    batching = resolve_batching(train_data, config.data.batch_size, config.data.micro_batch_size, rt.world_size)
+    source = source_for(engine, rt, train_data, batching, config.data.shuffle, training=True)
+    val_source = validation_source(engine, rt, val_data, batching.micro_batch_size) if val_data is not None else None
+    if strategy.equal_forwards and config.data.stream_sharded:
+        raise ValueError("stream_sharded=True with FSDP: self-sharded streams cannot agree on forwards; drop one")
+    metric_objects = check_metrics(module.configure_metrics(), f"{owner}.configure_metrics", rt.world_size)
+    phases = [o.name for o in optimizers] if phased else None
+    _start_doctor(doctor, module, optimizers, batching, train_data, val_data, rt, strategy, phases)
+    defer, why_not = _decide_deferral(config.step.nan_check, optimizers, rt, strategy, phased)
+    ema = EMA(module, config.step.ema_decay) if config.step.ema_decay is not None else None
+    policy = NanPolicy(
+        config.step.nan_policy, config.step.max_consecutive_skips, engine.counters, lambda: doctor.nonfinite_detail
+    )
+    groups = [[o] for o in optimizers] if phased else [list(optimizers)]
+    steps = []
+    for i, group in enumerate(groups):
+        label = group[0].name if phased else None
+        steps.append((label, OptimizerStep(
+            group, strategy=strategy, rt=rt, config=config.step, policy=policy, doctor=doctor, defer=defer,
+            ema=ema if i == len(groups) - 1 else None, labelled=phased or len(optimizers) > 1,
+            record=_recorder(engine, label),
+            on_retract=lambda step: _retracted(engine, step),
+            on_stop=lambda values: engine._fit.stops.agree(values) if engine._fit is not None else None,
+        )))  # fmt: skip
+    registry = _registry(engine, rt, strategy, module, optimizers, source, ema)
+    from .preemption import Stops
+
+    stops = Stops(tuple(config.distributed.preemption_signals), config.stop.max_time)
+    run = Fit(
+        engine, rt, strategy, module, model, eval_model, optimizers, steps, phased, batching, source, val_source,
+        registry, train_state.fingerprint(config, module, optimizers, batching.batch_size), ema, metric_objects,
+        stops,
+    )  # fmt: skip
+    # Seed every RNG (dropout, augmentation) per rank, like HF's Trainer; a resume then
+    # replaces these states with the checkpoint's.
+    seed_everything((config.seed + rt.rank) % 2**63)
+    engine.should_stop = False  # a resumed run that had stopped early restores it (and ends at once)
+    restored = engine._restore(run)
+    _open_logs(engine, run, restored, why_not, defer)
+    run.losses = [TrainLoss(rt.all_reduce_sum, rt.device, config.logging.log_every_n_steps) for _ in steps]
+    run.grad_norms = [None] * len(steps)
+    run.first_step = engine.step
+    run.defer = defer
+    run.t_log = run.stops.t0 = time.monotonic()
+    return run
+
+
+def _recorder(engine: Engine, phase: str | None) -> Any:
+    """The trace hook of one optimizer step: its events carry the phase (or, joint, the optimizer's name)."""
+
+    def record(name: str, micro: int, label: str | None) -> None:
+        engine._record(name, micro, label or phase)
+
+    return record
+
+
+def _retracted(engine: Engine, step: int) -> None:
+    """A deferred verdict turned step ``step`` into a skipped one: its trace events go, callbacks hear of it."""
+    from .callbacks import fire
+
+    engine.doctor.retract_applied()
+    if engine.trace is not None:
+        engine.trace[:] = [
+            e for e in engine.trace if not (e[1] == step and e[0] in ("optimizer_step", "scheduler_step"))
+        ]
+    if engine._fit is not None:
+        fire(engine.callbacks, "on_step_retracted", engine, engine._fit.module, step)
+
+
+def _start_doctor(
+    doctor: Any, module: nn.Module, optimizers: Optimizers, batching: Batching, train: Any, val: Any, rt: Any,
+    strategy: Strategy, phases: list[str] | None,
+) -> None:  # fmt: skip
+    opts = [o.optimizer for o in optimizers]
+    try:
+        doctor.start_fit(
+            module, opts if len(opts) > 1 else opts[0], batching, train, val, is_main=rt.is_main,
+            strategy=strategy.name, device_type=rt.device.type, phases=phases,
+            reduce=rt.all_reduce_sum if rt.world_size > 1 else None,
+        )  # fmt: skip
+    except TypeError:  # (a doctor without the multi-optimizer keywords: the one of a previous version)
+        doctor.start_fit(module, opts[0], batching, train, val, is_main=rt.is_main, fsdp=strategy.sharded)
+
+
+def _decide_deferral(
+    nan_check: str, optimizers: Optimizers, rt: Any, strategy: Strategy, phased: bool
+) -> tuple[bool, str | None]:
+    """(defer?, why not where it cannot). nan_check="auto": defer on a GPU where every optimizer can skip on the
+    device; "deferred": also on CPU (where reading at once costs nothing), an error where it cannot."""
+    if nan_check == "step":
+        return False, None
+    reason = next(
+        (r for o in optimizers if (r := why_not_deferred(o.optimizer, o.scheduler, o.interval)) is not None), None
+    )
+    if reason is None and (rt.scaler is not None or not strategy.can_skip_on_device):
+        reason = "fp16 (its GradScaler owns the skip) and FSDP read the verdict at once"
+    if reason is None and phased:
+        reason = "alternating phases read each phase's verdict at once"
+    if nan_check == "deferred" and reason is not None:
+        raise ValueError(f'nan_check="deferred": {reason}; or use nan_check="step"')
+    return reason is None and (nan_check == "deferred" or rt.device.type == "cuda"), reason
+
+
+def _registry(
+    engine: Engine, rt: Any, strategy: Strategy, module: nn.Module, optimizers: Optimizers, source: Source,
+    ema: EMA | None,
+) -> train_state.TrainState:  # fmt: skip
+    """Every stateful object a checkpoint holds, each under its name: add a new one here."""
+    registry = train_state.TrainState()
+    registry.register("model", train_state.ModelWeights(strategy, module), file="model.safetensors")
+    if ema is not None:
+        registry.register("ema", ema, file="ema.safetensors")
+    for o in optimizers:
+        suffix = f"/{o.name}" if optimizers.named else ""
+        registry.register(f"optimizer{suffix}", train_state.OptimizerState(strategy, module, o.optimizer))
+        if o.scheduler is not None:
+            registry.register(f"scheduler{suffix}", o.scheduler)
+    if rt.scaler is not None:
+        registry.register("scaler", rt.scaler)
+    registry.register("data", DataPosition(source))
+    registry.register("counters", engine.counters)
+    registry.register("callbacks", train_state.CallbackStates(engine.callbacks))
+    registry.register("metrics", train_state.Scalars(lambda: engine.metrics, lambda m: _set_metrics(engine, m)))
+    return registry
+
+
+def _set_metrics(engine: Engine, metrics: dict[str, float]) -> None:
+    engine.metrics = metrics
+
+
+def _open_logs(engine: Engine, run: Fit, restored: Path | None, why_not: str | None, defer: bool) -> None:
+    """config.json, metrics.jsonl (cut back to a resumed checkpoint), trackers, progress, and the fit's first lines."""
+    rt, config = run.rt, engine.config
+    run_dir = config.checkpoint.run_dir
+    written = run_info.write_config(engine, run.module, run.optimizers, run.batching, rt, run.strategy.name)
+    # A resumed run logs the steps after its checkpoint again: the records of them go first.
+    resumed_at = (engine.step, engine.epoch) if config.checkpoint.resume is not None else None
+    tracker = start_trackers(rt.accelerator, config.logging.log_with, run_dir, written, resumed_at and resumed_at[0])
+    run.log = MetricsLog(run_dir, rt.is_main, tracker=tracker, resumed_at=resumed_at)
+    run.progress = progress = Progress(config.logging.progress, rt.is_main)
+    if restored is not None:
+        progress.message(f"resumed from {_short(restored)} (epoch {engine.epoch}, step {engine.step})")
+    if run.log.dropped:
+        if restored is not None:
+            why = f"logged after step {engine.step} by the run this one resumes from {restored.name}"
+        elif engine.step == 0:
+            why = "of an earlier start of this run (resume='auto' found no checkpoint in run_dir, so the run "
+            why += "starts again from step 0)"
+        else:  # (a later fit of this engine, with no checkpoint to go back to)
+            why = f"logged after step {engine.step}, where this fit goes on"
+        progress.message(f"metrics.jsonl: dropped {run.log.dropped} record(s) {why}; this run logs those steps again")
+    progress.message(
+        run_info.summary(run.module, rt, run.batching, "deferred" if defer else "step", run.strategy.summary())
+    )
+    if run.ema is not None:
+        progress.message(f"validation uses the EMA weights (ema_decay={config.step.ema_decay})")
+    if why_not is not None and rt.device.type == "cuda":
+        progress.message(f"NaN guard: one host sync per step, as {why_not}")
+
+
+def _short(path: Path) -> str:
+    parts = path.parts
+    return str(Path(*parts[-2:])) if len(parts) >= 2 else str(path)

@@ -1,0 +1,125 @@
+"""Stopping early, agreed by every rank: preemption signals, Ctrl-C and ``max_time``.
+
+A signal only sets a flag on the process that received it (a handler must not run collectives or
+touch the loop). The flags of every rank travel in the all-reduce each step already does (the item
+counts of the window, :meth:`Stops.device_flags`) and come back with the NaN guard's verdict, so
+every rank learns of a signal received by any of them at the same step boundary, with no new
+collective per step. That is the one decision point: the run checkpoints there and exits on every
+rank with the same status: 143 for SIGTERM/SIGUSR1 (preemption, a SLURM requeue), 130 for a first
+Ctrl-C (SIGINT). A second Ctrl-C aborts at once (KeyboardInterrupt). A signal that arrives after
+the last step (during the last validation or save) is caught by one final agreement at the end of
+fit, so it never turns into a normal exit.
+
+Example::
+
+    stops = Stops(("SIGTERM", "SIGUSR1"), max_time=None)
+    with stops.installed():
+        ...
+        flags = stops.device_flags(device)    # folded into the step's all-reduce
+        stops.agree(values_read_back)         # the same on every rank
+        if stops.exit_code: ...               # checkpoint, then SystemExit(stops.exit_code)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+PREEMPTED, INTERRUPTED = 143, 130
+
+
+class Stops:
+    """The early-stop flags of one fit (see the module docstring).
+
+    ``time_up``, ``exit_code`` (143, 130 or None) and ``signal_name`` are the *agreed* values; a signal
+    received here is local until :meth:`agree` (several processes) or :meth:`agree_locally` (one).
+
+    Example::
+
+        stops = Stops(("SIGTERM",), max_time=3600)
+        stops.agree_locally()
+        stops.requested   # True once max_time passed or a signal came
+    """
+
+    def __init__(self, signals: tuple[str, ...], max_time: float | None) -> None:
+        self.signals, self.max_time = signals, max_time
+        self.t0 = time.monotonic()
+        self.received: int | None = None  # the first signal received by this process
+        self.interrupts = 0
+        self.time_up = False
+        self.exit_code: int | None = None
+        self.signal_name: str | None = None
+
+    # -- local
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts > 1:
+                raise KeyboardInterrupt  # a second Ctrl-C: abort at once, as without the engine
+        if self.received is None or (self.received == signal.SIGINT and signum != signal.SIGINT):
+            self.received = signum
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """Handle the preemption signals and SIGINT during the block (main thread only), then restore."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {}
+        for name in {*self.signals, "SIGINT"}:
+            signum = getattr(signal, name)
+            previous[signum] = signal.signal(signum, self._on_signal)
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def local_time_up(self) -> bool:
+        return self.max_time is not None and time.monotonic() - self.t0 >= self.max_time
+
+    def _local_values(self) -> list[float]:
+        term = self.received is not None and self.received != signal.SIGINT
+        return [float(self.local_time_up()), float(term), float(self.received == signal.SIGINT)]
+
+    def device_flags(self, device: torch.device) -> torch.Tensor:
+        """This rank's flags (time up, preemption signal, Ctrl-C), to sum over ranks in the step's all-reduce."""
+        return torch.tensor(self._local_values(), device=device, dtype=torch.float64)
+
+    # -- agreed
+
+    def agree(self, values: list[float] | None) -> None:
+        """Take the summed flags of every rank (read back with the step's verdict)."""
+        if not values:
+            return
+        time_up, term, interrupt = values[:3]
+        self.time_up |= time_up > 0
+        if self.exit_code is None and (term > 0 or interrupt > 0):
+            self.exit_code = PREEMPTED if term > 0 else INTERRUPTED
+            self.signal_name = "a preemption signal" if term > 0 else "Ctrl-C"
+        elif self.exit_code == INTERRUPTED and term > 0:
+            self.exit_code, self.signal_name = PREEMPTED, "a preemption signal"
+
+    def agree_locally(self) -> None:
+        """One process: its own flags are the agreed ones."""
+        self.agree(self._local_values())
+
+    def agree_now(self, rt: Any) -> None:
+        """One extra all-reduce (several processes): used once at the end of a fit, so a signal that came
+        after the last step still stops every rank with its status."""
+        if rt.world_size == 1:
+            self.agree_locally()
+            return
+        self.agree(rt.all_reduce_sum(self.device_flags(rt.device)).tolist())
+
+    @property
+    def requested(self) -> bool:
+        """Stop at this step boundary (agreed)."""
+        return self.time_up or self.exit_code is not None

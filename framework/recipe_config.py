@@ -1,0 +1,241 @@
+"""Small typed configs for recipes: a dataclass, an optional YAML file, ``--key value`` overrides.
+
+A recipe declares its hyperparameters once, as a dataclass with defaults. The
+command line then accepts ``--config FILE.yaml`` and one ``--key value`` flag
+per field; every value is converted to the field's declared type. Precedence:
+dataclass defaults < YAML file < command-line flags. Nothing is executed:
+YAML is read with ``yaml.safe_load`` and flags are parsed by type, never with
+``eval``. Config builds objects in the recipe; it is not threaded through the
+framework (the Engine only sees plain keyword arguments).
+
+Example::
+
+    from dataclasses import dataclass
+    from typing import Literal
+    from framework.recipe_config import parse_config
+
+    @dataclass
+    class Config:
+        lr: float = 1e-3
+        batch_size: int = 64
+        micro_batch_size: int | None = None   # "none" on the command line
+        model: Literal["mlp", "cnn"] = "mlp"  # choices are checked
+        smoke: bool = False                    # "--smoke" alone means True
+
+    cfg = parse_config(Config)   # python recipe.py --config my.yaml --lr 3e-4 --smoke
+
+    # my.yaml (keys are field names; dashes or underscores both work):
+    #   lr: 0.0003
+    #   batch_size: 128
+
+Supported field types: ``int``, ``float``, ``str``, ``bool``, ``Literal[...]``,
+and ``X | None`` of those. Unknown keys (in the file or on the command line)
+are errors that list the valid ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any, Literal, TypeVar, Union
+
+T = TypeVar("T")
+
+_TRUE = {"1", "true", "yes", "on", "y"}
+_FALSE = {"0", "false", "no", "off", "n"}
+_NONE = {"none", "null", "~"}
+
+
+class ConfigError(ValueError):
+    """A config value or key that does not fit the recipe's dataclass."""
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    """``X | None`` -> (X, True); anything else -> (tp, False)."""
+    origin = typing.get_origin(tp)
+    if origin is Union or (hasattr(types, "UnionType") and origin is types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0], True
+        raise TypeError(f"unsupported config field type {tp!r}: only X | None unions are allowed")
+    return tp, False
+
+
+def convert(value: Any, tp: Any, name: str) -> Any:
+    """Convert ``value`` (a string from the command line or a YAML scalar) to the field type ``tp``.
+
+    Example::
+
+        >>> convert("3e-4", float, "lr"), convert("none", int | None, "micro_batch_size")
+        (0.0003, None)
+    """
+    base, optional = _unwrap_optional(tp)
+    if optional and (value is None or (isinstance(value, str) and value.strip().lower() in _NONE)):
+        return None
+    if value is None:
+        raise ConfigError(f"{name}: None is not allowed for a field of type {_type_name(tp)}")
+    if typing.get_origin(base) is Literal:
+        choices = typing.get_args(base)
+        for c in choices:
+            if value == c or (isinstance(value, str) and value == str(c)):
+                return c
+        raise ConfigError(f"{name}={value!r}: choose one of {list(choices)}")
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise ConfigError(f"{name}={value!r}: expected a boolean (true/false, yes/no, 1/0)")
+    if base is int:
+        if isinstance(value, bool):  # bool is an int subclass; True as a batch size is a mistake
+            raise ConfigError(f"{name}={value!r}: expected an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            text = value.strip().replace("_", "")
+            try:
+                return int(text)
+            except ValueError:
+                try:  # allow "1e5" for integers when it is whole
+                    f = float(text)
+                except ValueError:
+                    f = float("nan")
+                if f == f and f.is_integer():
+                    return int(f)
+        raise ConfigError(f"{name}={value!r}: expected an integer")
+    if base is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r}: expected a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"{name}={value!r}: expected a number")
+    if base is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{name}={value!r}: expected a string")
+    raise TypeError(f"unsupported config field type {tp!r} for {name}; use int, float, str, bool, Literal or X | None")
+
+
+def _type_name(tp: Any) -> str:
+    base, optional = _unwrap_optional(tp)
+    if typing.get_origin(base) is Literal:
+        name = "{" + ",".join(str(c) for c in typing.get_args(base)) + "}"
+    else:
+        name = getattr(base, "__name__", str(base))
+    return f"{name} | None" if optional else name
+
+
+def _fields(cls: type) -> dict[str, Any]:
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass; declare the recipe's config with @dataclass")
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def load_yaml(path: str | os.PathLike[str], cls: type) -> dict[str, Any]:
+    """Read a YAML mapping of field values (``yaml.safe_load``: data only, no code), typed from ``cls``.
+
+    Example::
+
+        >>> load_yaml("configs/fast.yaml", Config)
+        {'lr': 0.003, 'batch_size': 128}
+    """
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of field: value, got {type(data).__name__}")
+    fields = _fields(cls)
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in fields:
+            raise ConfigError(f"{path}: unknown key {key!r}; valid keys: {', '.join(fields)}")
+        out[name] = convert(value, fields[name], f"{path}:{key}")
+    return out
+
+
+def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: str | None = None) -> T:
+    """Build ``cls`` (a dataclass) from defaults, ``--config FILE.yaml`` and ``--key value`` flags.
+
+    Each field ``foo_bar`` gets a flag ``--foo-bar`` (``--foo_bar`` works too). A
+    ``bool`` field also takes the bare flag (``--smoke`` means ``--smoke true``).
+    ``X | None`` fields take ``none``. ``--help`` lists every field with its type
+    and default.
+
+    Example::
+
+        cfg = parse_config(Config, ["--config", "fast.yaml", "--lr", "3e-4", "--smoke"])
+    """
+    fields = _fields(cls)
+    dc: Any = cls  # a dataclass (checked by _fields)
+    defaults = {f.name: f.default for f in dataclasses.fields(dc) if f.default is not dataclasses.MISSING}
+    parser = argparse.ArgumentParser(
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # a typo must not silently match another flag
+    )
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of field: value (overridden by flags)")
+    for name, tp in fields.items():
+        flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
+        default = defaults.get(name, "required")
+        help_text = f"{_type_name(tp)} (default: {default})"
+        base, _ = _unwrap_optional(tp)
+        if base is bool:
+            parser.add_argument(
+                *flags, dest=name, nargs="?", const="true", default=None, metavar="BOOL", help=help_text
+            )
+        else:
+            parser.add_argument(
+                *flags, dest=name, default=None, metavar=_type_name(tp).upper().replace(" ", ""), help=help_text
+            )
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+
+    values: dict[str, Any] = dict(defaults)
+    if args.config:
+        values.update(load_yaml(args.config, cls))
+    for name, tp in fields.items():
+        raw = getattr(args, name)
+        if raw is not None:
+            try:
+                values[name] = convert(raw, tp, f"--{name.replace('_', '-')}")
+            except ConfigError as e:
+                parser.error(str(e))
+    missing = [n for n in fields if n not in values]
+    if missing:
+        parser.error(f"missing required value(s): {', '.join('--' + m.replace('_', '-') for m in missing)}")
+    return cls(**values)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as a plain dict (for logging, or saving next to the run's metrics)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_yaml(cfg: Any, path: str | os.PathLike[str]) -> None:
+    """Write ``cfg`` as YAML that ``--config`` reads back to the same values.
+
+    Example::
+
+        save_yaml(cfg, "runs/digits/recipe_config.yaml")   # rerun: --config runs/digits/recipe_config.yaml
+    """
+    import yaml
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)

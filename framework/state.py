@@ -1,0 +1,656 @@
+"""The train state: a registry of named stateful objects, and how it goes to and from a checkpoint.
+
+Everything a bitwise-exact resume needs is registered once, by name, in a :class:`TrainState`: the
+model, every optimizer and scheduler, the GradScaler, the data position, the callbacks, the EMA
+and the train :class:`Counters`. Each has ``state_dict()`` / ``load_state_dict()`` (torchtitan's
+``states={...}``, Fabric's ``save(path, state)``); adding a stateful thing is one ``register`` call.
+
+On disk (one checkpoint, written by :class:`framework.checkpoint.CheckpointWriter`):
+
+- entries registered with a ``file`` (the model, the EMA) go to their own safetensors file with
+  clean parameter names (what ``framework.load_weights`` reads), or, under FSDP, to the sharded
+  ``shards/`` directory (:mod:`framework.dcp`);
+- every other tensor goes to ``state.safetensors`` (shards to ``shards/``), and everything else to
+  ``state.json``, which refers to the tensors by key;
+- each rank's RNG states to ``rng-rank{R}.json`` / ``.safetensors``.
+
+Loading reads and checks everything first (the manifest's hashes, each entry's structure, the
+run's fingerprint), then applies: a bad checkpoint leaves the module, optimizers and engine as they
+were. Nothing read can set an attribute by name or reach a path: counters are the fields of
+:class:`Counters`, checked one by one.
+
+Example::
+
+    state = TrainState()
+    state.register("model", ModelWeights(strategy, module), file="model.safetensors")
+    state.register("optimizer", OptimizerState(strategy, module, optimizer))
+    state.register("counters", counters)
+    save(state, writer, strategy=strategy, rt=rt, fingerprint=fp)   # collective
+    load(state, CheckpointReader(path), strategy=strategy, rt=rt, fingerprint=fp)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointError, dedup_shared
+from .rng import RngStateError, check_rng_state, rng_state, seed_everything, set_rng_state
+
+STATE_FORMAT = 2
+
+
+class Stateful(Protocol):
+    """Anything with ``state_dict()`` and ``load_state_dict(state)``."""
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> Any: ...
+
+
+# ---------------------------------------------------------------- the registry
+
+
+@dataclass
+class _Entry:
+    obj: Any
+    file: str | None  # its own safetensors file (tensor-only state: model weights, EMA), else state.json
+    check: Callable[[Any], None] | None  # raises ValueError/TypeError/KeyError for a malformed state
+
+
+class TrainState:
+    """The named stateful objects of a fit, in registration order.
+
+    Example::
+
+        state = TrainState()
+        state.register("counters", Counters())
+        state.names   # ["counters"]
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, _Entry] = {}
+
+    def register(
+        self, name: str, obj: Any, *, file: str | None = None, check: Callable[[Any], None] | None = None
+    ) -> None:
+        """Add ``obj`` under ``name``; ``file`` gives it a safetensors file of its own (flat name -> tensor
+        state only); ``check(state)`` validates a loaded state before anything is applied (else the
+        object's own ``check_state_dict`` if it has one)."""
+        if name in self._entries:
+            raise ValueError(f"a stateful object named {name!r} is registered already")
+        check = check or getattr(obj, "check_state_dict", None)
+        self._entries[name] = _Entry(obj, file, check)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def __getitem__(self, name: str) -> Any:
+        return self._entries[name].obj
+
+
+# ---------------------------------------------------------------- the counters
+
+
+@dataclass
+class Counters:
+    """The train position and tallies (checkpointed; ``Engine.step`` etc. read and write these).
+
+    Example::
+
+        c = Counters(); c.step += 1
+        c.state_dict()["step"]   # 1
+    """
+
+    step: int = 0  # optimizer steps taken (windows done), skipped ones included
+    epoch: int = 0
+    batch_in_epoch: int = 0  # windows done in the current epoch
+    items_read: int = 0  # stream items read in the current epoch (IterableDataset only)
+    micro_steps: int = 0  # micro-batches consumed on this rank
+    skipped_steps: int = 0
+    consecutive_skips: int = 0
+    should_stop: bool = False  # callbacks may set it; checked between steps
+
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def check_state_dict(self, state: Any) -> None:
+        """Exactly the fields of :class:`Counters`, each a non-negative int (``should_stop`` a bool)."""
+        names = {f.name for f in dataclasses.fields(self)}
+        if not isinstance(state, dict):
+            raise TypeError(f"expected an object of counters, got {type(state).__name__}")
+        unknown, missing = sorted(set(state) - names), sorted(names - set(state))
+        if unknown:
+            raise KeyError(f"unknown counter(s) {unknown} (known: {sorted(names)})")
+        if missing:
+            raise KeyError(f"missing counter(s) {missing}")
+        for key, value in state.items():
+            if key == "should_stop":
+                if not isinstance(value, bool):
+                    raise TypeError(f"{key!r} must be true or false, got {value!r}")
+            elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise TypeError(f"{key!r} must be a non-negative integer, got {value!r}")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_state_dict(state)
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, state[f.name])
+
+
+# ---------------------------------------------------------------- adapters around the strategy
+
+
+class ModelWeights:
+    """The module's weights, as the strategy saves and loads them (full tensors; DTensor shards under FSDP).
+
+    Example::
+
+        state.register("model", ModelWeights(strategy, module), file="model.safetensors")
+    """
+
+    def __init__(self, strategy: Any, module: nn.Module) -> None:
+        self.strategy, self.module = strategy, module
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.strategy.model_state(self.module))
+
+    def check_state_dict(self, state: Any) -> None:
+        _check_same_tensors(state, self.state_dict(), "weights")
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.strategy.load_model_state(self.module, state)
+
+
+class OptimizerState:
+    """One optimizer's state, keyed by parameter name (so it resumes under another strategy or world size).
+
+    Example::
+
+        state.register("optimizer", OptimizerState(strategy, module, optimizer))
+    """
+
+    def __init__(self, strategy: Any, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.strategy, self.module, self.optimizer = strategy, module, optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.strategy.optimizer_state(self.module, self.optimizer))
+
+    def check_state_dict(self, state: Any) -> None:
+        if not isinstance(state, dict) or set(state) != {"state", "param_groups"}:
+            raise KeyError("an optimizer state has exactly the keys 'state' and 'param_groups'")
+        groups, mine = state["param_groups"], self.optimizer.param_groups
+        if not isinstance(groups, list) or len(groups) != len(mine):
+            raise ValueError(
+                f"{len(groups) if isinstance(groups, list) else '?'} param groups, this optimizer has {len(mine)}"
+            )
+        names = {id(p): n for n, p in self.module.named_parameters()}
+        for i, (group, current) in enumerate(zip(groups, mine, strict=True)):
+            if not isinstance(group, dict) or not isinstance(group.get("params"), list):
+                raise TypeError(f"param group {i} must be an object with a 'params' list")
+            expected = [names.get(id(p)) for p in current["params"]]
+            if group["params"] != expected:
+                raise ValueError(
+                    f"param group {i} holds {group['params'][:4]}..., this optimizer's holds {expected[:4]}..."
+                )
+        if not isinstance(state["state"], dict):
+            raise TypeError("'state' must be an object keyed by parameter name")
+        known = {n for g in groups for n in g["params"]}
+        stray = sorted(set(state["state"]) - known)
+        if stray:
+            raise KeyError(f"state for parameters in no param group: {stray[:4]}")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.strategy.load_optimizer_state(self.module, self.optimizer, state)
+
+
+class CallbackStates:
+    """The callbacks' ``state_dict()`` s (tensors allowed), matched back by class, in order.
+
+    Example::
+
+        state.register("callbacks", CallbackStates(engine.callbacks))
+    """
+
+    def __init__(self, callbacks: list[Any]) -> None:
+        self.callbacks = callbacks
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"items": [[type(cb).__name__, st] for cb in self.callbacks if (st := cb.state_dict())]}
+
+    def check_state_dict(self, state: Any) -> None:
+        if not isinstance(state, dict) or not isinstance(state.get("items"), list):
+            raise TypeError("expected {'items': [[class name, state], ...]}")
+        remaining = [type(cb).__name__ for cb in self.callbacks]
+        for item in state["items"]:
+            if not (
+                isinstance(item, list) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], dict)
+            ):
+                raise TypeError("each callback item must be [class name, state object]")
+            if item[0] not in remaining:
+                raise KeyError(
+                    f"it holds state for a {item[0]} callback, but this run has none; pass the same callbacks as "
+                    f"the run that saved it (now: {[type(cb).__name__ for cb in self.callbacks]})"
+                )
+            remaining.remove(item[0])
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        remaining = list(self.callbacks)
+        for name, cb_state in state["items"]:
+            match = next(cb for cb in remaining if type(cb).__name__ == name)
+            remaining.remove(match)
+            match.load_state_dict(cb_state)
+
+
+class Scalars:
+    """A dict of named numbers held by someone else (the engine's last logged metrics).
+
+    Example::
+
+        state.register("metrics", Scalars(lambda: engine.metrics, engine._set_metrics))
+    """
+
+    def __init__(self, get: Callable[[], dict[str, float]], put: Callable[[dict[str, float]], None]) -> None:
+        self.get, self.put = get, put
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.get())
+
+    def check_state_dict(self, state: Any) -> None:
+        if not isinstance(state, dict):
+            raise TypeError("expected an object of metric name -> number")
+        for k, v in state.items():
+            if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise TypeError(f"metric {k!r} must be a number, got {v!r}")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.put({k: float(v) for k, v in state.items()})
+
+
+def _check_same_tensors(state: Any, current: dict[str, torch.Tensor], what: str) -> None:
+    """``state`` has exactly ``current``'s keys, with the same shapes and dtypes (so copying cannot fail half way)."""
+    if not isinstance(state, dict):
+        raise TypeError(f"expected {what} as name -> tensor")
+    missing, unexpected = sorted(set(current) - set(state)), sorted(set(state) - set(current))
+    if missing or unexpected:
+        raise KeyError(f"{what} do not match the module: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, tensor in state.items():
+        want = current[name]
+        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(want.shape):
+            got = list(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise ValueError(f"{what} {name!r}: checkpoint {got} vs module {list(want.shape)}")
+        if tensor.dtype != want.dtype:
+            raise ValueError(f"{what} {name!r}: checkpoint dtype {tensor.dtype} vs module {want.dtype}")
+
+
+# ---------------------------------------------------------------- nested state <-> JSON + tensors
+
+
+def _is_dtensor(t: Any) -> bool:
+    if not isinstance(t, torch.Tensor):
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def flatten(
+    obj: Any, tensors: dict[str, torch.Tensor], prefix: str, shards: dict[str, torch.Tensor] | None = None
+) -> Any:
+    """Replace every tensor in ``obj`` by a reference, collecting tensors under ``prefix`` (DTensor shards
+    in ``shards``, for torch.distributed.checkpoint).
+
+    Handles what state dicts hold: dicts (any key type), lists, tuples, numbers, strings, None, tensors.
+
+    Example::
+
+        tensors = {}
+        flatten({"w": torch.ones(2), "lr": 0.1}, tensors, "opt")   # {"w": {"__tensor__": "opt/w"}, "lr": 0.1}
+    """
+    if isinstance(obj, torch.Tensor):
+        if shards is not None and _is_dtensor(obj):
+            shards[prefix] = obj
+            return {"__shard__": prefix}
+        tensors[prefix] = obj.detach().cpu().contiguous()
+        return {"__tensor__": prefix}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj) and not (
+            {"__tensor__", "__shard__", "__items__", "__tuple__"} & set(obj)
+        ):
+            return {k: flatten(v, tensors, f"{prefix}/{k}", shards) for k, v in obj.items()}
+        return {
+            "__items__": [
+                [_key(k), flatten(v, tensors, f"{prefix}/{i}", shards)] for i, (k, v) in enumerate(obj.items())
+            ]
+        }
+    if isinstance(obj, tuple):
+        return {"__tuple__": [flatten(v, tensors, f"{prefix}/{i}", shards) for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [flatten(v, tensors, f"{prefix}/{i}", shards) for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else {"__float__": repr(obj)}  # (JSON has no inf/nan)
+    raise CheckpointError(
+        f"cannot store a {type(obj).__name__} at {prefix!r} in a checkpoint; state dicts may hold tensors, "
+        "numbers, strings, lists, tuples and dicts only"
+    )
+
+
+def _key(k: Any) -> Any:
+    if isinstance(k, (bool, int, float, str)) or k is None:
+        return k
+    raise CheckpointError(f"cannot store a dict key of type {type(k).__name__} in a checkpoint")
+
+
+def unflatten(obj: Any, tensors: dict[str, torch.Tensor], depth: int = 0) -> Any:
+    """Inverse of :func:`flatten`; a reference to a missing tensor, or a malformed node, is a KeyError/TypeError
+    (the caller names the file).
+
+    Example::
+
+        unflatten({"__tensor__": "opt/w"}, {"opt/w": torch.ones(2)})   # tensor([1., 1.])
+    """
+    if depth > 64:
+        raise ValueError("nested deeper than any state dict (64 levels)")
+    if isinstance(obj, dict):
+        for tag in ("__tensor__", "__shard__"):
+            if tag in obj:
+                if set(obj) != {tag} or not isinstance(obj[tag], str):
+                    raise TypeError(f"malformed tensor reference {obj!r:.80}")
+                if obj[tag] not in tensors:
+                    raise KeyError(f"tensor {obj[tag]!r} is referenced but not stored")
+                return tensors[obj[tag]]
+        if "__float__" in obj:
+            if obj["__float__"] not in ("inf", "-inf", "nan"):
+                raise TypeError(f"malformed float {obj['__float__']!r}")
+            return float(obj["__float__"])
+        if "__items__" in obj:
+            items = obj["__items__"]
+            if not isinstance(items, list) or not all(isinstance(i, list) and len(i) == 2 for i in items):
+                raise TypeError("malformed '__items__'")
+            return {k: unflatten(v, tensors, depth + 1) for k, v in items}
+        if "__tuple__" in obj:
+            if not isinstance(obj["__tuple__"], list):
+                raise TypeError("malformed '__tuple__'")
+            return tuple(unflatten(v, tensors, depth + 1) for v in obj["__tuple__"])
+        return {k: unflatten(v, tensors, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [unflatten(v, tensors, depth + 1) for v in obj]
+    return obj
+
+
+# ---------------------------------------------------------------- saving
+
+
+def save(
+    state: TrainState,
+    writer: Any,  # framework.checkpoint.CheckpointWriter
+    *,
+    strategy: Any,
+    rt: Any,
+    fingerprint: dict[str, Any],
+    monitor_value: float | None,
+    keep_last: int,
+    keep_best: int,
+    mode: str,
+) -> Path:
+    """Write every registered object into a new checkpoint. Collective: every rank calls it.
+
+    Example::
+
+        save(state, CheckpointWriter(root, "step-00000120", rank=0, world_size=1, is_main=True), strategy=s,
+             rt=rt, fingerprint=fp, monitor_value=None, keep_last=3, keep_best=0, mode="min")
+    """
+    if rt.is_main:
+        writer.prepare()
+    rt.barrier()
+    shards: dict[str, torch.Tensor] | None = {} if strategy.sharded else None
+    tensors: dict[str, torch.Tensor] = {}
+    tree: dict[str, Any] = {}
+    own_files: dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]] = {}
+    for name, entry in state._entries.items():
+        value = entry.obj.state_dict()
+        if entry.file is not None and shards is None:
+            unique, aliases = dedup_shared(value)
+            own_files[entry.file] = (unique, {"aliases": json.dumps(aliases)})
+            tree[name] = {"__file__": entry.file}
+        elif entry.file is not None:
+            for key, t in value.items():
+                if _is_dtensor(t):
+                    shards[f"{name}/{key}"] = t  # type: ignore[index]
+                else:  # (a buffer: not sharded by FSDP)
+                    tensors[f"{name}/{key}"] = t.detach().cpu().contiguous()
+            tree[name] = {"__file__": entry.file, "sharded": sorted(value)}
+        else:
+            tree[name] = flatten(value, tensors, name, shards)
+    if shards is not None:
+        for file in strategy.save_shards(shards, writer.staging / "shards"):
+            writer.external(f"shards/{file}")
+    if rt.is_main:
+        for file, (unique, meta) in own_files.items():
+            writer.tensors(file, unique, meta)
+        writer.tensors("state.safetensors", tensors)
+        writer.json(
+            "state.json",
+            {
+                "format": STATE_FORMAT,
+                "world_size": rt.world_size,
+                "strategy": strategy.name,
+                "fingerprint": fingerprint,
+                "monitor_value": monitor_value if monitor_value is None or math.isfinite(monitor_value) else None,
+                "state": tree,
+            },
+        )
+    meta, rng_tensors = rng_state()
+    writer.json(f"rng-rank{rt.rank}.json", meta)
+    writer.tensors(f"rng-rank{rt.rank}.safetensors", rng_tensors)
+    writer.commit()
+    rt.barrier()
+    path: Path = writer.root / writer.name
+    if rt.is_main:
+        path = writer.finalize(keep_last=keep_last, keep_best=keep_best, mode=mode, monitor_value=monitor_value)
+    rt.barrier()
+    return path
+
+
+# ---------------------------------------------------------------- loading
+
+_TOP_KEYS = {"format", "world_size", "strategy", "fingerprint", "monitor_value", "state"}
+
+
+def load(
+    state: TrainState,
+    reader: Any,  # framework.checkpoint.CheckpointReader
+    *,
+    strategy: Any,
+    rt: Any,
+    fingerprint: dict[str, Any],
+    seed: int,
+) -> dict[str, Any]:
+    """Restore every registered object from a checkpoint: read and check all of it, then apply.
+    Returns ``{"world_size": ..., "strategy": ...}`` of the run that saved it.
+
+    Example::
+
+        load(state, CheckpointReader(path), strategy=s, rt=rt, fingerprint=fp, seed=0)
+    """
+    path = reader.path
+    where = path / "state.json"
+    meta = reader.json("state.json")
+    if not isinstance(meta, dict) or set(meta) != _TOP_KEYS or meta.get("format") != STATE_FORMAT:
+        keys = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(
+            f"{where} is not a checkpoint state of this version (keys {keys}); it was written by another version "
+            "of the framework or edited. Resume from a checkpoint of this version, or start a new run_dir"
+        )
+    if not isinstance(meta["world_size"], int) or isinstance(meta["world_size"], bool) or meta["world_size"] < 1:
+        raise CheckpointError(f"{where}: 'world_size' must be a positive int")
+    diffs = _differences(meta["fingerprint"], fingerprint)
+    if diffs:
+        raise CheckpointError(
+            f"cannot resume from {path}: the run's configuration differs from the checkpoint's:\n  "
+            + "\n  ".join(diffs)
+            + "\nrestore these settings, or start a new run_dir"
+        )
+    tree = meta["state"]
+    if not isinstance(tree, dict) or set(tree) != set(state.names):
+        have = sorted(tree) if isinstance(tree, dict) else type(tree).__name__
+        raise CheckpointError(
+            f"{where} holds the state of {have}, this run has {state.names}: a different setup (optimizers, "
+            "scheduler, EMA, precision) saved it; restore that setup or start a new run_dir"
+        )
+    # Read everything first.
+    tensors = reader.tensors("state.safetensors")
+    sharded = _read_shards(state, tree, reader, strategy) if reader.has("shards/.metadata") else {}
+    values: dict[str, Any] = {}
+    for name, entry in state._entries.items():
+        try:
+            if entry.file is not None:
+                values[name] = _read_own_file(name, entry, tree[name], reader, tensors, sharded)
+            else:
+                values[name] = unflatten(tree[name], {**tensors, **sharded})
+            if entry.check is not None:
+                entry.check(values[name])
+        except (KeyError, TypeError, ValueError, RecursionError) as e:
+            raise CheckpointError(f"cannot resume from {path}: state.json {name!r}: {e}") from None
+    rng = None
+    same_world = meta["world_size"] == rt.world_size and reader.has(f"rng-rank{rt.rank}.json")
+    if same_world:
+        rng = (reader.json(f"rng-rank{rt.rank}.json"), reader.tensors(f"rng-rank{rt.rank}.safetensors"))
+        try:
+            check_rng_state(*rng)
+        except RngStateError as e:
+            raise CheckpointError(f"cannot resume from {path}: rng-rank{rt.rank}: {e}") from None
+    # Then apply (every state was checked: nothing below can fail half way on a well-formed checkpoint).
+    for name, entry in state._entries.items():
+        entry.obj.load_state_dict(values[name])
+    if rng is not None:
+        set_rng_state(*rng)
+    else:
+        # Elastic resume: the data order and global batch carry over exactly, but
+        # per-rank random streams (dropout, augmentation) cannot be re-split.
+        if rt.is_main:
+            warnings.warn(
+                f"resuming a {meta['world_size']}-process checkpoint on {rt.world_size} process(es): data order, "
+                "global batch and optimizer state carry over exactly, but per-rank RNG streams (dropout, random "
+                "augmentation) cannot; they are re-seeded from (seed, step, rank)",
+                stacklevel=3,
+            )
+        step = state["counters"].step if "counters" in state.names else 0
+        seed_everything((seed * 1_000_003 + step * 101 + rt.rank) % 2**63)
+    return {"world_size": meta["world_size"], "strategy": meta["strategy"]}
+
+
+def _read_own_file(
+    name: str,
+    entry: _Entry,
+    node: Any,
+    reader: Any,
+    tensors: dict[str, torch.Tensor],
+    sharded: dict[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """A tensor-only entry: from its safetensors file, or from the shards (plus unsharded buffers)."""
+    if not isinstance(node, dict) or "__file__" not in node:
+        raise TypeError(f"expected a file reference, got {node!r:.80}")
+    if "sharded" in node:  # written sharded: in the shards (and unsharded buffers in state.safetensors)
+        keys = node["sharded"]
+        if not isinstance(keys, list):
+            raise TypeError("malformed sharded entry")
+        out = {}
+        for key in keys:
+            full = f"{name}/{key}"
+            if full not in sharded and full not in tensors:
+                raise KeyError(f"{full!r} is in neither the shards nor state.safetensors")
+            out[key] = sharded[full] if full in sharded else tensors[full]
+        return out
+    assert entry.file is not None
+    if node["__file__"] != entry.file or not reader.has(entry.file):
+        raise KeyError(f"{entry.file} is missing")
+    from .checkpoint import read_weights
+
+    return read_weights(reader.path / entry.file)
+
+
+def _read_shards(state: TrainState, tree: dict[str, Any], reader: Any, strategy: Any) -> dict[str, torch.Tensor]:
+    """The tensors written through torch.distributed.checkpoint: into this run's shards (sharded runs,
+    resharding from any world size) or as whole tensors (a plain or DDP run resuming a sharded checkpoint)."""
+    from . import dcp
+
+    directory = reader.path / "shards"
+    if not strategy.sharded:
+        return dcp.load_full(directory)
+    template: dict[str, torch.Tensor] = {}
+    for name, entry in state._entries.items():
+        current = entry.obj.state_dict()
+        if entry.file is not None:
+            template.update({f"{name}/{k}": torch.empty_like(v) for k, v in current.items() if _is_dtensor(v)})
+        else:
+            found: dict[str, torch.Tensor] = {}
+            flatten(current, {}, name, found)
+            template.update({k: torch.empty_like(v) for k, v in found.items()})
+    meta = dcp.read_metadata(directory / dcp.METADATA)
+    missing = sorted(set(template) - set(meta.state_dict_metadata))
+    if missing:
+        raise CheckpointError(f"{directory} has no shards for {missing[:4]}; it was saved by a different setup")
+    strategy.load_shards(template, directory)
+    return template
+
+
+# ---------------------------------------------------------------- what a checkpoint depends on
+
+_KERNEL_FLAGS = ("foreach", "fused", "capturable")
+
+
+def fingerprint(config: Any, module: nn.Module, optimizers: Any, batch_size: int | None) -> dict[str, Any]:
+    """What a checkpoint depends on, from the validated config: resuming with any of it changed is an error.
+
+    Example::
+
+        fp = fingerprint(engine.config, module, optimizers, batching.batch_size)
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    opts = {}
+    for o in optimizers:
+        # (the kernel flags say how a step is computed, not what: a run may resume on other hardware)
+        settings = {k: v for k, v in o.optimizer.defaults.items() if not callable(v) and k not in _KERNEL_FLAGS}
+        opts[o.name] = {
+            "class": type(o.optimizer).__name__,
+            "groups": len(o.optimizer.param_groups),
+            "defaults": flatten(settings, tensors, "defaults"),
+        }
+    return {
+        "batch_size": batch_size,
+        "seed": config.seed,
+        "shuffle": config.data.shuffle,
+        "drop_last": config.data.drop_last,
+        "ema_decay": config.step.ema_decay,
+        "model": {k: list(v.shape) for k, v in module.state_dict().items()},
+        "optimizers": opts,
+    }
+
+
+def _differences(saved: Any, now: dict[str, Any]) -> list[str]:
+    if not isinstance(saved, dict):
+        return [f"fingerprint: checkpoint {type(saved).__name__} vs now an object"]
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key), now.get(key)
+        if a == b:
+            continue
+        if key == "model" and isinstance(a, dict) and isinstance(b, dict):
+            for name in sorted(set(a) | set(b)):
+                if a.get(name) != b.get(name):
+                    out.append(f"model.{name}: checkpoint {a.get(name)} vs now {b.get(name)}")
+        else:
+            out.append(f"{key}: checkpoint {a!r} vs now {b!r}")
+    return out
