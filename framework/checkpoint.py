@@ -201,7 +201,8 @@ def read_json(path: Path) -> Any:
 def load_weights(module: torch.nn.Module, path: str | os.PathLike[str], strict: bool = True) -> torch.nn.Module:
     """Load weights from a checkpoint directory, a ``.safetensors`` file, or ``RUN_DIR`` (its newest checkpoint).
 
-    Never unpickles: a file that is not safetensors is refused.
+    A sharded (FSDP) checkpoint is assembled into whole tensors in this process, no process group
+    needed. Never unpickles: a file that is not safetensors is refused.
 
     Example::
 
@@ -216,14 +217,45 @@ def load_weights(module: torch.nn.Module, path: str | os.PathLike[str], strict: 
             raise CheckpointError(f"no complete checkpoint under {p / 'checkpoints'}")
         p = newest
     if p.is_dir():
-        problem = verify(p)
-        if problem is not None:
-            raise CheckpointError(f"{p} is not a complete checkpoint: {problem}")
-        p = p / "model.safetensors"
-    if not p.is_file():
+        weights = checkpoint_weights(p)
+    elif p.is_file():
+        weights = read_weights(p)
+    else:
         raise CheckpointError(f"{p} does not exist; pass a checkpoint directory, a run dir or a .safetensors file")
-    module.load_state_dict(read_weights(p), strict=strict)
+    module.load_state_dict(weights, strict=strict)
     return module
+
+
+def checkpoint_weights(path: Path, ema: bool = False) -> dict[str, torch.Tensor]:
+    """The module's whole weights in one checkpoint directory (verified first): ``model.safetensors``, or the
+    ``model/`` tensors of a sharded checkpoint (``shards/``, written by torch.distributed.checkpoint) plus its
+    unsharded buffers. ``ema=True``: the EMA of the parameters instead (buffers from the model).
+
+    Example::
+
+        weights = checkpoint_weights(Path("runs/a/checkpoints/step-00000120"))
+    """
+    problem = verify(path)
+    if problem is not None:
+        raise CheckpointError(f"{path} is not a complete checkpoint: {problem}")
+    name = "ema" if ema else "model"
+    if (path / "shards" / ".metadata").is_file():
+        from . import dcp
+
+        weights = dcp.load_full(path / "shards", prefix=f"{name}/")
+        unsharded = read_tensors(path / "state.safetensors")[0]
+        for key, tensor in unsharded.items():
+            if key.startswith("model/") and key[6:] not in weights:
+                weights[key[6:]] = tensor  # (buffers, which FSDP does not shard)
+        if ema and not weights:
+            raise CheckpointError(f"{path} holds no EMA weights; train with Engine(ema_decay=...)")
+        return weights
+    if ema:
+        if not (path / "ema.safetensors").is_file():
+            raise CheckpointError(f"{path} holds no EMA weights; train with Engine(ema_decay=...)")
+        averaged = read_weights(path / "ema.safetensors")
+        return {**read_weights(path / "model.safetensors"), **averaged}
+    return read_weights(path / "model.safetensors")
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:

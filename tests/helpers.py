@@ -23,12 +23,12 @@ def launch(
     config: str = "launch/cpu_ddp.yaml",
     timeout: float = 180,
     env: dict[str, str] | None = None,
+    launcher_args: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``accelerate launch --config_file CONFIG script args`` and fail (not hang) past ``timeout``.
-
-    Raises AssertionError with the output when the launch exits non-zero.
+    """Run ``accelerate launch --config_file CONFIG [launcher_args] script args`` and fail (not hang) past
+    ``timeout``. Raises AssertionError with the output when the launch exits non-zero.
     """
-    cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / config), str(script), *map(str, args)]
+    cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / config), *launcher_args, str(script), *map(str, args)]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:

@@ -1,0 +1,161 @@
+"""framework/strategies/fsdp.py: sharded training (torch's FSDP2) on 2 and 3 CPU processes over gloo.
+
+Exactness against one process (global batch 48: 1 process x micro 48 == 2 FSDP processes x 3 x 8,
+clipping on), real sharding, validate/predict sharded, launch config == strategy in code, sharded
+checkpoints that resume bitwise on 2 processes and within 1e-5 on 1 and 3 after a kill -9, the NaN
+guard agreeing across ranks, and weights read back from a sharded run dir on one plain process.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import framework
+from framework import Engine
+from framework.checkpoint import CheckpointError
+from framework.dcp import UnsafeMetadata, read_metadata
+from tests.scripts.exact_common import TokenModel, token_data
+from tests.scripts.fsdp_run import EVERY, STEPS, NanTokenModel, data
+
+from ..helpers import ACCELERATE, ROOT, launch
+
+SCRIPT = ROOT / "tests" / "scripts" / "fsdp_run.py"
+TOL = 1e-5
+
+pytestmark = pytest.mark.multiprocess
+
+
+def reference(tmp: Path, nan: bool = False) -> tuple[dict[str, torch.Tensor], Engine, TokenModel]:
+    """The same run on this one process, the whole global batch in one forward."""
+    model = NanTokenModel() if nan else TokenModel()
+    engine = Engine(
+        max_steps=STEPS, batch_size=48, clip_grad_norm=0.3, seed=0, progress=False, doctor="off",
+        nan_policy="skip" if nan else "raise",
+    )  # fmt: skip
+    engine.fit(model, data(nan), token_data(61, seed=2))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, engine, model
+
+
+def result(out: Path) -> dict:
+    return torch.load(out / "result.pt", weights_only=False)
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def test_sharded_training_matches_one_process_and_the_strategy_in_code(tmp_path):
+    launch(SCRIPT, tmp_path / "config", config="launch/cpu_fsdp.yaml", timeout=240)
+    launch(SCRIPT, tmp_path / "code", "--strategy", "fsdp", config="launch/cpu_ddp.yaml", timeout=240)
+    by_config, in_code = result(tmp_path / "config"), result(tmp_path / "code")
+    assert by_config["strategy"] == in_code["strategy"] == "fsdp" and by_config["world_size"] == 2
+    # The parameters really are sharded: each rank holds about half of every parameter's elements.
+    whole = {k: v.numel() for k, v in by_config["params"].items()}
+    for rank_shards in by_config["shards"]:
+        for name, local in rank_shards.items():
+            assert abs(local - whole[name] / 2) <= 1 + whole[name] * 0.02, (name, local, whole[name])
+    # The launch config and Engine(strategy="fsdp") are the same run.
+    assert all(torch.equal(by_config["params"][k], in_code["params"][k]) for k in whole)
+    # Exactness: 2 processes x (3 micro-batches of 8) == 1 process x 48, clipping by the global norm.
+    ref, engine, model = reference(tmp_path)
+    assert max_diff(by_config["params"], ref) <= TOL
+    # A naive accumulation (each micro-batch's mean / accumulation steps) would be far off: the check can fail.
+    assert max_diff(by_config["params"], {k: torch.zeros_like(v) for k, v in ref.items()}) > 100 * TOL
+    # validate and predict ran sharded, and agree with one process.
+    val = engine.validate(model, token_data(61, seed=2))
+    assert by_config["validate"].keys() == val.keys()
+    assert all(abs(by_config["validate"][k] - val[k]) <= 1e-5 for k in val)
+    assert by_config["predict"].shape == (61, 12, 50)
+    assert float((by_config["predict"] - engine.predict(model, token_data(61, seed=2)[0])).abs().max()) <= 1e-4
+    # One plain process assembles the whole weights from the sharded checkpoint (no process group).
+    loaded = framework.load_weights(TokenModel(), tmp_path / "config" / "run")
+    assert all(torch.equal(loaded.state_dict()[k], by_config["params"][k]) for k in whole)
+
+
+def test_kill_9_then_resume_bitwise_on_2_processes_and_within_1e5_on_1_and_3(tmp_path):
+    launch(SCRIPT, tmp_path / "straight", config="launch/cpu_fsdp.yaml", timeout=240)
+    straight = result(tmp_path / "straight")["params"]
+    killed = tmp_path / "killed"
+    cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "launch/cpu_fsdp.yaml"), str(SCRIPT), str(killed)]
+    proc = subprocess.run([*cmd, "--kill-at", "6"], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0 and not (killed / "result.pt").exists()
+    latest = (killed / "run" / "checkpoints" / "latest").read_text().strip()
+    assert latest == f"step-{EVERY:08d}"  # the kill came between two checkpoints
+    assert (killed / "run" / "checkpoints" / latest / "shards" / ".metadata").is_file()
+    for copy in ("one", "three"):
+        shutil.copytree(killed, tmp_path / copy)
+    launch(SCRIPT, killed, "--resume", config="launch/cpu_fsdp.yaml", timeout=240)
+    resumed = result(killed)
+    assert resumed["step"] == STEPS and all(torch.equal(resumed["params"][k], straight[k]) for k in straight)
+    # Elastic: the same global batches and data order on another world size, up to float rounding.
+    one = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path / "one"), "--resume"], cwd=ROOT, capture_output=True, text=True,
+        timeout=240,
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert result(tmp_path / "one")["world_size"] == 1 and max_diff(result(tmp_path / "one")["params"], straight) <= TOL
+    launch(
+        SCRIPT, tmp_path / "three", "--resume", config="launch/cpu_fsdp.yaml", timeout=240,
+        launcher_args=("--num_processes", "3"),
+    )  # fmt: skip
+    three = result(tmp_path / "three")
+    assert three["world_size"] == 3 and max_diff(three["params"], straight) <= TOL
+
+
+def test_a_non_finite_step_is_skipped_on_every_rank(tmp_path):
+    launch(SCRIPT, tmp_path / "nan", "--nan", config="launch/cpu_fsdp.yaml", timeout=240)
+    sharded = result(tmp_path / "nan")
+    ref, engine, _ = reference(tmp_path, nan=True)
+    assert sharded["skipped"] == engine.skipped_steps == 1  # (rank 0 reports; both ranks ended at step 12)
+    assert max_diff(sharded["params"], ref) <= TOL
+
+
+def test_a_planted_pickle_in_the_shard_index_is_refused_and_never_runs(tmp_path):
+    # A sharded checkpoint from FSDP on one plain process (a process group of one), in a subprocess.
+    made = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path / "a"), "--strategy", "fsdp"], cwd=ROOT, capture_output=True,
+        text=True, timeout=240,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr[-3000:]
+    ckpt = tmp_path / "a" / "run" / "checkpoints" / f"step-{STEPS:08d}"
+    meta = ckpt / "shards" / ".metadata"
+    assert read_metadata(meta).state_dict_metadata  # the genuine index reads
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            import os
+
+            return (os.system, (f"touch {marker}",))
+
+    meta.write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(UnsafeMetadata, match=r"refusing (posix|os)\.system"):
+        read_metadata(meta)
+    # The checkpoint's manifest no longer matches the planted file: refused before anything is read ...
+    with pytest.raises(CheckpointError):
+        framework.load_weights(TokenModel(), ckpt)
+    # ... and with a manifest forged to match, the restricted unpickler still refuses it.
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"]["shards/.metadata"] = forged_entry(manifest["files"]["shards/.metadata"], meta)
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UnsafeMetadata):
+        framework.load_weights(TokenModel(), ckpt)
+    assert not marker.exists()
+
+
+def forged_entry(entry: object, path: Path) -> object:
+    """What an attacker writes into the manifest for a replaced file: its real size (and hash)."""
+    import hashlib
+
+    if isinstance(entry, dict):
+        return {**entry, "size": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    return path.stat().st_size
