@@ -275,6 +275,9 @@ def tracker_config(config: dict[str, Any]) -> dict[str, bool | int | float | str
     for key, value in config.items():
         if value is None:
             continue
+        if isinstance(value, dict):  # (config.json's "resolved" part: resolved/world_size, ...)
+            out.update({f"{key}/{k}": v for k, v in tracker_config(value).items()})
+            continue
         out[key] = value if isinstance(value, (bool, int, float, str)) else str(value)
     return out
 

@@ -186,30 +186,31 @@ def recipe_run_dir(explicit: str | None, default: str, resume: str | None) -> st
 def write_config(
     engine: Engine, module: nn.Module, optimizers: Optimizers, batching: Batching, rt: Runtime, strategy: str
 ) -> dict[str, Any]:
-    """Write ``config.json`` (rank 0, with a run_dir) from the validated :class:`~framework.config.EngineConfig`,
-    plus what the run resolved (world, accumulation, precision, device, strategy); return it (trackers get it too).
+    """Write ``config.json`` (rank 0, with a run_dir): the validated arguments
+    (:meth:`framework.config.EngineConfig.to_json`, by their Engine names) and, under ``"resolved"``, what the
+    run made of them (world size, accumulation, micro-batch, precision, device, strategy, ...); return it
+    (trackers get it too).
 
     Example::
 
         config = write_config(engine, module, optimizers, batching, runtime, "single")
-        config["accumulation"]
+        config["batch_size"], config["resolved"]["accumulation"]
     """
-    config = engine.config.to_json()
-    config.update(
-        callbacks=[type(cb).__name__ for cb in engine.callbacks],
-        module=type(module).__name__,
-        optimizer=type(optimizers.first.optimizer).__name__,
-        scheduler=type(optimizers.first.scheduler).__name__ if optimizers.first.scheduler is not None else None,
-        optimizers={o.name: type(o.optimizer).__name__ for o in optimizers},
-        world_size=rt.world_size,
-        accumulation=batching.accumulation,
-        global_batch=batching.batch_size,
-        micro_batch_size=batching.micro_batch_size,
-        mixed_precision=rt.mixed_precision,
-        device=str(rt.device),
-        strategy=strategy,
-        max_steps=engine.max_steps,
-    )
+    config = engine.config.to_json()  # the arguments, as validated
+    config["resolved"] = {  # what the run made of them
+        "callbacks": [type(cb).__name__ for cb in engine.callbacks],
+        "module": type(module).__name__,
+        "optimizers": {o.name: type(o.optimizer).__name__ for o in optimizers},
+        "schedulers": {o.name: type(o.scheduler).__name__ for o in optimizers if o.scheduler is not None},
+        "world_size": rt.world_size,
+        "accumulation": batching.accumulation,
+        "global_batch": batching.batch_size,
+        "micro_batch_size": batching.micro_batch_size,
+        "mixed_precision": rt.mixed_precision,
+        "device": str(rt.device),
+        "strategy": strategy,
+        "max_steps": engine.max_steps,
+    }
     run_dir = engine.config.checkpoint.run_dir
     if run_dir is None or not rt.is_main:
         return config

@@ -368,8 +368,10 @@ def test_run_dir_metrics_and_config(tmp_path):
     assert val[-1]["val/loss"] == pytest.approx(e.metrics["val/loss"])
     config = json.loads((run / "config.json").read_text())
     assert config["max_epochs"] == 2 and config["seed"] == 3 and config["batch_size"] == 20
-    assert config["micro_batch_size"] == 10 and config["accumulation"] == 2 and config["world_size"] == 1
-    assert config["optimizer"] == "AdamW" and config["module"] == "TinyClassifier"
+    resolved = config["resolved"]  # (the arguments as given above; what the run made of them here)
+    assert config["micro_batch_size"] is None and resolved["micro_batch_size"] == 10
+    assert resolved["accumulation"] == 2 and resolved["world_size"] == 1
+    assert resolved["optimizers"] == {"optimizer": "AdamW"} and resolved["module"] == "TinyClassifier"
 
 
 def test_train_loss_logged_is_item_mean_of_the_window(tmp_path):

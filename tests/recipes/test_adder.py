@@ -129,6 +129,6 @@ def test_smoke_under_accelerate_launch(tmp_path, config, extra):
     run_dir = tmp_path / "run"
     proc = launch(ROOT / "recipes/adder.py", "--smoke", "--run-dir", str(run_dir), *extra, config=config)
     assert proc.stdout.count("adder: val/exact_match=") == 1, proc.stdout  # only rank 0 prints the summary
-    resolved = json.loads((run_dir / "config.json").read_text())
+    resolved = json.loads((run_dir / "config.json").read_text())["resolved"]
     assert resolved["world_size"] == (2 if "ddp" in config else 1)
     assert resolved["accumulation"] == (2 if extra else 1)  # smoke batch 64 = 2 processes x 2 x 16

@@ -51,7 +51,7 @@ def test_smoke_in_process(tmp_path, capsys, model):
     assert len(vals) == 2  # smoke: 2 epochs, validated at each end
     saved = yaml.safe_load((run_dir / "recipe_config.yaml").read_text())
     assert saved["model"] == model and saved["smoke"] is True
-    assert json.loads((run_dir / "config.json").read_text())["module"] == "Classifier"
+    assert json.loads((run_dir / "config.json").read_text())["resolved"]["module"] == "Classifier"
 
 
 def test_running_again_starts_a_new_run_dir_and_never_writes_into_another_run(tmp_path, monkeypatch, capsys):
@@ -96,7 +96,7 @@ def test_smoke_under_accelerate_launch(tmp_path, config, extra):
     run_dir = tmp_path / "run"
     proc = launch(ROOT / "recipes/digits.py", "--smoke", "--run-dir", str(run_dir), *extra, config=config)
     assert proc.stdout.count("digits/mlp: val/acc=") == 1, proc.stdout  # only rank 0 prints the summary
-    resolved = json.loads((run_dir / "config.json").read_text())
+    resolved = json.loads((run_dir / "config.json").read_text())["resolved"]
     world = 2 if "ddp" in config else 1
     assert resolved["world_size"] == world and resolved["global_batch"] == 64
     assert resolved["accumulation"] == (2 if extra else 1)

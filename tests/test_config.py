@@ -1,0 +1,109 @@
+"""framework/config.py: every Engine argument is checked at construction, with its name and the fix."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+
+from framework import Engine
+from framework.config import EngineConfig, describe
+
+from .helpers import ROOT
+
+# (arguments, the argument the message must name, a fragment of the fix): the outside sweep's 20 cases first.
+BAD = [
+    ({"max_epochs": -1}, "max_epochs", "positive int"),
+    ({"max_epochs": 0}, "max_epochs", "positive int"),
+    ({"max_epochs": 1.5}, "max_epochs", "whole number"),
+    ({"max_epochs": 2.0}, "max_epochs", "max_epochs=2"),
+    ({"max_steps": -5}, "max_steps", "positive int"),
+    ({"max_time": -1.0}, "max_time", "positive finite"),
+    ({"max_time": math.inf}, "max_time", "positive finite"),
+    ({"batch_size": 0}, "batch_size", "positive int"),
+    ({"micro_batch_size": -16}, "micro_batch_size", "positive int"),
+    ({"limit_train_batches": 0}, "limit_train_batches", "positive int"),
+    ({"limit_val_batches": -1}, "limit_val_batches", "positive int"),
+    ({"overfit_batches": -1}, "overfit_batches", "positive int"),
+    ({"keep_last": 0}, "keep_last", "int >= 1"),
+    ({"keep_last": -1}, "keep_last", "int >= 1"),
+    ({"keep_best": -1}, "keep_best", "int >= 0"),
+    ({"log_every_n_steps": 0}, "log_every_n_steps", "int >= 1"),
+    ({"seed": -1}, "seed", "non-negative int"),
+    ({"preemption_signals": "SIGTERM"}, "preemption_signals", "not a bare string"),
+    ({"preemption_signals": ("SIGNOPE",)}, "preemption_signals", "not a signal"),
+    ({"mixed_precision": "fp8"}, "mixed_precision", '"bf16"'),
+    ({"doctor": "ful"}, "doctor", "did you mean 'full'"),
+    ({"mode": "maximum"}, "mode", '"min" or "max"'),
+    # and the rest of the arguments
+    ({"checkpoint_every_n_steps": 0}, "checkpoint_every_n_steps", "positive int"),
+    ({"val_every_n_steps": 0}, "val_every_n_steps", "positive int"),
+    ({"num_workers": -2}, "num_workers", "int >= 0"),
+    ({"max_consecutive_skips": 0}, "max_consecutive_skips", "int >= 1"),
+    ({"clip_grad_norm": 0.0}, "clip_grad_norm", "positive finite"),
+    ({"clip_grad_value": math.nan}, "clip_grad_value", "positive finite"),
+    ({"nan_policy": "ignore"}, "nan_policy", '"raise" or "skip"'),
+    ({"nan_check": "sometimes"}, "nan_check", '"auto", "step" or "deferred"'),
+    ({"strategy": "deepspeed"}, "strategy", '"auto", "ddp" or "fsdp"'),
+    ({"ema_decay": 1.0}, "ema_decay", "strictly between 0 and 1"),
+    ({"ema_decay": 0.999, "shuffle": "yes"}, "shuffle", "True or False"),
+    ({"drop_last": 1}, "drop_last", "True or False"),
+    ({"find_unused_parameters": "auto"}, "find_unused_parameters", "True, False or None"),
+    ({"collective_timeout": 0}, "collective_timeout", "positive finite"),
+    ({"collate_fn": "stack"}, "collate_fn", "a function"),
+    ({"log_with": 3}, "log_with", "tracker name"),
+    ({"monitor": ""}, "monitor", "non-empty str"),
+    ({"resume": 3}, "resume", "'auto'"),
+    ({"run_dir": ""}, "run_dir", "directory path"),
+    ({"checkpoint_async": None}, "checkpoint_async", "True or False"),
+    ({"keep_last": True}, "keep_last", "int >= 1"),  # a bool is not a count
+]
+
+
+@pytest.mark.parametrize(("options", "name", "fix"), BAD, ids=[f"{n}={o[n]!r}" for o, n, _ in BAD])
+def test_a_bad_argument_is_refused_at_construction_naming_it_and_the_fix(options, name, fix):
+    with pytest.raises(ValueError) as err:
+        Engine(**options)
+    message = str(err.value)
+    assert message.startswith(f"{name}={options[name]!r}; "), message
+    assert fix in message, message
+
+
+def test_an_unknown_argument_suggests_the_close_name():
+    with pytest.raises(TypeError, match=r"'max_epoch' \(did you mean 'max_epochs'\?\)"):
+        Engine(max_epoch=3)
+
+
+def test_arguments_that_need_each_other():
+    with pytest.raises(ValueError, match=r"need a run_dir"):
+        Engine(max_steps=1, keep_best=2)
+    with pytest.raises(ValueError, match=r"need a run_dir"):
+        Engine(max_steps=1, resume="auto")
+    with pytest.raises(ValueError, match=r"tensorboard.*run_dir"):
+        Engine(max_steps=1, log_with=["tensorboard"])
+
+
+def test_good_arguments_land_in_their_groups_and_config_json_is_the_same_object(tmp_path):
+    from tests.helpers import TinyClassifier, classification_data
+
+    engine = Engine(max_epochs=1, batch_size=32, keep_last=2, clip_grad_norm=1.0, run_dir=str(tmp_path), progress=False)
+    c = engine.config
+    assert (c.stop.max_epochs, c.data.batch_size, c.checkpoint.keep_last, c.step.clip_grad_norm) == (1, 32, 2, 1.0)
+    assert c.checkpoint_every_epoch  # on by default with a run_dir
+    engine.fit(TinyClassifier(), classification_data(64))
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert {k: written[k] for k in c.to_json()} == c.to_json()
+    assert written["preemption_signals"] == ["SIGTERM", "SIGUSR1"]
+
+
+def test_every_argument_has_one_line_of_documentation_and_the_readme_table_lists_them_all():
+    rows = describe()
+    names = [name for name, *_ in rows]
+    assert len(names) == len(set(names)) == len(EngineConfig.from_options().flat())
+    assert all(doc and not doc.endswith(".") for *_, doc in rows)
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Engine arguments") : readme.index("## What lands in the run dir")]
+    listed = set(re.findall(r"`(\w+)`", table))
+    assert set(names) <= listed, sorted(set(names) - listed)
