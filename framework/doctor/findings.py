@@ -229,7 +229,7 @@ def format_table(rows: list[tuple[str, str, str, str]], width: int = 100) -> str
     return "\n".join(lines)
 
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # framework/, not only the doctor
 
 
 def user_stacklevel() -> int:

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .doctor_findings import Finding, Recorder, name_list
-from .doctor_inspect import fingerprint
-from .grads import values_of
+from ..grads import values_of
+from .findings import Finding, Recorder, name_list
+from .inspect import fingerprint
 
 # Snapshots of parameters for the `updates` check are exact copies up to this many elements in
 # total (1 GiB of fp32); beyond it, a float64 sum and norm per parameter stand in for the copy.

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from framework.doctor import CHECKS
-from framework.doctor_cli import main
+from framework.doctor.cli import main
 from tests.helpers import ROOT
 
 SCRIPT = str(ROOT / "tests" / "scripts" / "doctor_recipe.py")

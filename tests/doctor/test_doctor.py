@@ -1,4 +1,4 @@
-"""framework/doctor.py: one broken module per loop mistake, an assertion on the message that names it;
+"""framework/doctor/: one broken module per loop mistake, an assertion on the message that names it;
 correct modules (dropout, micro-batches, schedulers, frozen-by-design parameters, BatchNorm, dict
 batches, token counts) produce no finding in any mode; the doctor never steers training and reads
 device values only on its checked steps.
@@ -739,7 +739,7 @@ def test_doctor_warnings_are_emitted_by_rank_zero_only_but_recorded_everywhere()
 
 
 def test_parameters_too_large_to_copy_are_compared_by_fingerprint(monkeypatch):
-    import framework.doctor_params as doctor_mod
+    import framework.doctor.parameters as doctor_mod
 
     monkeypatch.setattr(doctor_mod, "_SNAPSHOT_ELEMENTS", 10)  # "too large": fingerprints instead of copies
     assert "param group 1 has lr=0: net.3.weight, net.3.bias" in warned(run(ZeroLrGroup()), "updates")

@@ -114,7 +114,7 @@ def same_data(train: Any, val: Any) -> bool:
     the same tensors (shared storage, or equal contents when the shapes match)."""
     from torch.utils.data import DataLoader, Subset
 
-    from .data import as_tensors
+    from ..data import as_tensors
 
     if train is None or val is None:
         return False

@@ -37,9 +37,9 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .doctor_findings import CHECKS, Finding, LoopError, LoopWarning, format_table, name_list, report_rows
-from .doctor_inspect import is_finite, reaches, same_data, split_halves, tensors_in, version_of
-from .doctor_params import ParameterChecks
+from .findings import CHECKS, Finding, LoopError, LoopWarning, format_table, name_list, report_rows
+from .inspect import is_finite, reaches, same_data, split_halves, tensors_in, version_of
+from .parameters import ParameterChecks
 
 __all__ = [
     "CHECKS",
@@ -98,8 +98,8 @@ class Doctor(ParameterChecks):
     After a fit, :attr:`findings` holds what was found and :meth:`report` the table.
 
     The checks of the user's code (``forward``, ``compute_loss``, ``count_items``, the modes) and of
-    the data live here; the parameter checks in :class:`~framework.doctor_params.ParameterChecks`,
-    the findings and the report in :class:`~framework.doctor_findings.Recorder`.
+    the data live here; the parameter checks in :class:`~framework.doctor.parameters.ParameterChecks`,
+    the findings and the report in :class:`~framework.doctor.findings.Recorder`.
 
     Example::
 
