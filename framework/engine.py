@@ -235,7 +235,17 @@ class Engine:
         val_source = (
             self._val_source(val_data, batching.micro_batch_size, rt.world_size) if val_data is not None else None
         )
-        self.doctor.start_fit(module, opt.optimizer, batching, train_data, val_data, is_main=rt.is_main, fsdp=rt.fsdp)
+        self.doctor.start_fit(
+            module,
+            opt.optimizer,
+            batching,
+            train_data,
+            val_data,
+            is_main=rt.is_main,
+            strategy="fsdp" if rt.fsdp else ("ddp" if rt.world_size > 1 else "single"),
+            device_type=rt.device.type,
+            reduce=rt.all_reduce_sum if rt.world_size > 1 else None,
+        )
         params = [p for g in opt.optimizer.param_groups for p in g["params"]]
         self._defer, why_not = self._decide_deferral(opt, rt)
         self._pending = None  # (none left from a fit that raised)

@@ -1,12 +1,14 @@
 """Read-only looks into the user's objects for the loop doctor.
 
-Find the tensors inside nested outputs, walk an autograd graph, cut a batch in two, tell whether
-validation data is the training data, fingerprint a parameter. None of them changes what it looks at,
-and none reads a device value except where its docstring says so.
+Find the tensors inside nested outputs, walk an autograd graph, read the autograd clock, cut a batch
+in two, tell whether validation data is the training data, fingerprint a parameter, see through a
+DTensor to this rank's shard. None of them changes what it looks at, and none reads a device value
+except where its docstring says so.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,6 +31,84 @@ def fingerprint(p: torch.Tensor) -> torch.Tensor:
     """A float64 (sum, norm) of ``p`` for a parameter too large to copy; reductions upcast on the fly."""
     d = p.detach()
     return torch.stack([d.sum(dtype=torch.float64), torch.linalg.vector_norm(d, dtype=torch.float64)])
+
+
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_BITS_CHUNK = 1 << 24  # elements summed at a time: bounds the int64 temporary of a large tensor
+
+
+def bits_sum(t: torch.Tensor) -> torch.Tensor:
+    """The int64 sum of ``t``'s bit patterns: an exact fingerprint (integer addition is associative, so
+    no reduction order or thread count changes it; equal tensors give equal sums, bit for bit).
+
+    Example::
+
+        bits_sum(torch.ones(3)) == 3 * 0x3F800000   # tensor(True)
+    """
+    d = t.detach()
+    if d.is_complex():
+        d = torch.view_as_real(d)
+    d = d.reshape(-1)
+    if d.dtype == torch.bool:
+        d = d.view(torch.uint8)
+    elif d.element_size() in _INT_OF_SIZE and (d.is_floating_point() or d.dtype != _INT_OF_SIZE[d.element_size()]):
+        d = d.view(_INT_OF_SIZE[d.element_size()])
+    total = torch.zeros((), dtype=torch.int64, device=d.device)
+    for lo in range(0, d.numel(), _BITS_CHUNK):
+        total += d[lo : lo + _BITS_CHUNK].sum(dtype=torch.int64)
+    return total
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2's parameters and gradients), or ``t`` itself.
+
+    Cheap: without ``torch.distributed.tensor`` imported there is no DTensor to see through.
+    """
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    if dtensor is not None and isinstance(t, dtensor.DTensor):
+        return t.to_local()
+    return t
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    """Is ``t`` a DTensor (a parameter sharded by FSDP2's ``fully_shard``)?"""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(t, dtensor.DTensor)
+
+
+_CLOCK_LEAF: list[torch.Tensor] = []
+
+
+def autograd_clock() -> int | None:
+    """The autograd clock now: the sequence number the next graph node made on this thread will exceed.
+
+    Autograd numbers every node it creates from one per-thread counter (``Node._sequence_nr``), so a
+    loss whose ``grad_fn`` is numbered below a reading taken before this step's forward was built before
+    it: a stale loss. Reading the clock makes one throwaway view node (no device work). None where the
+    private API is missing (the caller then falls back to walking the graph).
+
+    Example::
+
+        mark = autograd_clock()
+        loss = model(x).sum()
+        loss.grad_fn._sequence_nr() > mark   # True: made after the mark
+    """
+    if not _CLOCK_LEAF:
+        _CLOCK_LEAF.append(torch.zeros((), requires_grad=True))
+    with torch.enable_grad():
+        node = _CLOCK_LEAF[0].view(()).grad_fn
+    try:
+        return int(node._sequence_nr())  # type: ignore[union-attr]
+    except (AttributeError, TypeError):
+        return None
+
+
+def sequence_nr(t: torch.Tensor) -> int | None:
+    """The autograd sequence number of ``t.grad_fn`` (see :func:`autograd_clock`), or None."""
+    try:
+        return int(t.grad_fn._sequence_nr())  # type: ignore[union-attr]
+    except (AttributeError, TypeError):
+        return None
 
 
 def tensors_in(obj: Any, depth: int = 0, limit: int = 64) -> list[torch.Tensor]:
@@ -82,25 +162,40 @@ def batch_len(batch: Any) -> int | None:
     return ts[0].shape[0] if ts else None
 
 
-def split_halves(batch: Any) -> tuple[Any, Any] | None:
-    """``batch`` cut in two along dim 0 of every tensor whose dim 0 is the batch size; None if it cannot be."""
+def split_halves(batch: Any, order: torch.Tensor | None = None) -> tuple[Any, Any] | None:
+    """``batch`` cut in two along dim 0 of every tensor whose dim 0 is the batch size; None if it cannot be.
+
+    ``order`` (a permutation of the items) picks which items go to which half: the first half of
+    ``order``, then the rest; by default the first and the second half of the batch.
+
+    Example::
+
+        first, second = split_halves((x, y))   # x[:16], y[:16] and x[16:], y[16:] for 32 items
+    """
     n = batch_len(batch)
     if n is None or n < 2:
         return None
     k = n // 2
-    return slice_batch(batch, 0, k, n), slice_batch(batch, k, n, n)
+    if order is None:
+        return slice_batch(batch, slice(0, k), n), slice_batch(batch, slice(k, n), n)
+    return slice_batch(batch, order[:k], n), slice_batch(batch, order[k:], n)
 
 
-def slice_batch(obj: Any, lo: int, hi: int, n: int) -> Any:
-    """Items ``lo:hi`` of every tensor in ``obj`` whose dim 0 is ``n``; containers keep their type."""
+def slice_batch(obj: Any, items: slice | torch.Tensor, n: int) -> Any:
+    """The ``items`` (a slice or an index tensor) of every tensor in ``obj`` whose dim 0 is ``n``;
+    containers keep their type."""
     if isinstance(obj, torch.Tensor):
-        return obj[lo:hi] if obj.ndim > 0 and obj.shape[0] == n else obj
+        if obj.ndim == 0 or obj.shape[0] != n:
+            return obj
+        if isinstance(items, slice):
+            return obj[items]
+        return obj.index_select(0, items.to(obj.device))
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return type(obj)(*(slice_batch(x, lo, hi, n) for x in obj))
+        return type(obj)(*(slice_batch(x, items, n) for x in obj))
     if isinstance(obj, (list, tuple)):
-        return type(obj)(slice_batch(x, lo, hi, n) for x in obj)
+        return type(obj)(slice_batch(x, items, n) for x in obj)
     if isinstance(obj, Mapping):
-        sliced = {k: slice_batch(v, lo, hi, n) for k, v in obj.items()}
+        sliced = {k: slice_batch(v, items, n) for k, v in obj.items()}
         mapping_type: Any = type(obj)  # dict, OrderedDict, a ModelOutput-like dict subclass
         try:
             return mapping_type(sliced)
