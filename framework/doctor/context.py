@@ -78,12 +78,12 @@ class FitInfo:
 
     @property
     def world_size(self) -> int:
-        """Processes in the run (from the batching; 1 without one)."""
+        """Processes in the run (from the batching; 1 without one), e.g. ``fit.world_size > 1`` under DDP."""
         return int(getattr(self.batching, "world_size", 1) or 1)
 
     @property
     def sharded(self) -> bool:
-        """FSDP: parameters and gradients are DTensors; each rank holds a shard."""
+        """FSDP: parameters and gradients are DTensors; each rank holds a shard (``if fit.sharded: ...``)."""
         return self.strategy == "fsdp"
 
     def optimizer_label(self, i: int) -> str:
@@ -100,11 +100,21 @@ class FitInfo:
         return f"optimizer {i} ({type(self.optimizers[i]).__name__})"
 
     def phase_keys(self) -> list[str | None]:
-        """The phases of one optimizer step: ``[None]`` (joint: one loss, every optimizer steps) or the phases."""
+        """The phases of one optimizer step: ``[None]`` (joint: one loss, every optimizer steps) or the phases.
+
+        Example::
+
+            fit.phase_keys()   # [None], or ["discriminator", "generator"]
+        """
         return [None] if self.phases is None else list(self.phases)
 
     def optimizer_indices(self, phase: str | None) -> list[int]:
-        """The optimizers that step in ``phase`` (all of them for a joint step, phase None)."""
+        """The optimizers that step in ``phase`` (all of them for a joint step, phase None).
+
+        Example::
+
+            fit.optimizer_indices("generator")   # [1]
+        """
         if phase is None or self.phases is None:
             return list(range(len(self.optimizers)))
         if phase not in self.phases:
@@ -141,7 +151,7 @@ class Context:
 
     @property
     def fit(self) -> FitInfo:
-        """The current fit (set by ``Doctor.start_fit``)."""
+        """The current fit (set by ``Doctor.start_fit``), e.g. ``ctx.fit.stepped``."""
         if self._fit is None:
             raise RuntimeError("the doctor has no fit: call Doctor.start_fit(module, optimizers, ...) first")
         return self._fit
@@ -152,10 +162,11 @@ class Context:
 
     @property
     def has_fit(self) -> bool:
+        """Has a fit started (``Engine.validate`` alone runs the doctor without one)?"""
         return self._fit is not None
 
     def module_name(self, module: nn.Module | None = None) -> str:
-        """The user's class name for messages (``Net``), from ``module`` or the fit's module."""
+        """The user's class name for messages, from ``module`` or the fit's module: ``ctx.module_name()  # "Net"``."""
         if module is not None:
             return type(module).__name__
         return self._fit.name if self._fit is not None else "the module"

@@ -245,7 +245,12 @@ _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # fr
 
 def user_stacklevel() -> int:
     """The ``stacklevel`` that attributes a warning to the first caller outside this package (and the
-    contextlib frames of ``watch``): the user's ``engine.fit(...)`` line, not the doctor's internals."""
+    contextlib frames of ``watch``): the user's ``engine.fit(...)`` line, not the doctor's internals.
+
+    Example::
+
+        warnings.warn(LoopWarning(message), stacklevel=user_stacklevel())
+    """
     frame: types.FrameType | None = sys._getframe(2)
     level = 2  # level 1 is Doctor.warn itself
     while frame is not None and (
@@ -256,6 +261,11 @@ def user_stacklevel() -> int:
 
 
 def name_list(names: list[str], limit: int = 8) -> str:
-    """``names`` joined for a message, the first ``limit`` of them and a count of the rest."""
+    """``names`` joined for a message, the first ``limit`` of them and a count of the rest.
+
+    Example::
+
+        name_list(["a", "b", "c"], limit=2)   # "a, b, ... (1 more)"
+    """
     shown = ", ".join(names[:limit])
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")

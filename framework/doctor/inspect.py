@@ -18,17 +18,32 @@ _GRAPH_NODES = 200_000  # give up (no finding) on an autograd graph walk beyond 
 
 
 def version_of(t: torch.Tensor | None) -> int:
-    """The version counter of ``t`` (bumped by every in-place change), or -1 for None; metadata only."""
+    """The version counter of ``t`` (bumped by every in-place change), or -1 for None; metadata only.
+
+    Example::
+
+        v = version_of(p.grad); p.grad.add_(1); version_of(p.grad) == v + 1   # True
+    """
     return -1 if t is None else t._version
 
 
 def is_finite(x: float) -> bool:
-    """Neither nan nor ±inf."""
+    """Neither nan nor ±inf.
+
+    Example::
+
+        is_finite(1.0), is_finite(float("nan"))   # (True, False)
+    """
     return x == x and abs(x) != float("inf")
 
 
 def fingerprint(p: torch.Tensor) -> torch.Tensor:
-    """A float64 (sum, norm) of ``p`` for a parameter too large to copy; reductions upcast on the fly."""
+    """A float64 (sum, norm) of ``p`` for a parameter too large to copy; reductions upcast on the fly.
+
+    Example::
+
+        fingerprint(torch.ones(4))   # tensor([4., 2.], dtype=torch.float64)
+    """
     d = p.detach()
     return torch.stack([d.sum(dtype=torch.float64), torch.linalg.vector_norm(d, dtype=torch.float64)])
 
@@ -63,6 +78,10 @@ def local(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor (FSDP2's parameters and gradients), or ``t`` itself.
 
     Cheap: without ``torch.distributed.tensor`` imported there is no DTensor to see through.
+
+    Example::
+
+        local(p.grad).count_nonzero()   # this rank's shard under FSDP2, the gradient itself otherwise
     """
     dtensor = sys.modules.get("torch.distributed.tensor")
     if dtensor is not None and isinstance(t, dtensor.DTensor):
@@ -71,7 +90,12 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 
 def is_dtensor(t: torch.Tensor) -> bool:
-    """Is ``t`` a DTensor (a parameter sharded by FSDP2's ``fully_shard``)?"""
+    """Is ``t`` a DTensor (a parameter sharded by FSDP2's ``fully_shard``)?
+
+    Example::
+
+        any(is_dtensor(p) for p in module.parameters())   # True after fully_shard(module)
+    """
     dtensor = sys.modules.get("torch.distributed.tensor")
     return dtensor is not None and isinstance(t, dtensor.DTensor)
 
@@ -104,7 +128,12 @@ def autograd_clock() -> int | None:
 
 
 def sequence_nr(t: torch.Tensor) -> int | None:
-    """The autograd sequence number of ``t.grad_fn`` (see :func:`autograd_clock`), or None."""
+    """The autograd sequence number of ``t.grad_fn`` (see :func:`autograd_clock`), or None.
+
+    Example::
+
+        sequence_nr(loss) > mark   # loss was built after autograd_clock() returned mark
+    """
     try:
         return int(t.grad_fn._sequence_nr())  # type: ignore[union-attr]
     except (AttributeError, TypeError):
@@ -112,7 +141,12 @@ def sequence_nr(t: torch.Tensor) -> int | None:
 
 
 def tensors_in(obj: Any, depth: int = 0, limit: int = 64) -> list[torch.Tensor]:
-    """The tensors inside ``obj`` (tensor, list/tuple, dict, dataclass-like ModelOutput), up to ``limit``."""
+    """The tensors inside ``obj`` (tensor, list/tuple, dict, dataclass-like ModelOutput), up to ``limit``.
+
+    Example::
+
+        tensors_in({"logits": logits, "aux": [h1, h2]})   # [logits, h1, h2]
+    """
     if isinstance(obj, torch.Tensor):
         return [obj]
     if depth > 4:
@@ -134,7 +168,12 @@ def tensors_in(obj: Any, depth: int = 0, limit: int = 64) -> list[torch.Tensor]:
 
 
 def reaches(loss: torch.Tensor, outputs: list[torch.Tensor]) -> bool | None:
-    """Does the autograd graph behind ``loss`` contain one of ``outputs``? None when undecided (too big)."""
+    """Does the autograd graph behind ``loss`` contain one of ``outputs``? None when undecided (too big).
+
+    Example::
+
+        reaches(F.cross_entropy(out, y), [out])   # True; False for a loss kept from another step
+    """
     fns = {t.grad_fn for t in outputs if t.grad_fn is not None}
     leaves = {id(t) for t in outputs if t.grad_fn is None}
     start = loss.grad_fn
@@ -157,7 +196,12 @@ def reaches(loss: torch.Tensor, outputs: list[torch.Tensor]) -> bool | None:
 
 
 def batch_len(batch: Any) -> int | None:
-    """Dim 0 of the first tensor in ``batch`` that has one: the number of items, or None."""
+    """Dim 0 of the first tensor in ``batch`` that has one: the number of items, or None.
+
+    Example::
+
+        batch_len({"input_ids": ids, "labels": labels})   # ids.shape[0]
+    """
     ts = [t for t in tensors_in(batch) if t.ndim > 0]
     return ts[0].shape[0] if ts else None
 
@@ -183,7 +227,12 @@ def split_halves(batch: Any, order: torch.Tensor | None = None) -> tuple[Any, An
 
 def slice_batch(obj: Any, items: slice | torch.Tensor, n: int) -> Any:
     """The ``items`` (a slice or an index tensor) of every tensor in ``obj`` whose dim 0 is ``n``;
-    containers keep their type."""
+    containers keep their type.
+
+    Example::
+
+        slice_batch((x, y), torch.tensor([3, 0]), n=len(x))   # (x[[3, 0]], y[[3, 0]])
+    """
     if isinstance(obj, torch.Tensor):
         if obj.ndim == 0 or obj.shape[0] != n:
             return obj
@@ -206,7 +255,12 @@ def slice_batch(obj: Any, items: slice | torch.Tensor, n: int) -> Any:
 
 def same_data(train: Any, val: Any) -> bool:
     """Cheap identity tests: the same object, the same dataset behind two DataLoaders, the same Subset, or
-    the same tensors (shared storage, or equal contents when the shapes match)."""
+    the same tensors (shared storage, or equal contents when the shapes match).
+
+    Example::
+
+        same_data((x, y), (x.clone(), y.clone()))   # True
+    """
     from torch.utils.data import DataLoader, Subset
 
     from ..data import as_tensors

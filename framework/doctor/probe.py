@@ -61,7 +61,12 @@ class Count:
 @dataclass(frozen=True)
 class Measured:
     """The probe's numbers: the micro-batch's loss and count, its halves' losses and counts, the natural
-    counts of the halves, and the rounding tolerance of the dtypes involved."""
+    counts of the halves, and the rounding tolerance of the dtypes involved.
+
+    Example::
+
+        Measured(3.9, 8, (3.92, 3.91), (4, 4), [Count(...)], tol=1.9e-6, items=8)
+    """
 
     loss: float
     count: float
@@ -126,7 +131,12 @@ def natural_counts(targets: tuple[Any, Any]) -> list[tuple[str, str, tuple[float
 def count_order(targets: Any, n: int) -> torch.Tensor | None:
     """A permutation of the ``n`` items that sorts them by their number of targets that are not -100
     (most first), so the halves' counts differ as much as they can; None where every item counts the
-    same (or the targets are not per-item integer tensors), or where a half would count nothing."""
+    same (or the targets are not per-item integer tensors), or where a half would count nothing.
+
+    Example::
+
+        first, second = split_halves(batch, count_order(labels, len(labels)))   # longest sequences first
+    """
     if not isinstance(targets, torch.Tensor) or targets.ndim == 0 or targets.shape[0] != n:
         return None
     if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
@@ -140,7 +150,12 @@ def count_order(targets: Any, n: int) -> torch.Tensor | None:
 
 def rounding_tolerance(dtypes: list[torch.dtype]) -> float:
     """Relative rounding allowed between a batch's loss and its halves' weighted mean: 16 ulps of the
-    least precise float dtype involved (1.9e-6 for float32; bf16 is too coarse to tell counts apart)."""
+    least precise float dtype involved (1.9e-6 for float32; bf16 is too coarse to tell counts apart).
+
+    Example::
+
+        rounding_tolerance([torch.float32, torch.float64])   # 16 * 1.19e-07
+    """
     eps = [torch.finfo(d).eps for d in dtypes if d.is_floating_point]
     return 16 * max(eps or [torch.finfo(torch.float32).eps])
 
@@ -258,7 +273,7 @@ class HalvesProbe:
             return None
         device = next((t.device for t in tensors_in(batch)), torch.device("cpu"))
         losses, counts, half_targets = [], [], []
-        shadow = _shadow(module)
+        shadow = _shadow(module, self.ctx.fit.optimizers)
         with _observing(shadow, module, device):
             for part in (batch, *halves):
                 inputs, part_targets = shadow.split_batch(part)
@@ -333,11 +348,17 @@ def _targets_expr(module: nn.Module, batch: Any) -> str:
     return "self.split_batch(batch)[1]"
 
 
-def _shadow(module: nn.Module) -> Any:
-    """A copy of ``module`` that shares its parameters, buffers and tensor attributes (no memory for
-    them) but not its other Python state: whatever the user's forward records or counts (a list of
-    inputs, a call counter, a queue) is recorded on the copy, so the probe's forwards leave no trace."""
+def _shadow(module: nn.Module, optimizers: list[torch.optim.Optimizer]) -> Any:
+    """A copy of ``module`` that shares its parameters, buffers and tensor attributes, and the optimizers'
+    state (a module may keep its optimizer on ``self``), so they cost no memory, but not its other
+    Python state: whatever the user's forward records or counts (a list of inputs, a call counter, a
+    queue) is recorded on the copy, so the probe's forwards leave no trace."""
     shared: dict[int, Any] = {}
+    for opt in optimizers:
+        for state in opt.state.values():
+            for v in state.values():
+                if isinstance(v, torch.Tensor):
+                    shared[id(v)] = v
     for m in module.modules():
         for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)):
             shared[id(t)] = t
