@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return plot_main(rest)
     if command == "doctor":
-        from .doctor_cli import main as doctor_main
+        from .doctor.cli import main as doctor_main
 
         return doctor_main(rest)
     print(f"unknown command {command!r}\n{usage}", file=sys.stderr)

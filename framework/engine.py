@@ -176,7 +176,7 @@ class Engine:
                     module.eval()  # a zero-weight filler must not update BatchNorm stats or draw dropout
                 with run.strategy.no_sync(model, sync=last):
                     # (the doctor's watch catches backward/step/zero_grad called from user code)
-                    with rt.autocast(), self.doctor.watch(module, batch):
+                    with rt.autocast(), self.doctor.watch(module, batch, "forward" if p == 0 else "compute_loss"):
                         if outputs_of[i] is None:
                             # 2. forward (once per micro-batch: alternating phases share it)
                             self._record("forward", i, phase)

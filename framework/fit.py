@@ -311,14 +311,13 @@ def prepare_fit(engine: Engine, rt: Any, module: LoopModule, train_data: Any, va
     owner = type(module).__name__
     phased = takes_phase(module.compute_loss)
     strategy = make_strategy(rt, config.distributed.strategy, config.distributed.find_unused_parameters)
-    checker = getattr(doctor, "check_initial_weights", None)
-    if callable(checker) and rt.world_size > 1:
-        checker(module)  # (before the wrap broadcasts rank 0's weights)
+    if rt.world_size > 1:
+        doctor.check_initial_weights(module)  # (before the wrap broadcasts rank 0's weights)
     model = strategy.prepare(module, manual_sync=phased)
     eval_model = strategy.eval_model(module, model)
     if config.precision.compile:
         model = eval_model = torch.compile(model)  # type: ignore[assignment]
-    optimizers = parse_optimizers(module.configure_optimizers(), f"{owner}.configure_optimizers")
+    optimizers = parse_optimizers(module.configure_optimizers(), f"{owner}.configure_optimizers", shared_ok=phased)
     if phased and not optimizers.named:
         raise TypeError(
             f"{owner}.compute_loss takes `phase`, so each optimizer is a phase: configure_optimizers must return a "
@@ -398,14 +397,11 @@ def _start_doctor(
     strategy: Strategy, phases: list[str] | None,
 ) -> None:  # fmt: skip
     opts = [o.optimizer for o in optimizers]
-    try:
-        doctor.start_fit(
-            module, opts if len(opts) > 1 else opts[0], batching, train, val, is_main=rt.is_main,
-            strategy=strategy.name, device_type=rt.device.type, phases=phases,
-            reduce=rt.all_reduce_sum if rt.world_size > 1 else None,
-        )  # fmt: skip
-    except TypeError:  # (a doctor without the multi-optimizer keywords: the one of a previous version)
-        doctor.start_fit(module, opts[0], batching, train, val, is_main=rt.is_main, fsdp=strategy.sharded)
+    doctor.start_fit(
+        module, opts if len(opts) > 1 else opts[0], batching, train, val, is_main=rt.is_main,
+        strategy=strategy.name, device_type=rt.device.type, phases=phases,
+        reduce=rt.all_reduce_sum if rt.world_size > 1 else None,
+    )  # fmt: skip
 
 
 def _decide_deferral(

@@ -171,8 +171,9 @@ def _is_single_dict(value: Any) -> bool:
     )
 
 
-def parse_optimizers(returned: Any, owner: str = "configure_optimizers") -> Optimizers:
-    """Accept every form of the module docstring; refuse a parameter held by two optimizers.
+def parse_optimizers(returned: Any, owner: str = "configure_optimizers", shared_ok: bool = False) -> Optimizers:
+    """Accept every form of the module docstring; refuse a parameter held by two optimizers that step jointly
+    (``shared_ok``: alternating phases, where a shared part trained in two phases can be intended).
 
     Example::
 
@@ -192,7 +193,7 @@ def parse_optimizers(returned: Any, owner: str = "configure_optimizers") -> Opti
     seen: dict[int, str] = {}
     for o in items:
         for p in o.params:
-            if id(p) in seen and seen[id(p)] != o.name:
+            if id(p) in seen and seen[id(p)] != o.name and not shared_ok:
                 raise ValueError(
                     f"{owner}: a parameter of shape {list(p.shape)} is in both optimizers {seen[id(p)]!r} and "
                     f"{o.name!r}; give each parameter to one optimizer (e.g. split by p.ndim >= 2 for Muon + AdamW)"

@@ -369,7 +369,7 @@ def test_run_dir_metrics_and_config(tmp_path):
     config = json.loads((run / "config.json").read_text())
     assert config["max_epochs"] == 2 and config["seed"] == 3 and config["batch_size"] == 20
     resolved = config["resolved"]  # (the arguments as given above; what the run made of them here)
-    assert config["micro_batch_size"] is None and resolved["micro_batch_size"] == 10
+    assert config["micro_batch_size"] == 10 and resolved["micro_batch_size"] == 10
     assert resolved["accumulation"] == 2 and resolved["world_size"] == 1
     assert resolved["optimizers"] == {"optimizer": "AdamW"} and resolved["module"] == "TinyClassifier"
 

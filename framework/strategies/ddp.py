@@ -101,8 +101,8 @@ class DDP(Strategy):
         shown = ", ".join(idle[:8]) + (f", ... ({len(idle) - 8} more)" if len(idle) > 8 else "")
         raise LoopError(
             f"{len(idle)} parameter(s) of {type(module).__name__} got no gradient in the first step on some "
-            f"process: {shown}. DDP averages every parameter in every step and would stall (its 'Expected to "
-            "have finished reduction' error at the next step, after the ranks' parameters diverged). Fix: "
+            f"process: {shown}. DDP averages every parameter in every step: its bucket of them was never "
+            "averaged, and DDP itself would stop at the next step with an error naming only parameter indices. Fix: "
             "pass Engine(find_unused_parameters=True) if some steps legitimately skip them, use them in "
             "forward, or requires_grad_(False) them if they are frozen; parameters and optimizer state are "
             "unchanged",

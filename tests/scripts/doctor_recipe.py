@@ -17,7 +17,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from framework import Engine, LoopModule
+from framework import Engine, LoopModule, seed_everything
 
 BUGS = ("none", "sum", "detach", "eval", "unused", "crash")
 
@@ -51,6 +51,7 @@ def main() -> None:
     x = torch.randn(256, 8, generator=g)
     y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
     engine = Engine(max_steps=10_000, batch_size=32, progress=False, run_dir=args.run_dir)
+    seed_everything(0)  # the same initial weights on every rank (the doctor checks it)
     module = Net(args.bug)
     engine.fit(module, (x[:192], y[:192]), (x[192:], y[192:]))
     print("steps", engine.step, "val", engine.validate(module, (x[192:], y[192:])))

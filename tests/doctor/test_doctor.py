@@ -1,4 +1,4 @@
-"""framework/doctor.py: one broken module per loop mistake, an assertion on the message that names it;
+"""framework/doctor/: one broken module per loop mistake, an assertion on the message that names it;
 correct modules (dropout, micro-batches, schedulers, frozen-by-design parameters, BatchNorm, dict
 batches, token counts) produce no finding in any mode; the doctor never steers training and reads
 device values only on its checked steps.
@@ -730,16 +730,16 @@ def test_report_table_lists_every_check():
 
 
 def test_doctor_warnings_are_emitted_by_rank_zero_only_but_recorded_everywhere():
+    module = HeadOutsideOptimizer()
     d = Doctor("basic")
-    d._is_main = False
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        d.warn("gradients", "x")
-    assert caught == [] and [f.check for f in d.findings] == ["gradients"]
+        d.start_fit(module, module.configure_optimizers(), is_main=False)
+    assert caught == [] and [f.check for f in d.findings] == ["optimizer_coverage"]
 
 
 def test_parameters_too_large_to_copy_are_compared_by_fingerprint(monkeypatch):
-    import framework.doctor_params as doctor_mod
+    import framework.doctor.updates as doctor_mod
 
     monkeypatch.setattr(doctor_mod, "_SNAPSHOT_ELEMENTS", 10)  # "too large": fingerprints instead of copies
     assert "param group 1 has lr=0: net.3.weight, net.3.bias" in warned(run(ZeroLrGroup()), "updates")

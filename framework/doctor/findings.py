@@ -1,9 +1,9 @@
 """What the loop doctor reports: the catalogue of checks, its findings, and the report table.
 
 :data:`CHECKS` names every check with what it establishes and its fix; a :class:`Finding` is one
-problem found; :class:`Recorder` (the base of :class:`~framework.doctor.Doctor`) records findings,
-raises errors as :class:`LoopError` and emits warnings as :class:`LoopWarning`, once per fit, from
-the user's line. :func:`report_rows` and :func:`format_table` render the table that
+problem found; a :class:`Recorder` (one per :class:`~framework.doctor.Doctor`, shared by its checks)
+records findings, raises errors as :class:`LoopError` and emits warnings as :class:`LoopWarning`,
+once per fit, from the user's line. :func:`report_rows` and :func:`format_table` render the table that
 ``python -m framework doctor`` prints.
 """
 
@@ -16,6 +16,7 @@ import textwrap
 import types
 import warnings
 from dataclasses import dataclass
+from typing import NoReturn
 
 
 class LoopError(RuntimeError):
@@ -54,17 +55,25 @@ CHECKS: dict[str, tuple[str, str]] = {
         "create layers in __init__ as attributes; don't freeze all of them",
     ),
     "optimizer_coverage": (
-        "every trainable parameter is in an optimizer param group",
+        "every trainable parameter is in a param group of exactly one optimizer",
         "build the optimizer from self.parameters(), or requires_grad_(False) what you freeze",
+    ),
+    "initial_weights": (
+        "every process starts from the same weights",
+        "call framework.seed_everything(seed) before building the model",
     ),
     "val_data": ("validation data is not the training data", "hold out a separate split for val_data"),
     "batchnorm": (
         "BatchNorm normalizes over the whole batch",
-        "make micro_batch_size the per-process batch, use SyncBatchNorm, or GroupNorm/LayerNorm",
+        "make micro_batch_size the per-process batch; GroupNorm/LayerNorm (SyncBatchNorm on CUDA)",
     ),
     "count_items": (
         "count_items returns a non-negative integer",
         "return the number of items compute_loss averages over",
+    ),
+    "count_weights": (
+        "count_items counts what compute_loss averages over (a micro-batch against its two halves)",
+        "count what the loss averages, e.g. (labels[:, 1:] != -100).sum() after a causal shift",
     ),
     "loop_calls": (
         "forward/compute_loss leave backward, zero_grad and optimizer.step to the engine",
@@ -112,39 +121,61 @@ class Finding:
 
 
 class Recorder:
-    """Findings recorded by the doctor's checks: :attr:`findings`, the checks that :attr:`ran`, and why
-    the others did not (:attr:`not_run`). The base of :class:`~framework.doctor.Doctor`.
+    """What the checks found: :attr:`findings`, the checks that :attr:`ran`, and why the others did not
+    (:attr:`not_run`). The :class:`~framework.doctor.Doctor` owns one and hands it to every check;
+    findings accumulate over the doctor's life (a ``fit`` then a ``validate`` report together), while
+    "once per fit" for warnings restarts with :meth:`new_fit`.
 
     Example::
 
-        doctor.fail("loss_value", "Net.compute_loss returned ...; fix: ...")   # raises LoopError
-        print(doctor.format_report())
+        record = Recorder()
+        record.warn("gradients", "2 trainable parameter(s) of Net received no gradient: ...")
+        record.fail("loss_value", "Net.compute_loss returned ...; fix: ...")   # raises LoopError
     """
 
     def __init__(self) -> None:
         self.findings: list[Finding] = []
         self.ran: set[str] = set()  # checks that ran at least once (the report's "ok" rows)
         self.not_run: dict[str, str] = {}  # why a check could not run, for the report
+        self.is_main = True  # one process speaks for all; every rank records the finding
         self._warned: set[str] = set()
-        self._is_main = True  # one process speaks for all; every rank records the finding
 
-    def fail(self, check: str, message: str) -> None:
+    def new_fit(self, is_main: bool) -> None:
+        """A new fit: each warning may be emitted once again; ``is_main`` says whether this process speaks.
+
+        Example::
+
+            record.new_fit(is_main=rank == 0)
+        """
+        self._warned.clear()
+        self.is_main = is_main
+
+    def fail(self, check: str, message: str) -> NoReturn:
         """Record an error finding and raise :class:`LoopError` (the run stops here).
 
         Example::
 
-            doctor.fail("loss_value", "Net.compute_loss returned ...; fix: ...")
+            record.fail("loss_value", "Net.compute_loss returned ...; fix: ...")
+        """
+        self.error(check, message)
+        raise LoopError(message, check)
+
+    def error(self, check: str, message: str) -> None:
+        """Record an error finding without raising (the caller raises its own error, e.g. NonFiniteError).
+
+        Example::
+
+            record.error("finite", "non-finite loss or gradient: ...")
         """
         self.ran.add(check)
         self.findings.append(Finding(check, "error", message))
-        raise LoopError(message, check)
 
     def warn(self, check: str, message: str, key: str | None = None) -> None:
         """Record a warning finding and emit it as a :class:`LoopWarning`, once per fit per ``key``.
 
         Example::
 
-            doctor.warn("gradients", "2 trainable parameter(s) of Net received no gradient: ...")
+            record.warn("gradients", "2 trainable parameter(s) of Net received no gradient: ...")
         """
         key = key or check
         self.ran.add(check)
@@ -152,30 +183,10 @@ class Recorder:
             return
         self._warned.add(key)
         self.findings.append(Finding(check, "warning", message))
-        if self._is_main:  # one process speaks for all; every rank records the finding
+        if self.is_main:  # one process speaks for all; every rank records the finding
             w = LoopWarning(message)
             w.check = check
             warnings.warn(w, stacklevel=user_stacklevel())
-
-    def report(self) -> list[tuple[str, str, str, str]]:
-        """One row per check: ``(check id, what it establishes, status, detail)``; status is
-        ``"ok"``, ``"warning"``, ``"error"`` or ``"not run"``.
-
-        Example::
-
-            for check, title, status, detail in engine.doctor.report():
-                print(status, title)
-        """
-        return report_rows(self.findings, self.ran, self.not_run)
-
-    def format_report(self) -> str:
-        """The report as a table (what ``python -m framework doctor`` prints).
-
-        Example::
-
-            print(engine.doctor.format_report())
-        """
-        return format_table(self.report())
 
 
 def report_rows(findings: list[Finding], ran: set[str], not_run: dict[str, str]) -> list[tuple[str, str, str, str]]:
@@ -229,12 +240,17 @@ def format_table(rows: list[tuple[str, str, str, str]], width: int = 100) -> str
     return "\n".join(lines)
 
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # framework/, not only the doctor
 
 
 def user_stacklevel() -> int:
     """The ``stacklevel`` that attributes a warning to the first caller outside this package (and the
-    contextlib frames of ``watch``): the user's ``engine.fit(...)`` line, not the doctor's internals."""
+    contextlib frames of ``watch``): the user's ``engine.fit(...)`` line, not the doctor's internals.
+
+    Example::
+
+        warnings.warn(LoopWarning(message), stacklevel=user_stacklevel())
+    """
     frame: types.FrameType | None = sys._getframe(2)
     level = 2  # level 1 is Doctor.warn itself
     while frame is not None and (
@@ -245,6 +261,11 @@ def user_stacklevel() -> int:
 
 
 def name_list(names: list[str], limit: int = 8) -> str:
-    """``names`` joined for a message, the first ``limit`` of them and a count of the rest."""
+    """``names`` joined for a message, the first ``limit`` of them and a count of the rest.
+
+    Example::
+
+        name_list(["a", "b", "c"], limit=2)   # "a, b, ... (1 more)"
+    """
     shown = ", ".join(names[:limit])
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")

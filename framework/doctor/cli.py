@@ -29,7 +29,7 @@ import traceback
 import warnings
 from typing import Any
 
-from .doctor import CHECKS, Doctor, Finding, LoopError, LoopWarning, collect, format_table, report_rows
+from . import CHECKS, Doctor, Finding, LoopError, LoopWarning, collect, format_table, report_rows
 
 USAGE = """usage: python -m framework doctor [--steps N] path/to/recipe.py [recipe args]
 
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
     Example::
 
-        >>> from framework.doctor_cli import main
+        >>> from framework.doctor.cli import main
         >>> main(["recipes/digits.py", "--run-dir", "/tmp/doctor"])   # prints the table
         0
     """
@@ -130,7 +130,7 @@ class _recipe_environment:
 def _validate_if_missed(doctors: list[Doctor]) -> None:
     """A fit cut short by FRAMEWORK_MAX_STEPS may end before its first validation: run one, on two
     batches, so the eval-mode check is not left out."""
-    from .engine import Engine
+    from ..engine import Engine
 
     if any("eval_mode" in d.ran for d in doctors) or any(f.severity == "error" for d in doctors for f in d.findings):
         return

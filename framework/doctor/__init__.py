@@ -1,0 +1,497 @@
+"""The loop doctor: catches the classic training-loop mistakes and names the fix.
+
+"Debug the loop before debugging the model." The engine calls a :class:`Doctor` at fixed events
+of the loop (the façade's methods below); the doctor dispatches each event to the checks that
+subscribe to it, one object per check (or small family of checks), each in its own module:
+
+==================  =====================================================================
+module              checks
+==================  =====================================================================
+``coverage``        ``trainable``, ``optimizer_coverage`` (every parameter in one optimizer)
+``initial_weights`` ``initial_weights`` (every process starts from the same weights)
+``val_data``        ``val_data`` (validation data is not the training data)
+``batchnorm``       ``batchnorm`` (statistics over the whole batch)
+``counts``          ``count_items`` (a non-negative integer)
+``probe``           ``count_weights`` (count_items counts what the loss averages over),
+                    ``loss_scaling`` (a mean, not a sum; ``"full"``)
+``loop_calls``      ``loop_calls`` (no backward/zero_grad/step in the user's code)
+``modes``           ``train_mode``, ``eval_mode``
+``loss``            ``loss_value``, ``loss_graph`` (a fresh, differentiable scalar)
+``gradients``       ``gradients`` (every parameter gets one, per phase)
+``updates``         ``updates`` (the first steps change every parameter)
+``finite``          ``finite`` (names the non-finite loss or gradients)
+==================  =====================================================================
+
+Cost: every step, only metadata (the type and shape of what ``compute_loss`` and ``count_items``
+return, the module's mode), a few µs with no host sync. On *checked* steps (the first two optimizer
+steps, then 4, 8, ..., 512, then every 1000th under ``"basic"``; every step under ``"full"``; see
+:mod:`framework.doctor.schedule`) the checks also walk the autograd graph, watch the user's code for
+``backward()`` / ``zero_grad()`` / ``optimizer.step()`` and read device values.
+
+Observation never steers: no check draws on the global RNG (the probe forks it), touches a
+gradient, or changes a parameter, buffer or mode, so ``"off"``, ``"basic"`` and ``"full"`` train to
+bitwise the same parameters. Errors raise :class:`LoopError` before the optimizer step that would
+corrupt the parameters; warnings (:class:`LoopWarning`) are emitted once per fit, on the main process
+(every rank records them).
+
+To add a check: write a class taking the :class:`~framework.doctor.context.Context` with the
+``on_<event>`` methods it needs (see :data:`EVENTS`), add its id to :data:`CHECKS`, and list it in
+:meth:`Doctor._make_checks`. The loop does not change.
+
+``python -m framework doctor recipe.py`` (:mod:`framework.doctor.cli`) sets ``FRAMEWORK_DOCTOR=full``
+and ``FRAMEWORK_MAX_STEPS`` (which every :class:`Doctor` / ``Engine`` honours) and prints
+:meth:`Doctor.report` as a table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from .batchnorm import BatchNorm
+from .context import Context, FitInfo, Reduce
+from .counts import CountItems
+from .coverage import ParameterCoverage
+from .findings import CHECKS, Finding, LoopError, LoopWarning, Recorder, format_table, report_rows
+from .finite import Finite
+from .gradients import Gradients
+from .initial_weights import InitialWeights
+from .loop_calls import LoopCalls
+from .loss import LossGraph, LossValue
+from .modes import EvalMode, TrainMode
+from .probe import HalvesProbe
+from .schedule import is_checked, max_steps_override, resolve_level
+from .updates import Updates
+from .val_data import ValData
+
+__all__ = [
+    "CHECKS",
+    "EVENTS",
+    "Doctor",
+    "Finding",
+    "LoopError",
+    "LoopWarning",
+    "collect",
+    "format_table",
+    "max_steps_override",
+    "report_rows",
+]
+
+# The events a check may subscribe to, by defining ``on_<event>``. "checked_*" events come only on
+# checked steps; the others on every step (keep those to metadata: they are the per-step cost).
+EVENTS = (
+    "fit_start",  # (fit: FitInfo): once, at the start of a fit: setup checks, per-fit reset
+    "initial_weights",  # (module, reduce, is_rank0, device): before DDP/FSDP wraps the model
+    "checked_step_start",  # (): a checked optimizer step begins (before zero_grad)
+    "watch_enter",  # (module): the user's code is about to run (checked steps)
+    "watch_exit",  # (): ... and has returned or raised
+    "forward",  # (module, where): after forward, every step
+    "checked_forward",  # (module): after forward, checked steps, inside watch
+    "loss",  # (module, loss, outputs, phase): after compute_loss, every step
+    "checked_loss",  # (module, loss, outputs, phase): after compute_loss, checked steps
+    "count",  # (module, n): each count_items result, every step
+    "checked_backward",  # (phase): after the last backward of a step (or phase), checked steps
+    "optimizer_step",  # (applied, phase): after the optimizer step (or skip), every step
+    "retract",  # (): the last step reported applied was skipped after all
+    "eval",  # (module): after each validation forward
+    "fit_end",  # (): the fit is over: decide what is pending
+)
+
+_NULL = contextlib.nullcontext()
+_collectors: list[list[Doctor]] = []
+
+
+@contextlib.contextmanager
+def collect() -> Iterator[list[Doctor]]:
+    """Collect every :class:`Doctor` created inside the block (``python -m framework doctor`` uses it).
+
+    Example::
+
+        with collect() as doctors:
+            runpy.run_path("recipes/digits.py", run_name="__main__")
+        findings = [f for d in doctors for f in d.findings]
+    """
+    found: list[Doctor] = []
+    _collectors.append(found)
+    try:
+        yield found
+    finally:
+        _collectors.remove(found)
+
+
+class Doctor:
+    """The checks the engine runs; ``level`` is "basic" (default), "full" or "off".
+
+    The environment variable ``FRAMEWORK_DOCTOR`` overrides ``level`` (that is how
+    ``python -m framework doctor`` turns on every check in a recipe it runs).
+    After a fit, :attr:`findings` holds what was found and :meth:`report` the table.
+
+    The engine calls, per fit: :meth:`check_initial_weights` (before wrapping the model),
+    :meth:`start_fit`; per optimizer step :meth:`start_step`, then per micro-batch
+    :meth:`watch` around the user's code with :meth:`check_train_mode` after ``forward`` and
+    :meth:`check_loss` after ``compute_loss``, :meth:`check_count` for each ``count_items``; per step
+    (or per phase) :meth:`after_backward` and :meth:`after_optimizer_step`; :meth:`end_fit`. In
+    validation :meth:`check_eval_mode`; on a non-finite step :meth:`diagnose_nonfinite`.
+
+    Example::
+
+        engine = Engine(max_steps=100, batch_size=32, doctor="full")  # every check, every step
+        engine.fit(model, data)
+        print(engine.doctor.format_report())
+    """
+
+    def __init__(self, level: str = "basic") -> None:
+        self.level = resolve_level(level)
+        self.off = self.level == "off"
+        self.full = self.level == "full"
+        self.checking = False  # is the current optimizer step a checked one?
+        self.nonfinite_detail = ""  # what diagnose_nonfinite found, for the engine's NonFiniteError
+        self.context: dict[str, Any] = {}  # module, val_data, batching of the last fit (only while collected)
+        self._record = Recorder()
+        self._ctx = Context(self._record, self.level)
+        self._checks = self._make_checks(self._ctx)
+        self._finite = next(c for c in self._checks if isinstance(c, Finite))
+        self._on: dict[str, tuple[Callable[..., Any], ...]] = {
+            event: tuple(getattr(c, "on_" + event) for c in self._checks if hasattr(c, "on_" + event))
+            for event in EVENTS
+        }
+        # The every-step events, bound once: they are the per-step cost.
+        self._on_forward, self._on_loss = self._on["forward"], self._on["loss"]
+        self._on_count, self._on_optimizer_step = self._on["count"], self._on["optimizer_step"]
+        for found in _collectors:
+            found.append(self)
+
+    @staticmethod
+    def _make_checks(ctx: Context) -> list[Any]:
+        """The checks, in dispatch order (within an event, earlier checks speak first)."""
+        gradients = Gradients(ctx)
+        return [
+            ParameterCoverage(ctx),
+            InitialWeights(ctx),
+            ValData(ctx),
+            BatchNorm(ctx),
+            CountItems(ctx),
+            LoopCalls(ctx),
+            TrainMode(ctx),
+            LossValue(ctx),
+            LossGraph(ctx),
+            gradients,
+            Updates(ctx, gradients),
+            Finite(ctx),
+            HalvesProbe(ctx),
+            EvalMode(ctx),
+        ]
+
+    # -- what was found -------------------------------------------------------------------
+
+    @property
+    def findings(self) -> list[Finding]:
+        """Every problem found so far (errors and warnings), in the order found."""
+        return self._record.findings
+
+    @property
+    def ran(self) -> set[str]:
+        """The checks that ran at least once (the report's "ok" rows, unless they found something)."""
+        return self._record.ran
+
+    @property
+    def not_run(self) -> dict[str, str]:
+        """Why a check could not run, by check id (the report's "not run" rows)."""
+        return self._record.not_run
+
+    def report(self) -> list[tuple[str, str, str, str]]:
+        """One row per check: ``(check id, what it establishes, status, detail)``; status is
+        ``"ok"``, ``"warning"``, ``"error"`` or ``"not run"``.
+
+        Example::
+
+            for check, title, status, detail in engine.doctor.report():
+                print(status, title)
+        """
+        return report_rows(self.findings, self.ran, self.not_run)
+
+    def format_report(self) -> str:
+        """The report as a table (what ``python -m framework doctor`` prints).
+
+        Example::
+
+            print(engine.doctor.format_report())
+        """
+        return format_table(self.report())
+
+    def _emit(self, event: str, *args: Any) -> None:
+        for handler in self._on[event]:
+            handler(*args)
+
+    # -- once per fit ---------------------------------------------------------------------
+
+    def check_initial_weights(
+        self,
+        module: nn.Module,
+        *,
+        reduce: Reduce | None = None,
+        is_main: bool | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """Before DDP/FSDP wraps the model: warn once when the processes start from different weights
+        (an exact fingerprint of every parameter and buffer, compared with rank 0's through ``reduce``).
+        A no-op on one process.
+
+        ``reduce`` (an in-place all-reduce sum), ``is_main`` (rank 0) and ``device`` (where the
+        collective's tensors go; NCCL needs CUDA) default to what ``torch.distributed`` says.
+
+        Example::
+
+            doctor.check_initial_weights(module)   # LoopWarning naming the differing tensors
+            model = runtime.wrap(module)
+        """
+        if self.off:
+            return
+        dist = torch.distributed
+        initialized = dist.is_available() and dist.is_initialized()
+        if reduce is None and initialized and dist.get_world_size() > 1:
+            reduce = _all_reduce_sum
+        if is_main is None:
+            is_main = not initialized or dist.get_rank() == 0
+        if device is None:
+            cuda = initialized and "nccl" in str(dist.get_backend()) and torch.cuda.is_available()
+            device = (
+                torch.device("cuda", torch.cuda.current_device())
+                if cuda
+                else next((t.device for t in module.parameters()), torch.device("cpu"))
+            )
+        self._record.is_main = is_main
+        self._emit("initial_weights", module, reduce, is_main, torch.device(device))
+
+    def start_fit(
+        self,
+        module: nn.Module,
+        optimizers: torch.optim.Optimizer | list[torch.optim.Optimizer] | tuple[torch.optim.Optimizer, ...],
+        batching: Any = None,
+        train_data: Any = None,
+        val_data: Any = None,
+        *,
+        is_main: bool = True,
+        strategy: str = "single",
+        device_type: str = "cpu",
+        phases: list[str] | None = None,
+        reduce: Reduce | None = None,
+    ) -> None:
+        """Start a fit: reset the per-fit state and run the setup checks (parameters, optimizers, data).
+
+        ``optimizers``: one optimizer or a list (joint: every optimizer steps each step; or one per
+        phase, in the order of ``phases``, for alternating phases). ``strategy``: "single" | "ddp" |
+        "fsdp" (FSDP2: parameters are DTensors). ``reduce``: None on one process, else an in-place
+        all-reduce sum, for verdicts that must agree across ranks.
+
+        Example::
+
+            doctor.start_fit(module, [opt_d, opt_g], batching, train_data, val_data,
+                             phases=["discriminator", "generator"])
+        """
+        self.checking = False
+        self.nonfinite_detail = ""
+        if self.off:
+            return
+        opts = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)
+        fit = FitInfo(
+            module,
+            opts,
+            batching,
+            train_data,
+            val_data,
+            is_main=is_main,
+            strategy=strategy,
+            device_type=device_type,
+            phases=None if phases is None else list(phases),
+            reduce=reduce,
+        )
+        self._ctx.fit = fit
+        self._ctx.step, self._ctx.checking, self._ctx.watching = 0, False, False
+        self._record.new_fit(is_main)
+        if _collectors:
+            self.context = {"module": module, "val_data": val_data, "batching": batching}
+        self._emit("fit_start", fit)
+
+    # -- per optimizer step -----------------------------------------------------------------
+
+    def start_step(self) -> None:
+        """Decide whether this optimizer step is a checked one. Call once per step, before zero_grad.
+
+        Example::
+
+            doctor.start_step()
+            if doctor.checking: ...
+        """
+        if self.off:
+            return
+        ctx = self._ctx
+        self.checking = ctx.checking = is_checked(ctx.step, self.full)
+        ctx.step += 1
+        if self.checking:
+            self._emit("checked_step_start")
+
+    def watch(self, module: nn.Module, batch: Any, where: str = "forward") -> contextlib.AbstractContextManager[Any]:
+        """Wrap the user's code, ``forward`` and ``compute_loss``: on checked steps, catch its calls to
+        ``backward()``, ``zero_grad()`` and ``optimizer.step()`` and its mode switches; a no-op otherwise.
+
+        Wrap only the user's code, never the engine's own zero_grad/backward/step. ``where`` names the
+        user method the block starts with ("forward", or "compute_loss" for a block around the loss
+        alone, e.g. one per phase); :meth:`check_train_mode` moves it on to "compute_loss".
+
+        Example::
+
+            with doctor.watch(module, batch):
+                outputs = model(inputs)
+                doctor.check_train_mode(module, "forward")
+                loss = module.compute_loss(outputs, targets)
+                doctor.check_loss(module, loss, outputs)
+        """
+        if self.off or not self.checking:
+            return _NULL
+        return self._watching(module, batch, where)
+
+    @contextlib.contextmanager
+    def _watching(self, module: nn.Module, batch: Any, where: str) -> Iterator[None]:
+        ctx = self._ctx
+        ctx.watching, ctx.where, ctx.batch = True, where, batch
+        try:
+            self._emit("watch_enter", module)
+            yield
+        finally:
+            self._emit("watch_exit")
+            ctx.watching, ctx.where, ctx.batch = False, "forward", None
+
+    def check_train_mode(self, module: nn.Module, where: str) -> None:
+        """After forward: the module is still in train mode (every step; submodules on checked steps).
+
+        Example::
+
+            outputs = model(inputs)
+            doctor.check_train_mode(module, "forward")
+        """
+        if self.off:
+            return
+        for handler in self._on_forward:
+            handler(module, where)
+        if self._ctx.watching:
+            self._emit("checked_forward", module)
+            self._ctx.where = "compute_loss"
+
+    def check_loss(self, module: nn.Module, loss: Any, outputs: Any = None, phase: str | None = None) -> None:
+        """``compute_loss`` must return a differentiable scalar tensor computed in this step (the type
+        checks every step, metadata only; the graph checks on checked steps). ``phase``: the phase
+        whose loss this is (alternating phases), or None.
+
+        Example::
+
+            loss = module.compute_loss(outputs, targets)
+            doctor.check_loss(module, loss, outputs)
+        """
+        if self.off:
+            return
+        for handler in self._on_loss:
+            handler(module, loss, outputs, phase)
+        if self.checking:
+            if self._ctx.watching:
+                self._ctx.where = "compute_loss"
+            self._emit("checked_loss", module, loss, outputs, phase)
+
+    def check_count(self, module: nn.Module, n: Any) -> None:
+        """``count_items`` must be a non-negative integer (int or integer tensor); tensor values are read on
+        checked steps only (a host sync).
+
+        Example::
+
+            doctor.check_count(module, module.count_items(batch))
+        """
+        if self.off:
+            return
+        for handler in self._on_count:
+            handler(module, n)
+
+    def after_backward(self, phase: str | None = None) -> None:
+        """After the last backward of the step (or of ``phase``), before the optimizer step: which
+        trainable parameters got no gradient (checked steps, metadata only).
+
+        Example::
+
+            loss.backward()
+            doctor.after_backward()
+        """
+        if self.off or not self.checking:
+            return
+        self._emit("checked_backward", phase)
+
+    def after_optimizer_step(self, applied: bool, phase: str | None = None) -> None:
+        """After the optimizer step (of ``phase``'s optimizer, or of all of them): ``applied`` is False
+        for a step the NaN guard or the GradScaler skipped. Decides whether the parameters changed.
+
+        Example::
+
+            optimizer.step()
+            doctor.after_optimizer_step(applied=True)
+        """
+        if self.off:
+            return
+        for handler in self._on_optimizer_step:
+            handler(applied, phase)
+
+    def retract_applied(self) -> None:
+        """A step reported applied turned out skipped (the engine read its NaN verdict a step late).
+
+        Example::
+
+            doctor.retract_applied()
+        """
+        if not self.off:
+            self._emit("retract")
+
+    def diagnose_nonfinite(self, loss: torch.Tensor, params: list[torch.Tensor]) -> str:
+        """Name what went non-finite (the loss, which parameters' gradients) before the engine drops the
+        gradients; sets :attr:`nonfinite_detail`. Only called on a bad step, so its host reads cost nothing
+        on the healthy path.
+
+        Example::
+
+            doctor.diagnose_nonfinite(window_loss, params)   # -> ": Net.compute_loss returned nan (...)"
+        """
+        self.nonfinite_detail = "" if self.off else self._finite.diagnose(loss, params)
+        return self.nonfinite_detail
+
+    def end_fit(self) -> None:
+        """Decide what is still pending at the end of a short fit.
+
+        Example::
+
+            doctor.end_fit()   # e.g. gradients after a 1-step fit
+        """
+        if self.off:
+            return
+        if self._ctx.has_fit:
+            self._emit("fit_end")
+        self.checking = self._ctx.checking = False
+
+    # -- validation -------------------------------------------------------------------------
+
+    def check_eval_mode(self, module: nn.Module) -> None:
+        """During validation the module is still in eval mode (every batch, metadata only).
+
+        Example::
+
+            outputs = model(inputs)
+            doctor.check_eval_mode(module)
+        """
+        if self.off:
+            return
+        for handler in self._on["eval"]:
+            handler(module)
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    torch.distributed.all_reduce(t)
+    return t
