@@ -5,7 +5,7 @@ A callback sees the engine and the metrics, and can ask the run to stop
 reorder the five canonical steps: the engine calls it only between optimizer
 steps and around epochs, never between zero_grad and the optimizer step. Like
 logging, a callback must only read: changing parameters, gradients, the data or
-the global RNG from one breaks "observation never steers" (DESIGN.md).
+the global RNG from one breaks "observation never steers" (docs/DESIGN.md).
 
 The nine events, in the order a run fires them::
 

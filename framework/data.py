@@ -6,7 +6,7 @@ computes the same global order from ``(seed, epoch)``, cuts it into the same
 windows, and keeps its own share, split into micro-batches of at most
 ``micro_batch_size`` items. So the set of items behind each optimizer step does
 not depend on how the work is split, which is what makes the exactness rule in
-DESIGN.md hold across world sizes.
+docs/DESIGN.md hold across world sizes.
 
 The position within an epoch is just ``(epoch, windows done)`` (plus the items
 read, for streams), so resuming is O(1) for map-style data: no batch is

@@ -296,7 +296,7 @@ class Engine:
         with run.evaluating():
             val = evaluate(
                 run.module, run.eval_model, run.val_source, run.rt, self.doctor, self.config.data.limit_val_batches,
-                stateful=run.metric_objects, equal_forwards=run.strategy.equal_forwards,
+                stateful=run.metric_objects, forwards=run.strategy.forwards,
             )  # fmt: skip
         metrics = {f"val/{k}": v for k, v in val.items()}
         ck = self.config.checkpoint
@@ -353,7 +353,7 @@ class Engine:
         with run.evaluating() if run is not None else _NullContext():
             val = evaluate(
                 module, model, source, rt, self.doctor, self.config.data.limit_val_batches,
-                stateful=stateful, equal_forwards=strategy.equal_forwards,
+                stateful=stateful, forwards=strategy.forwards,
             )  # fmt: skip
         fire(self.callbacks, "on_validation_end", self, module, {f"val/{k}": v for k, v in val.items()})
         return val
@@ -375,7 +375,7 @@ class Engine:
         rt = self._runtime()
         source = validation_source(self, rt, data, predicting=True)
         with run.evaluating() if run is not None else _NullContext():
-            return predict(module, model, source, rt, equal_forwards=strategy.equal_forwards)
+            return predict(module, model, source, rt, forwards=strategy.forwards)
 
     def _for_inference(self, module: LoopModule) -> tuple[Fit | None, Any, Any]:
         """The fit of ``module`` if there is one (its eval model and strategy), else the module on this device."""
@@ -384,7 +384,7 @@ class Engine:
             return run, run.eval_model, run.strategy
         rt = self._runtime()
         module.to(rt.device)
-        return None, module, make_strategy(rt, "ddp" if rt.world_size > 1 else "auto")
+        return None, module, make_strategy(rt, self.config.distributed.strategy)
 
     # ------------------------------------------------------------------ checkpoints and preemption
 

@@ -85,14 +85,14 @@ def evaluate(
     limit_batches: int | None = None,
     *,
     stateful: dict[str, Any] | None = None,
-    equal_forwards: bool = False,
+    forwards: Any = None,
 ) -> dict[str, float]:
     """``{"loss": ..., <compute_metrics keys>: ..., <stateful metric names>: ...}``, each exact over ``source``.
 
     ``model`` is what forwards run through (the strategy's eval model: the module, a compiled one, the
     sharded module); ``limit_batches`` caps the global batches (``limit_val_batches``);
-    ``equal_forwards`` pads a rank's windows with fillers to the most any rank runs (FSDP). The
-    module's mode is restored.
+    ``forwards(window)`` gives the batches this rank runs (the strategy's: real ones first, then zero-weight
+    fillers). The module's mode is restored.
 
     Example::
 
@@ -116,11 +116,7 @@ def evaluate(
             if limit_batches is not None and w >= limit_batches:
                 break
             real = window.micro_batches
-            batches = list(real) or [window.filler]
-            if equal_forwards:
-                batches += [window.filler if window.filler is not None else batches[0]] * (
-                    window.forwards - len(batches)
-                )
+            batches = forwards(window) if forwards is not None else list(real) or [window.filler]
             for i, batch in enumerate(batches):
                 weight = 1.0 if i < len(real) else 0.0  # a filler only tells this rank the metric names
                 inputs, targets = module.split_batch(batch)

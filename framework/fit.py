@@ -145,9 +145,7 @@ class Fit:
         loss weights ``n_i * world_size / N`` (one all-reduce for N, the window's item count over all
         ranks), N, and the stop flags of all ranks, folded into the same all-reduce (None on one process)."""
         rt, module, doctor = self.rt, self.module, self.engine.doctor
-        batches = list(window.micro_batches) or [window.filler]
-        if self.strategy.equal_forwards and window.forwards > len(batches):
-            batches += [window.filler if window.filler is not None else batches[0]] * (window.forwards - len(batches))
+        batches = self.strategy.forwards(window)
         counts: list[Any] = [module.count_items(b) for b in window.micro_batches]
         for n in counts:
             doctor.check_count(module, n)
@@ -326,8 +324,6 @@ def prepare_fit(engine: Engine, rt: Any, module: LoopModule, train_data: Any, va
     batching = resolve_batching(train_data, config.data.batch_size, config.data.micro_batch_size, rt.world_size)
     source = source_for(engine, rt, train_data, batching, config.data.shuffle, training=True)
     val_source = validation_source(engine, rt, val_data, batching.micro_batch_size) if val_data is not None else None
-    if strategy.equal_forwards and config.data.stream_sharded:
-        raise ValueError("stream_sharded=True with FSDP: self-sharded streams cannot agree on forwards; drop one")
     metric_objects = check_metrics(module.configure_metrics(), f"{owner}.configure_metrics", rt.world_size)
     phases = [o.name for o in optimizers] if phased else None
     _start_doctor(doctor, module, optimizers, batching, train_data, val_data, rt, strategy, phases)

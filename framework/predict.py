@@ -39,7 +39,7 @@ def _rows(leaves: list[Any], owner: str) -> int:
     return sizes.pop() if sizes else 0
 
 
-def predict(module: LoopModule, model: nn.Module, source: Source, rt: Runtime, *, equal_forwards: bool = False) -> Any:
+def predict(module: LoopModule, model: nn.Module, source: Source, rt: Runtime, *, forwards: Any = None) -> Any:
     """Run ``module.predict_step`` over ``source`` and return every item's output in data order.
 
     Example::
@@ -56,11 +56,7 @@ def predict(module: LoopModule, model: nn.Module, source: Source, rt: Runtime, *
     with rng_preserved(rt.device), torch.inference_mode():
         for window in source.windows(epoch=0):
             real = window.micro_batches
-            batches = list(real) or [window.filler]
-            if equal_forwards:
-                batches += [window.filler if window.filler is not None else batches[0]] * (
-                    window.forwards - len(batches)
-                )
+            batches = forwards(window) if forwards is not None else list(real) or [window.filler]
             for i, batch in enumerate(batches):
                 out = module.predict_step(batch) if model is module else _through(module, model, batch)
                 leaves, this_spec = tree_flatten(out)

@@ -414,27 +414,31 @@ def save(
     if rt.is_main:
         writer.prepare()
     rt.barrier()
-    shards: dict[str, torch.Tensor] | None = {} if strategy.sharded else None
+    # Shards (DTensors: FSDP's parameters, their EMA and optimizer state) go to torch.distributed.checkpoint,
+    # whole tensors to safetensors: decided by what each tensor is, whatever the strategy.
+    shards: dict[str, torch.Tensor] = {}
     tensors: dict[str, torch.Tensor] = {}
     tree: dict[str, Any] = {}
     own_files: dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]] = {}
     for name, entry in state._entries.items():
         value = entry.obj.state_dict()
-        if entry.file is not None and shards is None:
+        if entry.file is not None and not any(_is_dtensor(t) for t in value.values()):
             unique, aliases = dedup_shared(value)
             own_files[entry.file] = (unique, {"aliases": json.dumps(aliases)})
             tree[name] = {"__file__": entry.file}
         elif entry.file is not None:
             for key, t in value.items():
                 if _is_dtensor(t):
-                    shards[f"{name}/{key}"] = t  # type: ignore[index]
+                    shards[f"{name}/{key}"] = t
                 else:  # (a buffer: not sharded by FSDP)
                     tensors[f"{name}/{key}"] = t.detach().cpu().contiguous()
             tree[name] = {"__file__": entry.file, "sharded": sorted(value)}
         else:
             tree[name] = flatten(value, tensors, name, shards)
-    if shards is not None:
-        for file in strategy.save_shards(shards, writer.staging / "shards"):
+    if shards:  # (collective: every rank holds shards of the same tensors)
+        from . import dcp
+
+        for file in dcp.save(shards, writer.staging / "shards"):
             writer.external(f"shards/{file}")
     if rt.is_main:
         for file, (unique, meta) in own_files.items():
@@ -511,7 +515,7 @@ def load(
         )
     # Read everything first.
     tensors = reader.tensors("state.safetensors")
-    sharded = _read_shards(state, tree, reader, strategy) if reader.has("shards/.metadata") else {}
+    sharded = _read_shards(state, reader) if reader.has("shards/.metadata") else {}
     values: dict[str, Any] = {}
     for name, entry in state._entries.items():
         try:
@@ -581,14 +585,13 @@ def _read_own_file(
     return read_weights(reader.path / entry.file)
 
 
-def _read_shards(state: TrainState, tree: dict[str, Any], reader: Any, strategy: Any) -> dict[str, torch.Tensor]:
-    """The tensors written through torch.distributed.checkpoint: into this run's shards (sharded runs,
-    resharding from any world size) or as whole tensors (a plain or DDP run resuming a sharded checkpoint)."""
+def _read_shards(state: TrainState, reader: Any) -> dict[str, torch.Tensor]:
+    """The tensors written through torch.distributed.checkpoint: into this run's shards where this run holds
+    shards (resharding from any world size), else as whole tensors (a plain or DDP run resuming a sharded
+    checkpoint)."""
     from . import dcp
 
     directory = reader.path / "shards"
-    if not strategy.sharded:
-        return dcp.load_full(directory)
     template: dict[str, torch.Tensor] = {}
     for name, entry in state._entries.items():
         current = entry.obj.state_dict()
@@ -598,11 +601,13 @@ def _read_shards(state: TrainState, tree: dict[str, Any], reader: Any, strategy:
             found: dict[str, torch.Tensor] = {}
             flatten(current, {}, name, found)
             template.update({k: torch.empty_like(v) for k, v in found.items()})
+    if not template:
+        return dcp.load_full(directory)
     meta = dcp.read_metadata(directory / dcp.METADATA)
     missing = sorted(set(template) - set(meta.state_dict_metadata))
     if missing:
         raise CheckpointError(f"{directory} has no shards for {missing[:4]}; it was saved by a different setup")
-    strategy.load_shards(template, directory)
+    dcp.load(template, directory)
     return template
 
 

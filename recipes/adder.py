@@ -24,7 +24,7 @@ match after 250 steps; without (``--digit-positions false``: positions alone), 0
 Loss: next-token cross-entropy on the answer tokens only. The prompt and the
 padding are ignored (-100), and ``count_items`` returns the number of answer tokens
 in a batch, so the item count varies per batch and the engine weighs micro-batches
-and processes by it (DESIGN.md's exactness rule): accumulation and DDP give the
+and processes by it (docs/DESIGN.md, the exactness rule): accumulation and DDP give the
 gradient of the mean over all answer tokens of the global batch.
 
 Metric: ``val/exact_match`` over 2,000 held-out problems, none of which appears in

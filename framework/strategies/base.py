@@ -16,9 +16,6 @@ _NULL = contextlib.nullcontext()
 class Strategy:
     """What the loop, the checkpoint code and the doctor ask of a strategy (see :mod:`framework.strategies`).
 
-    ``sharded``: model and optimizer tensors are shards (checkpoints through torch.distributed.checkpoint).
-    ``equal_forwards``: every rank must run the same number of forwards per window (FSDP gathers parameters
-    inside forward, a collective), so a rank with fewer micro-batches runs zero-weight fillers.
     ``can_skip_on_device``: a fused optimizer may skip a bad step on the device (the deferred NaN verdict).
 
     Example::
@@ -29,8 +26,6 @@ class Strategy:
     """
 
     name = "single"
-    sharded = False
-    equal_forwards = False
     can_skip_on_device = True
 
     def __init__(self, rt: Any) -> None:
@@ -60,6 +55,11 @@ class Strategy:
     def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float, norm: torch.Tensor) -> None:
         """Scale the gradients so their global norm is at most ``max_norm``, given their norm ``norm``."""
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+
+    def forwards(self, window: Any) -> list[Any]:
+        """The batches this rank runs for ``window``: its micro-batches, or a zero-weight filler when it has none
+        (so it still joins the gradient all-reduce). The first ``len(window.micro_batches)`` are real."""
+        return list(window.micro_batches) or [window.filler]
 
     def check_unused(self, module: nn.Module, params: list[torch.Tensor]) -> None:
         """After the first window's backward: stop on parameters the wrapper cannot handle (DDP)."""

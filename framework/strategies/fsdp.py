@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -96,7 +95,8 @@ class FSDP(Strategy):
       every shard (``DTensor.full_tensor``), so clipping and the NaN guard agree on every rank.
     - Every rank runs the same number of forwards per window (parameters are gathered inside forward, a
       collective): a rank with fewer micro-batches in the last window runs zero-weight fillers.
-    - Checkpoints: :mod:`framework.dcp` (torch.distributed.checkpoint, every rank writes its own shard).
+    - Checkpoints: the shards are DTensors, which :mod:`framework.state` writes with torch.distributed.checkpoint
+      (:mod:`framework.dcp`: every rank its own shard, resharded on load).
 
     Example::
 
@@ -104,8 +104,6 @@ class FSDP(Strategy):
     """
 
     name = "fsdp"
-    sharded = True
-    equal_forwards = True
     can_skip_on_device = False  # (the deferred verdict is not implemented over sharded optimizer steps)
 
     def __init__(self, rt: Any) -> None:
@@ -139,6 +137,18 @@ class FSDP(Strategy):
             fully_shard(block, mp_policy=mp, reshard_after_forward=reshard)
         fully_shard(module, mp_policy=mp, reshard_after_forward=reshard)
         return module
+
+    def forwards(self, window: Any) -> list[Any]:
+        """As many forwards as the busiest rank runs (parameters are gathered inside forward, a collective):
+        the missing ones are zero-weight fillers."""
+        if window.forwards <= 0:
+            raise ValueError(
+                "stream_sharded=True cannot run under FSDP: self-sharded streams cannot tell how many forwards the "
+                "other ranks run; drop stream_sharded (every rank then reads the stream and keeps its share)"
+            )
+        batches = super().forwards(window)
+        pad = window.filler if window.filler is not None else batches[0]
+        return batches + [pad] * (window.forwards - len(batches))
 
     def no_sync(self, model: nn.Module, sync: bool) -> contextlib.AbstractContextManager[Any]:
         return _NULL if sync else _NoGradientSync(model)
@@ -185,19 +195,6 @@ class FSDP(Strategy):
         tensors = [v for st in state["state"].values() for v in st.values() if isinstance(v, torch.Tensor)]
         full = not any(_is_dtensor(t) for t in tensors if t.ndim)
         set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=full))
-
-    def save_shards(self, tensors: dict[str, torch.Tensor], directory: Path) -> list[str]:
-        """Write this rank's shards of ``tensors`` with torch.distributed.checkpoint (collective); returns the
-        files this rank wrote (rank 0 also writes the metadata)."""
-        from ..dcp import save
-
-        return save(tensors, directory)
-
-    def load_shards(self, template: dict[str, torch.Tensor], directory: Path) -> None:
-        """Fill ``template`` (this rank's shards) from ``directory``, resharding from any world size."""
-        from ..dcp import load
-
-        load(template, directory)
 
     def summary(self) -> str:
         shown = ", ".join(self.blocks[:4]) + (f", ... ({len(self.blocks)} units)" if len(self.blocks) > 4 else "")

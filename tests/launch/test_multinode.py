@@ -1,6 +1,6 @@
 """The multi-node path, for real: two `accelerate launch --config_file launch/multinode.yaml`
 commands ("nodes" 0 and 1, one process each) on loopback, CPU over gloo, must reach the same
-parameters as one process (DESIGN.md's exactness rule)."""
+parameters as one process (docs/DESIGN.md, the exactness rule)."""
 
 from __future__ import annotations
 
