@@ -115,10 +115,8 @@ def test_several_optimizers_step_jointly_after_one_backward():
 def test_alternating_phases_share_the_forward_and_run_zero_backward_step_per_phase_in_order():
     module = Phased("two")
     fit(module, micro_batch_size=16)
-    expected = (
-        ["zero_grad:first", "forward", "backward:first", "forward", "backward:first", "step:first"]
-        + ["zero_grad:second", "backward:second", "backward:second", "step:second"]
-    )  # fmt: skip
+    first = ["zero_grad:first", "forward", "backward:first", "forward", "backward:first", "step:first"]
+    expected = [*first, "zero_grad:second", "backward:second", "backward:second", "step:second"]
     assert steps_of(module.events, "zero_grad:first") == [expected] * 3
 
 
