@@ -198,7 +198,13 @@ def read_json(path: Path) -> Any:
         raise CheckpointError(f"{path} is not valid JSON ({e}); the checkpoint is corrupt") from None
 
 
-def load_weights(module: torch.nn.Module, path: str | os.PathLike[str], strict: bool = True) -> torch.nn.Module:
+def load_weights(
+    module: torch.nn.Module,
+    path: str | os.PathLike[str],
+    prefix: str | None = None,
+    strict: bool = True,
+    ema: bool = False,
+) -> torch.nn.Module:
     """Load weights from a checkpoint directory, a ``.safetensors`` file, or ``RUN_DIR`` (its newest checkpoint).
 
     A sharded (FSDP) checkpoint is assembled into whole tensors in this process, no process group
@@ -217,11 +223,13 @@ def load_weights(module: torch.nn.Module, path: str | os.PathLike[str], strict: 
             raise CheckpointError(f"no complete checkpoint under {p / 'checkpoints'}")
         p = newest
     if p.is_dir():
-        weights = checkpoint_weights(p)
+        weights = checkpoint_weights(p, ema=ema)
     elif p.is_file():
         weights = read_weights(p)
     else:
         raise CheckpointError(f"{p} does not exist; pass a checkpoint directory, a run dir or a .safetensors file")
+    if prefix:
+        weights = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
     module.load_state_dict(weights, strict=strict)
     return module
 
