@@ -8,6 +8,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import ROOT
 
 
@@ -59,3 +61,13 @@ def test_gpu_benchmark_runs_its_loops_on_cpu_when_asked(tmp_path):
         'Engine, barebones, nan_check="step" (a sync per step)',
     ):
         assert len(ratios(text, row)) == 2 and all(r > 0 for r in ratios(text, row))
+
+
+@pytest.mark.multiprocess
+def test_fsdp_benchmark_counts_sharded_memory_on_two_processes(tmp_path):
+    out = tmp_path / "fsdp_results.md"
+    run("fsdp.py", "--quick", "--out", str(out))
+    text = out.read_text()
+    for rank in (0, 1):  # every parameter and its AdamW state split over 2 ranks: half, exactly (128 | 2)
+        assert ratios(text, str(rank))[0] == 0.5
+    assert "target: FSDP <= 0.55x DDP per rank (params + optimizer): met" in text
