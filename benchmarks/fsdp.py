@@ -124,7 +124,10 @@ def report(out: Path, quick: bool) -> str:
             f"| {got['per_step']['fsdp'] / got['per_step']['ddp']:.2f}x |"
         )
     worst = max((g["memory"]["fsdp"]["params"] + g["memory"]["fsdp"]["optimizer"]) / (g["memory"]["ddp"]["params"] + g["memory"]["ddp"]["optimizer"]) for g in ranks)  # fmt: skip
-    lines += ["", f"target: FSDP <= 0.55x DDP per rank (params + optimizer): {'met' if worst <= 0.55 else 'MISSED'} ({worst:.3f}x)"]
+    lines += [
+        "",
+        f"target: FSDP <= 0.55x DDP per rank (params + optimizer): {'met' if worst <= 0.55 else 'MISSED'} ({worst:.3f}x)",
+    ]
     step = ranks[0]["per_step"]
     lines.append(f"marginal step time (rank 0): DDP {step['ddp'] * 1e3:.1f} ms, FSDP {step['fsdp'] * 1e3:.1f} ms")
     return "\n".join(lines)

@@ -195,6 +195,8 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
         flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
         default = defaults.get(name, "required")
         help_text = f"{_type_name(tp)} (default: {default})"
+        if name in _engine_docs():  # an Engine argument: its one documentation, from framework.config
+            help_text += f": {_engine_docs()[name]} (an Engine argument)"
         base, _ = _unwrap_optional(tp)
         if base is bool:
             parser.add_argument(
@@ -219,7 +221,36 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
     missing = [n for n in fields if n not in values]
     if missing:
         parser.error(f"missing required value(s): {', '.join('--' + m.replace('_', '-') for m in missing)}")
-    return cls(**values)
+    cfg = cls(**values)
+    try:  # the Engine arguments among the fields are checked by the Engine's own rules, before anything runs
+        from .config import EngineConfig
+
+        EngineConfig.from_options(**engine_options(cfg))
+    except ValueError as e:
+        parser.error(f"{e} (a recipe flag --{str(e).split('=')[0].replace('_', '-')})")
+    return cfg
+
+
+def engine_options(cfg: Any, **overrides: Any) -> dict[str, Any]:
+    """The fields of a recipe's config that are Engine arguments (same names), for ``Engine(**...)``: a recipe
+    declares which Engine arguments it exposes and their defaults, and the Engine's config
+    (:class:`framework.config.EngineConfig`) checks and documents them; ``overrides`` wins.
+
+    Example::
+
+        engine = Engine(**engine_options(cfg, run_dir=run_dir))
+    """
+    from .config import describe
+
+    names = {row[0] for row in describe()}
+    picked = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name in names}
+    return {**picked, **overrides}
+
+
+def _engine_docs() -> dict[str, str]:
+    from .config import describe
+
+    return {name: doc for name, _group, _default, doc in describe()}
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

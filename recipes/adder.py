@@ -60,7 +60,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from framework import Engine, LoopModule
 from framework.optim import fused_on_gpu
-from framework.recipe_config import parse_config, save_yaml
+from framework.recipe_config import engine_options, parse_config, save_yaml
 from framework.run_info import recipe_run_dir
 
 
@@ -316,19 +316,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     train, val = make_data(cfg)  # deterministic: every process builds the same sets
     torch.manual_seed(cfg.seed)  # the same initial weights on every process and every run
     module = Adder(cfg)
-    engine = Engine(
-        max_steps=cfg.max_steps,
-        max_epochs=cfg.max_epochs,
-        max_time=cfg.max_time,
-        batch_size=cfg.batch_size,
-        micro_batch_size=cfg.micro_batch_size,
-        seed=cfg.seed,
-        run_dir=run_dir,
-        log_every_n_steps=cfg.log_every_n_steps,
-        progress=cfg.progress,
-        checkpoint_every_n_steps=cfg.checkpoint_every_n_steps,
-        resume=cfg.resume,
-    )
+    engine = Engine(**engine_options(cfg, run_dir=run_dir))  # the Engine arguments among the fields
     if is_main:
         save_yaml(cfg, os.path.join(run_dir, "recipe_config.yaml"))
     engine.fit(module, train, val)

@@ -135,3 +135,24 @@ def test_help_lists_types_and_defaults(capsys):
         parse_config(Cfg, ["--help"])
     out = capsys.readouterr().out
     assert "--micro-batch-size" in out and "int | None (default: None)" in out and "{mlp,cnn}" in out
+
+
+def test_engine_arguments_among_a_recipes_fields_are_checked_documented_and_passed_on():
+    from dataclasses import dataclass
+
+    from framework import Engine
+    from framework.recipe_config import engine_options
+
+    @dataclass
+    class Config:
+        lr: float = 1e-3
+        batch_size: int = 64
+        keep_last: int = 3
+        smoke: bool = False
+
+    cfg = parse_config(Config, ["--keep-last", "2"])
+    assert engine_options(cfg) == {"batch_size": 64, "keep_last": 2}  # only the Engine's names
+    assert engine_options(cfg, keep_last=5)["keep_last"] == 5
+    Engine(**engine_options(cfg))  # accepted as is
+    with pytest.raises(SystemExit):  # refused at parse time by the Engine's own check, before anything runs
+        parse_config(Config, ["--keep-last", "0"])
