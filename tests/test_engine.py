@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -506,3 +507,26 @@ def test_tuple_of_tensors_input_matches_tensor_dataset():
     assert torch.equal(_fit_params([x, y]), _fit_params(TensorDataset(x, y)))
     with pytest.raises(ValueError, match="different lengths"):
         _fit_params((x, y[:-1]))
+
+
+def test_seed_everything_before_building_gives_the_same_initial_weights_and_names_a_bad_seed():
+    import framework
+
+    framework.seed_everything(7)
+    a = TinyClassifier()
+    framework.seed_everything(7)
+    b = TinyClassifier()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    with pytest.raises(ValueError, match=r"seed_everything\(seed=-1\); use a non-negative int"):
+        framework.seed_everything(-1)
+
+
+def test_a_resumed_run_says_where_it_resumed_from_and_a_short_run_shows_its_loss(tmp_path, capsys):
+    x, y = classification_data(96)
+    Engine(max_steps=2, batch_size=32, run_dir=str(tmp_path), checkpoint_every_n_steps=1).fit(TinyClassifier(), (x, y))
+    first = capsys.readouterr().err
+    assert "resumed from" not in first
+    assert re.search(r"^fit done at step 2: train/loss=\d", first, flags=re.M), first  # (no log step was reached)
+    Engine(max_steps=3, batch_size=32, run_dir=str(tmp_path), resume="auto").fit(TinyClassifier(), (x, y))
+    again = capsys.readouterr().err
+    assert again.splitlines()[0] == "resumed from checkpoints/step-00000002 (epoch 0, step 2)", again
