@@ -107,3 +107,16 @@ def test_every_argument_has_one_line_of_documentation_and_the_readme_table_lists
     table = readme[readme.index("## Engine arguments") : readme.index("## What lands in the run dir")]
     listed = set(re.findall(r"`(\w+)`", table))
     assert set(names) <= listed, sorted(set(names) - listed)
+
+
+def test_keep_best_with_a_monitor_validation_does_not_log_is_an_error_at_the_first_validation(tmp_path):
+    from tests.helpers import TinyClassifier, classification_data
+
+    x, y = classification_data(96)
+    engine = Engine(
+        max_epochs=2, batch_size=32, keep_best=1, monitor="val/accuracy", run_dir=str(tmp_path), progress=False
+    )
+    with pytest.raises(ValueError, match=r"monitor='val/accuracy'.*pick one of \['val/acc', 'val/loss'\]"):
+        engine.fit(TinyClassifier(), (x, y), (x[:32], y[:32]))
+    assert engine.step == 3  # the first epoch trained, its validation found the mistake, nothing was saved
+    assert not list((tmp_path / "checkpoints").glob("step-*")) if (tmp_path / "checkpoints").exists() else True

@@ -10,6 +10,7 @@ shard sizes, validate() and predict() results, and (with --nan) the skipped step
   --resume         resume="auto" from OUT_DIR/run
   --kill-at K      SIGKILL rank 0 right after step K (a checkpoint is written every 4 steps)
   --nan            plant a NaN item at one global position (nan_policy="skip"): every rank skips that step
+  --bf16           mixed_precision="bf16" (FSDP2's MixedPrecisionPolicy: bf16 compute, fp32 reduction)
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def main() -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--kill-at", type=int, default=None)
     p.add_argument("--nan", action="store_true")
+    p.add_argument("--bf16", action="store_true")
     args = p.parse_args()
     model = NanTokenModel() if args.nan else TokenModel()
     engine = Engine(
@@ -78,6 +80,7 @@ def main() -> None:
         checkpoint_every_n_steps=EVERY,
         resume="auto" if args.resume else None,
         nan_policy="skip" if args.nan else "raise",
+        mixed_precision="bf16" if args.bf16 else "no",
         callbacks=[KillAt(args.kill_at)] if args.kill_at else [],
     )
     val_x, val_y = token_data(61, seed=2)

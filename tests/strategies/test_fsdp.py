@@ -120,12 +120,17 @@ def test_a_non_finite_step_is_skipped_on_every_rank(tmp_path):
 
 
 def test_a_planted_pickle_in_the_shard_index_is_refused_and_never_runs(tmp_path):
-    # A sharded checkpoint from FSDP on one plain process (a process group of one), in a subprocess.
+    # A sharded checkpoint from FSDP on one plain process (a process group of one), in bf16 (the
+    # MixedPrecisionPolicy path: bf16 compute, fp32 master weights and reduction), in a subprocess.
     made = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path / "a"), "--strategy", "fsdp"], cwd=ROOT, capture_output=True,
-        text=True, timeout=240,
+        [sys.executable, str(SCRIPT), str(tmp_path / "a"), "--strategy", "fsdp", "--bf16"], cwd=ROOT,
+        capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert made.returncode == 0, made.stderr[-3000:]
+    bf16 = result(tmp_path / "a")
+    assert bf16["strategy"] == "fsdp" and all(v.dtype == torch.float32 for v in bf16["params"].values())
+    fp32, _, _ = reference(tmp_path)
+    assert 1e-6 < max_diff(bf16["params"], fp32) < 0.05  # bf16 compute: close to fp32, not equal
     ckpt = tmp_path / "a" / "run" / "checkpoints" / f"step-{STEPS:08d}"
     meta = ckpt / "shards" / ".metadata"
     assert read_metadata(meta).state_dict_metadata  # the genuine index reads
