@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 9, as one device call (the device tool: `run` with this command,
+# The GPU checks (issues 9, 16, 21), as one device call (the device tool: `run` with this command,
 # timeout_s=600). It needs nothing installed: the device image's python3 has torch, accelerate,
 # pytest, safetensors, pyyaml and tensorboard. Everything it prints also lands in $OUT.
 #
@@ -23,13 +23,18 @@ fi
 timeout 240 $PY -m pytest -m cuda -q -p no:cacheprovider -o addopts="" tests 2>&1 | tee "$OUT/cuda_tests.txt"
 tests_rc=$?
 # Tokens/s vs a hand-written Accelerate loop in bf16 (medium MLP, GPT 8x512), and the per-step sync's price.
-timeout 330 $PY benchmarks/gpu.py "${bench_args[@]}" --out "$OUT/gpu_results.md" 2>&1 | tee "$OUT/gpu_bench.txt"
+timeout 300 $PY benchmarks/gpu.py "${bench_args[@]}" --out "$OUT/gpu_results.md" 2>&1 | tee "$OUT/gpu_bench.txt"
 bench_rc=$?
+# FSDP2 over nccl on this GPU, in bf16 (a world of one: NCCL refuses two ranks on one device): trains,
+# writes a sharded checkpoint with torch.distributed.checkpoint, validates and predicts through the shards.
+timeout 90 $PY tests/scripts/fsdp_run.py "$OUT/fsdp" --strategy fsdp --bf16 2>&1 | tail -20 | tee "$OUT/fsdp.txt"
+fsdp_rc=${PIPESTATUS[0]}
+$PY -c "import torch; r = torch.load('$OUT/fsdp/result.pt', weights_only=False); print('fsdp', r['strategy'], r['world_size'], 'step', r['step'], r['validate'])" 2>&1 | tee -a "$OUT/fsdp.txt"
 # For information (not in the exit status): the single-process suite with the GPU visible, so the
 # engine runs on CUDA; tests that compare against a hand-written CPU loop may differ there.
 # (The multiprocess tests launch launch/cpu_ddp.yaml, which is for machines without a GPU.)
-timeout 150 $PY -m pytest -m "not multiprocess" -q -p no:cacheprovider -n 8 \
+timeout 120 $PY -m pytest -m "not multiprocess" -q -p no:cacheprovider -n 8 \
   tests/test_nan_policy.py tests/test_checkpoint.py tests/test_logging.py tests/test_engine.py 2>&1 |
   tee "$OUT/suite_on_gpu.txt" | tail -15
-echo "cuda tests exit $tests_rc, benchmark exit $bench_rc" | tee -a "$OUT/machine.txt"
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+echo "cuda tests exit $tests_rc, benchmark exit $bench_rc, fsdp exit $fsdp_rc" | tee -a "$OUT/machine.txt"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$fsdp_rc" -eq 0 ]
