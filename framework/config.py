@@ -369,6 +369,20 @@ def describe() -> list[tuple[str, str, Any, str]]:
     return rows
 
 
+def markdown_table() -> str:
+    """The README's table of Engine arguments, generated from the fields' docs (the one place they are written).
+
+    Example::
+
+        print(markdown_table())   # | group | argument | default | meaning |
+    """
+    lines = ["| group | argument | default | meaning |", "|---|---|---|---|"]
+    for name, group, default, doc in describe():
+        shown = "–" if default is None else f"`{default!r}`"
+        lines.append(f"| {group} | `{name}` | {shown} | {doc} |")
+    return "\n".join(lines)
+
+
 def jsonable(value: Any) -> Any:
     """A JSON-friendly stand-in for a config value (callables and objects by name).
 
@@ -404,6 +418,7 @@ __all__ = [
     "convert",
     "describe",
     "jsonable",
+    "markdown_table",
     "load_yaml",
     "parse_config",
     "save_yaml",
