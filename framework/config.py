@@ -158,9 +158,13 @@ class StopConfig:
 class DataConfig:
     """Global batches and how Dataset inputs are read."""
 
-    batch_size: int | None = _option(None, _positive_int(64), "global items per optimizer step, over all processes")
+    batch_size: int | None = _option(
+        None, _positive_int(64), "global items per optimizer step, over all processes (Dataset and tensor inputs)"
+    )
     micro_batch_size: int | None = _option(
-        None, _positive_int(16), "items per forward on one device (default batch_size / world_size)"
+        None,
+        _positive_int(16),
+        "items per forward on one device (default batch_size / world_size); accumulation = batch_size / (micro_batch_size x world_size), whole; a DataLoader's batch_size is it",
     )
     shuffle: bool = _option(True, _flag, "seeded per epoch; the same global order at any world size")
     drop_last: bool = _option(False, _flag, "drop each epoch's partial last global batch (Dataset inputs)")
@@ -168,9 +172,13 @@ class DataConfig:
     collate_fn: Callable[..., Any] | None = _option(None, _callable_or_none, "turns a list of samples into a batch")
     pin_memory: bool = _option(False, _flag, "pinned host memory for GPU copies")
     stream_sharded: bool = _option(False, _flag, "an IterableDataset that already yields only this rank's items")
-    limit_train_batches: int | None = _option(None, _positive_int(10), "debug: optimizer steps per epoch")
+    limit_train_batches: int | None = _option(
+        None, _positive_int(10), "debug: each epoch trains on its first n global batches"
+    )
     limit_val_batches: int | None = _option(None, _positive_int(10), "debug: global batches per validation")
-    overfit_batches: int | None = _option(None, _positive_int(1), "debug: train on the first n global batches")
+    overfit_batches: int | None = _option(
+        None, _positive_int(1), "debug: every epoch trains on the same first n global batches"
+    )
 
 
 @dataclass(frozen=True)
@@ -178,7 +186,9 @@ class PrecisionConfig:
     """Numerics of the step: precision, compilation."""
 
     mixed_precision: str | None = _option(
-        None, _choices(None, "no", "bf16", "fp16"), "'no' | 'bf16' | 'fp16' (default: the launch config's)"
+        None,
+        _choices(None, "no", "bf16", "fp16"),
+        "'no' | 'bf16' (CPU and CUDA) | 'fp16' (CUDA, with a GradScaler); default: the launch config's, else 'no'",
     )
     compile: bool = _option(False, _flag, "wrap the model in torch.compile")
 
@@ -189,29 +199,47 @@ class StepConfig:
 
     clip_grad_norm: float | None = _option(None, _positive_number(1.0), "clip the global gradient norm")
     clip_grad_value: float | None = _option(None, _positive_number(1.0), "clip each gradient element")
-    nan_policy: str = _option("raise", _choices("raise", "skip"), "a non-finite step raises or is dropped everywhere")
+    nan_policy: str = _option(
+        "raise",
+        _choices("raise", "skip"),
+        "a non-finite loss or gradient norm raises (parameters untouched) or drops the step on every rank",
+    )
     max_consecutive_skips: int = _option(10, _count_at_least(1, 10), "skipped steps in a row before raising")
     nan_check: str = _option(
-        "auto", _choices("auto", "step", "deferred"), "when the NaN verdict is read: at once or a step late"
+        "auto",
+        _choices("auto", "step", "deferred"),
+        "when that verdict is read: 'step' (at once), 'deferred' (a step late, no sync; a fused optimizer), 'auto' (deferred on a GPU where possible)",
     )
-    ema_decay: float | None = _option(None, _fraction, "keep an EMA of the parameters; validation uses it")
+    ema_decay: float | None = _option(
+        None, _fraction, "keep an EMA of the parameters (ema = d * ema + (1 - d) * param); validation uses it"
+    )
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
     """Where a run writes and what it keeps."""
 
-    run_dir: str | None = _option(None, _path_or_none, "metrics.jsonl, config.json and checkpoints/ go here")
-    checkpoint_every_n_steps: int | None = _option(None, _positive_int(500), "also checkpoint every n steps")
+    run_dir: str | None = _option(
+        None,
+        _path_or_none,
+        "metrics.jsonl, config.json and checkpoints/ go here; a fresh fit refuses a dir that holds another run",
+    )
+    checkpoint_every_n_steps: int | None = _option(None, _positive_int(500), "also checkpoint every n optimizer steps")
     checkpoint_every_epoch: bool | None = _option(
         None, _flag_or_none, "checkpoint at epoch ends (default: with run_dir)"
     )
     checkpoint_async: bool = _option(False, _flag, "write checkpoints in a background thread")
     keep_last: int = _option(3, _count_at_least(1, 3), "newest checkpoints kept")
-    keep_best: int = _option(0, _count_at_least(0, 1), "best checkpoints kept by monitor")
-    monitor: str = _option("val/loss", _text, "the validation key keep_best ranks by")
+    keep_best: int = _option(0, _count_at_least(0, 1), "best checkpoints kept, ranked by monitor")
+    monitor: str = _option(
+        "val/loss", _text, "the validation key keep_best ranks by (an error at the first validation if not logged)"
+    )
     mode: str = _option("min", _choices("min", "max"), "whether lower or higher monitor is better")
-    resume: str | None = _option(None, _resume, "None | 'auto' | a checkpoint path")
+    resume: str | None = _option(
+        None,
+        _resume,
+        "None (fresh) | 'auto' (the newest complete checkpoint in run_dir, else fresh) | a checkpoint path",
+    )
 
 
 @dataclass(frozen=True)
@@ -220,9 +248,13 @@ class LoggingConfig:
 
     log_every_n_steps: int = _option(50, _count_at_least(1, 50), "train records every n steps")
     progress: bool = _option(True, _flag, "progress bar / lines on rank 0")
-    log_with: Any = _option(None, _trackers, "Accelerate trackers, e.g. ['tensorboard']")
+    log_with: Any = _option(None, _trackers, "Accelerate trackers, e.g. ['tensorboard'] or 'wandb'")
     trace: bool = _option(False, _flag, "record the step events in engine.trace")
-    doctor: str = _option("basic", _choices("basic", "full", "off"), "the loop doctor's level")
+    doctor: str = _option(
+        "basic",
+        _choices("basic", "full", "off"),
+        "the loop doctor: 'basic' (sparse checks), 'full' (every step, costly probes), 'off'",
+    )
 
 
 @dataclass(frozen=True)
@@ -230,7 +262,9 @@ class DistributedConfig:
     """Several processes: the strategy, and how stops and failures are agreed."""
 
     strategy: str = _option(
-        "auto", _choices("auto", "ddp", "fsdp"), "auto: plain, DDP for several, FSDP if launched so"
+        "auto",
+        _choices("auto", "ddp", "fsdp"),
+        "'auto': plain for one process, DDP for several, FSDP where the launch config asks; 'ddp' or 'fsdp' forces one",
     )
     find_unused_parameters: bool | None = _option(
         None, _flag_or_none, "DDP: parameters some steps do not use (None: an error naming them at step 1)"
@@ -239,7 +273,9 @@ class DistributedConfig:
         None, _positive_number(300.0), "seconds a collective waits for a peer (default 300 CPU, 600 GPU)"
     )
     preemption_signals: tuple[str, ...] = _option(
-        ("SIGTERM", "SIGUSR1"), _signals, "checkpoint at an agreed step boundary, then exit 143"
+        ("SIGTERM", "SIGUSR1"),
+        _signals,
+        "on any rank: a checkpoint at one agreed step boundary, then exit 143 on every rank (Ctrl-C: 130)",
     )
 
 
@@ -260,7 +296,11 @@ class EngineConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    seed: int = _option(0, _seed, "seeds the data order, and every RNG per rank at fit start")
+    seed: int = _option(
+        0,
+        _seed,
+        "seeds the data order, and every RNG per rank at fit start (seed_everything before building the model)",
+    )
     val_every_n_steps: int | None = _option(
         None, _positive_int(500), "validate every n optimizer steps (instead of at epoch ends)"
     )
@@ -418,8 +458,8 @@ __all__ = [
     "convert",
     "describe",
     "jsonable",
-    "markdown_table",
     "load_yaml",
+    "markdown_table",
     "parse_config",
     "save_yaml",
 ]
