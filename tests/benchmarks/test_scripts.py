@@ -47,7 +47,7 @@ def test_overhead_writes_its_tables_and_checks_its_targets(tmp_path):
         "hand-written Accelerate loop",
     ):
         assert all(r > 0 for r in ratios(text, row))
-    assert re.search(r"In a real step .*: \d+ µs/step with the guard, \d+ without", text)
+    assert re.search(r"In a real step .*: [\d,]+ µs/step with the guard, [\d,]+ without", text)
     assert re.search(r"\| tiny model, tensor data, Engine defaults <= 1.00x raw \| \d+\.\d+x \| (yes|no) \|", text)
 
 

@@ -24,6 +24,7 @@ EXPECTED = {
     "bf16.yaml": ("NO", 1, "bf16"),
     "fp16.yaml": ("NO", 1, "fp16"),
     "fsdp.yaml": ("FSDP", -1, "bf16"),
+    "cpu_fsdp.yaml": ("FSDP", 2, "no"),
     "multinode.yaml": ("MULTI_GPU", 16, "no"),
 }
 
@@ -84,14 +85,17 @@ def test_all_gpu_configs_ask_for_the_gpu_count(name):
     assert args.nproc_per_node == "4"
 
 
-def test_fsdp_plugin_settings_reach_the_workers():
-    args, env = _resolve("fsdp.yaml", "--num_processes", "2")
+@pytest.mark.parametrize(
+    ("name", "min_params", "precision"), [("fsdp.yaml", 1_000_000, "bf16"), ("cpu_fsdp.yaml", 1000, "no")]
+)
+def test_fsdp_settings_reach_the_workers_where_the_engine_reads_them(name, min_params, precision):
+    args, env = _resolve(name, "--num_processes", "2")
     assert args.use_fsdp
-    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "1"
-    assert env["FSDP_SHARDING_STRATEGY"] == "FULL_SHARD"
-    assert env["FSDP_AUTO_WRAP_POLICY"] == "SIZE_BASED_WRAP" and int(env["FSDP_MIN_NUM_PARAMS"]) > 0
-    assert env["FSDP_STATE_DICT_TYPE"] == "FULL_STATE_DICT"  # checkpoints gather full state dicts
-    assert env["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    # What framework.distributed.wants_fsdp and framework.strategies.default_blocks read: FSDP2, the size policy.
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
+    assert env["FSDP_AUTO_WRAP_POLICY"] == "SIZE_BASED_WRAP" and int(env["FSDP_MIN_NUM_PARAMS"]) == min_params
+    assert env["FSDP_RESHARD_AFTER_FORWARD"] == "true"
+    assert env["ACCELERATE_MIXED_PRECISION"] == precision
 
 
 def test_multinode_marks_its_fields_and_resolves_per_node():
