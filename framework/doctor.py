@@ -405,7 +405,9 @@ class Doctor(ParameterChecks):
                 "compute the loss from forward's outputs with differentiable torch ops",
             )
         if self._phase is not None:
-            if outputs is not None:
+            # (Not in alternating phases: a phase's loss may use only detached outputs, e.g. a GAN
+            # discriminator's loss on fake.detach(), which the walk cannot tell from a stale loss.)
+            if outputs is not None and phase is None:
                 self._check_graph(module, loss, outputs)
             self._check_modes(module)
             if self.full and not self._probe_done and self._batch is not None:
