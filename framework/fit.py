@@ -405,7 +405,22 @@ def _start_doctor(
             reduce=rt.all_reduce_sum if rt.world_size > 1 else None,
         )  # fmt: skip
     except TypeError:  # (a doctor without the multi-optimizer keywords: the one of a previous version)
-        doctor.start_fit(module, opts[0], batching, train, val, is_main=rt.is_main, fsdp=strategy.sharded)
+        # It checks one optimizer's param groups: give it every optimizer's, or it reports the parameters
+        # of all but the first as in no optimizer.
+        one = opts[0] if len(opts) == 1 else _AllParamGroups(opts)
+        doctor.start_fit(module, one, batching, train, val, is_main=rt.is_main, fsdp=strategy.sharded)
+
+
+class _AllParamGroups:
+    """The param groups of several optimizers, seen as one optimizer's (for a doctor that checks one).
+
+    Example::
+
+        _AllParamGroups([opt_d, opt_g]).param_groups   # opt_d's groups, then opt_g's
+    """
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        self.param_groups = [g for o in optimizers for g in o.param_groups]
 
 
 def _decide_deferral(
