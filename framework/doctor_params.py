@@ -111,7 +111,9 @@ class ParameterChecks(Recorder):
         self._grad_checks += 1
         # Under DDP an unused parameter makes the next forward fail (DDP's "Expected to have finished
         # reduction" error, which names parameter indices): name them now, before that happens.
-        if self._grad_checks >= (1 if getattr(self._batching, "world_size", 1) > 1 else 2):
+        # Not per phase (alternating phases): each phase leaves the others' parameters without a gradient
+        # (and runs without DDP's wrapper); decided at the fit's end, over every checked phase.
+        if phase is None and self._grad_checks >= (1 if getattr(self._batching, "world_size", 1) > 1 else 2):
             self._decide_gradients()
 
     def _decide_gradients(self) -> None:
