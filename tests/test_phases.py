@@ -75,7 +75,7 @@ def reference() -> torch.Tensor:
 
 
 def test_phases_are_the_dcgan_update_rule(reference):
-    model, engine = fit(trace=True)
+    model, engine = fit()
     assert engine.step == STEPS
     assert max_diff(flat_params(model), reference) <= TOL  # measured: 0 (bitwise)
     assert max_diff(reference, flat_params(GAN())) > 1e-2, "training moved the parameters"
