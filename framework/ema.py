@@ -1,7 +1,10 @@
 """An exponential moving average of the parameters (``Engine(ema_decay=0.999)``).
 
 After every applied optimizer step, ``ema = decay * ema + (1 - decay) * param`` (a ``lerp``, on the
-device, no host sync), starting from the weights at fit start. Validation (and ``predict`` and
+device, no host sync), starting from the weights at fit start. With several optimizers stepping
+jointly that is once per step, after all of them; with alternating phases it is once per global
+batch, after the *last* phase's step (a GAN's generator), over every parameter: a skipped last
+phase skips the update, a skipped earlier phase does not. Validation (and ``predict`` and
 ``validate`` during a fit) runs with the EMA weights swapped in; buffers (BatchNorm statistics) are
 the model's own. Checkpoints hold the EMA (``ema.safetensors``, parameter names as in
 ``model.safetensors``); ``framework.load_weights(module, path, ema=True)`` loads it. Under DDP every
