@@ -296,7 +296,7 @@ class Engine:
         with run.evaluating():
             val = evaluate(
                 run.module, run.eval_model, run.val_source, run.rt, self.doctor, self.config.data.limit_val_batches,
-                stateful=run.metric_objects, forwards=run.strategy.forwards,
+                stateful=run.metric_objects, forwards=run.strategy.forwards, phases=run.val_phases,
             )  # fmt: skip
         metrics = {f"val/{k}": v for k, v in val.items()}
         ck = self.config.checkpoint
@@ -354,6 +354,7 @@ class Engine:
             val = evaluate(
                 module, model, source, rt, self.doctor, self.config.data.limit_val_batches,
                 stateful=stateful, forwards=strategy.forwards,
+                phases=run.val_phases if run is not None else _phases(module),
             )  # fmt: skip
         fire(self.callbacks, "on_validation_end", self, module, {f"val/{k}": v for k, v in val.items()})
         return val
@@ -494,6 +495,15 @@ def _check_module(module: Any, need_loss: bool = True) -> None:
             f"{type(module).__name__} does not define compute_loss(outputs, targets); add it, returning "
             "the mean loss over the batch's items"
         )
+
+
+def _phases(module: LoopModule) -> list[str] | None:
+    """The phases a standalone validation reports a loss for (a compute_loss that requires ``phase``)."""
+    from .optim import parse_optimizers, phase_is_required
+
+    if not phase_is_required(module.compute_loss):
+        return None
+    return [o.name for o in parse_optimizers(module.configure_optimizers(), shared_ok=True)]
 
 
 def _fmt_metrics(metrics: dict[str, float]) -> str:

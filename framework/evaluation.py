@@ -86,13 +86,16 @@ def evaluate(
     *,
     stateful: dict[str, Any] | None = None,
     forwards: Any = None,
+    phases: list[str] | None = None,
 ) -> dict[str, float]:
     """``{"loss": ..., <compute_metrics keys>: ..., <stateful metric names>: ...}``, each exact over ``source``.
 
     ``model`` is what forwards run through (the strategy's eval model: the module, a compiled one, the
     sharded module); ``limit_batches`` caps the global batches (``limit_val_batches``);
     ``forwards(window)`` gives the batches this rank runs (the strategy's: real ones first, then zero-weight
-    fillers). The module's mode is restored.
+    fillers). ``phases``: alternating phases whose ``compute_loss`` requires a phase: each phase's loss on the
+    same outputs, as ``loss/<phase>`` (a ``phase`` with a default gives one ``loss``). The module's mode is
+    restored.
 
     Example::
 
@@ -101,7 +104,8 @@ def evaluate(
     """
     was_training = module.training
     module.eval()
-    loss_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
+    loss_names = [f"loss/{p}" for p in phases] if phases else ["loss"]
+    loss_sums = {name: torch.zeros((), device=rt.device, dtype=torch.float64) for name in loss_names}
     count = torch.zeros((), device=rt.device, dtype=torch.float64)
     metric_sums: dict[str, torch.Tensor] = {}
     metric_counts: dict[str, int] = {}
@@ -122,10 +126,15 @@ def evaluate(
                 inputs, targets = module.split_batch(batch)
                 with rt.autocast():
                     outputs = model(inputs)
-                    loss = module.compute_loss(outputs, targets)
+                    if phases:
+                        loss_fn: Any = module.compute_loss  # (its `phase` has no default: one loss per phase)
+                        losses = [loss_fn(outputs, targets, phase=p) for p in phases]
+                    else:
+                        losses = [module.compute_loss(outputs, targets)]
                 doctor.check_eval_mode(module)
                 n = module.count_items(batch)
-                loss_sum += loss.double() * n * weight
+                for name, loss in zip(loss_names, losses, strict=True):
+                    loss_sums[name] += loss.double() * n * weight
                 count += n * weight
                 for k, v in module.compute_metrics(outputs, targets).items():
                     v = v.detach().reshape(-1).double()
@@ -139,7 +148,7 @@ def evaluate(
     module.train(was_training)
     keys = sorted(metric_sums)
     packed = torch.stack(
-        [loss_sum, count]
+        [*loss_sums.values(), count]
         + [
             t
             for k in keys
@@ -150,9 +159,11 @@ def evaluate(
         ]
     )
     values = rt.all_reduce_sum(packed).tolist()
-    out = {"loss": values[0] / max(values[1], 1.0)}
+    n_loss = len(loss_names)
+    total = max(values[n_loss], 1.0)
+    out = {name: values[i] / total for i, name in enumerate(loss_names)}
     for j, k in enumerate(keys):
-        out[k] = values[2 + 2 * j] / max(values[3 + 2 * j], 1.0)
+        out[k] = values[n_loss + 1 + 2 * j] / max(values[n_loss + 2 + 2 * j], 1.0)
     clash = sorted(set(out) & set(computed))
     if clash:
         raise ValueError(f"metric name(s) {clash} come from both compute_metrics and configure_metrics; rename one")

@@ -32,7 +32,7 @@ from .evaluation import check_metrics
 from .guard import NanPolicy, why_not_deferred
 from .logging import MetricsLog, Progress, TrainLoss, start_trackers
 from .module import LoopModule
-from .optim import Optimizers, parse_optimizers, takes_phase
+from .optim import Optimizers, parse_optimizers, phase_is_required, takes_phase
 from .rng import seed_everything
 from .step import OptimizerStep
 from .strategies import Strategy, make_strategy
@@ -80,6 +80,7 @@ class Fit:
     optimizers: Optimizers
     steps: list[tuple[str | None, OptimizerStep]]  # (phase name or None, its optimizer step), in order
     phased: bool
+    val_phases: list[str] | None  # phases whose loss validation reports (compute_loss requires `phase`)
     batching: Batching
     source: Source
     val_source: Source | None
@@ -347,8 +348,10 @@ def prepare_fit(engine: Engine, rt: Any, module: LoopModule, train_data: Any, va
     from .preemption import Stops
 
     stops = Stops(tuple(config.distributed.preemption_signals), config.stop.max_time)
+    val_phases = phases if phased and phase_is_required(module.compute_loss) else None
     run = Fit(
-        engine, rt, strategy, module, model, eval_model, optimizers, steps, phased, batching, source, val_source,
+        engine, rt, strategy, module, model, eval_model, optimizers, steps, phased, val_phases, batching, source,
+        val_source,
         registry, train_state.fingerprint(config, module, optimizers, batching.batch_size), ema, metric_objects,
         stops,
     )  # fmt: skip

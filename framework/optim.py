@@ -117,6 +117,20 @@ def takes_phase(compute_loss: Any) -> bool:
         return False
 
 
+def phase_is_required(compute_loss: Any) -> bool:
+    """Does ``compute_loss``'s ``phase`` have no default (so validation must name each phase)?
+
+    Example::
+
+        phase_is_required(GAN().compute_loss)   # True for def compute_loss(self, outputs, targets, phase)
+    """
+    try:
+        param = inspect.signature(compute_loss).parameters.get("phase")
+    except (TypeError, ValueError):
+        return False
+    return param is not None and param.default is inspect.Parameter.empty
+
+
 def _is_scheduler(obj: Any) -> bool:
     return hasattr(obj, "step") and hasattr(obj, "state_dict") and hasattr(obj, "optimizer")
 

@@ -341,3 +341,15 @@ def test_two_process_resume_is_bitwise(ddp):
         assert (straight["first_step"], resumed["first_step"]) == (0, 8)
         assert torch.equal(straight["params"], resumed["params"])
         assert_same_state(straight["state"], resumed["state"])
+
+
+def test_validation_of_a_phase_without_default_reports_each_phases_loss():
+    data = ring_data()
+    val = tuple(t[:100] for t in data)
+    engine = Engine(max_epochs=1, batch_size=BATCH, shuffle=False, progress=False)
+    module = GAN()
+    engine.fit(module, data, val)
+    assert {"val/loss/discriminator", "val/loss/generator"} <= set(engine.metrics) and "val/loss" not in engine.metrics
+    standalone = Engine(batch_size=BATCH, progress=False).validate(module, val)
+    assert standalone["loss/discriminator"] == pytest.approx(engine.metrics["val/loss/discriminator"], abs=1e-6)
+    assert standalone["loss/generator"] != standalone["loss/discriminator"]
