@@ -1,4 +1,4 @@
-"""Checkpoints: atomic, safe to load, and complete enough for bitwise-exact resume.
+"""Checkpoints: atomic, verified, safe to load, and complete enough for bitwise-exact resume.
 
 Layout of one checkpoint, ``RUN_DIR/checkpoints/step-00000120/``::
 
@@ -6,35 +6,80 @@ Layout of one checkpoint, ``RUN_DIR/checkpoints/step-00000120/``::
     state.safetensors        optimizer, scheduler and GradScaler tensors
     state.json               their non-tensor parts, counters, data position, config, callbacks
     rng-rank{R}.json/.safetensors   each rank's torch/CUDA/numpy/python RNG states
-    manifest.json            written last: every file with its size
+    manifest.json            written last: every file with its size and SHA-256, the monitored value
+    SHA256SUMS               the same hashes for ``sha256sum -c``
 
-It is written into a temporary directory, fsync'ed, given its manifest, then
-renamed into place in one atomic step; ``latest`` is updated atomically after
-that, and old checkpoints are pruned only then. Nothing is ever unpickled:
-tensors come from safetensors and everything else from JSON, so a planted
-pickle cannot run code.
+The file layer lives in its own modules, re-exported here: writing and verifying one checkpoint
+(:mod:`framework.checkpoint_io`), the manifest format (:mod:`framework.manifest`), choosing,
+pruning and branching a run's checkpoints (:mod:`framework.checkpoint_dir`), background writes
+(:mod:`framework.async_checkpoint`), weights for inference (:mod:`framework.weights`), safe
+file writes (:mod:`framework.files`) and the checks of what is read (:mod:`framework.schema`).
+Nothing is ever unpickled: tensors come from safetensors and everything else from JSON, so a
+planted pickle cannot run code.
+
+This module keeps the engine's state <-> a checkpoint (:func:`save_engine`, :func:`load_engine`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
-import shutil
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-CHECKPOINT_RE = re.compile(r"^step-(\d{8,})$")
-MANIFEST = "manifest.json"
+from .async_checkpoint import AsyncCheckpointer
+from .checkpoint_dir import (
+    ABANDONED,
+    CHECKPOINT_RE,
+    LATEST,
+    Found,
+    abandon_newer,
+    list_checkpoints,
+    load_newest,
+    newest_complete,
+    prune,
+    read_latest,
+    validate,
+    write_latest,
+)
+from .checkpoint_io import CheckpointReader, CheckpointWriter, staging_dir, verify
+from .errors import CheckpointError, CorruptCheckpointError
+from .manifest import MANIFEST, SUMS
+from .schema import JSON, Bool, Float, Int, Keys, ListOf, MapOf, Maybe, Str, TupleOf, expect
+from .weights import check_fits, load_weights, read_weights
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used, with what is wrong and what to do."""
+__all__ = [
+    "ABANDONED",
+    "CHECKPOINT_RE",
+    "LATEST",
+    "MANIFEST",
+    "SUMS",
+    "AsyncCheckpointer",
+    "CheckpointError",
+    "CheckpointReader",
+    "CheckpointWriter",
+    "CorruptCheckpointError",
+    "Found",
+    "abandon_newer",
+    "list_checkpoints",
+    "load_engine",
+    "load_newest",
+    "load_weights",
+    "newest_complete",
+    "prune",
+    "read_latest",
+    "read_weights",
+    "save_engine",
+    "seed_everything",
+    "staging_dir",
+    "validate",
+    "verify",
+    "write_latest",
+]
 
 
 # ---------------------------------------------------------------- tensors <-> JSON + safetensors
@@ -136,183 +181,52 @@ def set_rng_state(meta: Any, tensors: dict[str, torch.Tensor]) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
-# ---------------------------------------------------------------- writing
+_RNG_META = Keys(
+    {
+        "numpy": TupleOf(Str(choices=("MT19937",)), Int(0, 624), Int(0, 1), Float(finite=False)),
+        "python": TupleOf(Int(), ListOf(Int(0, 2**32 - 1), min_len=625, max_len=625), Maybe(Float(finite=False))),
+    }
+)
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file's data, or a directory's entries (after a rename), to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f)
-    _fsync(path)
-
-
-def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
-
-    save_file(tensors, str(path), metadata=metadata)
-    _fsync(path)
-
-
-def temp_dir(root: Path, name: str) -> Path:
-    return root / f".tmp-{name}"
-
-
-def finalize(root: Path, tmp: Path, name: str) -> Path:
-    """Write the manifest last, rename into place atomically, then point ``latest`` at it."""
-    files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-    write_json(tmp / MANIFEST, {"files": {f: (tmp / f).stat().st_size for f in files}, "format": 1})
-    _fsync(tmp)
-    final = root / name
-    if final.exists():  # re-saving the same step (e.g. a manual save): swap, never leave a gap without one
-        trash = root / f".trash-{name}"
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(final, trash)
-        os.replace(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync(root)
-    pointer = root / ".latest.tmp"
-    pointer.write_text(name + "\n")
-    _fsync(pointer)
-    os.replace(pointer, root / "latest")
-    _fsync(root)
-    return final
-
-
-# ---------------------------------------------------------------- finding and validating
-
-
-def validate(path: Path) -> str | None:
-    """None if ``path`` is a complete checkpoint, else the reason it is not."""
-    manifest = path / MANIFEST
-    if not manifest.is_file():
-        return "no manifest.json (the save did not finish)"
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError, TypeError) as e:
-        return f"unreadable manifest.json ({e})"
-    for name, size in files.items():
-        f = path / name
-        if not f.is_file():
-            return f"{name} is missing"
-        if f.stat().st_size != size:
-            return f"{name} has {f.stat().st_size} bytes, the manifest says {size}"
-    return None
-
-
-@dataclass
-class Found:
-    path: Path
-    step: int
-
-
-def list_checkpoints(root: Path) -> list[Found]:
-    """Every checkpoint directory under ``root`` (complete or not), oldest first."""
-    if not root.is_dir():
-        return []
-    found = [Found(p, int(m.group(1))) for p in root.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))]
-    return sorted(found, key=lambda f: f.step)
-
-
-def newest_complete(root: Path) -> Path | None:
-    """The newest complete checkpoint; incomplete ones are skipped with a warning naming them."""
-    for found in reversed(list_checkpoints(root)):
-        problem = validate(found.path)
-        if problem is None:
-            return found.path
-        warnings.warn(f"skipping incomplete checkpoint {found.path}: {problem}", stacklevel=3)
-    return None
-
-
-def prune(root: Path, keep_last: int, keep_best: int, mode: str) -> None:
-    """Delete all but the newest ``keep_last`` complete checkpoints and the ``keep_best`` best ones.
-
-    Called only after a new checkpoint is complete, so there is always one to resume from.
-    """
-    complete = [f for f in list_checkpoints(root) if validate(f.path) is None]
-    keep = {f.path for f in complete[-keep_last:]} if keep_last > 0 else set()
-    if keep_best > 0:
-        scored = []
-        for f in complete:
-            value = json.loads((f.path / "state.json").read_text()).get("monitor_value")
-            if value is not None:
-                scored.append((value if mode == "min" else -value, f.step, f.path))
-        keep |= {p for _, _, p in sorted(scored)[:keep_best]}
-    for f in complete:
-        if f.path not in keep:
-            shutil.rmtree(f.path, ignore_errors=True)
-    for stale in root.glob(".tmp-*"):  # leftovers of a save that was killed
-        shutil.rmtree(stale, ignore_errors=True)
-
-
-# ---------------------------------------------------------------- reading
-
-
-def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Load a safetensors file; anything else (a planted pickle, say) is refused, never executed."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            return {k: f.get_tensor(k) for k in f.keys()}, meta  # noqa: SIM118 (safe_open is not iterable)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(
-            f"{path} is not a valid safetensors file ({e}); the checkpoint is corrupt or was replaced. "
-            "Nothing was loaded and nothing was executed; resume from another checkpoint"
-        ) from None
-
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); the checkpoint is corrupt") from None
-
-
-def load_weights(module: torch.nn.Module, path: str | os.PathLike[str], strict: bool = True) -> torch.nn.Module:
-    """Load weights from a checkpoint directory, a ``.safetensors`` file, or ``RUN_DIR`` (its newest checkpoint).
-
-    Never unpickles: a file that is not safetensors is refused.
+def check_rng_state(meta: Any, tensors: dict[str, torch.Tensor], where: Path) -> None:
+    """Raise :class:`CorruptCheckpointError` naming ``where`` (and the key) unless ``meta`` and ``tensors``
+    (an ``rng-rank{R}`` pair) are RNG states that :func:`set_rng_state` can apply whole: types and
+    shapes first, then each state applied to a scratch generator (a state of the right size can
+    still be invalid), so that a bad one fails before anything of the run changes.
 
     Example::
 
-        model = Classifier()
-        framework.load_weights(model, "runs/digits")          # newest checkpoint of the run
-        framework.load_weights(model, "runs/digits/checkpoints/step-00000120")
+        check_rng_state(reader.json("rng-rank0.json"), reader.tensors("rng-rank0.safetensors"), where=ckpt)
     """
-    p = Path(path)
-    if p.is_dir() and (p / "checkpoints").is_dir():
-        newest = newest_complete(p / "checkpoints")
-        if newest is None:
-            raise CheckpointError(f"no complete checkpoint under {p / 'checkpoints'}")
-        p = newest
-    if p.is_dir():
-        problem = validate(p)
-        if problem is not None:
-            raise CheckpointError(f"{p} is not a complete checkpoint: {problem}")
-        p = p / "model.safetensors"
-    if not p.is_file():
-        raise CheckpointError(f"{p} does not exist; pass a checkpoint directory, a run dir or a .safetensors file")
-    module.load_state_dict(read_weights(p), strict=strict)
-    return module
+    import numpy as np
 
-
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A ``model.safetensors`` as a state dict, with tied weights (stored once) shared again."""
-    tensors, meta = read_tensors(path)
-    for name, target in json.loads(meta.get("aliases", "{}")).items():
-        tensors[name] = tensors[target]
-    return tensors
+    expect(meta, _RNG_META, where=where, hint=_CORRUPT)
+    tensor_file = where.with_suffix(".safetensors")
+    expected = {"torch": (torch.uint8, [torch.get_rng_state().numel()]), "numpy": (torch.int32, [624])}
+    for key, t in tensors.items():
+        want = expected.get(key, (torch.uint8, [16]) if re.fullmatch(r"cuda/\d+", key) else None)
+        if want is None:
+            raise CorruptCheckpointError(f"{tensor_file}: {key}: not an RNG state this framework writes; {_CORRUPT}")
+        if t.dtype != want[0] or list(t.shape) != want[1]:
+            raise CorruptCheckpointError(
+                f"{tensor_file}: {key}: expected {want[0]} of shape {want[1]}, got {t.dtype} of shape "
+                f"{list(t.shape)}; {_CORRUPT}"
+            )
+    for key in expected:
+        if key not in tensors:
+            raise CorruptCheckpointError(f"{tensor_file}: {key}: missing; {_CORRUPT}")
+    kind, pos, has_gauss, gauss = meta["numpy"]
+    version, internal, gauss_next = meta["python"]
+    try:
+        torch.Generator().set_state(tensors["torch"])
+        np.random.RandomState().set_state((kind, tensors["numpy"].numpy().view(np.uint32), pos, has_gauss, gauss))
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise CorruptCheckpointError(f"{tensor_file}: not a valid RNG state ({e}); {_CORRUPT}") from None
+    try:
+        random.Random().setstate((version, tuple(internal), gauss_next))
+    except (ValueError, TypeError, OverflowError) as e:
+        raise CorruptCheckpointError(f"{where}: python: not a valid RNG state ({e}); {_CORRUPT}") from None
 
 
 # ---------------------------------------------------------------- the engine's state <-> a checkpoint
@@ -353,17 +267,24 @@ def _differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     return out
 
 
-def save_engine(engine: Any, fit: Any, root: Path, name: str | None = None, monitor_value: float | None = None) -> Path:
+def save_engine(
+    engine: Any,
+    fit: Any,
+    root: Path,
+    name: str | None = None,
+    monitor_value: float | None = None,
+    saver: AsyncCheckpointer | None = None,
+) -> Path:
     """Save everything a bitwise-exact resume needs. Collective: every rank calls it.
 
     ``monitor_value`` (epoch-end saves, right after validation) ranks the checkpoint for ``keep_best``.
+    With ``saver`` (``checkpoint_async=True``) the state is copied now and written in the background.
     """
     rt = engine._rt
     name = name or f"step-{engine.step:08d}"
-    tmp = temp_dir(root, name)
-    if rt.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    where = dict(rank=rt.rank, world_size=rt.world_size, is_main=rt.is_main)
+    writer = saver.writer(root, name, **where) if saver is not None else CheckpointWriter(root, name, **where)
+    writer.prepare()
     rt.barrier()
     if rt.fsdp:  # gathering sharded state is itself collective
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -375,7 +296,7 @@ def save_engine(engine: Any, fit: Any, root: Path, name: str | None = None, moni
         optim_state = fit.opt.optimizer.state_dict()
     if rt.is_main:
         unique, aliases = dedup_shared(model_state)
-        write_tensors(tmp / "model.safetensors", unique, {"aliases": json.dumps(aliases)})
+        writer.tensors("model.safetensors", unique, {"aliases": json.dumps(aliases)})
         tensors: dict[str, torch.Tensor] = {}
         loader_rng = getattr(fit.source, "epoch_rng", None)
         state = {
@@ -390,15 +311,16 @@ def save_engine(engine: Any, fit: Any, root: Path, name: str | None = None, moni
             "metrics": engine.metrics,
             "monitor_value": monitor_value,
         }
-        write_tensors(tmp / "state.safetensors", tensors)
-        write_json(tmp / "state.json", state)
+        writer.tensors("state.safetensors", tensors)
+        writer.json("state.json", state)
     meta, rng_tensors = rng_state()
-    write_json(tmp / f"rng-rank{rt.rank}.json", meta)
-    write_tensors(tmp / f"rng-rank{rt.rank}.safetensors", rng_tensors)
-    rt.barrier()
+    writer.json(f"rng-rank{rt.rank}.json", meta)
+    writer.tensors(f"rng-rank{rt.rank}.safetensors", rng_tensors)
+    writer.commit()  # (the main process waits for every rank's record in finalize: no barrier needed)
     if rt.is_main:
-        finalize(root, tmp, name)
-        prune(root, engine.keep_last, engine.keep_best, engine.mode)
+        writer.finalize(
+            keep_last=engine.keep_last, keep_best=engine.keep_best, mode=engine.mode, monitor_value=monitor_value
+        )
     rt.barrier()
     return root / name
 
@@ -407,14 +329,45 @@ COUNTERS = (
     "step", "epoch", "batch_in_epoch", "items_read", "micro_steps", "skipped_steps", "consecutive_skips", "should_stop",
 )  # fmt: skip
 
+# What load_engine accepts in state.json: a stand-in until the state layer brings its own schema.
+# Known keys only: a crafted checkpoint must not set anything but these counters on the engine.
+_STATE = Keys(
+    {
+        "optimizer": JSON(),
+        "scheduler": JSON(),
+        "scaler": JSON(),
+        "loader_epoch_rng": JSON(),
+        "counters": Keys({**{k: Int(min=0) for k in COUNTERS if k != "should_stop"}, "should_stop": Bool()}),
+        "world_size": Int(min=1),
+        "config": JSON(),
+        "callbacks": ListOf(TupleOf(Str(), JSON())),
+        "metrics": MapOf(Float(finite=False)),
+        "monitor_value": Maybe(Float(finite=False)),
+    }
+)
+_CORRUPT = "the checkpoint is damaged or was edited; nothing was applied. Resume from another checkpoint"
+
+
+def _unflatten_checked(state: dict[str, Any], key: str, tensors: dict[str, torch.Tensor], where: Path) -> Any:
+    """unflatten, with a malformed reference (a missing tensor, a bad item list) named instead of raw."""
+    try:
+        return unflatten(state[key], tensors)
+    except (KeyError, TypeError, ValueError, RecursionError) as e:
+        raise CorruptCheckpointError(
+            f"{where}: {key}: a malformed entry ({type(e).__name__}: {e}); {_CORRUPT}"
+        ) from None
+
 
 def load_engine(engine: Any, fit: Any, path: Path) -> None:
-    """Restore a checkpoint written by :func:`save_engine` into a prepared fit."""
+    """Restore a checkpoint written by :func:`save_engine` into a prepared fit.
+
+    Everything is read, verified and checked before anything is applied: a bad checkpoint raises
+    (:class:`CorruptCheckpointError` for damaged or malformed files) and leaves the run untouched.
+    """
     rt = engine._rt
-    problem = validate(path)
-    if problem is not None:
-        raise CheckpointError(f"cannot resume from {path}: {problem}; pass a complete checkpoint or resume='auto'")
-    state = read_json(path / "state.json")
+    reader = CheckpointReader(path)  # (verifies every file's size and SHA-256)
+    where = path / "state.json"
+    state = expect(reader.json("state.json"), _STATE, where=where, hint=_CORRUPT)
     diffs = _differences(state["config"], fit.fingerprint)
     if diffs:
         raise CheckpointError(
@@ -422,33 +375,21 @@ def load_engine(engine: Any, fit: Any, path: Path) -> None:
             + "\n  ".join(diffs)
             + "\nrestore these settings, or start a new run_dir"
         )
-    # Read and check every file before changing anything, so a bad checkpoint leaves the run untouched.
-    tensors, _ = read_tensors(path / "state.safetensors")
-    weights = read_weights(path / "model.safetensors")
-    rng_file = path / f"rng-rank{rt.rank}.json"
-    same_world = state["world_size"] == rt.world_size and rng_file.is_file()
+    tensors = reader.tensors("state.safetensors")
+    weights = read_weights(reader)
+    check_fits(fit.module, weights, strict=True, where=path / "model.safetensors")
+    rng_file = f"rng-rank{rt.rank}.json"
+    same_world = state["world_size"] == rt.world_size and reader.has(rng_file)
     if same_world:
-        rng_meta, rng_tensors = read_json(rng_file), read_tensors(path / f"rng-rank{rt.rank}.safetensors")[0]
-    fit.module.load_state_dict(weights)
-    optim_state = unflatten(state["optimizer"], tensors)
-    if rt.fsdp:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        optim_state = FSDP.optim_state_dict_to_load(fit.model, fit.opt.optimizer, optim_state)
-    fit.opt.optimizer.load_state_dict(optim_state)
-    if state["scheduler"] is not None:
-        if fit.opt.scheduler is None:
-            raise CheckpointError(f"{path} has LR scheduler state but configure_optimizers returned no scheduler")
-        fit.opt.scheduler.load_state_dict(unflatten(state["scheduler"], tensors))
-    if state["scaler"] is not None and rt.scaler is not None:
-        rt.scaler.load_state_dict(unflatten(state["scaler"], tensors))
-    if state["loader_epoch_rng"] is not None and hasattr(fit.source, "resume_rng"):
-        fit.source.resume_rng = unflatten(state["loader_epoch_rng"], tensors)
-    for k, v in state["counters"].items():
-        setattr(engine, k, v)
-    engine.metrics = dict(state["metrics"])
+        rng_meta = reader.json(rng_file)
+        rng_tensors = reader.tensors(f"rng-rank{rt.rank}.safetensors")
+        check_rng_state(rng_meta, rng_tensors, where=path / rng_file)
+    optim_state = _unflatten_checked(state, "optimizer", tensors, where)
+    resolved = {k: _unflatten_checked(state, k, tensors, where) for k in ("scheduler", "scaler", "loader_epoch_rng")}
+    if resolved["scheduler"] is not None and fit.opt.scheduler is None:
+        raise CheckpointError(f"{path} has LR scheduler state but configure_optimizers returned no scheduler")
     # Stateful callbacks are matched by class, in order; a stateless or newly added one starts fresh.
-    remaining = list(engine.callbacks)
+    remaining, matched = list(engine.callbacks), []
     for cb_name, cb_state in state["callbacks"]:
         match = next((cb for cb in remaining if type(cb).__name__ == cb_name), None)
         if match is None:
@@ -457,7 +398,29 @@ def load_engine(engine: Any, fit: Any, path: Path) -> None:
                 f"pass the same callbacks as the run that saved it (now: {[type(cb).__name__ for cb in engine.callbacks]})"
             )
         remaining.remove(match)
-        match.load_state_dict(cb_state)
+        matched.append((match, cb_state))
+
+    # Apply. The optimizer first: load_state_dict checks its groups before it changes anything.
+    if rt.fsdp:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        optim_state = FSDP.optim_state_dict_to_load(fit.model, fit.opt.optimizer, optim_state)
+    try:
+        fit.opt.optimizer.load_state_dict(optim_state)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CorruptCheckpointError(f"{where}: optimizer: {e}; {_CORRUPT}") from None
+    fit.module.load_state_dict(weights)
+    if resolved["scheduler"] is not None:
+        fit.opt.scheduler.load_state_dict(resolved["scheduler"])
+    if resolved["scaler"] is not None and rt.scaler is not None:
+        rt.scaler.load_state_dict(resolved["scaler"])
+    if resolved["loader_epoch_rng"] is not None and hasattr(fit.source, "resume_rng"):
+        fit.source.resume_rng = resolved["loader_epoch_rng"]
+    for k in COUNTERS:  # (only these: the schema allowed no other key)
+        setattr(engine, k, state["counters"][k])
+    engine.metrics = dict(state["metrics"])
+    for cb, cb_state in matched:
+        cb.load_state_dict(cb_state)
     if same_world:
         set_rng_state(rng_meta, rng_tensors)
     else:

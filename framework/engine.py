@@ -84,6 +84,8 @@ class Engine:
     - ``num_workers``, ``collate_fn``, ``pin_memory``: passed to data loading for Dataset inputs.
     - ``stream_sharded``: an IterableDataset already yields only this rank's items (opt-in; by default
       every rank reads the whole stream and keeps its share, which is exact at any world size).
+    - ``checkpoint_async``: write checkpoints in a background thread; the training thread only copies
+      the state (see :mod:`framework.async_checkpoint`).
     - Debug runs (they log, validate and checkpoint as usual):
       ``limit_train_batches=n``: each epoch trains on only its first n global batches (optimizer steps);
       ``limit_val_batches=n``: validation (also ``validate``) reads only the first n global batches;
@@ -131,6 +133,7 @@ class Engine:
         mode: str = "min",
         resume: str | None = None,
         preemption_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1"),
+        checkpoint_async: bool = False,
     ) -> None:
         if max_epochs is None and max_steps is None:
             raise ValueError(
@@ -181,6 +184,11 @@ class Engine:
         self.keep_last, self.keep_best, self.monitor, self.mode = keep_last, keep_best, monitor, mode
         self.resume = resume
         self.preemption_signals = tuple(preemption_signals)
+        # [checkpoint-hardening] background checkpoint writes (framework.async_checkpoint)
+        if not isinstance(checkpoint_async, bool):
+            raise ValueError(f"checkpoint_async={checkpoint_async!r}; use True or False")
+        self.checkpoint_async = checkpoint_async
+        self._saver: checkpoint.AsyncCheckpointer | None = None
 
         # Position and counters (what a checkpoint stores).
         self.step = 0  # optimizer steps taken (windows done), skipped ones included
@@ -388,6 +396,7 @@ class Engine:
             and (self.checkpoint_every_epoch or self.checkpoint_every_n_steps)
         ):
             self._save()  # the final state, so a longer run can resume from it
+        self._wait_checkpoint()  # [checkpoint-hardening] a background write is on disk before fit returns
         self._restore_signal_handlers(previous_handlers)
         progress.close()
         log.close()
@@ -409,6 +418,7 @@ class Engine:
             raise RuntimeError("save_checkpoint needs a fit in progress or finished; call engine.fit(...) first")
         target = Path(path)
         self._settle()  # a checkpoint holds settled state only
+        self._wait_checkpoint()  # [checkpoint-hardening] (a manual save is synchronous; one write at a time)
         return str(checkpoint.save_engine(self, self._fit, target.parent.resolve(), target.name))
 
     def validate(self, module: LoopModule, data: Any) -> dict[str, float]:
@@ -647,17 +657,37 @@ class Engine:
     def _save(self, monitor_value: float | None = None) -> None:
         assert self._fit is not None
         self._settle()  # a checkpoint holds settled state only
-        path = checkpoint.save_engine(self, self._fit, self._checkpoint_root(), monitor_value=monitor_value)
+        # [checkpoint-hardening] with checkpoint_async, the previous write completes first (one in flight)
+        # and on_checkpoint_save fires once a checkpoint is on disk, not when it is submitted.
+        saver = self._wait_checkpoint()
+        path = checkpoint.save_engine(
+            self, self._fit, self._checkpoint_root(), monitor_value=monitor_value, saver=saver
+        )
         self._saved_step = self.step
-        fire(self.callbacks, "on_checkpoint_save", self, str(path))
+        if saver is None:
+            fire(self.callbacks, "on_checkpoint_save", self, str(path))
+
+    def _wait_checkpoint(self) -> checkpoint.AsyncCheckpointer | None:
+        """[checkpoint-hardening] With checkpoint_async: wait for the write in flight (its error raised
+        here), fire on_checkpoint_save for it; returns the saver (None when saves are synchronous)."""
+        if not self.checkpoint_async:
+            return None
+        if self._saver is None:
+            self._saver = checkpoint.AsyncCheckpointer()
+        done = self._saver.wait()
+        if done is not None:
+            fire(self.callbacks, "on_checkpoint_save", self, str(done))
+        return self._saver
 
     def _restore(self, fit: _Fit) -> Path | None:
         """Apply ``resume``: None (fresh), "auto" (newest complete checkpoint, else fresh), or a path.
         Returns the checkpoint loaded, or None."""
         if self.resume is None:
             return None
+        root = self._checkpoint_root()
         if self.resume == "auto":
-            path = checkpoint.newest_complete(self._checkpoint_root())
+            # [checkpoint-hardening] the newest checkpoint that verifies and loads; skipped ones are named
+            path = checkpoint.load_newest(root, lambda p: checkpoint.load_engine(self, fit, p))
             if path is None:
                 return None
         else:
@@ -666,10 +696,31 @@ class Engine:
                 raise checkpoint.CheckpointError(
                     f"resume={self.resume!r} does not exist; pass an existing checkpoint directory or resume='auto'"
                 )
-        checkpoint.load_engine(self, fit, path)
+            checkpoint.load_engine(self, fit, path)
         self._saved_step = self.step
+        self._branch_from(path)
         fire(self.callbacks, "on_checkpoint_load", self, str(path))
         return path
+
+    def _branch_from(self, path: Path) -> None:
+        """[checkpoint-hardening] A run resumed from a checkpoint older than its run dir's newest starts a
+        new branch: the newer ones move to checkpoints/abandoned/, so "auto" never returns to them."""
+        rt = self._rt
+        assert rt is not None
+        root = self._checkpoint_root()
+        if Path(path).resolve().parent != root.resolve():
+            return
+        rt.barrier()  # (every rank has read its checkpoint before any dir moves)
+        if rt.is_main:
+            moved = checkpoint.abandon_newer(root, self.step)
+            if moved:
+                print(
+                    f"resumed from {Path(path).name}, older than this run dir's newest checkpoint: moved "
+                    f"{', '.join(p.name for p in moved)} aside to {root / checkpoint.ABANDONED} (a new branch starts "
+                    "here; resume='auto' continues it)",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     def _install_signal_handlers(self) -> dict[int, Any]:
         """Preemption signals only set a flag; the loop checkpoints at the next step boundary."""
@@ -694,6 +745,7 @@ class Engine:
         if self.run_dir is not None:
             if self._saved_step != self.step:
                 self._save()
+            self._wait_checkpoint()  # [checkpoint-hardening] on disk before the process exits
             where = f"checkpoint saved to {self._checkpoint_root() / f'step-{self.step:08d}'}"
         else:
             where = "no checkpoint (no run_dir)"
