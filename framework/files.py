@@ -57,9 +57,8 @@ def _link_error(path: Path) -> SymlinkError:
         target = ""
     return SymlinkError(
         errno.ELOOP,
-        f"{path} is a symbolic link{target}; the framework never writes through a link inside a run dir "
-        f"(it could overwrite or delete files of another run). Fix: remove the link (rm {path}), or use a "
-        "fresh run_dir",
+        f"{path} is a symbolic link{target}; the framework never follows a link inside a run dir (it could "
+        f"overwrite, delete or load another run's files). Fix: remove the link (rm {path}), or use a fresh run_dir",
     )
 
 

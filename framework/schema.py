@@ -212,8 +212,14 @@ class Maybe(Schema):
         return f"null or {self.inner.describe()}"
 
     def check(self, value: Any, path: tuple[str | int, ...]) -> None:
-        if value is not None:
+        if value is None:
+            return
+        try:
             self.inner.check(value, path)
+        except _Mismatch as e:
+            if e.path != path:  # (deeper inside: that message is the precise one)
+                raise
+            self.fail(value, path)
 
 
 class AnyOf(Schema):
@@ -337,7 +343,7 @@ class MapOf(Schema):
         self.value, self.key, self.max_len = _coerce(value), key or Str(), max_len
 
     def describe(self) -> str:
-        return f"an object of {self.value.describe()}"
+        return f"an object whose values are {self.value.describe()}"
 
     def check(self, value: Any, path: tuple[str | int, ...]) -> None:
         if not isinstance(value, dict):
@@ -400,7 +406,8 @@ def key_path(path: tuple[str | int, ...]) -> str:
             out += f".{part}" if out else part
         else:
             out += f"[{part!r}]"
-    return out or "(top level)"
+    out = out or "(top level)"
+    return out if len(out) <= 120 else out[:60] + "..." + out[-50:]  # (absurd nesting: keep it readable)
 
 
 def expect(
