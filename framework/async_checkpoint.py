@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from . import manifest
+from . import manifest, tensorfile
 from .checkpoint_io import CheckpointWriter
 from .errors import CheckpointError
 
@@ -117,6 +117,9 @@ class DeferredWriter:
     def tensors(self, filename: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
         """Copied now into reused host buffers, written in the background."""
         manifest.check_file_name(filename)
+        for name, t in tensors.items():  # (what the background write would refuse fails here, at the call)
+            if t.dtype not in tensorfile.DTYPES:
+                raise TypeError(f"cannot store tensor {name!r} of dtype {t.dtype} in a safetensors file")
         snapshot = {name: self._owner.pool.copy((filename, name), t) for name, t in tensors.items()}
         meta = dict(metadata) if metadata is not None else None
         self._ops.append(lambda: self._writer.tensors(filename, snapshot, meta))

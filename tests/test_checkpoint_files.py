@@ -286,14 +286,15 @@ def test_a_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(small_disk
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000001", "step-00000003"]
 
 
-def test_a_background_write_that_fails_raises_at_the_next_wait(small_disk):
+@pytest.mark.parametrize("raised_at", ["wait", "next save"])
+def test_a_background_write_that_fails_raises_at_the_next_wait_or_save(small_disk, raised_at):
     root = small_disk / "checkpoints"
     saver = AsyncCheckpointer()
     _save(saver.writer(root, "step-00000001"), 1.0, 1000)
     assert saver.wait() == root / "step-00000001"
     _save(saver.writer(root, "step-00000002"), 2.0, 1_000_000)  # returns at once; fails in the background
     with pytest.raises(CheckpointError, match="background write of checkpoint step-00000002 failed") as info:
-        saver.wait()
+        saver.wait() if raised_at == "wait" else saver.writer(root, "step-00000003")
     assert isinstance(info.value.__cause__, OSError) and info.value.__cause__.errno == errno.ENOSPC
     assert saver.wait() is None  # (raised once)
     assert CheckpointReader(root / "step-00000001").json("state.json") == {"value": 1.0}
