@@ -103,6 +103,7 @@ class CheckpointWriter:
         self.rank, self.world_size, self.is_main, self.timeout = rank, world_size, is_main, timeout
         self.staging = staging_dir(self.root, name)
         self._files: dict[str, Entry] = {}
+        self._hashing: dict[str, tuple[int, tensorfile.Digest]] = {}  # (files whose hash still runs)
         self._committed = False
 
     # ---------------------------------------------------------------- every rank
@@ -130,7 +131,7 @@ class CheckpointWriter:
             manifest.check_file_name(filename)
         except ValueError as e:
             raise ValueError(f"{self.name}: {e}") from None
-        if filename in self._files:
+        if filename in self._files or filename in self._hashing:
             raise ValueError(f"{self.name}: {filename} was already written by this rank")
         if self._committed:
             raise RuntimeError(f"{self.name}: rank {self.rank} already committed; write every file before commit()")
@@ -165,7 +166,8 @@ class CheckpointWriter:
         self._files[filename] = Entry(len(data), hashlib.sha256(data).hexdigest())
 
     def tensors(self, filename: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-        """Write ``tensors`` (CPU; others are copied) as a safetensors file, hashed while written, fsync'ed.
+        """Write ``tensors`` (CPU; others are copied) as a safetensors file, fsync'ed. It is hashed in a
+        thread meanwhile, which :meth:`commit` waits for: the tensors must not change before it.
 
         Example::
 
@@ -174,14 +176,14 @@ class CheckpointWriter:
         path = self._path(filename)
         fd = files.open_new(path)
         try:
-            size, sha = tensorfile.write_tensors(fd, tensors, metadata)
-            os.fsync(fd)
+            size, digest = tensorfile.write_tensors(fd, tensors, metadata)
+            os.fsync(fd)  # (the hash runs on meanwhile, and on while the next file is written)
         except BaseException:
             _discard(path)  # (a partial file on a full disk would keep it full)
             raise
         finally:
             os.close(fd)
-        self._files[filename] = Entry(size, sha)
+        self._hashing[filename] = (size, digest)
 
     def external(self, filename: str) -> None:
         """Take ``filename``, written into :attr:`staging` by something else (``torch.distributed.checkpoint``
@@ -212,8 +214,15 @@ class CheckpointWriter:
 
             writer.commit()
         """
-        self._record({name: {"size": e.size, "sha256": e.sha256} for name, e in self._files.items()}, "")
+        for name, (size, digest) in list(self._hashing.items()):
+            self._files[name] = Entry(size, digest.result())
+            del self._hashing[name]
+        if not self.is_main:  # (the main process's own files stay in memory for its finalize)
+            self._record(self._entries(), "")
         self._committed = True
+
+    def _entries(self) -> dict[str, Any]:
+        return {name: {"size": e.size, "sha256": e.sha256} for name, e in self._files.items()}
 
     def abort(self, reason: str) -> None:
         """This rank failed to write its part: record why, so the main process stops waiting and raises
@@ -232,7 +241,9 @@ class CheckpointWriter:
     def _record(self, entries: dict[str, Any], error: str) -> None:
         record = {"rank": self.rank, "world_size": self.world_size, "files": entries, "error": error}
         path = self.staging / f"{RECORD_PREFIX}{self.rank}.json"
-        files.write_atomic(path, json.dumps(record).encode(), tmp=path.with_name(path.name + ".tmp"))
+        # (atomic, so the main process never reads half of one; not fsync'ed: the files it lists are, and
+        # the record itself is bookkeeping that finalize deletes)
+        files.write_atomic(path, json.dumps(record).encode(), tmp=path.with_name(path.name + ".tmp"), fsync=False)
 
     # ---------------------------------------------------------------- main process
 
@@ -279,8 +290,7 @@ class CheckpointWriter:
             files.remove_tree(trash)
         else:
             files.replace(self.staging, final)
-        files.fsync_dir(self.root)
-        write_latest(self.root, self.name)
+        write_latest(self.root, self.name)  # (its fsync of root also makes the rename above durable)
         prune(self.root, keep_last, keep_best, mode, keep=[final])
         return final
 
@@ -288,8 +298,11 @@ class CheckpointWriter:
         deadline = time.monotonic() + self.timeout
         pause = 0.002
         while True:
-            records, missing = [], []
+            records: list[dict[str, Any]] = [{"files": self._entries()}]
+            missing = []
             for rank in range(self.world_size):
+                if rank == self.rank:
+                    continue
                 path = self.staging / f"{RECORD_PREFIX}{rank}.json"
                 if not path.exists():
                     missing.append(rank)

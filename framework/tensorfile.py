@@ -3,9 +3,9 @@
 A checkpoint's manifest needs every file's SHA-256. Serialising with ``safetensors.torch.save``
 first builds the whole file in memory (two copies of every tensor), and hashing afterwards reads
 it all again: for a 100 MB model with AdamW that is about 3x the time of the write itself. Here
-the file is streamed from the tensors' own memory (no copy), and a second thread hashes the
-same buffers while the first writes them (``hashlib`` and ``os.write`` both release the GIL),
-so the hash costs little beyond the write.
+the file is streamed from the tensors' own memory (no copy), and another thread hashes the same
+buffers while the file is written, fsync'ed, and the next file written (``hashlib``, ``os.write``
+and ``os.fsync`` all release the GIL), so the hash costs little beyond the write.
 
 The format is safetensors' own (8-byte little-endian header length, a JSON header of dtypes,
 shapes and byte offsets, then the raw little-endian data, largest element size first so every
@@ -14,7 +14,8 @@ the offsets, so a file written here that it did not accept would fail the tests.
 
 Example::
 
-    size, sha256 = write_tensors(fd, {"weight": torch.zeros(3)}, {"aliases": "{}"})
+    size, digest = write_tensors(fd, {"weight": torch.zeros(3)}, {"aliases": "{}"})
+    sha256 = digest.result()
     tensors, metadata = parse_tensors(data, where="step-00000010/model.safetensors")
 """
 
@@ -84,57 +85,68 @@ def layout(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = N
     return [len(text).to_bytes(8, "little") + text, *views]
 
 
-class _Hasher(threading.Thread):
-    """SHA-256 of a list of buffers, in a thread (hashlib releases the GIL on large buffers)."""
-
-    def __init__(self, buffers: Sequence[bytes | memoryview]) -> None:
-        super().__init__(name="checkpoint-hash", daemon=True)
-        self.buffers, self.digest = buffers, ""
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            h = hashlib.sha256()
-            for b in self.buffers:
-                h.update(b)
-            self.digest = h.hexdigest()
-        except BaseException as e:  # (re-raised by the writing thread)
-            self.error = e
-
-
-def write_buffers(fd: int, buffers: Sequence[bytes | memoryview]) -> tuple[int, str]:
-    """Write ``buffers`` to ``fd`` while hashing them; returns (bytes written, SHA-256 hex).
+class Digest:
+    """The SHA-256 of a list of buffers, computed in a thread for large data (hashlib releases the GIL),
+    so that the caller can write, fsync, and even write the next file meanwhile; :meth:`result` waits.
+    The buffers must not change until then.
 
     Example::
 
-        size, sha256 = write_buffers(fd, layout(tensors))
+        digest = Digest(buffers)
+        files.write_all(fd, buffers)
+        os.fsync(fd)
+        sha256 = digest.result()
     """
-    total = sum(memoryview(b).nbytes for b in buffers)
-    if total < _PARALLEL_HASH_FROM:
-        h = hashlib.sha256()
-        for b in buffers:
-            h.update(b)
-        return files.write_all(fd, buffers), h.hexdigest()
-    hasher = _Hasher(buffers)
-    hasher.start()
-    try:
-        written = files.write_all(fd, buffers)
-    finally:
-        hasher.join()
-    if hasher.error is not None:
-        raise hasher.error
-    return written, hasher.digest
+
+    def __init__(self, buffers: Sequence[bytes | memoryview]) -> None:
+        self._buffers: Sequence[bytes | memoryview] | None = buffers
+        self._hex = ""
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        if sum(memoryview(b).nbytes for b in buffers) < _PARALLEL_HASH_FROM:
+            self._run()  # (a thread costs more than it saves)
+        else:
+            self._thread = threading.Thread(target=self._run, name="checkpoint-hash", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            h = hashlib.sha256()
+            for b in self._buffers or ():
+                h.update(b)
+            self._hex = h.hexdigest()
+        except BaseException as e:  # (raised by result(), in the caller's thread)
+            self._error = e
+        finally:
+            self._buffers = None
+
+    def result(self) -> str:
+        """The hex digest (waits for the thread)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            raise self._error
+        return self._hex
 
 
-def write_tensors(fd: int, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> tuple[int, str]:
-    """Write ``tensors`` as a safetensors file to ``fd`` (not fsync'ed); returns (size, SHA-256 hex).
+def write_tensors(
+    fd: int, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> tuple[int, Digest]:
+    """Write ``tensors`` as a safetensors file to ``fd`` (not fsync'ed) while they are hashed; returns
+    (size, :class:`Digest` of the file, which may still be computing: the tensors must not change
+    until its ``result()``).
 
     Example::
 
         fd = files.open_new(staging / "model.safetensors")
-        size, sha256 = write_tensors(fd, model.state_dict())
+        size, digest = write_tensors(fd, model.state_dict())
+        os.fsync(fd)                  # (the hash runs on meanwhile)
+        sha256 = digest.result()
     """
-    return write_buffers(fd, layout(tensors, metadata))
+    buffers = layout(tensors, metadata)
+    digest = Digest(buffers)
+    return files.write_all(fd, buffers), digest
 
 
 def _corrupt(where: object, why: str) -> CorruptCheckpointError:

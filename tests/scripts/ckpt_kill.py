@@ -2,7 +2,7 @@
 
     python tests/scripts/ckpt_kill.py RUN_DIR [--async] [--kill]
 
-A 4M-parameter model with AdamW (about 50 MB of checkpoint) checkpoints every step, resuming with
+A 1M-parameter model with AdamW (about 13 MB of checkpoint) checkpoints every step, resuming with
 resume="auto". With --kill, a watcher thread waits until step-00000001 is complete and the
 staging dir of step-00000002 has a file in it (the save is under way: in the training thread,
 or with --async in the background thread), then sends SIGKILL to its own process: a real kill
@@ -28,7 +28,7 @@ from framework import Callback, Engine, LoopModule
 class Wide(LoopModule):
     def __init__(self) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(64, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.Linear(2048, 1))
+        self.net = nn.Sequential(nn.Linear(64, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.Linear(1024, 1))
 
     def forward(self, x):
         return self.net(x)
