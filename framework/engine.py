@@ -688,6 +688,7 @@ class Engine:
         if self.resume == "auto":
             # [checkpoint-hardening] the newest checkpoint that verifies and loads; skipped ones are named
             path = checkpoint.load_newest(root, lambda p: checkpoint.load_engine(self, fit, p))
+            self._agree_on_resume(path)
             if path is None:
                 return None
         else:
@@ -701,6 +702,22 @@ class Engine:
         self._branch_from(path)
         fire(self.callbacks, "on_checkpoint_load", self, str(path))
         return path
+
+    def _agree_on_resume(self, path: Path | None) -> None:
+        """[checkpoint-hardening] Every rank resumed the same step ("auto" may have skipped a checkpoint
+        that failed verification on some ranks only): one all-reduce of (step, step^2), -1 for none."""
+        rt = self._rt
+        assert rt is not None
+        if rt.world_size == 1:
+            return
+        s = float(self.step if path is not None else -1)
+        sums = rt.all_reduce_sum(torch.tensor([s, s * s], dtype=torch.float64, device=rt.device)).tolist()
+        if sums != [s * rt.world_size, s * s * rt.world_size]:
+            raise checkpoint.CheckpointError(
+                f"the processes resumed different checkpoints (this one: {path.name if path else 'none'}); a "
+                "checkpoint failed verification on some ranks only (see the warnings). Pass resume= the path of "
+                "a checkpoint that verifies"
+            )
 
     def _branch_from(self, path: Path) -> None:
         """[checkpoint-hardening] A run resumed from a checkpoint older than its run dir's newest starts a

@@ -347,3 +347,21 @@ def test_elastic_resume_two_processes_to_one(tmp_path):
     assert a["step"] == b["step"]
     diff = max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"])
     assert diff <= 1e-5
+
+
+@pytest.mark.multiprocess
+def test_ranks_that_would_resume_different_checkpoints_stop_together(tmp_path):
+    """rng-rank1.json of the newest checkpoint is malformed (resealed): only rank 1 reads it, so under
+    resume="auto" rank 1 alone would fall back to the older checkpoint. Every rank raises instead."""
+    run_dir, out = tmp_path / "run", tmp_path / "o.pt"
+    _run(_cmd(run_dir, out, "--epochs", "1", ddp=True))
+    newest = newest_complete(run_dir / "checkpoints")
+    assert newest is not None
+    rng = json.loads((newest / "rng-rank1.json").read_text())
+    rng["numpy"][1] = 9999
+    (newest / "rng-rank1.json").write_text(json.dumps(rng))
+    reseal(newest)
+    cmd = _cmd(run_dir, out, "--epochs", "2", ddp=True)
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    assert proc.stderr.count("the processes resumed different checkpoints") == 2, proc.stderr[-4000:]

@@ -59,3 +59,14 @@ def test_gpu_benchmark_runs_its_loops_on_cpu_when_asked(tmp_path):
         'Engine, barebones, nan_check="step" (a sync per step)',
     ):
         assert len(ratios(text, row)) == 2 and all(r > 0 for r in ratios(text, row))
+
+
+def test_checkpoint_benchmark_reports_both_ratios(tmp_path):
+    out = tmp_path / "checkpoint.md"
+    run("checkpoint.py", "--width", "64", "--layers", "2", "--reps", "1", "--dir", str(tmp_path), "--out", str(out))
+    text = out.read_text()
+    for row in ("durable torch.save (fsync)", "engine, sync", "engine, async: stall"):
+        assert all(r > 0 for r in ratios(text, row))
+    assert re.search(r"\| engine sync <= 1.25x durable torch.save \| \d+\.\d+x \| (yes|no) \|", text)
+    assert re.search(r"\| async stall <= 0.25x engine sync \| \d+\.\d+x \| (yes|no) \|", text)
+    assert not list(tmp_path.glob("tmp*")), "the benchmark removes what it wrote"
