@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import files, manifest, tensorfile
-from .checkpoint_dir import CHECKPOINT_RE, list_checkpoints, newest_complete, read_latest
+from .checkpoint_dir import CHECKPOINT_RE, list_checkpoints, load_newest, read_latest
 from .checkpoint_io import STAGING_PREFIX, CheckpointReader
 from .errors import CheckpointError, CorruptCheckpointError
 
@@ -41,10 +41,10 @@ def weights_source(path: str | os.PathLike[str]) -> CheckpointReader | Path:
             return CheckpointReader(p)  # (a step-* without manifest: the reader says it is incomplete)
         root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
         if root is not p or list_checkpoints(p):
-            newest = newest_complete(root)
-            if newest is None:
+            opened: list[CheckpointReader] = []  # (the reader that verified it: no second pass over the files)
+            if load_newest(root, lambda path: opened.append(CheckpointReader(path))) is None:
                 raise CheckpointError(f"no checkpoint under {root}; train with Engine(run_dir=...) first, or {_WHAT}")
-            return CheckpointReader(newest)
+            return opened[-1]
         raise CheckpointError(f"{p} is neither a run dir (no checkpoints/ in it) nor a checkpoint dir; {_WHAT}")
     if p.name == "latest" and p.is_file():
         name = read_latest(p.parent)
