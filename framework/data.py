@@ -401,7 +401,7 @@ class LoaderSource(Source):
         self.loader = loader
         # A shuffling DataLoader draws its order from the global RNG when its
         # iterator is created; checkpoints keep that state so a resumed run
-        # rebuilds the same order (see checkpoint.save_engine / load_engine).
+        # rebuilds the same order (framework.fit.DataPosition keeps it in the train state).
         self.epoch_rng: torch.Tensor | None = None
         self.resume_rng: torch.Tensor | None = None
 

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from . import checkpoint, run_info, state
 from . import grads as gradient_ops
+from . import run_info, state
 from .callbacks import Callback, fire
 from .config import EngineConfig
 from .data import Window
@@ -277,6 +277,7 @@ class Engine:
         checkpointing = self.config.checkpoint_every_epoch or ck.checkpoint_every_n_steps
         if ck.run_dir is not None and self._saved_step != self.step and checkpointing:
             self._save()  # the final state, so a longer run can resume from it
+        self._wait_for_checkpoints()  # (a background write is on disk before fit returns)
         run.stops.agree_now(run.rt)  # (one collective per fit: a signal after the last step still stops)
         if run.stops.exit_code is not None:
             self._preempt_exit(run)
@@ -326,8 +327,13 @@ class Engine:
         """
         if self._fit is None:
             raise RuntimeError("save_checkpoint needs a fit in progress or finished; call engine.fit(...) first")
+        self._wait_for_checkpoints()
         target = Path(path)
-        return str(self._fit.save(target.parent.resolve(), target.name, None, prune=False))
+        saver, self._fit.saver = self._fit.saver, None  # (a manual save is synchronous: on disk when it returns)
+        try:
+            return str(self._fit.save(target.parent.resolve(), target.name, None, prune=False))
+        finally:
+            self._fit.saver = saver
 
     def validate(self, module: LoopModule, data: Any) -> dict[str, float]:
         """Exact means over ``data``: ``{"loss": ..., <compute_metrics keys>: ..., <configure_metrics names>: ...}``.
@@ -391,31 +397,26 @@ class Engine:
 
     def _save(self, monitor_value: float | None = None) -> None:
         assert self._fit is not None
+        self._wait_for_checkpoints()  # (checkpoint_async: one write in flight; its callback fires once on disk)
         root = Path(self.config.checkpoint.run_dir or ".") / "checkpoints"
         path = self._fit.save(root, f"step-{self.step:08d}", monitor_value, prune=True)
         self._saved_step = self.step
-        fire(self.callbacks, "on_checkpoint_save", self, str(path))
+        if self._fit.saver is None:
+            fire(self.callbacks, "on_checkpoint_save", self, str(path))
+
+    def _wait_for_checkpoints(self) -> None:
+        """A background write (checkpoint_async) finished: its on_checkpoint_save fires now."""
+        done = self._fit.wait_for_checkpoints() if self._fit is not None else None
+        if done is not None:
+            fire(self.callbacks, "on_checkpoint_save", self, str(done))
 
     def _restore(self, run: Fit) -> Path | None:
-        """Apply ``resume``: None (fresh), "auto" (newest complete checkpoint, else fresh), or a path.
-        Returns the checkpoint loaded, or None. Called by :func:`framework.fit.prepare_fit`."""
-        resume = self.config.checkpoint.resume
-        if resume is None:
-            return None
-        root = Path(self.config.checkpoint.run_dir or ".") / "checkpoints"
-        if resume == "auto":
-            path = checkpoint.newest_complete(root)
-            if path is None:
-                return None
-        else:
-            path = Path(resume)
-            if not path.is_dir():
-                raise checkpoint.CheckpointError(
-                    f"resume={resume!r} does not exist; pass an existing checkpoint directory or resume='auto'"
-                )
-        run.load(path)
-        self._saved_step = self.step
-        fire(self.callbacks, "on_checkpoint_load", self, str(path))
+        """Apply ``resume`` (:meth:`framework.fit.Fit.restore`); returns the checkpoint loaded, or None.
+        Called by :func:`framework.fit.prepare_fit`."""
+        path = run.restore(self.config.checkpoint.resume, Path(self.config.checkpoint.run_dir or ".") / "checkpoints")
+        if path is not None:
+            self._saved_step = self.step
+            fire(self.callbacks, "on_checkpoint_load", self, str(path))
         return path
 
     def _preempt_exit(self, run: Fit) -> None:
@@ -428,7 +429,7 @@ class Engine:
             where = f"checkpoint saved to {root / f'step-{self.step:08d}'}"
         else:
             where = "no checkpoint (no run_dir)"
-        run.wait_for_checkpoints()
+        self._wait_for_checkpoints()  # (on disk before the process exits)
         run.close_logs()
         code = run.stops.exit_code
         if run.rt.is_main:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -100,6 +101,7 @@ class Fit:
     first_step: int = 0
     restored: Path | None = None
     defer: bool = False  # the NaN guard's verdict is read a step late (framework.guard)
+    saver: Any = None  # framework.async_checkpoint.AsyncCheckpointer with checkpoint_async
 
     # ---- per epoch and per step
 
@@ -223,16 +225,71 @@ class Fit:
         self.settle()
         self.strategy.sync_buffers(self.module)
         ck = self.engine.config.checkpoint
-        writer = checkpoint.CheckpointWriter(
-            root, name, rank=self.rt.rank, world_size=self.rt.world_size, is_main=self.rt.is_main
-        )
+        where = dict(rank=self.rt.rank, world_size=self.rt.world_size, is_main=self.rt.is_main)
+        # checkpoint_async: the state is copied now, written, fsynced and finalized in a background thread
+        # (one write in flight: getting a writer waits for the previous one).
+        writer = self.saver.writer(root, name, **where) if self.saver is not None else None
+        writer = writer or checkpoint.CheckpointWriter(root, name, **where)
         return train_state.save(
-            self.state, writer, strategy=self.strategy, rt=self.rt, fingerprint=self.fingerprint,
-            monitor_value=monitor_value, keep_last=ck.keep_last if prune else 1 << 30,
-            keep_best=ck.keep_best, mode=ck.mode,
+            self.state, writer, root, name, strategy=self.strategy, rt=self.rt, fingerprint=self.fingerprint,
+            monitor_value=monitor_value, keep_last=ck.keep_last if prune else None, keep_best=ck.keep_best,
+            mode=ck.mode,
         )  # fmt: skip
 
+    def restore(self, resume: str | None, root: Path) -> Path | None:
+        """Apply ``resume``: None (fresh); "auto" (the newest checkpoint that verifies and loads; one warning
+        names any skipped; every rank must resume the same one), or a path (an error if it fails). A resume
+        from an older checkpoint of this run dir starts a branch: the newer ones move to
+        ``checkpoints/abandoned/``, so "auto" never returns to them. Returns the checkpoint loaded, or None."""
+        if resume is None:
+            return None
+        if resume == "auto":
+            path = checkpoint.load_newest(root, self.load)
+            self._agree_on_resume(path)
+            if path is None:
+                return None
+        else:
+            path = Path(resume)
+            if not path.is_dir():
+                raise checkpoint.CheckpointError(
+                    f"resume={resume!r} does not exist; pass an existing checkpoint directory or resume='auto'"
+                )
+            self.load(path)
+        self._branch_from(path, root)
+        return path
+
+    def _agree_on_resume(self, path: Path | None) -> None:
+        """Every rank resumed the same step ("auto" may skip a checkpoint that failed verification on some ranks
+        only): one all-reduce of (step, step^2), -1 for none."""
+        rt = self.rt
+        if rt.world_size == 1:
+            return
+        s = float(self.engine.step if path is not None else -1)
+        sums = rt.all_reduce_sum(torch.tensor([s, s * s], dtype=torch.float64, device=rt.device)).tolist()
+        if sums != [s * rt.world_size, s * s * rt.world_size]:
+            raise checkpoint.CheckpointError(
+                f"the processes resumed different checkpoints (this one: {path.name if path else 'none'}); a "
+                "checkpoint failed verification on some ranks only (see the warnings). Pass resume= the path of "
+                "a checkpoint that verifies"
+            )
+
+    def _branch_from(self, path: Path, root: Path) -> None:
+        if path.resolve().parent != root.resolve():
+            return
+        self.rt.barrier()  # (every rank has read its checkpoint before any dir moves)
+        if self.rt.is_main:
+            moved = checkpoint.abandon_newer(root, self.engine.step)
+            if moved:  # (said whatever progress= is: it moved files)
+                print(
+                    f"resumed from {path.name}, older than this run dir's newest checkpoint: moved "
+                    f"{', '.join(p.name for p in moved)} aside to {root / checkpoint.ABANDONED} (a new branch starts "
+                    "here; resume='auto' continues it)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
     def load(self, path: Path) -> None:
+        """Read, verify and check a checkpoint, then apply it (nothing changes if it is refused)."""
         reader = checkpoint.CheckpointReader(path)
         train_state.load(
             self.state, reader, strategy=self.strategy, rt=self.rt, fingerprint=self.fingerprint,
@@ -240,8 +297,10 @@ class Fit:
         )  # fmt: skip
         self.restored = path
 
-    def wait_for_checkpoints(self) -> None:
-        """A background checkpoint write finishes before the process exits."""
+    def wait_for_checkpoints(self) -> Path | None:
+        """The background checkpoint write in flight (``checkpoint_async``), finished: its path, or None (its
+        error is raised here). Before exiting, at the end of fit, before a manual save."""
+        return self.saver.wait() if self.saver is not None else None
 
     # ---- the end
 
@@ -352,7 +411,7 @@ def prepare_fit(engine: Engine, rt: Any, module: LoopModule, train_data: Any, va
     run = Fit(
         engine, rt, strategy, module, model, eval_model, optimizers, steps, phased, val_phases, batching, source,
         val_source,
-        registry, train_state.fingerprint(config, module, optimizers, batching.batch_size), ema, metric_objects,
+        registry, train_state.fingerprint(config, module, optimizers, batching.batch_size, rt.scaler is not None), ema, metric_objects,
         stops,
     )  # fmt: skip
     # Seed every RNG (dropout, augmentation) per rank, like HF's Trainer; a resume then
@@ -365,6 +424,8 @@ def prepare_fit(engine: Engine, rt: Any, module: LoopModule, train_data: Any, va
     run.grad_norms = [None] * len(steps)
     run.first_step = engine.step
     run.defer = defer
+    if config.checkpoint.checkpoint_async:
+        run.saver = checkpoint.AsyncCheckpointer()
     run.t_log = run.stops.t0 = time.monotonic()
     return run
 

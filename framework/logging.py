@@ -32,7 +32,10 @@ import json
 import math
 import os
 import sys
+from pathlib import Path
 from typing import IO, Any
+
+from . import files
 
 
 class TrainLoss:
@@ -134,8 +137,8 @@ class MetricsLog:
             path = os.path.join(run_dir, "metrics.jsonl")
             if resumed_at is not None:
                 self.dropped = _cut_after(path, *resumed_at)
-            # Append: a resumed run continues the same file.
-            self._file = open(path, "a")  # noqa: SIM115 (closed in close())
+            # Append: a resumed run continues the same file (never through a planted link).
+            self._file = files.open_append(Path(path))
 
     def write(self, record: dict[str, Any]) -> None:
         """Append ``record`` (needs ``step``) and send its numbers to the trackers, on the main process.
@@ -176,11 +179,13 @@ def _cut_after(path: str, step: int, epoch: int) -> int:
     Otherwise the killed run's records of those steps would appear twice. Rewritten atomically, so a
     crash here leaves the old file whole.
     """
+    files.refuse_symlink(Path(path))  # (it is read, then replaced: a link would hide another run's log)
     if not os.path.isfile(path):
         return 0
     dropped, mended = 0, False
     tmp = f"{path}.tmp"
-    with open(path) as src, open(tmp, "w") as dst:  # (line by line: a long run's log can be large)
+    # (line by line: a long run's log can be large; the temp file is never opened through a link)
+    with open(path) as src, files.open_rewrite(Path(tmp)) as dst:
         for line in src:
             try:
                 record = json.loads(line)
@@ -193,6 +198,8 @@ def _cut_after(path: str, step: int, epoch: int) -> int:
             if not line.endswith("\n"):  # (the next record would be appended to this line)
                 line, mended = line + "\n", True
             dst.write(line)
+        dst.flush()
+        os.fsync(dst.fileno())  # (renamed over the log below: it must be on disk first)
     if dropped or mended:
         os.replace(tmp, path)
     else:

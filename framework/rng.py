@@ -5,19 +5,23 @@ Example::
     import framework
     framework.seed_everything(0)          # before building the model: the same initial weights every run
     meta, tensors = rng_state()           # a checkpoint keeps each rank's
-    set_rng_state(meta, tensors)          # checked first: a malformed state changes nothing
+    check_rng_state(meta, tensors, where=Path("rng-rank0.json"))   # a malformed one changes nothing
+    set_rng_state(meta, tensors)
 """
 
 from __future__ import annotations
 
 import random
+import re
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from .errors import CorruptCheckpointError
+from .schema import Float, Int, Keys, ListOf, Maybe, Str, TupleOf, expect
 
-class RngStateError(ValueError):
-    """A saved RNG state that does not have the shape of one (the checkpoint code names the file)."""
+_CORRUPT = "the checkpoint is damaged or was edited; nothing was applied. Resume from another checkpoint"
 
 
 def seed_everything(seed: int) -> None:
@@ -62,50 +66,56 @@ def rng_state() -> tuple[Any, dict[str, torch.Tensor]]:
     return meta, tensors
 
 
-def check_rng_state(meta: Any, tensors: dict[str, torch.Tensor]) -> None:
-    """Raise :class:`RngStateError` unless ``(meta, tensors)`` has the shape :func:`rng_state` gives.
+_RNG_META = Keys(
+    {
+        "numpy": TupleOf(Str(choices=("MT19937",)), Int(0, 624), Int(0, 1), Float(finite=False)),
+        "python": TupleOf(Int(), ListOf(Int(0, 2**32 - 1), min_len=625, max_len=625), Maybe(Float(finite=False))),
+    }
+)
+
+
+def check_rng_state(meta: Any, tensors: dict[str, torch.Tensor], where: Path) -> None:
+    """Raise :class:`CorruptCheckpointError` naming ``where`` (and the key) unless ``meta`` and ``tensors``
+    (an ``rng-rank{R}`` pair) are RNG states that :func:`set_rng_state` can apply whole: types and
+    shapes first, then each state applied to a scratch generator (a state of the right size can
+    still be invalid), so that a bad one fails before anything of the run changes.
 
     Example::
 
-        check_rng_state(*rng_state())   # passes
+        check_rng_state(reader.json("rng-rank0.json"), reader.tensors("rng-rank0.safetensors"), where=ckpt)
     """
-    torch_state = tensors.get("torch")
-    reference = torch.get_rng_state()
-    if (
-        not isinstance(torch_state, torch.Tensor)
-        or torch_state.dtype != torch.uint8
-        or torch_state.shape != reference.shape
-    ):
-        raise RngStateError(f"'torch' must be a uint8 tensor of shape {list(reference.shape)}")
-    numpy_keys = tensors.get("numpy")
-    if not isinstance(numpy_keys, torch.Tensor) or numpy_keys.dtype != torch.int32 or numpy_keys.shape != (624,):
-        raise RngStateError("'numpy' must be an int32 tensor of 624 words (MT19937)")
-    if not isinstance(meta, dict) or set(meta) != {"numpy", "python"}:
-        raise RngStateError("the JSON part must have exactly the keys 'numpy' and 'python'")
-    np_meta, py_meta = meta["numpy"], meta["python"]
-    if not (isinstance(np_meta, list) and len(np_meta) == 4 and np_meta[0] == "MT19937"):
-        raise RngStateError("'numpy' must be ['MT19937', pos, has_gauss, gauss]")
-    if not (isinstance(np_meta[1], int) and 0 <= np_meta[1] <= 624 and np_meta[2] in (0, 1)):
-        raise RngStateError("'numpy' position must be in [0, 624] and has_gauss 0 or 1")
-    if not isinstance(np_meta[3], (int, float)) or isinstance(np_meta[3], bool):
-        raise RngStateError("'numpy' gauss must be a number")
-    if not (
-        isinstance(py_meta, list) and len(py_meta) == 3 and isinstance(py_meta[1], list) and len(py_meta[1]) == 625
-    ):
-        raise RngStateError("'python' must be [version, 625 ints, gauss_next]")
-    if not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**32 for x in py_meta[1]):
-        raise RngStateError("'python' state words must be ints in [0, 2**32)")
-    if py_meta[2] is not None and not isinstance(py_meta[2], (int, float)):
-        raise RngStateError("'python' gauss_next must be a number or null")
-    for key, value in tensors.items():
-        if key.startswith("cuda/") and (not isinstance(value, torch.Tensor) or value.dtype != torch.uint8):
-            raise RngStateError(f"{key!r} must be a uint8 tensor")
-        if key not in ("torch", "numpy") and not key.startswith("cuda/"):
-            raise RngStateError(f"unknown RNG {key!r}")
+    import numpy as np
+
+    expect(meta, _RNG_META, where=where, hint=_CORRUPT)
+    tensor_file = where.with_suffix(".safetensors")
+    expected = {"torch": (torch.uint8, [torch.get_rng_state().numel()]), "numpy": (torch.int32, [624])}
+    for key, t in tensors.items():
+        want = expected.get(key, (torch.uint8, [16]) if re.fullmatch(r"cuda/\d+", key) else None)
+        if want is None:
+            raise CorruptCheckpointError(f"{tensor_file}: {key}: not an RNG state this framework writes; {_CORRUPT}")
+        if t.dtype != want[0] or list(t.shape) != want[1]:
+            raise CorruptCheckpointError(
+                f"{tensor_file}: {key}: expected {want[0]} of shape {want[1]}, got {t.dtype} of shape "
+                f"{list(t.shape)}; {_CORRUPT}"
+            )
+    for key in expected:
+        if key not in tensors:
+            raise CorruptCheckpointError(f"{tensor_file}: {key}: missing; {_CORRUPT}")
+    kind, pos, has_gauss, gauss = meta["numpy"]
+    version, internal, gauss_next = meta["python"]
+    try:
+        torch.Generator().set_state(tensors["torch"])
+        np.random.RandomState().set_state((kind, tensors["numpy"].numpy().view(np.uint32), pos, has_gauss, gauss))
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise CorruptCheckpointError(f"{tensor_file}: not a valid RNG state ({e}); {_CORRUPT}") from None
+    try:
+        random.Random().setstate((version, tuple(internal), gauss_next))
+    except (ValueError, TypeError, OverflowError) as e:
+        raise CorruptCheckpointError(f"{where}: python: not a valid RNG state ({e}); {_CORRUPT}") from None
 
 
 def set_rng_state(meta: Any, tensors: dict[str, torch.Tensor]) -> None:
-    """Restore what :func:`rng_state` returned (after :func:`check_rng_state`).
+    """Restore what :func:`rng_state` returned (check a saved one with :func:`check_rng_state` first).
 
     Example::
 
@@ -113,7 +123,6 @@ def set_rng_state(meta: Any, tensors: dict[str, torch.Tensor]) -> None:
     """
     import numpy as np
 
-    check_rng_state(meta, tensors)
     torch.set_rng_state(tensors["torch"])
     cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda/")), key=lambda k: int(k[5:]))]
     if cuda and torch.cuda.is_available():

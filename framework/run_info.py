@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .checkpoint import list_checkpoints
+from . import files
+from .checkpoint_dir import list_checkpoints
 from .data import Batching
 from .distributed import Runtime
 from .optim import Optimizers
@@ -116,7 +117,7 @@ def _try_lock(run_dir: Path) -> tuple[int | None, str | None]:
     except ImportError:  # (not POSIX: no flock)
         return -1, None
     run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fd = files.open_lock(run_dir / ".lock")  # (never through a planted link: SymlinkError, an OSError)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -215,8 +216,8 @@ def write_config(
     if run_dir is None or not rt.is_main:
         return config
     os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    # (atomic and never through a planted link: a symlinked config.json would overwrite another file)
+    files.write_atomic(Path(run_dir) / "config.json", json.dumps(config, indent=2).encode())
     return config
 
 

@@ -8,9 +8,9 @@ and the train :class:`Counters`. Each has ``state_dict()`` / ``load_state_dict()
 On disk (one checkpoint, written by :class:`framework.checkpoint.CheckpointWriter`):
 
 - entries registered with a ``file`` (the model, the EMA) go to their own safetensors file with
-  clean parameter names (what ``framework.load_weights`` reads), or, under FSDP, to the sharded
-  ``shards/`` directory (:mod:`framework.dcp`);
-- every other tensor goes to ``state.safetensors`` (shards to ``shards/``), and everything else to
+  clean parameter names (what ``framework.load_weights`` reads), or, under FSDP, to the shards that
+  torch.distributed.checkpoint writes beside them (``.metadata``, ``__R_0.distcp``: :mod:`framework.dcp`);
+- every other tensor goes to ``state.safetensors`` (a shard to the shards), and everything else to
   ``state.json``, which refers to the tensors by key;
 - each rank's RNG states to ``rng-rank{R}.json`` / ``.safetensors``.
 
@@ -43,10 +43,12 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, dedup_shared
-from .rng import RngStateError, check_rng_state, rng_state, seed_everything, set_rng_state
+from .checkpoint import CheckpointError, CorruptCheckpointError, dedup_shared
+from .rng import check_rng_state, rng_state, seed_everything, set_rng_state
+from .schema import JSON, AnyOf, Bool, Float, Int, Keys, MapOf, Maybe, Str, expect
 
 STATE_FORMAT = 2
+_CORRUPT = "the checkpoint is damaged or was edited; nothing was applied. Resume from another checkpoint"
 
 
 class Stateful(Protocol):
@@ -65,6 +67,7 @@ class _Entry:
     obj: Any
     file: str | None  # its own safetensors file (tensor-only state: model weights, EMA), else state.json
     check: Callable[[Any], None] | None  # raises ValueError/TypeError/KeyError for a malformed state
+    schema: Any  # framework.schema: what its JSON in state.json must look like (checked before anything else)
 
 
 class TrainState:
@@ -89,7 +92,7 @@ class TrainState:
         if name in self._entries:
             raise ValueError(f"a stateful object named {name!r} is registered already")
         check = check or getattr(obj, "check_state_dict", None)
-        self._entries[name] = _Entry(obj, file, check)
+        self._entries[name] = _Entry(obj, file, check, getattr(obj, "schema", None))
 
     @property
     def names(self) -> list[str]:
@@ -124,25 +127,14 @@ class Counters:
     def state_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def check_state_dict(self, state: Any) -> None:
-        """Exactly the fields of :class:`Counters`, each a non-negative int (``should_stop`` a bool)."""
-        names = {f.name for f in dataclasses.fields(self)}
-        if not isinstance(state, dict):
-            raise TypeError(f"expected an object of counters, got {type(state).__name__}")
-        unknown, missing = sorted(set(state) - names), sorted(names - set(state))
-        if unknown:
-            raise KeyError(f"unknown counter(s) {unknown} (known: {sorted(names)})")
-        if missing:
-            raise KeyError(f"missing counter(s) {missing}")
-        for key, value in state.items():
-            if key == "should_stop":
-                if not isinstance(value, bool):
-                    raise TypeError(f"{key!r} must be true or false, got {value!r}")
-            elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise TypeError(f"{key!r} must be a non-negative integer, got {value!r}")
+    # Exactly these fields: a counter that is no counter (run_dir, say) is refused, never set.
+    schema = Keys({f: (Bool() if f == "should_stop" else Int(0)) for f in (
+        "step", "epoch", "batch_in_epoch", "items_read", "micro_steps", "skipped_steps", "consecutive_skips",
+        "should_stop",
+    )})  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.check_state_dict(state)
+        expect(state, self.schema, where="counters")
         for f in dataclasses.fields(self):
             setattr(self, f.name, state[f.name])
 
@@ -252,7 +244,7 @@ class CallbackStates:
 
 
 class Scalars:
-    """A dict of named numbers held by someone else (the engine's last logged metrics).
+    """A dict of named numbers held by someone else (the engine's last logged metrics; NaN allowed).
 
     Example::
 
@@ -265,12 +257,7 @@ class Scalars:
     def state_dict(self) -> dict[str, Any]:
         return dict(self.get())
 
-    def check_state_dict(self, state: Any) -> None:
-        if not isinstance(state, dict):
-            raise TypeError("expected an object of metric name -> number")
-        for k, v in state.items():
-            if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise TypeError(f"metric {k!r} must be a number, got {v!r}")
+    schema = MapOf(AnyOf(Float(finite=False), Keys({"__float__": Str(choices=("inf", "-inf", "nan"))})))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.put({k: float(v) for k, v in state.items()})
@@ -394,13 +381,15 @@ def unflatten(obj: Any, tensors: dict[str, torch.Tensor], depth: int = 0) -> Any
 
 def save(
     state: TrainState,
-    writer: Any,  # framework.checkpoint.CheckpointWriter
+    writer: Any,  # framework.checkpoint.CheckpointWriter (or the async one's DeferredWriter)
+    root: Path,
+    name: str,
     *,
     strategy: Any,
     rt: Any,
     fingerprint: dict[str, Any],
     monitor_value: float | None,
-    keep_last: int,
+    keep_last: int | None,
     keep_best: int,
     mode: str,
 ) -> Path:
@@ -408,8 +397,9 @@ def save(
 
     Example::
 
-        save(state, CheckpointWriter(root, "step-00000120", rank=0, world_size=1, is_main=True), strategy=s,
-             rt=rt, fingerprint=fp, monitor_value=None, keep_last=3, keep_best=0, mode="min")
+        writer = CheckpointWriter(root, "step-00000120", rank=0, world_size=1, is_main=True)
+        save(state, writer, root, "step-00000120", strategy=s, rt=rt, fingerprint=fp, monitor_value=None,
+             keep_last=3, keep_best=0, mode="min")
     """
     if rt.is_main:
         writer.prepare()
@@ -438,8 +428,8 @@ def save(
     if shards:  # (collective: every rank holds shards of the same tensors)
         from . import dcp
 
-        for file in dcp.save(shards, writer.staging / "shards"):
-            writer.external(f"shards/{file}")
+        for file in dcp.save(shards, writer.staging):  # (beside the other files: one flat, hashed checkpoint)
+            writer.external(file)
     if rt.is_main:
         for file, (unique, meta) in own_files.items():
             writer.tensors(file, unique, meta)
@@ -458,9 +448,8 @@ def save(
     meta, rng_tensors = rng_state()
     writer.json(f"rng-rank{rt.rank}.json", meta)
     writer.tensors(f"rng-rank{rt.rank}.safetensors", rng_tensors)
-    writer.commit()
-    rt.barrier()
-    path: Path = writer.root / writer.name
+    writer.commit()  # (the main process's finalize waits for every rank's record: no barrier needed here)
+    path = root / name
     if rt.is_main:
         path = writer.finalize(keep_last=keep_last, keep_best=keep_best, mode=mode, monitor_value=monitor_value)
     rt.barrier()
@@ -469,7 +458,16 @@ def save(
 
 # ---------------------------------------------------------------- loading
 
-_TOP_KEYS = {"format", "world_size", "strategy", "fingerprint", "monitor_value", "state"}
+_TOP = Keys(
+    {
+        "format": Int(STATE_FORMAT, STATE_FORMAT),
+        "world_size": Int(1),
+        "strategy": Str(max_len=16),
+        "fingerprint": JSON(),
+        "monitor_value": Maybe(Float()),
+        "state": MapOf(JSON()),
+    }
+)
 
 
 def load(
@@ -491,14 +489,18 @@ def load(
     path = reader.path
     where = path / "state.json"
     meta = reader.json("state.json")
-    if not isinstance(meta, dict) or set(meta) != _TOP_KEYS or meta.get("format") != STATE_FORMAT:
-        keys = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
+    # A malformed checkpoint is a CorruptCheckpointError (resume="auto" skips it, naming it); a well-formed one
+    # of another version or setup is a CheckpointError (the run stops: resuming it would need a decision).
+    if (
+        isinstance(meta, dict)
+        and meta.get("format") not in (STATE_FORMAT, None)
+        and isinstance(meta.get("format"), int)
+    ):
         raise CheckpointError(
-            f"{where} is not a checkpoint state of this version (keys {keys}); it was written by another version "
-            "of the framework or edited. Resume from a checkpoint of this version, or start a new run_dir"
+            f"{where} is state format {meta['format']}, this framework reads format {STATE_FORMAT}; resume it with "
+            "the version that wrote it, or start a new run_dir"
         )
-    if not isinstance(meta["world_size"], int) or isinstance(meta["world_size"], bool) or meta["world_size"] < 1:
-        raise CheckpointError(f"{where}: 'world_size' must be a positive int")
+    expect(meta, _TOP, where=where, hint=_CORRUPT)
     diffs = _differences(meta["fingerprint"], fingerprint)
     if diffs:
         raise CheckpointError(
@@ -507,15 +509,19 @@ def load(
             + "\nrestore these settings, or start a new run_dir"
         )
     tree = meta["state"]
-    if not isinstance(tree, dict) or set(tree) != set(state.names):
-        have = sorted(tree) if isinstance(tree, dict) else type(tree).__name__
-        raise CheckpointError(
-            f"{where} holds the state of {have}, this run has {state.names}: a different setup (optimizers, "
-            "scheduler, EMA, precision) saved it; restore that setup or start a new run_dir"
-        )
+    # The fingerprint matched: the same setup (optimizers, schedulers, EMA, precision) has the same names.
+    for name in state.names:
+        if name not in tree:
+            raise CorruptCheckpointError(f"{where}: state.{name}: missing; {_CORRUPT}")
+    for name in tree:
+        if name not in state._entries:
+            raise CorruptCheckpointError(f"{where}: state.{name}: unknown key (expected {state.names}); {_CORRUPT}")
+    for name, entry in state._entries.items():
+        if entry.schema is not None:
+            expect(tree[name], entry.schema, where=where, path=("state", name), hint=_CORRUPT)
     # Read everything first.
     tensors = reader.tensors("state.safetensors")
-    sharded = _read_shards(state, reader) if reader.has("shards/.metadata") else {}
+    sharded = _read_shards(state, reader) if reader.has(".metadata") else {}
     values: dict[str, Any] = {}
     for name, entry in state._entries.items():
         try:
@@ -525,16 +531,13 @@ def load(
                 values[name] = unflatten(tree[name], {**tensors, **sharded})
             if entry.check is not None:
                 entry.check(values[name])
-        except (KeyError, TypeError, ValueError, RecursionError) as e:
-            raise CheckpointError(f"cannot resume from {path}: state.json {name!r}: {e}") from None
+        except (KeyError, TypeError, ValueError, RecursionError, IndexError) as e:
+            raise CorruptCheckpointError(f"{where}: state.{name}: a malformed entry ({e}); {_CORRUPT}") from None
     rng = None
     same_world = meta["world_size"] == rt.world_size and reader.has(f"rng-rank{rt.rank}.json")
     if same_world:
         rng = (reader.json(f"rng-rank{rt.rank}.json"), reader.tensors(f"rng-rank{rt.rank}.safetensors"))
-        try:
-            check_rng_state(*rng)
-        except RngStateError as e:
-            raise CheckpointError(f"cannot resume from {path}: rng-rank{rt.rank}: {e}") from None
+        check_rng_state(*rng, where=path / f"rng-rank{rt.rank}.json")  # (a CorruptCheckpointError naming it)
     # Then apply (every state was checked: nothing below can fail half way on a well-formed checkpoint).
     for name, entry in state._entries.items():
         entry.obj.load_state_dict(values[name])
@@ -580,9 +583,10 @@ def _read_own_file(
     assert entry.file is not None
     if node["__file__"] != entry.file or not reader.has(entry.file):
         raise KeyError(f"{entry.file} is missing")
-    from .checkpoint import read_weights
+    from .weights import with_aliases
 
-    return read_weights(reader.path / entry.file)
+    stored, metadata = reader.tensors_and_metadata(entry.file)
+    return with_aliases(stored, metadata, reader.path / entry.file)
 
 
 def _read_shards(state: TrainState, reader: Any) -> dict[str, torch.Tensor]:
@@ -591,7 +595,7 @@ def _read_shards(state: TrainState, reader: Any) -> dict[str, torch.Tensor]:
     checkpoint)."""
     from . import dcp
 
-    directory = reader.path / "shards"
+    directory = reader.path  # (DCP's .metadata and __R_0.distcp files, verified with the rest)
     template: dict[str, torch.Tensor] = {}
     for name, entry in state._entries.items():
         current = entry.obj.state_dict()
@@ -606,7 +610,7 @@ def _read_shards(state: TrainState, reader: Any) -> dict[str, torch.Tensor]:
     meta = dcp.read_metadata(directory / dcp.METADATA)
     missing = sorted(set(template) - set(meta.state_dict_metadata))
     if missing:
-        raise CheckpointError(f"{directory} has no shards for {missing[:4]}; it was saved by a different setup")
+        raise CorruptCheckpointError(f"{directory / dcp.METADATA}: no shards for {missing[:4]}; {_CORRUPT}")
     dcp.load(template, directory)
     return template
 
@@ -616,7 +620,9 @@ def _read_shards(state: TrainState, reader: Any) -> dict[str, torch.Tensor]:
 _KERNEL_FLAGS = ("foreach", "fused", "capturable")
 
 
-def fingerprint(config: Any, module: nn.Module, optimizers: Any, batch_size: int | None) -> dict[str, Any]:
+def fingerprint(
+    config: Any, module: nn.Module, optimizers: Any, batch_size: int | None, scaler: bool = False
+) -> dict[str, Any]:
     """What a checkpoint depends on, from the validated config: resuming with any of it changed is an error.
 
     Example::
@@ -632,6 +638,7 @@ def fingerprint(config: Any, module: nn.Module, optimizers: Any, batch_size: int
             "class": type(o.optimizer).__name__,
             "groups": len(o.optimizer.param_groups),
             "defaults": flatten(settings, tensors, "defaults"),
+            "scheduler": type(o.scheduler).__name__ if o.scheduler is not None else None,
         }
     return {
         "batch_size": batch_size,
@@ -641,6 +648,7 @@ def fingerprint(config: Any, module: nn.Module, optimizers: Any, batch_size: int
         "ema_decay": config.step.ema_decay,
         "model": {k: list(v.shape) for k, v in module.state_dict().items()},
         "optimizers": opts,
+        "grad_scaler": scaler,
     }
 
 

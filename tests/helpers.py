@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -71,3 +74,38 @@ class CrashAt(Callback):
     def on_step_end(self, engine, module, metrics):
         if engine.step == self.step:
             raise KeyboardInterrupt
+
+
+def reseal(ckpt: Path, edit: Any = None) -> None:
+    """Rewrite a checkpoint's manifest.json and SHA256SUMS to match its files as they are now (a careful
+    tamperer, or a tool that edits a checkpoint), computed here with hashlib, independently of the
+    framework. ``edit(manifest)`` may then change the manifest dict before it is written.
+    """
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    names = sorted(manifest["files"])
+    manifest["files"] = {
+        n: {"size": (ckpt / n).stat().st_size, "sha256": hashlib.sha256((ckpt / n).read_bytes()).hexdigest()}
+        for n in names
+    }
+    if edit is not None:
+        edit(manifest)
+    data = json.dumps(manifest).encode()
+    (ckpt / "manifest.json").write_bytes(data)
+    lines = [f"{hashlib.sha256((ckpt / n).read_bytes()).hexdigest()}  {n}\n" for n in names]
+    lines.append(f"{hashlib.sha256(data).hexdigest()}  manifest.json\n")
+    (ckpt / "SHA256SUMS").write_text("".join(lines))
+
+
+def fit_tiny(run_dir: Path, module: nn.Module | None = None, **kw: Any) -> tuple[Any, nn.Module]:
+    """Fit a TinyClassifier (seeded) on 200 items, batch 50: 4 steps an epoch, a checkpoint at each
+    epoch end (steps 4, 8, ...). Returns (engine, module)."""
+    from framework import Engine
+
+    torch.manual_seed(0)
+    x, y = classification_data(200)
+    module = module if module is not None else TinyClassifier()
+    args: dict[str, Any] = dict(max_epochs=2, batch_size=50, run_dir=str(run_dir), progress=False, doctor="off")
+    args.update(kw)
+    engine = Engine(**args)
+    engine.fit(module, (x, y), (x[:50], y[:50]))
+    return engine, module

@@ -17,9 +17,9 @@ import torch
 
 import framework
 from framework import Engine
-from framework.checkpoint import CheckpointError, newest_complete
+from framework.checkpoint import CheckpointError, CheckpointReader, list_checkpoints, newest_complete
 
-from .helpers import ACCELERATE, ROOT, TinyClassifier, classification_data
+from .helpers import ACCELERATE, ROOT, TinyClassifier, classification_data, reseal
 
 SCRIPT = ROOT / "tests" / "scripts" / "ckpt_run.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -134,44 +134,29 @@ def test_sigterm_checkpoints_exits_143_and_resumes_exactly(tmp_path):
     _assert_bitwise(straight, out)
 
 
-CRASH_IN_SAVE = """
-import os, signal, sys
-import framework.checkpoint as ck
-calls = {"n": 0}
-real = ck.write_json
-def dying_write_json(path, obj):
-    if path.name == "state.json":
-        calls["n"] += 1
-        if calls["n"] == 2:  # the second save dies halfway through
-            os.kill(os.getpid(), signal.SIGKILL)
-    return real(path, obj)
-ck.write_json = dying_write_json
-sys.argv = ["ckpt_run.py", *sys.argv[1:]]
-exec(compile(open(%r).read(), "ckpt_run.py", "exec"))
-"""
+KILL_SCRIPT = ROOT / "tests" / "scripts" / "ckpt_kill.py"
 
 
-def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path):
-    run_dir = tmp_path / "run"
-    script = tmp_path / "crash.py"
-    script.write_text(CRASH_IN_SAVE % str(SCRIPT))
-    proc = subprocess.run(
-        [sys.executable, str(script), str(run_dir), str(tmp_path / "o.pt")],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == -signal.SIGKILL
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_kill_9_during_a_save_leaves_the_previous_checkpoint_intact(tmp_path, mode):
+    """A real SIGKILL while step 2 is being written (by the training thread, or the background one):
+    step 1 is still the newest complete checkpoint, it verifies, and the run resumes from it."""
+    run_dir, extra = tmp_path / "run", ["--async"] if mode == "async" else []
     root = run_dir / "checkpoints"
-    assert list(root.glob(".tmp-*")), "the interrupted save should have left only a temporary directory"
+    cmd = [sys.executable, str(KILL_SCRIPT), str(run_dir), *extra]
+    proc = subprocess.run([*cmd, "--kill"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert (root / ".tmp-step-00000002").is_dir(), "the kill should have landed mid-save"
+    assert [f.path.name for f in list_checkpoints(root)] == ["step-00000001"]
     newest = newest_complete(root)
-    assert newest is not None and newest.name == "step-00000003"
-    framework.load_weights(TinyCkptNet(), newest)
-    # And the run resumes from it and completes.
-    _run(_cmd(run_dir, tmp_path / "o.pt"))
-    assert not list(root.glob(".tmp-*"))
+    assert newest is not None and newest.name == "step-00000001"
+    CheckpointReader(newest)  # every file's SHA-256 matches its manifest
+    proc = _run(cmd, timeout=120)
+    assert "resumed from step-00000001" in proc.stdout
+    assert not list(root.glob(".tmp-*")), "the next save removes the killed save's staging dir"
+    assert [f.path.name for f in list_checkpoints(root)] == ["step-00000002", "step-00000003", "step-00000004"]
+    for f in list_checkpoints(root):
+        CheckpointReader(f.path)
 
 
 class TinyCkptNet(torch.nn.Module):
@@ -209,9 +194,7 @@ def test_planted_pickle_is_never_executed(tmp_path, victim):
     ckpt = newest_complete(tmp_path / "run" / "checkpoints")
     payload = pickle.dumps(_Evil())
     (ckpt / victim).write_bytes(payload)
-    manifest = json.loads((ckpt / "manifest.json").read_text())
-    manifest["files"][victim] = len(payload)  # a careful attacker fixes the manifest too
-    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    reseal(ckpt)  # a careful attacker fixes the manifest and SHA256SUMS too
     with pytest.raises(CheckpointError, match="corrupt"):
         _fit(tmp_path / "run", max_epochs=2, resume=str(ckpt))
     if victim == "model.safetensors":
@@ -280,7 +263,9 @@ def test_auto_skips_incomplete_checkpoint_with_a_warning(tmp_path):
     broken = root / "step-00000099"
     broken.mkdir()
     (broken / "model.safetensors").write_bytes(b"partial")
-    with pytest.warns(UserWarning, match="skipping incomplete checkpoint .*step-00000099.*manifest"):
+    with pytest.warns(
+        UserWarning, match=r"skipping checkpoint.*step-00000099 \(.*no manifest\.json.*Using the older step-00000007"
+    ):
         engine, _ = _fit(tmp_path / "run", resume="auto", max_epochs=2)
     assert engine.step == 14
 
@@ -362,3 +347,21 @@ def test_elastic_resume_two_processes_to_one(tmp_path):
     assert a["step"] == b["step"]
     diff = max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"])
     assert diff <= 1e-5
+
+
+@pytest.mark.multiprocess
+def test_ranks_that_would_resume_different_checkpoints_stop_together(tmp_path):
+    """rng-rank1.json of the newest checkpoint is malformed (resealed): only rank 1 reads it, so under
+    resume="auto" rank 1 alone would fall back to the older checkpoint. Every rank raises instead."""
+    run_dir, out = tmp_path / "run", tmp_path / "o.pt"
+    _run(_cmd(run_dir, out, "--epochs", "1", ddp=True))
+    newest = newest_complete(run_dir / "checkpoints")
+    assert newest is not None
+    rng = json.loads((newest / "rng-rank1.json").read_text())
+    rng["numpy"][1] = 9999
+    (newest / "rng-rank1.json").write_text(json.dumps(rng))
+    reseal(newest)
+    cmd = _cmd(run_dir, out, "--epochs", "2", ddp=True)
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    assert proc.stderr.count("the processes resumed different checkpoints") == 2, proc.stderr[-4000:]

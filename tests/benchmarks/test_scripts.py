@@ -71,3 +71,14 @@ def test_fsdp_benchmark_counts_sharded_memory_on_two_processes(tmp_path):
     for rank in (0, 1):  # every parameter and its AdamW state split over 2 ranks: half, exactly (128 | 2)
         assert ratios(text, str(rank))[0] == 0.5
     assert "target: FSDP <= 0.55x DDP per rank (params + optimizer): met" in text
+
+
+def test_checkpoint_benchmark_reports_both_ratios(tmp_path):
+    out = tmp_path / "checkpoint.md"
+    run("checkpoint.py", "--width", "64", "--layers", "2", "--reps", "1", "--dir", str(tmp_path), "--out", str(out))
+    text = out.read_text()
+    for row in ("durable torch.save (fsync)", "engine, sync", "engine, async: stall"):
+        assert all(r > 0 for r in ratios(text, row))
+    assert re.search(r"\| engine sync <= 1.25x durable torch.save \| \d+\.\d+x \| (yes|no) \|", text)
+    assert re.search(r"\| async stall <= 0.25x engine sync \| \d+\.\d+x \| (yes|no) \|", text)
+    assert not list(tmp_path.glob("tmp*")), "the benchmark removes what it wrote"

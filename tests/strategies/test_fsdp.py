@@ -8,7 +8,6 @@ guard agreeing across ranks, and weights read back from a sharded run dir on one
 
 from __future__ import annotations
 
-import json
 import pickle
 import shutil
 import subprocess
@@ -25,7 +24,7 @@ from framework.dcp import UnsafeMetadata, read_metadata
 from tests.scripts.exact_common import TokenModel, token_data
 from tests.scripts.fsdp_run import EVERY, STEPS, NanTokenModel, data
 
-from ..helpers import ACCELERATE, ROOT, launch
+from ..helpers import ACCELERATE, ROOT, launch, reseal
 
 SCRIPT = ROOT / "tests" / "scripts" / "fsdp_run.py"
 TOL = 1e-5
@@ -90,7 +89,7 @@ def test_kill_9_then_resume_bitwise_on_2_processes_and_within_1e5_on_1_and_3(tmp
     assert proc.returncode != 0 and not (killed / "result.pt").exists()
     latest = (killed / "run" / "checkpoints" / "latest").read_text().strip()
     assert latest == f"step-{EVERY:08d}"  # the kill came between two checkpoints
-    assert (killed / "run" / "checkpoints" / latest / "shards" / ".metadata").is_file()
+    assert (killed / "run" / "checkpoints" / latest / ".metadata").is_file()
     for copy in ("one", "three"):
         shutil.copytree(killed, tmp_path / copy)
     launch(SCRIPT, killed, "--resume", config="launch/cpu_fsdp.yaml", timeout=240)
@@ -132,7 +131,7 @@ def test_a_planted_pickle_in_the_shard_index_is_refused_and_never_runs(tmp_path)
     fp32, _, _ = reference(tmp_path)
     assert 1e-6 < max_diff(bf16["params"], fp32) < 0.05  # bf16 compute: close to fp32, not equal
     ckpt = tmp_path / "a" / "run" / "checkpoints" / f"step-{STEPS:08d}"
-    meta = ckpt / "shards" / ".metadata"
+    meta = ckpt / ".metadata"
     assert read_metadata(meta).state_dict_metadata  # the genuine index reads
     marker = tmp_path / "pwned"
 
@@ -148,19 +147,8 @@ def test_a_planted_pickle_in_the_shard_index_is_refused_and_never_runs(tmp_path)
     # The checkpoint's manifest no longer matches the planted file: refused before anything is read ...
     with pytest.raises(CheckpointError):
         framework.load_weights(TokenModel(), ckpt)
-    # ... and with a manifest forged to match, the restricted unpickler still refuses it.
-    manifest = json.loads((ckpt / "manifest.json").read_text())
-    manifest["files"]["shards/.metadata"] = forged_entry(manifest["files"]["shards/.metadata"], meta)
-    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    # ... and with the manifest and SHA256SUMS forged to match, the restricted unpickler still refuses it.
+    reseal(ckpt)
     with pytest.raises(UnsafeMetadata):
         framework.load_weights(TokenModel(), ckpt)
     assert not marker.exists()
-
-
-def forged_entry(entry: object, path: Path) -> object:
-    """What an attacker writes into the manifest for a replaced file: its real size (and hash)."""
-    import hashlib
-
-    if isinstance(entry, dict):
-        return {**entry, "size": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-    return path.stat().st_size

@@ -1,0 +1,342 @@
+"""Safe file writes for run dirs: never through a symbolic link, atomic where a file is replaced,
+fsync'ed where a crash must not lose it.
+
+Everything the engine creates or replaces inside a run dir (checkpoint files and their staging
+dirs, ``latest``, ``config.json``, ``.lock``, ``metrics.jsonl`` and its rewrite) goes through
+here. A symlink planted at one of those paths (say ``config.json -> ../other-run/config.json``,
+or a checkpoint downloaded with links in it) would otherwise make the engine overwrite, truncate
+or delete a file outside the run, so each write refuses a link (``O_NOFOLLOW``, or a check
+followed by an atomic ``rename``, which replaces a link and never writes through it) and raises
+:class:`SymlinkError` naming the path and the fix. The run dir itself, and the directories
+above it, may be links (pointing a run at a scratch disk is the user's choice).
+
+Files are opened with ``O_NONBLOCK`` and must be regular files: a planted FIFO cannot hang the
+engine.
+
+Example::
+
+    from framework import files
+    files.write_atomic(Path("runs/x/config.json"), b"{}")     # temp file, fsync, rename
+    fd = files.open_new(Path("runs/x/checkpoints/.tmp-step-00000010/model.safetensors"))
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+from collections.abc import Iterable
+from pathlib import Path
+from typing import IO
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_CHUNK = 1 << 30  # (one write() call moves at most this much: some kernels cap a single write near 2 GiB)
+
+
+class SymlinkError(OSError):
+    """A path the framework would write is a symbolic link (or not a regular file), so it refuses.
+
+    An ``OSError`` (errno ``ELOOP``), so code that handles a failed write handles this too.
+
+    Example::
+
+        try:
+            files.write_atomic(Path("runs/x/config.json"), b"{}")
+        except files.SymlinkError as e:
+            print(e)   # names the link, where it points, and the fix
+    """
+
+
+def _link_error(path: Path) -> SymlinkError:
+    try:
+        target = f" (pointing to {os.readlink(path)!r})"
+    except OSError:
+        target = ""
+    return SymlinkError(
+        errno.ELOOP,
+        f"{path} is a symbolic link{target}; the framework never follows a link inside a run dir (it could "
+        f"overwrite, delete or load another run's files). Fix: remove the link (rm {path}), or use a fresh run_dir",
+    )
+
+
+def _not_regular(path: Path, mode: int) -> SymlinkError:
+    kind = "directory" if stat.S_ISDIR(mode) else "special file (FIFO, socket or device)"
+    return SymlinkError(
+        errno.EINVAL,
+        f"{path} is a {kind}, not a regular file; the framework only writes regular files in a run dir. "
+        f"Fix: remove it (rm -r {path}), or use a fresh run_dir",
+    )
+
+
+def refuse_symlink(path: Path) -> None:
+    """Raise :class:`SymlinkError` if ``path`` is a symbolic link (dangling or not).
+
+    Example::
+
+        files.refuse_symlink(Path("runs/x/metrics.jsonl"))
+    """
+    if os.path.islink(path):
+        raise _link_error(path)
+
+
+def _open(path: Path, flags: int, mode: int = 0o644) -> int:
+    """os.open that never follows a final symlink and accepts regular files only."""
+    try:
+        fd = os.open(path, flags | _NOFOLLOW | _NONBLOCK | _CLOEXEC, mode)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.EMLINK) or os.path.islink(path):  # (FreeBSD says EMLINK)
+            raise _link_error(path) from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(path, st.st_mode)
+        if _NONBLOCK:  # (only wanted while opening: a FIFO would have blocked there)
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    if not _NOFOLLOW and os.path.islink(path):  # (no O_NOFOLLOW on this OS: check after the fact)
+        os.close(fd)
+        raise _link_error(path)
+    return fd
+
+
+def open_new(path: Path) -> int:
+    """Create ``path`` (which must not exist, not even as a link) for writing; returns the fd.
+
+    Example::
+
+        fd = files.open_new(staging / "model.safetensors")
+        try:
+            files.write_all(fd, [b"..."])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    """
+    try:
+        return _open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    except FileExistsError:
+        if os.path.islink(path):
+            raise _link_error(path) from None
+        raise FileExistsError(
+            errno.EEXIST, f"{path} already exists; the framework writes each checkpoint file once, into a fresh dir"
+        ) from None
+
+
+def write_all(fd: int, buffers: Iterable[bytes | memoryview]) -> int:
+    """Write every buffer to ``fd`` completely (os.write may write less than asked); returns the bytes written.
+
+    Example::
+
+        n = files.write_all(fd, [header, memoryview(array)])
+    """
+    total = 0
+    for buf in buffers:
+        view = memoryview(buf).cast("B")
+        while view:
+            n = os.write(fd, view[:_CHUNK])
+            view = view[n:]
+            total += n
+    return total
+
+
+def write_new(path: Path, data: bytes) -> None:
+    """Create ``path`` (it must not exist), write ``data``, fsync.
+
+    Example::
+
+        files.write_new(staging / "state.json", b"{...}")
+    """
+    fd = open_new(path)
+    try:
+        write_all(fd, [data])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _clear_leftover(path: Path) -> None:
+    """Remove a leftover regular file (a killed write's temp file); refuse a link or anything else."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise _link_error(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_regular(path, st.st_mode)
+    os.unlink(path)
+
+
+def temp_name(path: Path) -> Path:
+    """The temporary file that :func:`write_atomic` and friends write before renaming onto ``path``.
+
+    Example::
+
+        files.temp_name(Path("runs/x/checkpoints/latest"))   # runs/x/checkpoints/.latest.tmp
+    """
+    return path.with_name(f".{path.name}.tmp")
+
+
+def write_atomic(path: Path, data: bytes, *, tmp: Path | None = None, fsync: bool = True) -> None:
+    """Replace ``path`` with ``data`` atomically: a reader sees the old file or the new one, never half.
+
+    The data goes to ``tmp`` (default :func:`temp_name`), is fsync'ed, then renamed onto ``path``
+    and the directory fsync'ed. Neither ``path`` nor the temp file may be a symlink.
+
+    Example::
+
+        files.write_atomic(Path("runs/x/checkpoints/latest"), b"step-00000120\\n")
+    """
+    tmp = temp_name(path) if tmp is None else tmp
+    refuse_symlink(path)
+    _clear_leftover(tmp)
+    fd = open_new(tmp)
+    try:
+        write_all(fd, [data])
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    replace(tmp, path)
+    if fsync:
+        fsync_dir(path.parent)
+
+
+def replace(src: Path, dst: Path) -> None:
+    """``os.replace(src, dst)``, refusing a ``dst`` that is a symlink (rename would swap the link away
+    silently; a link there means something is wrong).
+
+    Example::
+
+        files.replace(staging, root / "step-00000120")
+    """
+    refuse_symlink(dst)
+    os.replace(src, dst)
+
+
+def open_append(path: Path) -> IO[str]:
+    """Open ``path`` to append text (created if missing), never through a link.
+
+    Example::
+
+        with files.open_append(Path("runs/x/metrics.jsonl")) as f:
+            f.write('{"step": 1}\\n')
+    """
+    fd = _open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    return os.fdopen(fd, "a")
+
+
+def open_rewrite(path: Path) -> IO[str]:
+    """Create the temporary file ``path`` for a rewrite (a leftover regular file is replaced; a link is
+    refused); text mode.
+
+    Example::
+
+        with files.open_rewrite(files.temp_name(log)) as dst:
+            dst.write(...)
+    """
+    _clear_leftover(path)
+    return os.fdopen(open_new(path), "w")
+
+
+def open_lock(path: Path) -> int:
+    """Open (or create) the lock file ``path`` read-write, never through a link; returns the fd.
+
+    Example::
+
+        fd = files.open_lock(Path("runs/x/.lock"))
+    """
+    return _open(path, os.O_RDWR | os.O_CREAT)
+
+
+def read_regular(path: Path, max_bytes: int) -> bytes:
+    """The contents of the regular file ``path`` (not a link, at most ``max_bytes``).
+
+    Raises ``OSError`` (:class:`SymlinkError` for a link or a non-regular file, ``EFBIG`` for a
+    larger file).
+
+    Example::
+
+        data = files.read_regular(ckpt / "manifest.json", max_bytes=16 << 20)
+    """
+    fd = _open(path, os.O_RDONLY)
+    try:
+        chunks: list[bytes] = []
+        total = 0
+        while True:  # (bounded even if the file grows while it is read)
+            chunk = os.read(fd, min(_CHUNK, max_bytes + 1 - total))
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > max_bytes:
+                raise OSError(errno.EFBIG, f"{path} has more than the {max_bytes} bytes such a file may have")
+    finally:
+        os.close(fd)
+
+
+def open_regular(path: Path) -> int:
+    """Open the regular file ``path`` for reading, never through a link; returns the fd.
+
+    Example::
+
+        fd = files.open_regular(ckpt / "model.safetensors")
+    """
+    return _open(path, os.O_RDONLY)
+
+
+def ensure_dir(path: Path) -> None:
+    """Create directory ``path`` (and its parents) if missing; refuse it if it is a link or not a directory.
+
+    Example::
+
+        files.ensure_dir(Path("runs/x/checkpoints"))
+    """
+    refuse_symlink(path)
+    path.mkdir(parents=True, exist_ok=True)
+    refuse_symlink(path)  # (a link planted between the check and mkdir: mkdir(exist_ok) accepts it)
+    if not path.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"{path} is not a directory; remove it or use a fresh run_dir")
+
+
+def fresh_dir(path: Path) -> None:
+    """Make ``path`` an empty new directory: a leftover one (a killed save's) is removed first.
+
+    Example::
+
+        files.fresh_dir(root / ".tmp-step-00000120")
+    """
+    if os.path.lexists(path):
+        remove_tree(path)
+    os.mkdir(path)  # (mkdir never follows a link: a link planted since would make it fail)
+
+
+def remove_tree(path: Path) -> None:
+    """Delete the directory ``path`` and everything in it, without following any link (a link
+    inside is removed, never what it points to); refuse ``path`` itself being a link.
+
+    Example::
+
+        files.remove_tree(root / ".trash-step-00000040")
+    """
+    refuse_symlink(path)
+    shutil.rmtree(path)  # (on Linux rmtree walks by fd and never follows links)
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory's entries (a rename or a new file in it) to disk.
+
+    Example::
+
+        files.fsync_dir(root)
+    """
+    fd = os.open(path, os.O_RDONLY | _CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
