@@ -68,7 +68,10 @@ class Stops:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
-        """Handle the preemption signals and SIGINT during the block (main thread only), then restore."""
+        """Handle the preemption signals and SIGINT during the block (main thread only), then restore them.
+
+        Leaving with the agreed stop (SystemExit 143/130), the preemption signals are left ignored, so the
+        process exits with that status whatever preemption signal comes during its teardown."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -76,11 +79,19 @@ class Stops:
         for name in {*self.signals, "SIGINT"}:
             signum = getattr(signal, name)
             previous[signum] = signal.signal(signum, self._on_signal)
+        leaving = False
         try:
             yield
+        except SystemExit:
+            leaving = self.exit_code is not None  # the agreed stop: the process is on its way out with its status
+            raise
         finally:
             for signum, handler in previous.items():
-                signal.signal(signum, handler)
+                # Leaving with 143/130, a later preemption signal (torchrun's SIGTERM to the ranks still exiting
+                # once one has; the rest of a skewed SIGTERM) would kill this rank by signal during its teardown.
+                # Ignored, not a Python handler: the interpreter's finalization resets those to the default.
+                leave_ignored = leaving and signum != signal.SIGINT
+                signal.signal(signum, signal.SIG_IGN if leave_ignored else handler)
 
     def local_time_up(self) -> bool:
         return self.max_time is not None and time.monotonic() - self.t0 >= self.max_time
