@@ -204,3 +204,38 @@ def shared_dir(tmp_path_factory: Any, name: str, make: Callable[[Path], None]) -
             make(target)
             (target / "done").touch()
     return target
+
+
+def alive(pid: int | None) -> bool:
+    import psutil
+
+    try:
+        return pid is not None and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def agreement_launch(tmp_path_factory: Any) -> Path:
+    """The one launch of tests/scripts/ddp_agreement.py, once per session (see its docstring): its cases, the
+    uninterrupted reference of preempt_run.py, then the dead peer: once that phase is under way, rank 1 gets
+    SIGKILL; what rank 0 and the launcher did is written to ``dead-peer.json``. Returns its directory."""
+
+    def make(d: Path) -> None:
+        dead = d / "dead" / "run"
+        with Run(script_cmd(ROOT / "tests" / "scripts" / "ddp_agreement.py", d, ddp=True), dead, d / "log") as run:
+            run.wait_until(lambda: run.step() >= 3, 600, "the dead-peer phase under way (every case done)")
+            killed = run.signal(1, signal.SIGKILL)
+            assert killed is not None
+            error, pid = dead / "error-rank0.txt", run.pid(0)
+            failed = run.wait_until(lambda: error.exists() or not alive(pid), 120, "rank 0 to fail or exit")
+            rc = run.wait(120)
+        record = {
+            "rc": rc,
+            "seconds": failed - killed,  # from the SIGKILL to rank 0's own error (or its death)
+            "error": error.read_text() if error.exists() else None,
+            "sigterm_noted": (dead / "sigterm-rank0").exists(),  # (torchrun's SIGTERM came, harmlessly)
+            "exit_recorded": (dead / "exit-rank0.json").exists(),
+        }
+        (d / "dead-peer.json").write_text(json.dumps(record))
+
+    return shared_dir(tmp_path_factory, "ddp-agreement", make)

@@ -1,10 +1,14 @@
-"""What 2 DDP processes must agree on, one launch for every case (run by tests/test_ddp_agreement.py).
+"""What 2 DDP processes must agree on, one launch for every case (run by tests/procs.agreement_launch).
 
     accelerate launch --config_file launch/cpu_ddp.yaml tests/scripts/ddp_agreement.py OUT_DIR
 
 Each case is a fresh Engine and model in the same two processes; each rank writes
-OUT_DIR/{case}-rank{R}.pt with what it saw. The test compares them with one-process runs.
+OUT_DIR/{case}-rank{R}.pt with what it saw. tests/test_ddp_agreement.py compares them with
+one-process runs. (One launch for all: a 2-process launch costs about 12 CPU-seconds of start-up.)
 
+  reference   tests/scripts/preempt_run.py, uninterrupted, in OUT_DIR/reference (its final and
+              per-step parameters: what tests/test_preemption.py compares stopped runs with); the
+              first Engine, so collective_timeout=20 makes the process group's timeout
   bn          a BatchNorm model, 2 epochs, checkpoints in OUT_DIR/bn: the logged val/loss,
               engine.validate's loss, each rank's own buffers after the last step (before
               validation agreed them), and the loss a validation without the agreement gives
@@ -15,7 +19,10 @@ OUT_DIR/{case}-rank{R}.pt with what it saw. The test compares them with one-proc
   nan_raise   the same infinite loss, nan_policy="raise": the error, parameters before and after
   unused      an unused layer with the default: the error, parameters before and after
               (last: a DDP wrapper stalled by an unused parameter is left behind)
-  timeout     the process group's collective timeout (seconds): none was passed, so the default
+  timeout     the process group's collective timeout (seconds): the reference's collective_timeout=20
+  dead peer   last, preempt_run.py again in OUT_DIR/dead (slow steps, --note-sigterm): the test kills
+              rank 1 with SIGKILL mid-run; rank 0 must fail on its own (error-rank0.txt there), and this
+              launch then exits non-zero
 """
 
 from __future__ import annotations
@@ -29,7 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `tests.scripts`
+
 from framework import Callback, Engine, LoopModule
+from tests.scripts import preempt_run
 
 RANK = int(os.environ.get("RANK", "0"))
 NAN_STEP = 5
@@ -180,6 +190,10 @@ def collective_timeout() -> float:
 def main() -> None:
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
+    ref = out / "reference"
+    preempt_run.main(
+        [str(ref / "run"), str(ref / "final.pt"), "--record", str(ref / "steps.pt"), "--collective-timeout", "20"]
+    )
     cases = {
         "bn": lambda: case_bn(out),
         "nan_skip": lambda: case_nan("skip"),
@@ -191,6 +205,9 @@ def main() -> None:
         torch.save(run(), out / f"{name}-rank{RANK}.pt")
         if name == "bn":
             torch.save({"seconds": collective_timeout()}, out / f"timeout-rank{RANK}.pt")
+    (out / f"cases-done-rank{RANK}").write_text("1")
+    dead = out / "dead"
+    preempt_run.main([str(dead / "run"), str(dead / "final.pt"), "--sleep", "0.05", "--note-sigterm"])
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """A short run that tests/test_preemption.py stops with real signals, then resumes.
 
     python tests/scripts/preempt_run.py RUN_DIR OUT.pt [--sleep S] [--slow-val S] [--slow-save-step K --slow-save S]
-        [--collective-timeout S] [--record STEPS.pt] [--slow-fit-end S] [--note-sigterm]
+        [--collective-timeout S] [--record STEPS.pt] [--slow-fit-end S [--slow-fit-end-rank R]] [--note-sigterm]
     accelerate launch --config_file launch/cpu_ddp.yaml tests/scripts/preempt_run.py RUN_DIR OUT.pt ...
 
 2 epochs of 20 optimizer steps (global batch 16), dropout, shuffling, AdamW and a cosine schedule;
@@ -12,6 +12,7 @@ so every variant ends at the same parameters as an uninterrupted run.
 What it leaves in RUN_DIR for the test (each written atomically):
   pid-rank{R}          this rank's pid, written before fit (signal exactly one rank)
   start-rank{R}        the step rank R's fit starts at (after resume="auto" loaded a checkpoint)
+  timeout-rank{R}      several processes: the process group's collective timeout, in seconds
   step                 rank 0's optimizer step, after each step (the test signals once training is under way)
   validating-rank{R}   --slow-val: rank R's validation started (its first eval forward)
   fit-end-rank{R}      --slow-fit-end: rank R is in on_fit_end (after fit's last agreement)
@@ -73,12 +74,16 @@ class Pace(Callback):
     """Publishes rank 0's step and slows steps down, so a signal lands mid-run; with ``record``, keeps the
     parameters after every step (the reference run: the test compares each checkpoint with them)."""
 
-    def __init__(self, run_dir: Path, seconds: float, record: bool, slow_end: float = 0.0) -> None:
-        self.run_dir, self.seconds, self.slow_end = run_dir, seconds, slow_end
+    def __init__(self, run_dir: Path, seconds: float, record: bool, slow_end: float, slow_end_rank: int | None) -> None:
+        self.run_dir, self.seconds, self.slow_end, self.slow_end_rank = run_dir, seconds, slow_end, slow_end_rank
         self.params: dict[int, dict[str, torch.Tensor]] | None = {} if record else None
 
     def on_fit_start(self, engine, module):
         write(self.run_dir / f"start-rank{RANK}", str(engine.step))  # (after resume: the step it resumed at)
+        if torch.distributed.is_initialized():
+            group = torch.distributed.distributed_c10d._get_default_group()
+            seconds = group._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+            write(self.run_dir / f"timeout-rank{RANK}", str(seconds))
 
     def on_step_end(self, engine, module, metrics):
         if self.params is not None:
@@ -89,7 +94,7 @@ class Pace(Callback):
             time.sleep(self.seconds)
 
     def on_fit_end(self, engine, module):
-        if self.slow_end:  # (after fit's last agreement: a user's upload, say)
+        if self.slow_end and self.slow_end_rank in (None, RANK):  # (after fit's last agreement: an upload, say)
             write(self.run_dir / f"fit-end-rank{RANK}", "1")
             time.sleep(self.slow_end)
 
@@ -108,7 +113,7 @@ def slow_saves(run_dir: Path, at_step: int, seconds: float, engine: Engine) -> N
     ck.write_json = write_json
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("run_dir")
     p.add_argument("out")
@@ -119,8 +124,9 @@ def main() -> None:
     p.add_argument("--collective-timeout", type=float, default=None)
     p.add_argument("--record", default=None, help="save the parameters after every step here (rank 0)")
     p.add_argument("--slow-fit-end", type=float, default=0.0, help="seconds in on_fit_end")
+    p.add_argument("--slow-fit-end-rank", type=int, default=None, help="only on this rank")
     p.add_argument("--note-sigterm", action="store_true", help="a SIGTERM outside fit only writes sigterm-rank{R}")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     run_dir = Path(a.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     for name in (f"exit-rank{RANK}.json", f"error-rank{RANK}.txt", f"saving-rank{RANK}", f"validating-rank{RANK}"):
@@ -144,7 +150,7 @@ def main() -> None:
         progress=False,
         log_every_n_steps=5,
         collective_timeout=a.collective_timeout,
-        callbacks=[pace := Pace(run_dir, a.sleep, a.record is not None, a.slow_fit_end)],
+        callbacks=[pace := Pace(run_dir, a.sleep, a.record is not None, a.slow_fit_end, a.slow_fit_end_rank)],
     )
     if a.slow_save_step is not None:
         slow_saves(run_dir, a.slow_save_step, a.slow_save, engine)
