@@ -16,7 +16,9 @@ chain's last launch (the finished run resumed) also takes a SIGTERM after fit's 
 
 Checked per stopped launch: the exit status of every rank (what it recorded, and what torchrun
 reports), the launcher's status, the time from the last signal to the launcher's exit (< 60 s), the
-checkpoint (complete, at the step every rank stopped at, the one the message names).
+step (the same on every rank, at the next boundary or the one after), the checkpoint (complete, at
+that step, the one the message names, equal to the reference's parameters after that step), and
+the process group's collective timeout (the default, 300 s on CPU).
 """
 
 from __future__ import annotations
@@ -159,8 +161,10 @@ def _finish_with_a_late_signal(run_dir: Path, ref: dict) -> None:
         rc = run.wait(EXIT_WITHIN)
         out, exits, launcher = run.output(), run.exits(), run.launcher_exit_codes()
     print(f"late signal: rank 1 SIGTERM in on_fit_end; launcher exited {rc}, torchrun reports {launcher}")
-    assert rc != 0 and launcher == {1: -signal.SIGTERM}, out[-4000:]
+    assert rc != 0 and launcher.get(1) == -signal.SIGTERM, out[-4000:]
     assert exits == {0: {"code": 0, "step": STEPS}}, exits  # (rank 1 recorded nothing: it ended by the signal)
+    # Rank 0 finished normally; torchrun SIGTERMs it if it is still tearing down when rank 1 has failed.
+    assert launcher.get(0) in (None, -signal.SIGTERM), launcher
     final = torch.load(run_dir / "final.pt")
     assert _equal(final, ref["final"]), "the resumed finished run differs from the uninterrupted one"
 
@@ -204,7 +208,7 @@ def both_ranks(skew: float, first: int = 0) -> Act:
     return act
 
 
-def inside(marker: str, *, k_slack: int = 0) -> Act:
+def inside(marker: str) -> Act:
     """SIGTERM to both ranks once both have written ``marker``-rank{R} (inside a save, or a validation)."""
 
     def act(run: Run, prev: int) -> tuple[float, int, str]:
@@ -214,7 +218,7 @@ def inside(marker: str, *, k_slack: int = 0) -> Act:
         t0 = run.signal(0, signal.SIGTERM)
         t1 = run.signal(1, signal.SIGTERM)
         assert t0 is not None and t1 is not None
-        return t1, k + k_slack, f"SIGTERM to both while {marker} (rank 0 at step {k})"
+        return t1, k, f"SIGTERM to both while {marker} (rank 0 at step {k})"
 
     return act
 
