@@ -196,10 +196,11 @@ class Engine:
                     self._record("backward", i, phase)
                     weight = weights[i]
                     scaled = loss if isinstance(weight, float) and weight == 1.0 else loss * weight
-                    if last and rt.world_size > 1 and window.micro_batches:
-                        scaled = run.poison_if_nonfinite(scaled, window_loss)
+                    backward = scaled
+                    if last and rt.world_size > 1 and window.micro_batches:  # (the window's loss keeps its value)
+                        backward = run.poison_if_nonfinite(scaled, window_loss)
                     retain = run.phased and p < len(run.steps) - 1  # (later phases backward through the forward)
-                    (rt.scaler.scale(scaled) if rt.scaler is not None else scaled).backward(retain_graph=retain)
+                    (rt.scaler.scale(backward) if rt.scaler is not None else backward).backward(retain_graph=retain)
                 part = scaled.detach()
                 if part.dtype != torch.float32:
                     part = part.float()  # the window's loss sums in fp32 (a bf16 loss would round)

@@ -8,7 +8,8 @@ collective per step. That is the one decision point: the run checkpoints there a
 rank with the same status: 143 for SIGTERM/SIGUSR1 (preemption, a SLURM requeue), 130 for a first
 Ctrl-C (SIGINT). A second Ctrl-C aborts at once (KeyboardInterrupt). A signal that arrives after
 the last step (during the last validation or save) is caught by one final agreement at the end of
-fit, so it never turns into a normal exit.
+fit, so it never turns into a normal exit; one after that agreement (during ``on_fit_end``) is raised
+again once fit's handlers are gone (by default: the process ends by that signal).
 
 Example::
 
@@ -68,7 +69,11 @@ class Stops:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
-        """Handle the preemption signals and SIGINT during the block (main thread only), then restore."""
+        """Handle the preemption signals and SIGINT during the block (main thread only), then restore them.
+
+        Leaving with the agreed stop (SystemExit 143/130), the preemption signals are left ignored, so the
+        process exits with that status whatever preemption signal comes during its teardown. Leaving normally
+        with a signal received too late for any agreement, that signal is raised again for the restored handler."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -76,11 +81,23 @@ class Stops:
         for name in {*self.signals, "SIGINT"}:
             signum = getattr(signal, name)
             previous[signum] = signal.signal(signum, self._on_signal)
+        leaving = False
         try:
             yield
+        except SystemExit:
+            leaving = self.exit_code is not None  # the agreed stop: the process is on its way out with its status
+            raise
         finally:
             for signum, handler in previous.items():
-                signal.signal(signum, handler)
+                # Leaving with 143/130, a later preemption signal (torchrun's SIGTERM to the ranks still exiting
+                # once one has; the rest of a skewed SIGTERM) would kill this rank by signal during its teardown.
+                # Ignored, not a Python handler: the interpreter's finalization resets those to the default.
+                leave_ignored = leaving and signum != signal.SIGINT
+                signal.signal(signum, signal.SIG_IGN if leave_ignored else handler)
+        if self.received is not None and self.exit_code is None:
+            # A signal after fit's final agreement (during on_fit_end, say) is not lost, nor a normal exit: the
+            # handler just restored (by default: termination) gets it now.
+            signal.raise_signal(self.received)
 
     def local_time_up(self) -> bool:
         return self.max_time is not None and time.monotonic() - self.t0 >= self.max_time
