@@ -27,7 +27,7 @@ from torch import nn
 from . import checkpoint, run_info
 from . import grads as gradient_ops
 from .callbacks import Callback, fire
-from .data import Batching, Source, Window, make_source, resolve_batching
+from .data import DEFAULT_PREFETCH, Batching, Source, Window, make_source, resolve_batching, warn_one_item_batches
 from .distributed import Runtime, make_runtime
 from .doctor import Doctor, LoopError, max_steps_override
 from .evaluation import evaluate
@@ -82,6 +82,9 @@ class Engine:
     - ``callbacks``; ``compile`` (torch.compile); ``doctor``: "basic" | "full" | "off";
       ``trace`` (record the step events in ``engine.trace``).
     - ``num_workers``, ``collate_fn``, ``pin_memory``: passed to data loading for Dataset inputs.
+    - ``prefetch`` (2): windows (one optimizer step's input each) prepared while the step computes, by the
+      rule in :mod:`framework.data` (0: none); ``drop_last`` (False): leave out each epoch's partial last
+      global batch (Dataset, tensor and stream inputs; the same at any world size).
     - ``stream_sharded``: an IterableDataset already yields only this rank's items (opt-in; by default
       every rank reads the whole stream and keeps its share, which is exact at any world size).
     - Debug runs (they log, validate and checkpoint as usual):
@@ -120,6 +123,8 @@ class Engine:
         collate_fn: Any = None,
         pin_memory: bool = False,
         stream_sharded: bool = False,
+        drop_last: bool = False,
+        prefetch: int = DEFAULT_PREFETCH,
         limit_train_batches: int | None = None,
         limit_val_batches: int | None = None,
         overfit_batches: int | None = None,
@@ -167,6 +172,7 @@ class Engine:
         self.trace: list[tuple[str, int, int]] | None = [] if trace else None
         self.num_workers, self.collate_fn, self.pin_memory = num_workers, collate_fn, pin_memory
         self.stream_sharded = stream_sharded
+        self.drop_last, self.prefetch = drop_last, prefetch
         self.limit_train_batches, self.limit_val_batches = limit_train_batches, limit_val_batches
         self.overfit_batches = overfit_batches
         if mode not in ("min", "max"):
@@ -202,6 +208,7 @@ class Engine:
         self._finite_check = gradient_ops.NonFiniteCheck()  # the per-step NaN guard's fused check
         self._defer = False  # read the guard's verdict a step late (framework.guard), decided per fit
         self._pending: Pending | None = None  # the step whose verdict is on its way
+        self._open_sources: list[Source] = []  # the fit's data sources: closed (threads, workers) when it ends
 
     # ------------------------------------------------------------------ public API
 
@@ -221,7 +228,11 @@ class Engine:
         with run_info.run_dir_lock(self.run_dir, rt):  # (one fit at a time writes a run dir)
             if self.resume is None and self._fit is None:  # (a later fit of this engine continues its run)
                 run_info.refuse_earlier_run(self.run_dir)
-            self._fit_loop(rt, module, train_data, val_data)
+            try:
+                self._fit_loop(rt, module, train_data, val_data)
+            finally:  # (also on an error, SystemExit(143) or Ctrl-C: no data thread or worker outlives the fit)
+                for open_source in self._open_sources:
+                    open_source.close()
         return self
 
     def _fit_loop(self, rt: Runtime, module: LoopModule, train_data: Any, val_data: Any) -> None:
@@ -235,6 +246,8 @@ class Engine:
         val_source = (
             self._val_source(val_data, batching.micro_batch_size, rt.world_size) if val_data is not None else None
         )
+        self._open_sources = [s for s in (source, val_source) if s is not None]
+        warn_one_item_batches(module, source, self.overfit_batches or self.limit_train_batches)
         self.doctor.start_fit(module, opt.optimizer, batching, train_data, val_data, is_main=rt.is_main, fsdp=rt.fsdp)
         params = [p for g in opt.optimizer.param_groups for p in g["params"]]
         self._defer, why_not = self._decide_deferral(opt, rt)
@@ -389,6 +402,9 @@ class Engine:
         ):
             self._save()  # the final state, so a longer run can resume from it
         self._restore_signal_handlers(previous_handlers)
+        data_note = source.report()  # where input was made, and a fix if the step waited for it > 10% of the time
+        if data_note is not None:
+            progress.message(data_note)
         progress.close()
         log.close()
         self.doctor.end_fit()  # decides the checks still pending after a short fit
@@ -427,7 +443,11 @@ class Engine:
         rt = self._runtime()
         module.to(rt.device)
         micro = self.micro_batch_size or (max(1, self.batch_size // rt.world_size) if self.batch_size else 64)
-        return self._evaluate(module, module, self._val_source(data, micro, rt.world_size))
+        source = self._val_source(data, micro, rt.world_size)
+        try:
+            return self._evaluate(module, module, source)
+        finally:
+            source.close()
 
     # ------------------------------------------------------------------ the step's parts
 
@@ -733,6 +753,10 @@ class Engine:
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             stream_sharded=self.stream_sharded and training,
+            drop_last=self.drop_last and training,  # (validation sees every item)
+            prefetch=self.prefetch,
+            device=rt.device,
+            all_reduce=rt.all_reduce_sum,
         )
 
     def _val_source(self, data: Any, micro: int | None, world_size: int) -> Source:
@@ -802,6 +826,8 @@ class Engine:
             "train/loss": loss_total / rt.world_size / finite_steps if finite_steps else math.nan,
             "lr": float(opt.optimizer.param_groups[0]["lr"]),
             "train/items_per_sec": n_items / elapsed,
+            # The fraction of the time since the last log the step waited for input (measured by the data layer).
+            "train/data_wait": self._fit.source.wait.take() if self._fit is not None else 0.0,
         }
         if grad_norm is not None:
             record["train/grad_norm"] = float(grad_norm)
