@@ -118,6 +118,23 @@ def _shutdown(it: Any) -> None:
     if shutdown is not None:
         shutdown()
     for w in workers:
-        if w.is_alive():
+        if w.is_alive():  # (stuck: torch's terminate() is a SIGTERM, which our workers ignore)
             w.kill()
             w.join(timeout=5)
+        if not w.is_alive():
+            w.close()  # (its sentinel pipe, else closed only when the Process object is collected)
+    # torch closes the index queues but lets their feeder threads end in their own time, and leaves the
+    # result queue's pipe to the garbage collector: end both now, so nothing outlives the fit.
+    for q in getattr(it, "_index_queues", ()):
+        feeder = getattr(q, "_thread", None)
+        if feeder is not None:
+            feeder.join(timeout=1.0)
+    results = getattr(it, "_worker_result_queue", None)
+    if results is not None:
+        results.cancel_join_thread()
+        results.close()
+        # (Queue.close closes the pipe only where this process started a feeder thread, and the training
+        # process never writes to this queue: close both ends of the pipe here.)
+        for end in (getattr(results, "_reader", None), getattr(results, "_writer", None)):
+            if end is not None:
+                end.close()
