@@ -156,7 +156,9 @@ def _wait_for(proc: subprocess.Popen[str], line: str, timeout: float = 90) -> No
     raise AssertionError(f"no {line!r} within {timeout} s")
 
 
-@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, -signal.SIGINT)], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize(
+    "signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, -signal.SIGINT)], ids=["SIGTERM", "SIGINT"]
+)
 def test_a_signal_to_the_whole_job_ends_it_with_its_workers(signum, code):
     """The signal goes to every process of the session, as SLURM's preemption or a terminal's Ctrl-C
     does: the run ends (143 after preemption; a KeyboardInterrupt for Ctrl-C) and no worker is left."""
