@@ -33,6 +33,34 @@ class Slow(Callback):
             time.sleep(3.0)  # (a signal test signals the run meanwhile)
 
 
+def train(
+    run_dir: str | None, kind: str, workers: int, prefetch: int, sleep: float = 0.0, hang_after: int | None = None,
+    epochs: int = 3,
+) -> tuple[Engine, Net]:  # fmt: skip
+    """The run (tests call it in-process for the uninterrupted reference)."""
+    torch.manual_seed(0)
+    model = Net(dropout=0.3)
+    engine = Engine(
+        max_epochs=epochs,
+        batch_size=32,
+        seed=0,
+        run_dir=run_dir,
+        checkpoint_every_n_steps=2 if run_dir else None,
+        resume="auto" if run_dir else None,
+        progress=False,
+        num_workers=workers,
+        prefetch=prefetch,
+        callbacks=[Slow(sleep, hang_after)] if (sleep or hang_after is not None) else [],
+    )
+    engine.fit(model, Augmented(kind, n=320))
+    return engine, model
+
+
+def save(engine: Engine, model: Net, out: str) -> None:
+    opt = engine._fit.opt.optimizer
+    torch.save({"model": model.state_dict(), "optim": opt.state_dict(), "step": engine.step}, out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("run_dir")
@@ -44,24 +72,10 @@ def main() -> None:
     p.add_argument("--hang-after", type=int, default=None)
     p.add_argument("--epochs", type=int, default=3)
     a = p.parse_args()
-    torch.manual_seed(0)
-    model = Net(dropout=0.3)
-    engine = Engine(
-        max_epochs=a.epochs,
-        batch_size=32,
-        seed=0,
-        run_dir=a.run_dir if a.run_dir != "-" else None,
-        checkpoint_every_n_steps=2 if a.run_dir != "-" else None,
-        resume="auto" if a.run_dir != "-" else None,
-        progress=False,
-        num_workers=a.workers,
-        prefetch=a.prefetch,
-        callbacks=[Slow(a.sleep, a.hang_after)] if (a.sleep or a.hang_after is not None) else [],
-    )
-    engine.fit(model, Augmented(a.kind, n=320))
+    run_dir = None if a.run_dir == "-" else a.run_dir
+    engine, model = train(run_dir, a.kind, a.workers, a.prefetch, a.sleep, a.hang_after, a.epochs)
     if engine._rt.is_main and a.out != "-":
-        opt = engine._fit.opt.optimizer
-        torch.save({"model": model.state_dict(), "optim": opt.state_dict(), "step": engine.step}, a.out)
+        save(engine, model, a.out)
 
 
 if __name__ == "__main__":
