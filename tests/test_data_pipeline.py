@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from framework import Engine
 from framework.data import Batching, WaitMeter, make_source, micro_batch_sizes, resolve_batching
-from tests.scripts.data_common import Augmented, AugmentedStream, Net, fit, flat, make_xy
+from tests.scripts.data_common import SLOW, Augmented, AugmentedStream, Net, fit, flat, make_xy
 
 
 def windows(data, batch_size, micro, world_size, rank, **kw):
@@ -203,6 +203,7 @@ def test_the_thread_keeps_at_most_prefetch_windows_ahead():
             return 80
 
         def __getitem__(self, i):
+            time.sleep(SLOW)
             fetched.append(i)
             return torch.tensor(float(i)), torch.tensor(0)
 
@@ -219,7 +220,12 @@ def test_the_thread_keeps_at_most_prefetch_windows_ahead():
 
 def test_an_error_in_the_thread_is_raised_in_the_training_thread_with_its_traceback():
     source = make_source(
-        Augmented("none", fail_at=50), Batching(16, 16, 1, 1), rank=0, seed=0, shuffle=False, to_device=lambda b: b
+        Augmented("none", sleep=SLOW, fail_at=50),
+        Batching(16, 16, 1, 1),
+        rank=0,
+        seed=0,
+        shuffle=False,
+        to_device=lambda b: b,
     )
     with pytest.raises(ValueError, match="corrupt item 50") as info:
         list(source.windows(0))
@@ -230,3 +236,12 @@ def test_an_error_in_the_thread_is_raised_in_the_training_thread_with_its_traceb
 def test_a_stream_with_num_workers_is_warned_about():
     with pytest.warns(UserWarning, match="num_workers=2 applies to map-style Datasets"):
         fit(AugmentedStream("none", n=64), num_workers=2, max_epochs=1)
+
+
+def test_the_thread_is_for_items_that_take_time_not_for_in_memory_indexing():
+    fast, _ = fit(Augmented("none"), max_epochs=1)  # microseconds an item: a thread would only add hand-offs
+    slow, _ = fit(Augmented("generator", sleep=SLOW), max_epochs=1)
+    assert fast._fit.source.stage == "plain" and "items this fast need no thread" in fast._fit.source.where
+    assert slow._fit.source.stage == "thread"
+    off, _ = fit(Augmented("generator", sleep=SLOW), max_epochs=1, prefetch=0)
+    assert off._fit.source.stage == "plain"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from torch.utils.data import Dataset
 
 from framework.data import Batching, item_generator, item_seed, make_source, mix_seed
 from framework.data.rng import NUMPY, PYTHON, TORCH, ItemFetcher
-from tests.scripts.data_common import Augmented, AugmentedStream, fit, flat
+from tests.scripts.data_common import SLOW, Augmented, AugmentedStream, fit, flat
 
 SETUPS = [(w, p) for w in (0, 1, 2) for p in (0, 2)]  # (num_workers, prefetch)
 
@@ -27,7 +28,7 @@ SETUPS = [(w, p) for w in (0, 1, 2) for p in (0, 2)]  # (num_workers, prefetch)
 def test_random_augmentation_is_bitwise_the_same_for_any_workers_and_prefetch(kind):
     results = {}
     for workers, prefetch in SETUPS:
-        engine, module = fit(Augmented(kind), dropout=0.3, num_workers=workers, prefetch=prefetch)
+        engine, module = fit(Augmented(kind, sleep=SLOW), dropout=0.3, num_workers=workers, prefetch=prefetch)
         results[workers, prefetch] = flat(module)
         source = engine._fit.source
         # The rule: data drawing from a global RNG is never fetched by a thread (it would race with dropout).
@@ -53,7 +54,7 @@ def test_a_stream_drawing_from_the_global_rng_is_the_same_with_and_without_the_t
     runs = {}
     for kind in ("generator", "torch"):
         for prefetch in (0, 2):
-            engine, module = fit(AugmentedStream(kind), dropout=0.3, prefetch=prefetch)
+            engine, module = fit(AugmentedStream(kind, sleep=SLOW), dropout=0.3, prefetch=prefetch)
             runs[kind, prefetch] = flat(module)
             assert engine._fit.source.stage == ("thread" if kind == "generator" and prefetch else "plain")
         assert torch.equal(runs[kind, 0], runs[kind, 2])
@@ -81,6 +82,7 @@ def test_item_generator_is_keyed_by_seed_epoch_and_index():
             return 8  # two windows: the first is made in the training thread, the second by the thread
 
         def __getitem__(self, i):
+            time.sleep(SLOW)
             g = item_generator()
             assert item_generator() is g  # the same item: the same generator, draws continue
             seen.append((i, item_seed(), threading.current_thread().name))

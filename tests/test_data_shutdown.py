@@ -20,7 +20,7 @@ import pytest
 
 from framework import Callback
 from tests.helpers import ROOT
-from tests.scripts.data_common import Augmented, AugmentedStream, fit
+from tests.scripts.data_common import SLOW, Augmented, AugmentedStream, fit
 
 SCRIPT = ROOT / "tests" / "scripts" / "data_run.py"
 
@@ -91,8 +91,9 @@ class Raise(Callback):
 MODES = [("dataset", 0), ("dataset", 2), ("stream", 0)]
 
 
-def _data(kind: str, **kw):
-    return Augmented("generator", **kw) if kind == "dataset" else AugmentedStream("generator")
+def _data(kind: str, sleep: float = SLOW):
+    # (slow enough items: a Dataset with num_workers=0 and a stream are then made by the prefetch thread)
+    return Augmented("generator", sleep=sleep) if kind == "dataset" else AugmentedStream("generator", sleep=sleep)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -113,8 +114,10 @@ def test_a_fit_leaves_no_thread_process_or_fd(kind, workers):
 def test_an_error_in_the_dataset_is_raised_as_is_and_leaves_nothing_behind(workers):
     before = _snapshot()
     with pytest.raises(ValueError, match="corrupt item 77") as info:
-        fit(Augmented("generator", fail_at=77), num_workers=workers)
-    assert info.value is not None  # (the traceback, holding the fit's frames, is still alive here)
+        fit(Augmented("generator", sleep=SLOW, fail_at=77), num_workers=workers)
+    # The traceback, holding the fit's frames, is still alive: the threads and workers are gone anyway.
+    _assert_nothing_left(before, fds_too=False)
+    del info  # (its frames hold the last batch, whose worker-sent tensors are fds in shared memory)
     _assert_nothing_left(before)
 
 
@@ -127,8 +130,7 @@ def test_a_callback_raising_systemexit_or_ctrl_c_leaves_nothing_behind(kind, wor
     before = _snapshot()
     with pytest.raises(type(error)) as info:
         # Slow items: the thread or the workers are busy fetching ahead when the step ends the fit.
-        fit(_data(kind, sleep=0.002) if kind == "dataset" else _data(kind), num_workers=workers,
-            callbacks=[Raise(error)])  # fmt: skip
+        fit(_data(kind, sleep=0.002), num_workers=workers, callbacks=[Raise(error)])
     # While the exception is alive: no thread, no process (the fit closed them; nothing waits for GC).
     _assert_nothing_left(before, fds_too=False)
     # Its traceback holds the engine's frames, and with them the batch being trained on (tensors a
@@ -162,7 +164,7 @@ def _wait_for(proc: subprocess.Popen[str], line: str, timeout: float = 90) -> No
 def test_a_signal_to_the_whole_job_ends_it_with_its_workers(signum, code):
     """The signal goes to every process of the session, as SLURM's preemption or a terminal's Ctrl-C
     does: the run ends (143 after preemption; a KeyboardInterrupt for Ctrl-C) and no worker is left."""
-    # Step 5's callback pauses 3 s with the workers alive and busy; the signal comes meanwhile.
+    # Step 5's callback pauses 2 s with the workers alive and busy; the signal comes meanwhile.
     proc = _start("--hang-after", "5")
     try:
         _wait_for(proc, "hanging")

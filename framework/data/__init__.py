@@ -19,11 +19,13 @@ randomness that does not depend on who prepares them.
 2. A Dataset or IterableDataset with ``num_workers=0`` (the default): a background thread, up to
    ``prefetch`` windows ahead in a bounded queue. It overlaps what waits or releases the GIL
    (file and network reads, PIL / torchvision decoding, numpy and torch ops); Python code that holds
-   the GIL does not overlap: use ``num_workers``. **Except** when the data draws from a global RNG
+   the GIL does not overlap: use ``num_workers``. Two exceptions stay in the training thread:
+   items that are in-memory fast (under 50 µs each on the first window, ``THREAD_MIN_ITEM_S``: the
+   thread's hand-offs would cost more than it hides), and data that draws from a global RNG
    (``torch.rand``, ``np.random``, ``random``; seen on the first window, whose items are fetched in
-   the training thread with every global RNG seeded per item and compared): then it stays in the
-   training thread, because in a thread its draws would race with the training thread's dropout on
-   the same generator (``torch.random.fork_rng`` is not thread-local). The end-of-fit line says so.
+   the training thread with every global RNG seeded per item and compared), because in a thread its
+   draws would race with the training thread's dropout on the same generator
+   (``torch.random.fork_rng`` is not thread-local). The end-of-fit line says so.
 3. A Dataset with ``num_workers > 0``: worker processes (one task per micro-batch, in order).
 4. A user DataLoader: iterated as given, in the training thread.
 

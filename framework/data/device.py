@@ -58,7 +58,7 @@ class DeviceCopier:
         stream = torch.cuda.current_stream(self.device)
         stream.wait_event(event)
         for batch in (*window.micro_batches, window.filler):
-            _each_tensor(batch, lambda t: t.record_stream(stream))
+            _each_tensor(batch, lambda t: t.record_stream(stream) if t.is_cuda else None)
         if window.micro_batches and not _plain(window.micro_batches[0]):
             # Objects we could not copy on the side stream go the ordinary way, on this stream.
             window.micro_batches = [self.fallback(b) for b in window.micro_batches]

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -165,6 +166,8 @@ class ItemFetcher:
         self.uses: int | None = None
         self._found = 0
         self._probe_left = probe_items
+        self.probe_seconds = 0.0  # time spent inside the dataset's own code during the probe ...
+        self.probe_calls = 0  # ... over this many calls (the thread rule uses the mean: framework.data)
 
     def decide(self) -> int:
         """End the probe: from now on seed only the global RNGs it saw used. Returns them."""
@@ -179,7 +182,7 @@ class ItemFetcher:
     def batch(self, epoch: int, ids: list[int], get_many: Callable[[list[int]], Any]) -> Any:
         """``get_many(ids)`` (a dataset's ``__getitems__``): ``item_generator(i)`` works inside; the global
         RNGs, if used, are seeded once for the batch (from its first item)."""
-        out: list[Any] = self._run(epoch, ids[:1], lambda _: get_many(ids), stream=False, batched=True)
+        out: list[Any] = self._run(epoch, ids[:1], lambda _: get_many(ids), stream=False, batched=len(ids))
         return out[0]
 
     def stream(self, epoch: int, it: Iterator[Any], position: int, n: int) -> list[Any]:
@@ -187,8 +190,10 @@ class ItemFetcher:
         return self._run(epoch, range(position, position + n), lambda _: next(it), stream=True)
 
     def _run(
-        self, epoch: int, keys: Iterable[int], call: Callable[[int], Any], stream: bool, batched: bool = False
+        self, epoch: int, keys: Iterable[int], call: Callable[[int], Any], stream: bool, batched: int = 0
     ) -> list[Any]:
+        """``call(key)`` per key, seeded and probed as the fetcher's state says; ``batched``: the one call
+        fetches that many items (a ``__getitems__``)."""
         ctx = _ctx
         ctx.seed, ctx.epoch = self.seed, epoch
         probing = self.uses is None
@@ -207,7 +212,13 @@ class ItemFetcher:
                     if probing:
                         before = _states(ALL)
                 try:
-                    out.append(call(key))
+                    if probing:
+                        t = time.perf_counter()
+                        out.append(call(key))
+                        self.probe_seconds += time.perf_counter() - t
+                        self.probe_calls += batched or 1
+                    else:
+                        out.append(call(key))
                 except StopIteration:
                     if stream:
                         break

@@ -6,7 +6,7 @@ them out through a stage of ``framework.data.prefetch`` chosen by the rule in ``
 | data | made in | on a GPU |
 |---|---|---|
 | in-memory tensors | the training thread (one index op per tensor) | copied one window ahead, side stream |
-| Dataset / IterableDataset, ``num_workers=0`` | a background thread, ``prefetch`` windows ahead; the training thread if the data draws from a global RNG | copied by the thread / one window ahead |
+| Dataset / IterableDataset, ``num_workers=0`` | a background thread, ``prefetch`` windows ahead; the training thread if its items take under 50 µs or it draws from a global RNG | copied by the thread / one window ahead |
 | Dataset, ``num_workers > 0`` | worker processes (``framework.data.workers``) | copied one window ahead |
 | a user DataLoader | its own iteration, in the training thread | copied one window ahead if it has workers |
 
@@ -36,6 +36,10 @@ from .rng import ItemFetcher, describe_uses
 from .workers import WorkerDataset, worker_batches
 
 DEFAULT_PREFETCH = 2  # windows prepared ahead of the step (Engine(prefetch=...)); 0 = none
+# Items faster than this (in-memory indexing) are made in the training thread: a thread's GIL hand-offs
+# would cost more than the fetching it hides (benchmarks/overhead.py's Dataset rows: 2-10 us an item; the margin
+# is for busy machines, where the first window measures 2-4x slower).
+THREAD_MIN_ITEM_S = 50e-6
 WAIT_WARNING = 0.10  # the end-of-fit line names a fix above this fraction of step time spent waiting
 
 
@@ -174,6 +178,8 @@ class Source:
         return self._copier
 
     def _move(self, window: Window) -> Window:
+        if self.device is not None and self.device.type == "cpu":
+            return window  # (the engine's to_device does nothing on CPU: save the per-step calls)
         window.micro_batches = [self.to_device(b) for b in window.micro_batches]
         if window.filler is not None:
             window.filler = self.to_device(window.filler)
@@ -267,6 +273,11 @@ class Source:
 
     def _wait_fix(self) -> str:
         return "cache the data in memory, or make loading it faster"
+
+
+def _fast(fetcher: ItemFetcher) -> bool:
+    """Whether the first window's items took under THREAD_MIN_ITEM_S each (in the dataset's own code)."""
+    return fetcher.probe_calls > 0 and fetcher.probe_seconds / fetcher.probe_calls < THREAD_MIN_ITEM_S
 
 
 class TensorSource(Source):
@@ -391,12 +402,14 @@ class MapSource(Source):
         return self.num_workers > 0
 
     def _where(self) -> str:
-        return f"{self.num_workers} worker process(es)" if self.num_workers else "the training thread"
+        if self.num_workers:
+            return f"{self.num_workers} worker process(es)"
+        return "the training thread" + (" (items this fast need no thread)" if _fast(self.fetcher) else "")
 
     def _threaded(self) -> bool:
         # A thread must never run a dataset that draws from a global RNG: it would race with the
         # training thread's draws (dropout) on the same generator, and fork_rng is not thread-local.
-        return self.num_workers == 0 and self.global_rngs == 0
+        return self.num_workers == 0 and self.global_rngs == 0 and not _fast(self.fetcher)
 
     def _fetchers(self) -> list[ItemFetcher]:
         return [self.fetcher]
@@ -524,7 +537,7 @@ class StreamSource(Source):
         return b.micro_batch_size * b.accumulation
 
     def _threaded(self) -> bool:
-        return self.global_rngs == 0  # (a thread must never draw from a global RNG: see MapSource)
+        return self.global_rngs == 0 and not _fast(self.fetcher)  # (see MapSource._threaded)
 
     def _fetchers(self) -> list[ItemFetcher]:
         return [self.fetcher]

@@ -59,3 +59,20 @@ def test_gpu_benchmark_runs_its_loops_on_cpu_when_asked(tmp_path):
         'Engine, barebones, nan_check="step" (a sync per step)',
     ):
         assert len(ratios(text, row)) == 2 and all(r > 0 for r in ratios(text, row))
+
+
+def test_input_benchmark_writes_its_table_and_targets(tmp_path):
+    out = tmp_path / "input_results.md"
+    run("input.py", "--quick", "--no-prefetch-row", "--out", str(out))
+    text = out.read_text()
+    for row in (
+        "compute alone (one pre-collated batch)",
+        "raw loop, DataLoader num_workers=0",
+        "raw loop, DataLoader num_workers=2",
+        "Engine, defaults (prefetch thread)",
+        "Engine, num_workers=2",
+    ):
+        assert len(ratios(text, row)) == 2, row  # (quick runs are too short for the values to mean anything)
+    assert re.search(r"whose `__getitem__` costs \d\.\d{3} ms \(time\.sleep", text)
+    assert re.search(r"\| Engine defaults <= 0.70x raw num_workers=0 \| -?\d+\.\d+x \| (yes|no) \|", text)
+    assert re.search(r"\| Engine defaults <= 0.90x raw num_workers=2 \| -?\d+\.\d+x \| (yes|no) \|", text)

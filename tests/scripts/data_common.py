@@ -1,6 +1,9 @@
 """Shared by the data pipeline tests and their scripts: datasets with random augmentation, drawn in
 the ways users write it, a small model, and a fit helper.
 
+Items are fast (microseconds) unless given ``sleep``; a test that needs the prefetch thread gives
+them SLOW seconds each, as the engine makes in-memory-fast items in the training thread.
+
 Augmentation kinds (``Augmented(kind=...)``):
   "global"      torch.randn + np.random + random, all from the global RNGs (the common way)
   "torch"       torch.randn from the global RNG only
@@ -26,6 +29,8 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from framework import Engine, LoopModule
 from framework.data import item_generator
+
+SLOW = 100e-6  # an item's sleep where a test needs the prefetch thread (over THREAD_MIN_ITEM_S)
 
 
 def make_xy(n: int = 240, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,11 +80,11 @@ class Augmented(Dataset):
 
 
 class AugmentedStream(IterableDataset):
-    """The same items as a stream, in order."""
+    """The same items as a stream, in order; ``sleep`` seconds per item."""
 
-    def __init__(self, kind: str, n: int = 240) -> None:
+    def __init__(self, kind: str, n: int = 240, sleep: float = 0.0) -> None:
         self.x, self.y = make_xy(n)
-        self.kind = kind
+        self.kind, self.sleep = kind, sleep
         self.rank = int(os.environ.get("RANK", "0"))
 
     def __len__(self) -> int:
@@ -87,6 +92,8 @@ class AugmentedStream(IterableDataset):
 
     def __iter__(self) -> Any:
         for i in range(len(self.x)):
+            if self.sleep:
+                time.sleep(self.sleep)
             yield augment(self.x[i], self.kind, i, self.rank), self.y[i]
 
 

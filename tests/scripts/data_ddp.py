@@ -15,14 +15,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, f
 
 import torch
 
-from tests.scripts.data_common import Augmented, AugmentedStream, fit, flat
+from tests.scripts.data_common import SLOW, Augmented, AugmentedStream, fit, flat
 
 # name -> (data factory, Engine keyword arguments)
 CASES = {
     "global_aug_training_thread": (lambda: Augmented("global"), {}),
-    "generator_aug_prefetch_thread": (lambda: Augmented("generator"), {}),
+    "generator_aug_prefetch_thread": (lambda: Augmented("generator", sleep=SLOW), {}),
     "global_aug_2_workers": (lambda: Augmented("global"), {"num_workers": 2}),
     "torch_aug_stream": (lambda: AugmentedStream("torch"), {}),
+    "generator_aug_stream_thread": (lambda: AugmentedStream("generator", sleep=SLOW), {}),
     "drop_last": (lambda: Augmented("generator", n=250), {"drop_last": True}),
     "rank1_only": (lambda: Augmented("rank1"), {}),
 }

@@ -4,7 +4,7 @@
 
 Resumes with resume="auto", so a killed run restarted with the same command continues; writes the
 final parameters and optimizer state to OUT.pt (rank 0). ``--sleep`` slows each step (a callback),
-so a test can kill it mid-epoch; ``--hang-after N`` makes step N's callback pause 3 s (signal tests signal it then).
+so a test can kill it mid-epoch; ``--hang-after N`` makes step N's callback pause 2 s (signal tests signal it then).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, f
 import torch
 
 from framework import Callback, Engine
-from tests.scripts.data_common import Augmented, Net
+from tests.scripts.data_common import SLOW, Augmented, Net
 
 
 class Slow(Callback):
@@ -30,7 +30,7 @@ class Slow(Callback):
         time.sleep(self.seconds)
         if self.hang_after is not None and engine.step == self.hang_after:
             print("hanging", flush=True)
-            time.sleep(3.0)  # (a signal test signals the run meanwhile)
+            time.sleep(2.0)  # (a signal test signals the run meanwhile)
 
 
 def train(
@@ -52,7 +52,7 @@ def train(
         prefetch=prefetch,
         callbacks=[Slow(sleep, hang_after)] if (sleep or hang_after is not None) else [],
     )
-    engine.fit(model, Augmented(kind, n=320))
+    engine.fit(model, Augmented(kind, n=320, sleep=SLOW))  # (slow enough for the prefetch thread)
     return engine, model
 
 
