@@ -20,7 +20,7 @@ randomness that does not depend on who prepares them.
    ``prefetch`` windows ahead in a bounded queue. It overlaps what waits or releases the GIL
    (file and network reads, PIL / torchvision decoding, numpy and torch ops); Python code that holds
    the GIL does not overlap: use ``num_workers``. Two exceptions stay in the training thread:
-   items that are in-memory fast (under 50 µs each on the first window, ``THREAD_MIN_ITEM_S``: the
+   items that are in-memory fast (a median under 50 µs on the first window, ``THREAD_MIN_ITEM_S``: the
    thread's hand-offs would cost more than it hides), and data that draws from a global RNG
    (``torch.rand``, ``np.random``, ``random``; seen on the first window, whose items are fetched in
    the training thread with every global RNG seeded per item and compared), because in a thread its

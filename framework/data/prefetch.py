@@ -89,6 +89,15 @@ class Stage:
     ``first`` is a window already taken from ``produce`` (the source makes the first window of a fit
     itself, to learn how its data draws randomness); it is handed out first. ``move`` puts a host
     window on the device where no ``copier`` does it (the identity on CPU).
+
+    Example::
+
+        stage = Background(produce, first=next(produce), depth=2)
+        try:
+            for window in stage:
+                ...
+        finally:
+            stage.close()
     """
 
     def __init__(
@@ -130,7 +139,13 @@ class Stage:
 
 
 class Plain(Stage):
-    """The window is made when asked for, in the training thread."""
+    """The window is made when asked for, in the training thread.
+
+    Example::
+
+        for window in Plain(produce, move=source._move):
+            ...
+    """
 
     def __next__(self) -> Window:
         window = self._next_host()
@@ -142,7 +157,13 @@ class Plain(Stage):
 
 
 class Lookahead(Stage):
-    """One window ahead in the training thread, its GPU copy queued on the copier's side stream."""
+    """One window ahead in the training thread, its GPU copy queued on the copier's side stream.
+
+    Example::
+
+        for window in Lookahead(produce, first=None, copier=DeviceCopier(torch.device("cuda"), to_device)):
+            ...   # window k's tensors are on the GPU; window k+1's copy is already under way
+    """
 
     def __init__(self, produce: Iterator[Window], first: Window | None, copier: DeviceCopier) -> None:
         super().__init__(produce, first, copier=copier)
@@ -176,6 +197,12 @@ class Background(Stage):
     The queue is bounded, so at most ``depth`` finished windows wait, plus the one the thread is
     making. ``close()`` asks the thread to stop (it checks between items), drains the queue, joins
     it, and then closes ``produce``.
+
+    Example::
+
+        stage = Background(produce, first=None, depth=2)   # the thread starts at once
+        window = next(stage)                                # waits only if the thread is behind
+        stage.close()
     """
 
     def __init__(

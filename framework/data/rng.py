@@ -138,7 +138,15 @@ def _current_index(index: int | None, name: str) -> int:
 
 
 class Cancelled(Exception):
-    """Raised between items when the thread fetching them was asked to stop (the source closed)."""
+    """Raised between items when the thread fetching them was asked to stop (the source closed).
+
+    Example::
+
+        try:
+            fetcher.items(epoch, ids, dataset.__getitem__)
+        except Cancelled:
+            return   # (the prefetch thread ends quietly)
+    """
 
 
 class ItemFetcher:
@@ -166,8 +174,9 @@ class ItemFetcher:
         self.uses: int | None = None
         self._found = 0
         self._probe_left = probe_items
-        self.probe_seconds = 0.0  # time spent inside the dataset's own code during the probe ...
-        self.probe_calls = 0  # ... over this many calls (the thread rule uses the mean: framework.data)
+        # Seconds per item inside the dataset's own code during the probe (the thread rule in
+        # framework.data uses their median, which a busy machine's descheduling barely moves).
+        self.probe_item_seconds: list[float] = []
 
     def decide(self) -> int:
         """End the probe: from now on seed only the global RNGs it saw used. Returns them."""
@@ -215,8 +224,8 @@ class ItemFetcher:
                     if probing:
                         t = time.perf_counter()
                         out.append(call(key))
-                        self.probe_seconds += time.perf_counter() - t
-                        self.probe_calls += batched or 1
+                        n = batched or 1
+                        self.probe_item_seconds += [(time.perf_counter() - t) / n] * n
                     else:
                         out.append(call(key))
                 except StopIteration:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import statistics
 import time
 import warnings
 import weakref
@@ -38,7 +39,7 @@ from .workers import WorkerDataset, worker_batches
 DEFAULT_PREFETCH = 2  # windows prepared ahead of the step (Engine(prefetch=...)); 0 = none
 # Items faster than this (in-memory indexing) are made in the training thread: a thread's GIL hand-offs
 # would cost more than the fetching it hides (benchmarks/overhead.py's Dataset rows: 2-10 us an item; the margin
-# is for busy machines, where the first window measures 2-4x slower).
+# is for busy machines, where the first window measures slower).
 THREAD_MIN_ITEM_S = 50e-6
 WAIT_WARNING = 0.10  # the end-of-fit line names a fix above this fraction of step time spent waiting
 
@@ -276,8 +277,10 @@ class Source:
 
 
 def _fast(fetcher: ItemFetcher) -> bool:
-    """Whether the first window's items took under THREAD_MIN_ITEM_S each (in the dataset's own code)."""
-    return fetcher.probe_calls > 0 and fetcher.probe_seconds / fetcher.probe_calls < THREAD_MIN_ITEM_S
+    """Whether the first window's items took under THREAD_MIN_ITEM_S each (the median, in the dataset's
+    own code: robust to the odd item descheduled on a busy machine)."""
+    times = fetcher.probe_item_seconds
+    return bool(times) and statistics.median(times) < THREAD_MIN_ITEM_S
 
 
 class TensorSource(Source):
