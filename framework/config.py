@@ -24,6 +24,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .data.sources import DEFAULT_PREFETCH
+
 # ---------------------------------------------------------------- checks (each names the fix)
 
 
@@ -167,7 +169,14 @@ class DataConfig:
         "items per forward on one device (default batch_size / world_size); accumulation = batch_size / (micro_batch_size x world_size), whole; a DataLoader's batch_size is it",
     )
     shuffle: bool = _option(True, _flag, "seeded per epoch; the same global order at any world size")
-    drop_last: bool = _option(False, _flag, "drop each epoch's partial last global batch (Dataset inputs)")
+    drop_last: bool = _option(
+        False, _flag, "leave out each epoch's partial last global batch (training only; the same at any world size)"
+    )
+    prefetch: int = _option(
+        DEFAULT_PREFETCH,
+        _count_at_least(0, 2),
+        "windows (one optimizer step's input each) prepared while the step computes; 0: none",
+    )
     num_workers: int = _option(0, _count_at_least(0, 2), "worker processes reading a Dataset")
     collate_fn: Callable[..., Any] | None = _option(None, _callable_or_none, "turns a list of samples into a batch")
     pin_memory: bool = _option(False, _flag, "pinned host memory for GPU copies")

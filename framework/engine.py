@@ -15,6 +15,7 @@ What one fit works on is built by :func:`framework.fit.prepare_fit`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -285,6 +286,9 @@ class Engine:
         if run.losses and run.losses[0].pending:  # the steps since the last log step: a short run shows its loss
             record = run.train_record(self.step, self.epoch, self.counters.skipped_steps)
             self.metrics.update({k: v for k, v in record.items() if k not in ("step", "epoch")})
+        data_note = run.source.report()  # where input was made; a fix if the step waited for it > 10% of the time
+        if data_note is not None:
+            run.progress.message(data_note)
         run.progress.message(run.final_summary(self.step, self.metrics))  # (metrics.jsonl keeps its cadence)
         run.close_logs()
         self.doctor.end_fit()  # decides the checks still pending after a short fit
@@ -357,7 +361,7 @@ class Engine:
         stateful = (
             run.metric_objects if run is not None else check_metrics(module.configure_metrics(), owner, rt.world_size)
         )
-        with run.evaluating() if run is not None else _NullContext():
+        with run.evaluating() if run is not None else _NullContext(), contextlib.closing(source):
             val = evaluate(
                 module, model, source, rt, self.doctor, self.config.data.limit_val_batches,
                 stateful=stateful, forwards=strategy.forwards,
@@ -382,7 +386,7 @@ class Engine:
         run, model, strategy = self._for_inference(module)
         rt = self._runtime()
         source = validation_source(self, rt, data, predicting=True)
-        with run.evaluating() if run is not None else _NullContext():
+        with run.evaluating() if run is not None else _NullContext(), contextlib.closing(source):
             return predict(module, model, source, rt, forwards=strategy.forwards)
 
     def _for_inference(self, module: LoopModule) -> tuple[Fit | None, Any, Any]:

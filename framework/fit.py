@@ -27,7 +27,7 @@ from torch import nn
 
 from . import checkpoint, run_info
 from . import state as train_state
-from .data import Batching, Source, Window, make_source, resolve_batching
+from .data import Batching, Source, Window, make_source, resolve_batching, warn_one_item_batches
 from .ema import EMA
 from .evaluation import check_metrics
 from .guard import NanPolicy, why_not_deferred
@@ -200,9 +200,8 @@ class Fit:
             record["train/grad_norm" if phase is None else f"train/grad_norm/{phase}"] = value
         if skipped:
             record["train/skipped_steps"] = skipped
-        wait = getattr(self.source, "data_wait", None)
-        if callable(wait):
-            record["train/data_wait"] = wait()
+        # The fraction of the time since the last log the step waited for input (measured by the data layer).
+        record["train/data_wait"] = self.source.wait.take()
         self.items_sum, self.t_log = 0, now
         return record
 
@@ -316,11 +315,9 @@ class Fit:
     def close(self) -> None:
         """Release what the fit holds (logs, data workers), on every exit path."""
         self.close_logs()
-        close = getattr(self.source, "close", None)
-        if callable(close):
-            close()
-        if self.val_source is not None and callable(getattr(self.val_source, "close", None)):
-            self.val_source.close()  # type: ignore[attr-defined]
+        self.source.close()  # (no data thread or worker process outlives the fit, on any exit path)
+        if self.val_source is not None:
+            self.val_source.close()
 
 
 # ---------------------------------------------------------------- building it
@@ -339,6 +336,10 @@ def source_for(engine: Engine, rt: Any, data: Any, batching: Batching, shuffle: 
         num_workers=d.num_workers,
         pin_memory=d.pin_memory,
         stream_sharded=d.stream_sharded and training,
+        drop_last=d.drop_last and training,  # (validation and prediction see every item)
+        prefetch=d.prefetch,
+        device=rt.device,
+        all_reduce=rt.all_reduce_sum,
     )
 
 
@@ -383,6 +384,7 @@ def prepare_fit(engine: Engine, rt: Any, module: LoopModule, train_data: Any, va
         )
     batching = resolve_batching(train_data, config.data.batch_size, config.data.micro_batch_size, rt.world_size)
     source = source_for(engine, rt, train_data, batching, config.data.shuffle, training=True)
+    warn_one_item_batches(module, source, config.data.overfit_batches or config.data.limit_train_batches)
     val_source = validation_source(engine, rt, val_data, batching.micro_batch_size) if val_data is not None else None
     metric_objects = check_metrics(module.configure_metrics(), f"{owner}.configure_metrics", rt.world_size)
     phases = [o.name for o in optimizers] if phased else None

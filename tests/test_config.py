@@ -9,7 +9,7 @@ import re
 import pytest
 
 from framework import Engine
-from framework.config import EngineConfig, describe
+from framework.config import EngineConfig, describe, markdown_table
 
 from .helpers import ROOT
 
@@ -107,6 +107,7 @@ def test_every_argument_has_one_line_of_documentation_and_the_readme_table_lists
     table = readme[readme.index("## Engine arguments") : readme.index("## What lands in the run dir")]
     listed = set(re.findall(r"`(\w+)`", table))
     assert set(names) <= listed, sorted(set(names) - listed)
+    assert markdown_table().strip() in table, "README's table is stale: paste framework.config.markdown_table()"
 
 
 def test_keep_best_with_a_monitor_validation_does_not_log_is_an_error_at_the_first_validation(tmp_path):

@@ -49,7 +49,6 @@ pytestmark = pytest.mark.timeout(600)
 # ---------------------------------------------------------------- references (one per configuration)
 
 
-
 def _problem(path: Path) -> str | None:
     """Why ``path`` is not a complete checkpoint that verifies (sizes and SHA-256), or None."""
     try:
@@ -57,6 +56,7 @@ def _problem(path: Path) -> str | None:
     except CheckpointError as e:
         return str(e)
     return None
+
 
 def _load_reference(d: Path) -> dict:
     return {"final": torch.load(d / "final.pt"), "steps": torch.load(d / "steps.pt"), "dir": d}

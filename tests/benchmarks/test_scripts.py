@@ -82,3 +82,20 @@ def test_checkpoint_benchmark_reports_both_ratios(tmp_path):
     assert re.search(r"\| engine sync <= 1.25x durable torch.save \| \d+\.\d+x \| (yes|no) \|", text)
     assert re.search(r"\| async stall <= 0.25x engine sync \| \d+\.\d+x \| (yes|no) \|", text)
     assert not list(tmp_path.glob("tmp*")), "the benchmark removes what it wrote"
+
+
+def test_input_benchmark_writes_its_table_and_targets(tmp_path):
+    out = tmp_path / "input_results.md"
+    run("input.py", "--quick", "--no-prefetch-row", "--out", str(out))
+    text = out.read_text()
+    for row in (
+        "compute alone (one pre-collated batch)",
+        "raw loop, DataLoader num_workers=0",
+        "raw loop, DataLoader num_workers=2",
+        "Engine, defaults (prefetch thread)",
+        "Engine, num_workers=2",
+    ):
+        assert len(ratios(text, row)) == 2, row  # (quick runs are too short for the values to mean anything)
+    assert re.search(r"whose `__getitem__` costs \d\.\d{3} ms \(time\.sleep", text)
+    assert re.search(r"\| Engine defaults <= 0.70x raw num_workers=0 \| -?\d+\.\d+x \| (yes|no) \|", text)
+    assert re.search(r"\| Engine defaults <= 0.90x raw num_workers=2 \| -?\d+\.\d+x \| (yes|no) \|", text)
