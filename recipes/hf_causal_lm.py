@@ -37,7 +37,7 @@ per byte) within 5 minutes on 2 CPU cores under
 one core each: ``accelerate launch`` gives every process one thread, so launch/cpu.yaml would
 use one core). The numbers are for Python 3.11's stdlib (another version has other files).
 The same 600 steps on the same global batches run at any world size, so the quality does
-not depend on the launch; ``max_time`` bounds the training (a slower machine stops earlier,
+not depend on the launch (up to float rounding); ``max_time`` bounds the training (a slower machine stops earlier,
 with a higher perplexity). The measured result is in recipes/README.md.
 
 Outputs go to ``--run-dir`` (default ``runs/hf_causal_lm``): ``metrics.jsonl``,
