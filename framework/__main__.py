@@ -1,21 +1,28 @@
-"""``python -m framework COMMAND``: ``plot`` (curves from run dirs) and ``doctor`` (check a recipe's loop).
+"""``python -m framework COMMAND``: ``plot`` (curves from run dirs), ``doctor`` (check a recipe's loop) and
+``export`` (deployable files from a run dir's checkpoint).
 
 Example::
 
     python -m framework plot runs/digits -o curves.png
     python -m framework doctor recipes/digits.py --smoke
+    python -m framework export runs/hf_causal_lm -o model.safetensors
+    python -m framework export runs/hf_causal_lm --hf exported/
 """
 
 from __future__ import annotations
 
 import sys
 
+USAGE = """usage: python -m framework {plot,doctor,export} ...
+  plot RUN_DIR [RUN_DIR ...] [-o curves.png]
+  doctor path/to/recipe.py [recipe args]
+  export RUN_DIR [-o model.safetensors [--prefix lm.]] [--hf OUT_DIR]"""
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = "usage: python -m framework {plot,doctor} ...\n  plot RUN_DIR [RUN_DIR ...] [-o curves.png]\n  doctor path/to/recipe.py [recipe args]"
     if not argv or argv[0] in ("-h", "--help"):
-        print(usage)
+        print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
     if command == "plot":
@@ -26,7 +33,11 @@ def main(argv: list[str] | None = None) -> int:
         from .doctor.cli import main as doctor_main
 
         return doctor_main(rest)
-    print(f"unknown command {command!r}\n{usage}", file=sys.stderr)
+    if command == "export":
+        from .export import main as export_main
+
+        return export_main(rest)
+    print(f"unknown command {command!r}\n{USAGE}", file=sys.stderr)
     return 2
 
 

@@ -151,7 +151,7 @@ def make_runtime(
 
     Several processes: the engine creates the process group itself, with a collective timeout
     (``timeout`` seconds; default 300 on CPU, 600 on GPU), so that a dead or absent peer is an error
-    within minutes, not torch's 30 minutes of silence. Under DDP (and for trackers, DeepSpeed) an
+    within minutes, not torch's 30 minutes of silence. Under DDP (and for trackers) an
     Accelerator then adopts that group; without a CUDA device we ask Accelerate for CPU, which makes a
     multi-process launch (launch/cpu_ddp.yaml) run over gloo instead of silently running one plain
     process. FSDP (``strategy="fsdp"``, or a launch config with ``distributed_type: FSDP``) gets no
@@ -176,6 +176,13 @@ def make_runtime(
         raise ValueError(
             'mixed_precision="fp16" needs a CUDA GPU (its GradScaler guards fp16 overflow); '
             'on CPU use mixed_precision="bf16" or "no"'
+        )
+    engines = [k for k in _ACCELERATE_ENGINES if _env_flag(k)]
+    if engines:  # (they need accelerator.backward and their own optimizer wrappers, which the exact step replaces)
+        raise ValueError(
+            f"the launch config asks for {engines[0].removeprefix('ACCELERATE_USE_').replace('_', '-')}, which the "
+            "engine does not run; shard with FSDP instead: accelerate launch --config_file launch/fsdp.yaml "
+            "(launch/cpu_fsdp.yaml on CPU), or Engine(strategy='fsdp')"
         )
     fsdp = wants_fsdp(strategy)
     if fsdp and requested == "fp16":
@@ -269,8 +276,9 @@ def _launched() -> bool:
 
 
 def _no_accelerate_engine() -> bool:
-    """Nothing in Accelerate's settings that the plain runtime would not honour: DeepSpeed/Megatron, a device of
-    its choosing (ACCELERATE_TORCH_DEVICE), a dynamo backend (with which it also turns TF32 on)."""
+    """Nothing in Accelerate's settings that the plain runtime would not honour: a device of its choosing
+    (ACCELERATE_TORCH_DEVICE), a dynamo backend (with which it also turns TF32 on); DeepSpeed/Megatron are
+    refused by :func:`make_runtime`."""
     if any(_env_flag(k) for k in _ACCELERATE_ENGINES) or os.environ.get("ACCELERATE_TORCH_DEVICE"):
         return False
     return os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").strip().lower() in ("no", "")

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import os
 import sys
 import types
@@ -206,7 +207,13 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
             parser.add_argument(
                 *flags, dest=name, default=None, metavar=_type_name(tp).upper().replace(" ", ""), help=help_text
             )
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    args, unknown = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    if unknown:
+        flag = unknown[0].split("=", 1)[0]
+        known = [f"--{n.replace('_', '-')}" for n in fields] + ["--config"]
+        close = difflib.get_close_matches(flag.replace("_", "-"), known, n=1)
+        hint = f"; did you mean {close[0]}?" if close else "; --help lists the flags"
+        parser.error(f"unrecognized argument {unknown[0]!r}{hint}")
 
     values: dict[str, Any] = dict(defaults)
     if args.config:

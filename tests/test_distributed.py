@@ -1,7 +1,7 @@
 """framework/distributed.py: which runtime a process gets. One plain process runs without an
 Accelerator (no import of Accelerate: memory and start-up it would not earn back), and gets the
-device, autocast and GradScaler that Accelerate would give it; launchers, FSDP/DeepSpeed and
-trackers get the Accelerator. (Several processes: tests/scripts, launched by the other tests.)"""
+device, autocast and GradScaler that Accelerate would give it; launchers (DDP) and trackers get the
+Accelerator; DeepSpeed and Megatron launch configs are refused. (Several processes: tests/scripts, launched by the other tests.)"""
 
 from __future__ import annotations
 
@@ -78,6 +78,17 @@ def test_what_counts_as_one_plain_process(monkeypatch, env, plain):
 def test_an_unreadable_flag_is_an_error_not_false(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_CPU", "maybe")
     with pytest.raises(ValueError, match=r"ACCELERATE_USE_CPU='maybe'; use true or false"):
+        make_runtime("no")
+
+
+@pytest.mark.parametrize(
+    "flag,name", [("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED"), ("ACCELERATE_USE_MEGATRON_LM", "MEGATRON-LM")]
+)
+def test_a_deepspeed_or_megatron_launch_config_is_refused_naming_fsdp(monkeypatch, flag, name):
+    # (they step through accelerator.backward and their own optimizer wrappers, which the exact step replaces:
+    # run silently, they would train with another loss scaling)
+    monkeypatch.setenv(flag, "true")
+    with pytest.raises(ValueError, match=rf"asks for {name}, which the engine does not run; shard with FSDP instead"):
         make_runtime("no")
 
 

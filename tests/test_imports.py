@@ -17,7 +17,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # Imported on first use only (trackers, plots, checkpoints, the launcher, config files, progress bars).
-LAZY = ("accelerate", "safetensors", "matplotlib", "sklearn", "tensorboard", "yaml", "tqdm")
+LAZY = (
+    "accelerate",
+    "safetensors",
+    "matplotlib",
+    "sklearn",
+    "tensorboard",
+    "yaml",
+    "tqdm",
+    "transformers",
+    "tokenizers",
+)
 
 
 @dataclass(frozen=True)

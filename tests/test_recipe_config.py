@@ -82,7 +82,8 @@ def test_save_yaml_round_trips(tmp_path):
         (["--model", "rnn"], "choose one of"),
         (["--smoke", "maybe"], "expected a boolean"),
         (["--batch-size", "none"], "expected an integer"),
-        (["--bach-size", "3"], "unrecognized arguments"),
+        (["--bach-size", "3"], "unrecognized argument '--bach-size'; did you mean --batch-size?"),
+        (["--zzz"], "unrecognized argument '--zzz'; --help lists the flags"),
     ],
 )
 def test_bad_flags_are_clear_errors(argv, message, capsys):

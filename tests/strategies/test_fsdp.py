@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import framework
 from framework import Engine
+from framework.__main__ import main as cli
 from framework.checkpoint import CheckpointError
 from framework.dcp import UnsafeMetadata, read_metadata
 from tests.scripts.exact_common import TokenModel, token_data
@@ -78,6 +80,11 @@ def test_sharded_training_matches_one_process_and_the_strategy_in_code(tmp_path)
     # One plain process assembles the whole weights from the sharded checkpoint (no process group).
     loaded = framework.load_weights(TokenModel(), tmp_path / "config" / "run")
     assert all(torch.equal(loaded.state_dict()[k], by_config["params"][k]) for k in whole)
+    # `python -m framework export` writes the same whole weights from it, as one safetensors file.
+    out = tmp_path / "exported.safetensors"
+    assert cli(["export", str(tmp_path / "config" / "run"), "-o", str(out)]) == 0
+    exported = load_file(str(out))
+    assert exported.keys() == whole.keys() and all(torch.equal(exported[k], by_config["params"][k]) for k in whole)
 
 
 def test_kill_9_then_resume_bitwise_on_2_processes_and_within_1e5_on_1_and_3(tmp_path):
