@@ -162,7 +162,8 @@ class Engine:
         self.doctor.start_step()  # checked step or not (sparse under "basic": no host sync otherwise)
         batches, weights, items, stop = run.weigh(window)  # one all-reduce: item counts (and stop flags)
         outputs_of: list[Any] = [None] * len(batches)  # the shared forwards (alternating phases)
-        log_now = (self.step + 1) % self.config.logging.log_every_n_steps == 0
+        step = self.counters.step  # (read once: Engine.step is a descriptor over the counters)
+        log_now = (step + 1) % self.config.logging.log_every_n_steps == 0
         result = StepResult(False)
         for p, (phase, optimizer_step) in enumerate(run.steps):
             # 1. zero gradients: once per window (per phase), before its first micro-batch
@@ -209,10 +210,10 @@ class Engine:
             if len(batches) > len(window.micro_batches) or not module.training:
                 module.train()  # back from the filler's eval mode (a whole-tree walk: not every step)
             self.doctor.after_backward(phase)  # trainable parameters that got no gradient (checked steps)
-            if self.step == run.first_step:
+            if step == run.first_step:
                 run.strategy.check_unused(module, optimizer_step.params)  # DDP: idle parameters, named at step 1
             # 5. optimizer step (then the per-step schedulers and the EMA), unless the NaN policy drops it
-            position = (self.step, self.epoch, window.index)
+            position = (step, self.counters.epoch, window.index)
             result = optimizer_step(
                 window_loss, log_now=log_now, stop=stop if p == 0 else None, position=position, micro=len(batches)
             )
@@ -224,27 +225,29 @@ class Engine:
 
     def _after_step(self, run: Fit, window: Window, items: Any) -> None:
         """Between steps: counters, logging, callbacks, validation, checkpoints, stops. They only read state."""
-        self.step += 1
-        self.batch_in_epoch = window.index + 1
-        self.items_read = window.items_read
-        self.micro_steps += len(window.micro_batches)
+        c = self.counters  # (Engine.step etc. read and write these; direct access in the per-step path)
+        c.step += 1
+        step = c.step
+        c.batch_in_epoch = window.index + 1
+        c.items_read = window.items_read
+        c.micro_steps += len(window.micro_batches)
         run.items_sum = run.items_sum + items
         record: dict[str, float] = {}
-        if self.step % self.config.logging.log_every_n_steps == 0:
-            record = run.train_record(self.step, self.epoch, self.counters.skipped_steps)
+        if step % self.config.logging.log_every_n_steps == 0:
+            record = run.train_record(step, c.epoch, c.skipped_steps)
             self.metrics.update({k: v for k, v in record.items() if k not in ("step", "epoch")})
             run.log.write(record)
-        run.progress.update(1, record, self.step)
+        run.progress.update(1, record, step)
         fire(self.callbacks, "on_step_end", self, run.module, record)
         if run.rt.world_size == 1:
             run.stops.agree_locally()  # (several processes: agreed through the step's all-reduce)
         every = self.config.val_every_n_steps
         ck = self.config.checkpoint
-        if every and self.step % every == 0 and run.val_source is not None:
+        if every and step % every == 0 and run.val_source is not None:
             metrics = self._validate_in_fit(run)
             if self.config.checkpoint_every_epoch or ck.checkpoint_every_n_steps:
                 self._save(monitor_value=metrics.get(ck.monitor))
-        elif ck.checkpoint_every_n_steps and self.step % ck.checkpoint_every_n_steps == 0 and not run.epoch_ends_here:
+        elif ck.checkpoint_every_n_steps and step % ck.checkpoint_every_n_steps == 0 and not run.epoch_ends_here:
             self._save()  # (the last window of an epoch is saved after its validation instead)
         if run.stops.exit_code is not None:
             self._preempt_exit(run)
@@ -462,11 +465,12 @@ class Engine:
         return self._rt
 
     def _done(self, run: Fit) -> bool:
-        if self.max_steps is not None and self.step >= self.max_steps:
+        c, max_epochs = self.counters, self.config.stop.max_epochs
+        if self.max_steps is not None and c.step >= self.max_steps:
             return True
-        if self.config.stop.max_epochs is not None and self.epoch >= self.config.stop.max_epochs:
+        if max_epochs is not None and c.epoch >= max_epochs:
             return True
-        return run.stops.requested or self.should_stop
+        return run.stops.requested or c.should_stop
 
     @property
     def world_size(self) -> int:

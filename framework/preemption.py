@@ -126,6 +126,8 @@ class Stops:
 
     def agree_locally(self) -> None:
         """One process: its own flags are the agreed ones."""
+        if self.received is None and self.max_time is None:
+            return  # (nothing to agree on: the per-step path of most runs)
         self.agree(self._local_values())
 
     def agree_now(self, rt: Any) -> None:

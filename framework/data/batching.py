@@ -12,8 +12,8 @@ rule in DESIGN.md hold across world sizes.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -42,7 +42,7 @@ class Window:
     items_read: int = 0  # stream items consumed up to the end of this window (streams only)
     exhausted: bool = False  # a self-sharded stream on this rank has ended (see StreamSource)
     forwards: int = 0  # the most micro-batches any rank has in this window (FSDP runs that many on every rank)
-    order: list[int] = field(default_factory=list)  # each micro-batch's place in the epoch's global order
+    order: Sequence[int] = ()  # each micro-batch's place in the epoch's global order (a range: no list per step)
 
 
 @dataclass
@@ -155,7 +155,8 @@ def most_chunks(n_items: int, world_size: int, size: int) -> int:
         >>> most_chunks(5, world_size=2, size=2)
         2
     """
-    return max(-(-(hi - lo) // size) for lo, hi in (rank_share(n_items, world_size, r) for r in range(world_size)))
+    largest = -(-n_items // world_size)  # (rank_share's largest share: ceil(n / world_size))
+    return -(-largest // size)
 
 
 def split_window(
@@ -169,11 +170,12 @@ def split_window(
         >>> split_window(0, ["a", "b"], None, 8, 0, Batching(8, 2, 2, 2), rank=1).order
         [4, 6]
     """
-    assert batching.micro_batch_size is not None
-    lo, _ = rank_share(n_items, batching.world_size, rank)
-    order = [first + lo + i * batching.micro_batch_size for i in range(len(micro))]
-    forwards = most_chunks(n_items, batching.world_size, batching.micro_batch_size)
-    return Window(w, micro, filler, forwards=forwards, order=order, **extra)
+    m, world = batching.micro_batch_size, batching.world_size
+    assert m is not None
+    start = first + rank * n_items // world  # (this rank's share starts there: rank_share)
+    largest = -(-n_items // world)  # (most_chunks, inline: this runs every step)
+    forwards = -(-largest // m)
+    return Window(w, micro, filler, forwards=forwards, order=range(start, start + len(micro) * m, m), **extra)
 
 
 def windows_per_epoch(n_items: int, batch_size: int, drop_last: bool) -> int:

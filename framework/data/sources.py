@@ -648,7 +648,8 @@ class LoaderSource(Source):
             if not group:
                 return
             mine = group[self.rank :: b.world_size]
-            order = [w * per_window + self.rank + k * b.world_size for k in range(len(mine))]
+            first = w * per_window + self.rank
+            order = range(first, first + len(mine) * b.world_size, b.world_size)
             forwards = -(-len(group) // b.world_size)  # (the most any rank has: rank 0's count)
             yield Window(w, mine, None if mine else group[0], forwards=forwards, order=order)
             w += 1
