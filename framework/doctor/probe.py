@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import types
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -355,6 +356,7 @@ def _shadow(module: nn.Module, optimizers: list[torch.optim.Optimizer]) -> Any:
     queue) is recorded on the copy, so the probe's forwards leave no trace."""
     shared: dict[int, Any] = {}
     for opt in optimizers:
+        shared[id(opt)] = opt
         for state in opt.state.values():
             for v in state.values():
                 if isinstance(v, torch.Tensor):
@@ -363,7 +365,9 @@ def _shadow(module: nn.Module, optimizers: list[torch.optim.Optimizer]) -> Any:
         for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)):
             shared[id(t)] = t
         for v in vars(m).values():
-            if isinstance(v, torch.Tensor):
+            # Tensors, and methods and functions set on the instance: the doctor's own zero_grad patch is
+            # one during the watched forward; copying it would copy the doctor, the fit and its data.
+            if isinstance(v, (torch.Tensor, types.MethodType, types.FunctionType)):
                 shared[id(v)] = v
     try:
         return copy.deepcopy(module, shared)

@@ -252,3 +252,17 @@ def test_the_probe_leaves_no_trace_on_the_module_the_rng_or_training():
     assert all(torch.equal(state[k], ref[k]) for k in ref)  # bitwise the same parameters
     assert torch.equal(rng, ref_rng)
     assert seen == ref_seen == [(8, True)] * 12  # 3 steps x 4 micro-batches; the probe's forwards left no trace
+
+
+class _NoCopy(torch.utils.data.TensorDataset):
+    def __deepcopy__(self, memo):
+        raise AssertionError("the probe copied the training data")
+
+
+def test_the_probe_copies_the_module_only_not_the_data_or_the_doctor_it_reaches_through_patches():
+    # During the watched forward the doctor patches module.zero_grad with one of its own methods; a deepcopy
+    # of the module that followed it reached the doctor, the fit and the whole training set (twice the memory).
+    x, y = classification_data(96)
+    engine = Engine(max_steps=2, batch_size=32, progress=False)
+    engine.fit(TinyClassifier(), _NoCopy(x, y))
+    assert "count_weights" in engine.doctor.ran  # the probe ran, and copied nothing but the module
