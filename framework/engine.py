@@ -245,7 +245,8 @@ class Engine:
         ck = self.config.checkpoint
         if every and step % every == 0 and run.val_source is not None:
             metrics = self._validate_in_fit(run)
-            if self.config.checkpoint_every_epoch or ck.checkpoint_every_n_steps:
+            at_epoch_end = self.config.checkpoint_every_epoch and run.epoch_ends_here  # (saved there, once)
+            if (self.config.checkpoint_every_epoch or ck.checkpoint_every_n_steps) and not at_epoch_end:
                 self._save(monitor_value=metrics.get(ck.monitor))
         elif ck.checkpoint_every_n_steps and step % ck.checkpoint_every_n_steps == 0 and not run.epoch_ends_here:
             self._save()  # (the last window of an epoch is saved after its validation instead)
@@ -270,7 +271,10 @@ class Engine:
         self.epoch += 1
         self.batch_in_epoch = self.items_read = 0
         if self.config.checkpoint_every_epoch:
-            self._save(monitor_value=epoch_metrics.get(self.config.checkpoint.monitor))
+            every, monitor = self.config.val_every_n_steps, self.config.checkpoint.monitor
+            validated_now = every and self.step % every == 0  # (by steps: this step's validation ranks it)
+            value = (self.metrics.get(monitor) if validated_now else None) if every else epoch_metrics.get(monitor)
+            self._save(monitor_value=value)
         if run.rt.world_size == 1:
             run.stops.agree_locally()
         if run.stops.exit_code is not None:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset, IterableDataset
 
 from framework import Callback, LoopModule
 
@@ -109,3 +110,26 @@ def fit_tiny(run_dir: Path, module: nn.Module | None = None, **kw: Any) -> tuple
     engine = Engine(**args)
     engine.fit(module, (x, y), (x[:50], y[:50]))
     return engine, module
+
+
+class Items(Dataset):
+    """Item i is (tensor(i), tensor(0)): a batch names which items it holds."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return torch.tensor(i), torch.tensor(0)
+
+
+class ItemStream(IterableDataset):
+    """The same items as :class:`Items`, as a stream."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __iter__(self):
+        return ((torch.tensor(i), torch.tensor(0)) for i in range(self.n))

@@ -4,6 +4,7 @@ and EarlyStopping follow it."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 from torch.utils.data import IterableDataset
@@ -89,3 +90,28 @@ def test_keep_best_ranks_the_checkpoints_saved_after_each_validation(tmp_path):
     best = max(val, key=val.get)  # mode="max": the highest val/loss is "best"
     kept = sorted(int(p.name[5:]) for p in (tmp_path / "checkpoints").glob("step-*"))
     assert kept == sorted({best, 8}), (kept, val)
+
+
+def test_a_validation_on_an_epoch_end_step_is_saved_once_with_its_monitor_value(tmp_path):
+    class Saves(Callback):
+        def __init__(self):
+            self.paths = []
+
+        def on_checkpoint_save(self, engine, path):
+            self.paths.append(Path(path).name)
+
+    x, y = classification_data(64)  # 2 steps an epoch: every validation (every 2 steps) lands on an epoch end
+    saves = Saves()
+    engine = Engine(
+        max_epochs=3, batch_size=32, val_every_n_steps=2, keep_best=1, keep_last=1, monitor="val/loss", mode="max",
+        progress=False, run_dir=str(tmp_path), callbacks=[saves],
+    )  # fmt: skip
+    engine.fit(TinyClassifier(), (x, y), (x[:32], y[:32]))
+    assert saves.paths == ["step-00000002", "step-00000004", "step-00000006"]  # one save per step, not two
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    val = {r["step"]: r["val/loss"] for r in records if "val/loss" in r}
+    best = max(val, key=val.get)
+    kept = sorted(int(p.name[5:]) for p in (tmp_path / "checkpoints").glob("step-*"))
+    assert kept == sorted({best, 6}), (kept, val)  # keep_best saw each checkpoint's val/loss
+    manifest = json.loads((tmp_path / "checkpoints" / f"step-{best:08d}" / "manifest.json").read_text())
+    assert manifest["monitor_value"] == val[best]

@@ -10,9 +10,10 @@ import itertools
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from framework.data import Batching, epoch_order, make_source, rank_share, resolve_batching
+from tests.helpers import Items, ItemStream
 
 
 def source(data, batch_size, micro, world_size, rank, shuffle=True, seed=0, **kw):
@@ -32,25 +33,6 @@ def global_windows(data, batch_size, micro, world_size, epoch=0, shuffle=True, s
     ]
     assert len({len(w) for w in per_rank}) == 1, "every rank must see the same number of windows"
     return [[[ids_of(b) for b in win.micro_batches] for win in wins] for wins in zip(*per_rank, strict=True)]
-
-
-class Items(Dataset):
-    def __init__(self, n):
-        self.n = n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return torch.tensor(i), torch.tensor(0)
-
-
-class ItemStream(IterableDataset):
-    def __init__(self, n):
-        self.n = n
-
-    def __iter__(self):
-        return ((torch.tensor(i), torch.tensor(0)) for i in range(self.n))
 
 
 SPLITS = [(1, 64), (1, 16), (2, 32), (2, 16), (2, 8), (4, 16), (4, 4)]  # (world_size, micro) for batch 64

@@ -14,10 +14,11 @@ import warnings
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from framework import Engine
 from framework.data import Batching, WaitMeter, make_source, micro_batch_sizes, resolve_batching
+from tests.helpers import Items, ItemStream
 from tests.scripts.data_common import SLOW, Augmented, AugmentedStream, Net, fit, flat, make_xy
 
 
@@ -31,25 +32,6 @@ def ids(batch):
     return batch[0].reshape(-1).tolist()
 
 
-class Ids(Dataset):
-    def __init__(self, n):
-        self.n = n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return torch.tensor(i), torch.tensor(0)
-
-
-class IdStream(IterableDataset):
-    def __init__(self, n):
-        self.n = n
-
-    def __iter__(self):
-        return ((torch.tensor(i), torch.tensor(0)) for i in range(self.n))
-
-
 # ---------------------------------------------------------------- drop_last
 
 
@@ -57,7 +39,7 @@ class IdStream(IterableDataset):
 @pytest.mark.parametrize("world_size,micro", [(1, 64), (1, 16), (2, 32), (2, 8)])
 def test_drop_last_drops_the_same_partial_global_batch_at_any_world_size(kind, world_size, micro):
     n = 1000  # 15 full windows of 64, then 40 items
-    data = {"tensors": (torch.arange(n), torch.zeros(n)), "dataset": Ids(n), "stream": IdStream(n)}[kind]
+    data = {"tensors": (torch.arange(n), torch.zeros(n)), "dataset": Items(n), "stream": ItemStream(n)}[kind]
     shuffle = kind != "stream"
     per_rank = [windows(data, 64, micro, world_size, r, drop_last=True, shuffle=shuffle) for r in range(world_size)]
     assert {len(w) for w in per_rank} == {15}
