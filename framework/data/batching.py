@@ -167,7 +167,7 @@ def split_window(
 
     Example::
 
-        >>> split_window(0, ["a", "b"], None, 8, 0, Batching(8, 2, 2, 2), rank=1).order
+        >>> list(split_window(0, ["a", "b"], None, 8, 0, Batching(8, 2, 2, 2), rank=1).order)
         [4, 6]
     """
     m, world = batching.micro_batch_size, batching.world_size
