@@ -271,10 +271,9 @@ class Engine:
         self.epoch += 1
         self.batch_in_epoch = self.items_read = 0
         if self.config.checkpoint_every_epoch:
-            every, monitor = self.config.val_every_n_steps, self.config.checkpoint.monitor
-            validated_now = every and self.step % every == 0  # (by steps: this step's validation ranks it)
-            value = (self.metrics.get(monitor) if validated_now else None) if every else epoch_metrics.get(monitor)
-            self._save(monitor_value=value)
+            every = self.config.val_every_n_steps  # (by steps: the validation of this step, if any, ranks it)
+            validated = epoch_metrics if not every else self.metrics if self.step % every == 0 else {}
+            self._save(monitor_value=validated.get(self.config.checkpoint.monitor))
         if run.rt.world_size == 1:
             run.stops.agree_locally()
         if run.stops.exit_code is not None:

@@ -138,7 +138,10 @@ def find_checkpoint(path: str | os.PathLike[str]) -> Path:
     return _open(path).path
 
 
-def _open(path: str | os.PathLike[str]) -> CheckpointReader:
+def _open(path: str | os.PathLike[str] | CheckpointReader) -> CheckpointReader:
+    """The verified checkpoint ``path`` names (an open reader passes through: one verification per export)."""
+    if isinstance(path, CheckpointReader):
+        return path
     p = Path(path)
     if not p.exists():
         raise ExportError(f"{p} does not exist; pass a run dir (the --run-dir of a training run) or a checkpoint")
@@ -153,7 +156,7 @@ def _open(path: str | os.PathLike[str]) -> CheckpointReader:
     return source
 
 
-def full_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+def full_weights(path: str | os.PathLike[str] | CheckpointReader) -> dict[str, torch.Tensor]:
     """Every weight of the module's state dict in one checkpoint, as CPU tensors by name.
 
     ``path`` is a run dir (its newest complete checkpoint) or a checkpoint directory; a sharded
@@ -191,7 +194,9 @@ def select_prefix(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, to
 # ---------------------------------------------------------------- writing
 
 
-def export_safetensors(path: str | os.PathLike[str], out: str | os.PathLike[str], prefix: str | None = None) -> Path:
+def export_safetensors(
+    path: str | os.PathLike[str] | CheckpointReader, out: str | os.PathLike[str], prefix: str | None = None
+) -> Path:
     """Write the newest checkpoint's weights (or one submodule's, by ``prefix``) to one safetensors file.
 
     Every name of the state dict is written, tied weights included (as copies: safetensors
@@ -205,8 +210,9 @@ def export_safetensors(path: str | os.PathLike[str], out: str | os.PathLike[str]
     """
     from safetensors.torch import save_file
 
-    checkpoint = find_checkpoint(path)
-    weights = select_prefix(full_weights(checkpoint), prefix or "")
+    reader = _open(path)
+    checkpoint = reader.path
+    weights = select_prefix(full_weights(reader), prefix or "")
     seen: set[int] = set()
     tensors: dict[str, torch.Tensor] = {}
     for name, t in weights.items():
@@ -224,7 +230,7 @@ def export_safetensors(path: str | os.PathLike[str], out: str | os.PathLike[str]
     return target
 
 
-def export_hf(path: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
+def export_hf(path: str | os.PathLike[str] | CheckpointReader, out_dir: str | os.PathLike[str]) -> Path:
     """Write a HuggingFace model directory from a run dir that :func:`save_hf_artifacts` prepared.
 
     Builds the recorded class (e.g. ``LlamaForCausalLM``) from the recorded config, loads the
@@ -239,7 +245,8 @@ def export_hf(path: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> 
         model = AutoModelForCausalLM.from_pretrained("exported")
         tokenizer = AutoTokenizer.from_pretrained("exported")
     """
-    checkpoint = find_checkpoint(path)
+    reader = _open(path)
+    checkpoint = reader.path
     run_dir = checkpoint.parent.parent
     hf_dir = run_dir / HF_DIR
     meta_file = hf_dir / EXPORT_JSON
@@ -266,7 +273,7 @@ def export_hf(path: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> 
             f"({transformers.__version__}) does not have; install the transformers version the run was trained with"
         )
     config = transformers.AutoConfig.from_pretrained(hf_dir)
-    weights = select_prefix(full_weights(checkpoint), meta["prefix"])
+    weights = select_prefix(full_weights(reader), meta["prefix"])
     model = cls(config)
     # strict=False only to raise our own error, which names the prefix and the config as the suspects.
     missing, unexpected = (set(ks) for ks in model.load_state_dict(weights, strict=False))
@@ -321,12 +328,13 @@ def main(argv: list[str] | None = None) -> int:
         print("export: --prefix applies to -o; --hf takes the prefix the recipe recorded", file=sys.stderr)
         return 2
     try:
-        checkpoint = find_checkpoint(args.path)
+        reader = _open(args.path)  # (verified once, whatever is written from it)
+        checkpoint = reader.path
         if args.output is not None:
-            written = export_safetensors(checkpoint, args.output, prefix=args.prefix)
+            written = export_safetensors(reader, args.output, prefix=args.prefix)
             print(f"wrote {written} (weights of {checkpoint})")
         if args.hf is not None:
-            written = export_hf(checkpoint, args.hf)
+            written = export_hf(reader, args.hf)
             print(f"wrote {written}/ (HuggingFace model from {checkpoint}; load it with from_pretrained('{written}'))")
     except ImportError as e:
         print(f"export --hf needs transformers: pip install 'framework[hf]' ({e})", file=sys.stderr)
