@@ -133,3 +133,25 @@ class ItemStream(IterableDataset):
 
     def __iter__(self):
         return ((torch.tensor(i), torch.tensor(0)) for i in range(self.n))
+
+
+def doctor_step(doctor, module, optimizers, batch, count: bool = False):
+    """One optimizer step on ``batch`` = (x, y), driven by hand through the doctor's events in the
+    engine's order (``count``: also the count_items check); returns the loss."""
+    x, y = batch
+    doctor.start_step()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    with doctor.watch(module, batch):
+        outputs = module(x)
+        doctor.check_train_mode(module, "forward")
+        loss = module.compute_loss(outputs, y)
+        doctor.check_loss(module, loss, outputs)
+    if count:
+        doctor.check_count(module, module.count_items(batch))
+    loss.backward()
+    doctor.after_backward()
+    for opt in optimizers:
+        opt.step()
+    doctor.after_optimizer_step(True)
+    return loss

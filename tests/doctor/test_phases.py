@@ -21,6 +21,7 @@ from torch import nn
 from framework import LoopError, LoopModule, LoopWarning
 from framework.doctor import CHECKS, Doctor
 from framework.doctor.inspect import autograd_clock, sequence_nr
+from tests.helpers import doctor_step
 
 PHASES = ["discriminator", "generator"]
 NOISE = 8
@@ -245,19 +246,7 @@ def drive_joint(module: LoopModule, doctor: Doctor, steps: int = 4) -> list[str]
         warnings.simplefilter("always")
         doctor.start_fit(module, opts)
         for _ in range(steps):
-            doctor.start_step()
-            for opt in opts:
-                opt.zero_grad(set_to_none=True)
-            with doctor.watch(module, (x, y)):
-                outputs = module(x)
-                doctor.check_train_mode(module, "forward")
-                loss = module.compute_loss(outputs, y)
-                doctor.check_loss(module, loss, outputs)
-            loss.backward()
-            doctor.after_backward()
-            for opt in opts:
-                opt.step()
-            doctor.after_optimizer_step(True)
+            doctor_step(doctor, module, opts, (x, y))
         doctor.end_fit()
     return [str(w.message) for w in caught if issubclass(w.category, LoopWarning)]
 

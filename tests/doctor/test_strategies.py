@@ -18,7 +18,7 @@ from torch import nn
 from framework import LoopError, LoopModule, LoopWarning
 from framework.data import Batching
 from framework.doctor import Doctor
-from tests.helpers import TinyClassifier, classification_data
+from tests.helpers import TinyClassifier, classification_data, doctor_step
 
 X, Y = classification_data(32)
 
@@ -32,18 +32,7 @@ def drive(module: LoopModule, doctor: Doctor, steps: int = 3, **start) -> list[s
         doctor.start_fit(module, opt, start.pop("batching", None), **start)
         module.train()
         for _ in range(steps):
-            doctor.start_step()
-            opt.zero_grad(set_to_none=True)
-            with doctor.watch(module, (X, Y)):
-                outputs = module(X)
-                doctor.check_train_mode(module, "forward")
-                loss = module.compute_loss(outputs, Y)
-                doctor.check_loss(module, loss, outputs)
-            doctor.check_count(module, module.count_items((X, Y)))
-            loss.backward()
-            doctor.after_backward()
-            opt.step()
-            doctor.after_optimizer_step(True)
+            doctor_step(doctor, module, [opt], (X, Y), count=True)
         doctor.end_fit()
     return [str(w.message) for w in caught if issubclass(w.category, LoopWarning)]
 

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from framework import LoopModule
 from framework.doctor import Doctor
+from tests.helpers import doctor_step
 
 
 class Net(LoopModule):
@@ -79,17 +80,7 @@ def fsdp_case(mesh, **kw) -> list[list[str]]:
     x, y = torch.randn(16, 8, generator=g), torch.randn(16, generator=g)
     doctor.start_fit(module, opt, is_main=dist.get_rank() == 0, strategy="fsdp", reduce=all_reduce)
     for _ in range(3):
-        doctor.start_step()
-        opt.zero_grad(set_to_none=True)
-        with doctor.watch(module, (x, y)):
-            outputs = module(x)
-            doctor.check_train_mode(module, "forward")
-            loss = module.compute_loss(outputs, y)
-            doctor.check_loss(module, loss, outputs)
-        loss.backward()
-        doctor.after_backward()
-        opt.step()
-        doctor.after_optimizer_step(True)
+        doctor_step(doctor, module, [opt], (x, y))
     doctor.end_fit()
     return findings(doctor)
 
