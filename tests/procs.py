@@ -187,21 +187,28 @@ class Run:
 def shared_dir(tmp_path_factory: Any, name: str, make: Callable[[Path], None]) -> Path:
     """A directory that ``make`` fills once per test session, even with several pytest-xdist workers (the
     first to need it builds it under a file lock; the others wait and reuse it): one reference run per
-    configuration, not one per worker."""
+    configuration, not one per worker. A failed ``make`` is recorded, so the other workers report it
+    instead of running it again."""
     from filelock import FileLock
 
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # (shared by the workers of this session)
-    target = root / name
+        root = root.parent  # (shared by the workers of this session, never an older session's)
+    target, failed = root / name, root / f"{name}.failed"
     with FileLock(str(root / f"{name}.lock"), timeout=900):
+        if failed.exists():
+            raise AssertionError(failed.read_text())
         if not (target / "done").is_file():
             if target.exists():
                 import shutil
 
                 shutil.rmtree(target)
             target.mkdir()
-            make(target)
+            try:
+                make(target)
+            except Exception as err:
+                failed.write_text(f"{type(err).__name__}: {err}")
+                raise
             (target / "done").touch()
     return target
 

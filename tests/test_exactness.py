@@ -16,16 +16,14 @@ dependency of torch.)
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from filelock import FileLock
 
 from framework import Engine
 from tests.helpers import TinyClassifier, classification_data, launch
+from tests.procs import shared_dir
 from tests.scripts.exact_common import (
     EPOCHS,
     GLOBAL_BATCH,
@@ -41,18 +39,9 @@ from tests.scripts.exact_common import (
     train_data,
     val_data,
 )
+from tests.threads import one_thread  # noqa: F401  (autouse: tiny models, one thread)
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_exactness.py"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are tiny: intra-op threads only fight the other xdist workers for the
-    # 2 cores (5x slower under load). Restored after the module, so nothing else is affected.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def fit(micro: int, shuffle: bool, data=None, val=None) -> tuple[TokenModel, Engine]:
@@ -84,27 +73,9 @@ def one_process() -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def ddp(tmp_path_factory) -> Path:
-    """Run the 2-process script once; its files are shared by every test below.
-
-    Under pytest-xdist a module fixture runs once per worker, so the launch (the slow part)
-    is shared through the base temp dir all workers have in common, behind a file lock.
-    A failed launch is recorded too, so the other workers report it instead of relaunching.
-    """
-    base = tmp_path_factory.getbasetemp()
-    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # this session's, never an older one
-    out, failed = shared / "ddp_exactness", shared / "ddp_exactness.failed"
-    with FileLock(str(shared / "ddp_exactness.lock")):
-        if failed.exists():
-            raise AssertionError(failed.read_text())
-        if not (out / "done").exists():
-            out.mkdir(exist_ok=True)
-            try:
-                launch(SCRIPT, str(out))
-            except (AssertionError, subprocess.TimeoutExpired) as err:
-                failed.write_text(str(err))
-                raise
-            (out / "done").touch()
-    return out
+    """Run the 2-process script once; its files are shared by every test below, also across pytest-xdist
+    workers (tests/procs.shared_dir: the launch, the slow part, runs once per session)."""
+    return shared_dir(tmp_path_factory, "ddp_exactness", lambda out: launch(SCRIPT, str(out)))
 
 
 def load(out: Path, name: str):

@@ -11,17 +11,15 @@ runs the 2-process checks in one launch.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from filelock import FileLock
 
 from framework import Engine, NonFiniteError
 from framework.checkpoint import newest_complete
 from tests.helpers import CrashAt, launch
+from tests.procs import shared_dir
 from tests.scripts.phases_common import (
     BATCH,
     D_FLAG,
@@ -42,18 +40,10 @@ from tests.scripts.phases_common import (
     regression_data,
     ring_data,
 )
+from tests.threads import one_thread  # noqa: F401  (autouse: tiny models, one thread)
 
 SCRIPT = Path(__file__).parent / "scripts" / "phases_ddp.py"
 STEPS = EPOCHS * -(-N_ITEMS // BATCH)  # 30 optimizer steps, 3 of them with a partial batch
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: intra-op threads only fight other tests' processes for the 2 cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def fit(data=None, *, micro: int | None = None, with_schedulers: bool = False, **options) -> tuple[GAN, Engine]:
@@ -277,22 +267,8 @@ def test_default_doctor_reports_nothing_for_a_correct_gan():
 @pytest.fixture(scope="module")
 def ddp(tmp_path_factory) -> Path:
     """The one 2-process launch (tests/scripts/phases_ddp.py); shared by the tests below, also across
-    pytest-xdist workers (through the session's base temp dir, behind a file lock)."""
-    base = tmp_path_factory.getbasetemp()
-    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    out, failed = shared / "phases_ddp", shared / "phases_ddp.failed"
-    with FileLock(str(shared / "phases_ddp.lock")):
-        if failed.exists():
-            raise AssertionError(failed.read_text())
-        if not (out / "done").exists():
-            out.mkdir(exist_ok=True)
-            try:
-                launch(SCRIPT, str(out), timeout=240)
-            except (AssertionError, subprocess.TimeoutExpired) as err:
-                failed.write_text(str(err))
-                raise
-            (out / "done").touch()
-    return out
+    pytest-xdist workers (tests/procs.shared_dir)."""
+    return shared_dir(tmp_path_factory, "phases_ddp", lambda out: launch(SCRIPT, str(out), timeout=240))
 
 
 def _load(out: Path, name: str):
