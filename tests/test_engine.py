@@ -20,16 +20,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 from framework import Engine, LoopError
 from tests.helpers import TinyClassifier, classification_data
 from tests.scripts.exact_common import order_errors
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are tiny: intra-op threads only fight the other xdist workers for the
-    # 2 cores (5x slower under load). Restored after the module, so nothing else is affected.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.threads import one_thread  # noqa: F401  (autouse: tiny models, one thread)
 
 
 def engine(**kw) -> Engine:

@@ -31,16 +31,9 @@ from tests.scripts.phases_common import (
     max_diff,
     regression_data,
 )
+from tests.threads import one_thread  # noqa: F401  (autouse: tiny models, one thread)
 
 STEPS = EPOCHS * 4  # 232 items: 3 windows of 64 and one of 40 per epoch
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def fit(dtype=torch.float32, *, micro=None, with_schedulers=False, **options) -> tuple[Joint, Engine]:
