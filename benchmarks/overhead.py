@@ -378,7 +378,7 @@ def measure(w: Workload, kind: str, reps: int, lightning: bool, tmp: str, only: 
 def guard_cost(w: Workload, iters: int = 2000) -> dict[str, float]:
     """The engine's per-step NaN guard on this model, op by op, in a tight loop (a lower bound:
     in a real step the caches are cold and the same ops cost more; see guard_in_situ)."""
-    from framework import grads as gradient_ops
+    from framework.parallel import grads as gradient_ops
 
     model = fresh_model(w)
     x, y = make_data(w)
@@ -411,7 +411,7 @@ def guard_cost(w: Workload, iters: int = 2000) -> dict[str, float]:
 @contextlib.contextmanager
 def guard_disabled():
     """Benchmark-only: make the engine's NaN guard a no-op (a fixed all-finite flag), to price it in a real step."""
-    from framework import grads as gradient_ops
+    from framework.parallel import grads as gradient_ops
 
     real = gradient_ops.NonFiniteCheck.__call__
     finite = torch.zeros(1)

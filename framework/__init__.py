@@ -11,11 +11,11 @@ Example::
 from . import schedules  # so a plain `import framework` exposes framework.schedules
 from .callbacks import Callback, EarlyStopping
 from .checkpoint import CheckpointError, load_weights
+from .data.rng import seed_everything
 from .doctor import LoopError, LoopWarning
 from .engine import Engine
 from .guard import NonFiniteError
 from .module import LoopModule
-from .rng import seed_everything
 
 __all__ = [
     "Callback",

@@ -1,45 +1,8 @@
-"""``python -m framework COMMAND``: ``plot`` (curves from run dirs), ``doctor`` (check a recipe's loop) and
-``export`` (deployable files from a run dir's checkpoint).
-
-Example::
-
-    python -m framework plot runs/digits -o curves.png
-    python -m framework doctor recipes/digits.py --smoke
-    python -m framework export runs/hf_causal_lm -o model.safetensors
-    python -m framework export runs/hf_causal_lm --hf exported/
-"""
-
-from __future__ import annotations
+"""``python -m framework COMMAND``: see :mod:`framework.cli`."""
 
 import sys
 
-USAGE = """usage: python -m framework {plot,doctor,export} ...
-  plot RUN_DIR [RUN_DIR ...] [-o curves.png]
-  doctor path/to/recipe.py [recipe args]
-  export RUN_DIR [-o model.safetensors [--prefix lm.]] [--hf OUT_DIR]"""
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0
-    command, rest = argv[0], argv[1:]
-    if command == "plot":
-        from .plot import main as plot_main
-
-        return plot_main(rest)
-    if command == "doctor":
-        from .doctor.cli import main as doctor_main
-
-        return doctor_main(rest)
-    if command == "export":
-        from .export import main as export_main
-
-        return export_main(rest)
-    print(f"unknown command {command!r}\n{USAGE}", file=sys.stderr)
-    return 2
-
+from .cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

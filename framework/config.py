@@ -451,12 +451,8 @@ def jsonable(value: Any) -> Any:
     return getattr(value, "__name__", type(value).__name__)
 
 
-# Recipes' command-line configs (re-exported: recipes import them from here).
-from .recipe_config import ConfigError, convert, load_yaml, parse_config, save_yaml  # noqa: E402
-
 __all__ = [
     "CheckpointConfig",
-    "ConfigError",
     "DataConfig",
     "DistributedConfig",
     "EngineConfig",
@@ -464,11 +460,7 @@ __all__ = [
     "PrecisionConfig",
     "StepConfig",
     "StopConfig",
-    "convert",
     "describe",
     "jsonable",
-    "load_yaml",
     "markdown_table",
-    "parse_config",
-    "save_yaml",
 ]

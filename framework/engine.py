@@ -25,20 +25,20 @@ from typing import Any
 
 import torch
 
-from . import grads as gradient_ops
-from . import run_info, state
 from .callbacks import Callback, fire
+from .checkpoint import state
 from .config import EngineConfig
 from .data import Window
-from .distributed import Runtime, make_runtime
 from .doctor import Doctor, LoopError, max_steps_override
-from .evaluation import check_metrics, evaluate
+from .evaluation import check_metrics, evaluate, predict
 from .fit import Fit, prepare_fit, validation_source
 from .guard import NonFiniteError
 from .module import LoopModule
-from .predict import predict
+from .observability import run_info
+from .parallel import grads as gradient_ops
+from .parallel import make_strategy
+from .parallel.runtime import Runtime, make_runtime
 from .step import StepResult
-from .strategies import make_strategy
 
 __all__ = ["Engine", "NonFiniteError"]
 

@@ -25,18 +25,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from . import checkpoint, run_info
-from . import state as train_state
+from . import checkpoint
+from .checkpoint import state as train_state
 from .data import Batching, Source, Window, make_source, resolve_batching, warn_one_item_batches
-from .ema import EMA
+from .data.rng import seed_everything
 from .evaluation import check_metrics
 from .guard import NanPolicy, why_not_deferred
-from .logging import MetricsLog, Progress, TrainLoss, start_trackers
 from .module import LoopModule
-from .optim import Optimizers, parse_optimizers, phase_is_required, takes_phase
-from .rng import seed_everything
+from .observability import run_info
+from .observability.metrics import MetricsLog, TrainLoss, start_trackers
+from .observability.progress import Progress
+from .optim import EMA, Optimizers, parse_optimizers, phase_is_required, takes_phase
+from .parallel import Strategy, make_strategy
 from .step import OptimizerStep
-from .strategies import Strategy, make_strategy
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -406,7 +407,7 @@ def prepare_fit(engine: Engine, rt: Any, module: LoopModule, train_data: Any, va
             on_stop=lambda values: engine._fit.stops.agree(values) if engine._fit is not None else None,
         )))  # fmt: skip
     registry = _registry(engine, rt, strategy, module, optimizers, source, ema)
-    from .preemption import Stops
+    from .parallel.preemption import Stops
 
     stops = Stops(tuple(config.distributed.preemption_signals), config.stop.max_time)
     val_phases = phases if phased and phase_is_required(module.compute_loss) else None

@@ -167,7 +167,7 @@ class NanPolicy:
         deferred: bool = False,
     ) -> None:
         """Count or raise for a bad step at ``position`` = (optimizer step, epoch, batch)."""
-        from .grads import zero_grad
+        from .parallel.grads import zero_grad
 
         where = "optimizer step {} (epoch {}, batch {})".format(*position)
         if drop_gradients:

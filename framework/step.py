@@ -34,9 +34,9 @@ from typing import Any
 
 import torch
 
-from .grads import NonFiniteCheck, pack
 from .guard import NanPolicy, Pending, read_later, step_unless_found
 from .optim import Optimization
+from .parallel.grads import NonFiniteCheck, pack
 
 
 @dataclass

@@ -54,9 +54,9 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from framework import Engine, LoopModule
+from framework.cli.recipe import engine_options, parse_config, save_yaml
+from framework.observability.run_info import recipe_run_dir
 from framework.optim import fused_on_gpu
-from framework.recipe_config import engine_options, parse_config, save_yaml
-from framework.run_info import recipe_run_dir
 from framework.schedules import warmup_cosine
 
 

@@ -42,7 +42,7 @@ with a higher perplexity). The measured result is in recipes/README.md.
 
 Outputs go to ``--run-dir`` (default ``runs/hf_causal_lm``): ``metrics.jsonl``,
 ``config.json``, ``recipe_config.yaml``, checkpoints, and ``hf/`` (the model's HF config and
-the tokenizer, written by ``framework.export.save_hf_artifacts``), from which
+the tokenizer, written by ``framework.checkpoint.export.save_hf_artifacts``), from which
 ``python -m framework export RUN_DIR --hf OUT_DIR`` writes a directory that
 ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained`` load.
 """
@@ -65,10 +65,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from framework import Engine, LoopModule
-from framework.export import save_hf_artifacts
+from framework.checkpoint.export import save_hf_artifacts
+from framework.cli.recipe import engine_options, parse_config, save_yaml
+from framework.observability.run_info import recipe_run_dir
 from framework.optim import fused_on_gpu
-from framework.recipe_config import engine_options, parse_config, save_yaml
-from framework.run_info import recipe_run_dir
 from framework.schedules import warmup_cosine
 
 IGNORE = -100  # labels the loss and the metrics skip (transformers' convention)

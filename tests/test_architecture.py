@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from framework import Engine, LoopModule
-from framework.distributed import make_runtime
+from framework.parallel.runtime import make_runtime
 
 from .helpers import ROOT, classification_data, launch
 

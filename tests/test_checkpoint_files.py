@@ -26,7 +26,7 @@ from framework.checkpoint import (
     CorruptCheckpointError,
     newest_complete,
 )
-from framework.files import SymlinkError
+from framework.checkpoint.files import SymlinkError
 
 from .helpers import TinyClassifier, fit_tiny
 

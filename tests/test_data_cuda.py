@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from framework.data import Batching, make_source
-from framework.distributed import send_to_device
+from framework.parallel.runtime import send_to_device
 from tests.scripts.data_common import SLOW, Augmented, AugmentedStream, fit, flat, make_xy
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from framework.distributed import _one_plain_process, make_runtime, send_to_device
+from framework.parallel.runtime import _one_plain_process, make_runtime, send_to_device
 
 from .helpers import ROOT
 

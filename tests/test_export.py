@@ -15,9 +15,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from framework import CheckpointError, Engine, LoopModule
-from framework.__main__ import main as cli
 from framework.checkpoint import newest_complete
-from framework.export import (
+from framework.checkpoint.export import (
     ExportError,
     export_hf,
     export_safetensors,
@@ -25,7 +24,8 @@ from framework.export import (
     save_hf_artifacts,
     select_prefix,
 )
-from framework.manifest import decode, encode_sums
+from framework.checkpoint.manifest import decode, encode_sums
+from framework.cli import main as cli
 
 
 class Tied(LoopModule):

@@ -1,4 +1,4 @@
-"""framework.grads: the gradient helpers of the optimizer step must do exactly what torch's own
+"""framework.parallel.grads: the gradient helpers of the optimizer step must do exactly what torch's own
 functions do (same values, same bits), and the non-finite check must catch every NaN and inf
 without changing a bit of what it reads."""
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from framework import Engine, LoopModule, NonFiniteError
-from framework import grads as gradient_ops
+from framework.parallel import grads as gradient_ops
 
 BAD = [float("nan"), float("inf"), float("-inf")]
 

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from framework import Callback, EarlyStopping, Engine
-from framework.logging import MetricsLog, Progress, tracker_config
+from framework.observability.metrics import MetricsLog, tracker_config
+from framework.observability.progress import Progress
 from tests.helpers import ROOT, CrashAt, TinyClassifier, classification_data, launch
 
 SCRIPTS = ROOT / "tests" / "scripts"
@@ -614,7 +615,7 @@ def test_a_resumed_run_hides_the_tensorboard_events_logged_after_its_checkpoint(
 
 @pytest.mark.parametrize("keep", [False, True], ids=["cpu-buffer", "kept-tensors"])
 def test_train_loss_sums_finite_steps_across_folds_and_processes(keep):
-    from framework.logging import TrainLoss
+    from framework.observability.metrics import TrainLoss
 
     values = [0.5, float("nan"), 1.5, float("inf"), 2.0, 3.0, 4.0]
     doubled = TrainLoss(lambda t: t.mul_(2), torch.device("cpu"), capacity=2)  # 2 processes; folds every 2 adds
@@ -634,7 +635,7 @@ def test_train_loss_on_cpu_keeps_no_step_tensor_alive():
     RSS of the medium MLP grew 1.1-1.3x over 200 steps): on CPU each loss is copied, not kept."""
     import weakref
 
-    from framework.logging import TrainLoss
+    from framework.observability.metrics import TrainLoss
 
     losses = TrainLoss(lambda t: t, torch.device("cpu"))
     loss = torch.tensor(0.25)

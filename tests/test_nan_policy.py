@@ -40,7 +40,7 @@ def test_raise_names_step_epoch_batch_and_leaves_the_state_as_before(poison, cli
     # 4 windows per epoch of 2 micro-batches each; the poisoned forward is the first micro-batch
     # of epoch 1, batch 2 = optimizer step 6. "grad" keeps the loss finite: the gradient check
     # catches it. With clipping the total norm is checked; without, on a step that logs nothing,
-    # the engine's cheaper fused check (framework.grads.NonFiniteCheck) is.
+    # the engine's cheaper fused check (framework.parallel.grads.NonFiniteCheck) is.
     x, y = data(4 * BATCH)
     module = Net(optimizer="adamw", lr=1e-2, poison_call=(4 + 2) * 2, poison=poison)
     snaps = Snapshots()

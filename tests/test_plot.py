@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from framework import Engine
-from framework.plot import main, plot_runs, read_metrics
+from framework.observability.plot import main, plot_runs, read_metrics
 from tests.helpers import TinyClassifier, classification_data
 
 pytest.importorskip("matplotlib")
@@ -60,7 +60,7 @@ def test_plot_two_runs_overlays_them(runs, tmp_path):
 
 
 def test_python_m_framework_plot_dispatches_here(runs, tmp_path):
-    from framework.__main__ import main as cli  # what `python -m framework` runs, in-process
+    from framework.cli import main as cli  # what `python -m framework` runs, in-process
 
     out = tmp_path / "cli.png"
     assert cli(["plot", runs[0], "-o", str(out)]) == 0

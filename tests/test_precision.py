@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from framework import Callback, Engine
-from framework.distributed import make_runtime
+from framework.parallel.runtime import make_runtime
 from tests.scripts.issue4_common import Net, data, flat, read_metrics
 
 

@@ -1,4 +1,4 @@
-"""framework.recipe_config: typed dataclass configs from defaults < YAML < --key value flags."""
+"""framework.cli.recipe: typed dataclass configs from defaults < YAML < --key value flags."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Literal
 
 import pytest
 
-from framework.recipe_config import ConfigError, convert, load_yaml, parse_config, save_yaml
+from framework.cli.recipe import ConfigError, convert, load_yaml, parse_config, save_yaml
 
 
 @dataclass
@@ -142,7 +142,7 @@ def test_engine_arguments_among_a_recipes_fields_are_checked_documented_and_pass
     from dataclasses import dataclass
 
     from framework import Engine
-    from framework.recipe_config import engine_options
+    from framework.cli.recipe import engine_options
 
     @dataclass
     class Config:

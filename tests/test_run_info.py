@@ -1,4 +1,4 @@
-"""framework.run_info: a fresh run never starts in a run dir that holds another run (its checkpoints
+"""framework.observability.run_info: a fresh run never starts in a run dir that holds another run (its checkpoints
 would be pruned first and resume="auto" would pick the other run's), nor in one that a running fit
 writes to, and recipes default to a new dir."""
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from framework import Engine
-from framework.run_info import RunDirInUse, earlier_run, next_free_run_dir, recipe_run_dir
+from framework.observability.run_info import RunDirInUse, earlier_run, next_free_run_dir, recipe_run_dir
 
 from .helpers import ROOT, CrashAt, TinyClassifier, classification_data, launch
 

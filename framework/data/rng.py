@@ -51,6 +51,28 @@ RNG_NAMES = {TORCH: "torch", NUMPY: "numpy", PYTHON: "random"}
 _MASK = (1 << 64) - 1
 
 
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and every CUDA device), numpy and Python's ``random`` with ``seed``.
+
+    Call it before building the model, so that two runs (and every DDP rank) start from the same
+    weights; ``Engine(seed=...)`` seeds again at fit start (per rank, for dropout and augmentation),
+    after the weights exist.
+
+    Example::
+
+        import framework
+        framework.seed_everything(0)
+        model = Classifier()
+    """
+    import numpy as np
+
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed_everything(seed={seed!r}); use a non-negative int, e.g. seed_everything(0)")
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
 def item_seed(index: int | None = None) -> int:
     """This item's seed as an int (63 bits), for other generators: ``np.random.default_rng(item_seed())``,
     ``random.Random(item_seed())``. Same rules as :func:`item_generator`: inside a batched

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..grads import values_of
+from ..parallel.grads import values_of
 from .context import Context, FitInfo
 from .findings import name_list
 from .inspect import local

@@ -91,7 +91,7 @@ def test_all_gpu_configs_ask_for_the_gpu_count(name):
 def test_fsdp_settings_reach_the_workers_where_the_engine_reads_them(name, min_params, precision):
     args, env = _resolve(name, "--num_processes", "2")
     assert args.use_fsdp
-    # What framework.distributed.wants_fsdp and framework.strategies.default_blocks read: FSDP2, the size policy.
+    # What framework.parallel.runtime.wants_fsdp and framework.parallel.default_blocks read: FSDP2, the size policy.
     assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
     assert env["FSDP_AUTO_WRAP_POLICY"] == "SIZE_BASED_WRAP" and int(env["FSDP_MIN_NUM_PARAMS"]) == min_params
     assert env["FSDP_RESHARD_AFTER_FORWARD"] == "true"

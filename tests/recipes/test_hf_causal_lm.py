@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from framework import Engine, load_weights
-from framework.__main__ import main as cli
-from framework.export import full_weights
+from framework.checkpoint.export import full_weights
+from framework.cli import main as cli
 from tests.helpers import ROOT, launch
 from tests.recipes import launch_commands, load_recipe
 

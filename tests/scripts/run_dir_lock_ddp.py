@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # for tests.helpers
 
 from framework import Engine
-from framework.run_info import RunDirInUse
+from framework.observability.run_info import RunDirInUse
 from tests.helpers import TinyClassifier, classification_data
 
 out = Path(sys.argv[1])

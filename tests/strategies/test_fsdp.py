@@ -20,9 +20,9 @@ from safetensors.torch import load_file
 
 import framework
 from framework import Engine
-from framework.__main__ import main as cli
 from framework.checkpoint import CheckpointError
-from framework.dcp import UnsafeMetadata, read_metadata
+from framework.checkpoint.shards import UnsafeMetadata, read_metadata
+from framework.cli import main as cli
 from tests.scripts.exact_common import TokenModel, token_data
 from tests.scripts.fsdp_run import EVERY, STEPS, NanTokenModel, data
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from . import files, manifest, tensorfile
-from .checkpoint_dir import CHECKPOINT_RE, list_checkpoints, load_newest, read_latest
-from .checkpoint_io import STAGING_PREFIX, CheckpointReader
 from .errors import CheckpointError, CorruptCheckpointError
+from .io import STAGING_PREFIX, CheckpointReader
+from .store import CHECKPOINT_RE, list_checkpoints, load_newest, read_latest
 
 MODEL = "model.safetensors"
 SHARD_INDEX = ".metadata"  # torch.distributed.checkpoint's index of a sharded checkpoint (framework.dcp)
@@ -119,7 +119,7 @@ def _read_sharded(source: CheckpointReader, ema: bool) -> tuple[dict[str, torch.
     """A sharded (FSDP) checkpoint, assembled into whole tensors in this process (no process group): the
     ``model/`` (or ``ema/``) tensors of its shards (``.metadata``, ``__R_0.distcp``), plus the buffers FSDP does not shard (kept in
     ``state.safetensors`` under ``model/``)."""
-    from . import dcp
+    from . import shards as dcp
 
     name = "ema" if ema else "model"
     weights = dcp.load_full(source.path, prefix=f"{name}/")

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import _NULL, Strategy
+from .strategy import _NULL, Strategy
 
 _DEFAULT_MIN_PARAMS = 100_000
 

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import SingleProcess, Strategy
 from .ddp import DDP
 from .fsdp import FSDP, default_blocks
+from .strategy import SingleProcess, Strategy
 
 __all__ = ["DDP", "FSDP", "SingleProcess", "Strategy", "default_blocks", "make_strategy"]
 
@@ -38,7 +38,7 @@ def make_strategy(rt: Any, strategy: str = "auto", find_unused_parameters: bool 
 
         make_strategy(make_runtime(), "auto").name   # "single"
     """
-    from ..distributed import wants_fsdp
+    from .runtime import wants_fsdp
 
     if wants_fsdp(strategy):
         return FSDP(rt)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import _NULL, Strategy
+from .strategy import _NULL, Strategy
 
 
 class DDP(Strategy):
@@ -68,7 +68,7 @@ class DDP(Strategy):
     def reduce_gradients(self, params: list[torch.Tensor]) -> None:
         if not self._manual:
             return
-        from ..grads import flatten_dense, unflatten_dense
+        from .grads import flatten_dense, unflatten_dense
 
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for p in params:

@@ -30,8 +30,11 @@ from typing import Any
 
 import torch
 
-from .async_checkpoint import AsyncCheckpointer
-from .checkpoint_dir import (
+from .async_writer import AsyncCheckpointer
+from .errors import CheckpointError, CorruptCheckpointError
+from .io import CheckpointReader, CheckpointWriter, staging_dir, verify
+from .manifest import MANIFEST, SUMS
+from .store import (
     ABANDONED,
     CHECKPOINT_RE,
     LATEST,
@@ -45,9 +48,6 @@ from .checkpoint_dir import (
     validate,
     write_latest,
 )
-from .checkpoint_io import CheckpointReader, CheckpointWriter, staging_dir, verify
-from .errors import CheckpointError, CorruptCheckpointError
-from .manifest import MANIFEST, SUMS
 from .weights import load_weights, read_weights
 
 __all__ = [

@@ -41,9 +41,9 @@ from typing import Any
 
 import torch
 
-from .checkpoint import CHECKPOINT_RE, CheckpointError
-from .checkpoint_dir import list_checkpoints
-from .checkpoint_io import CheckpointReader
+from . import CHECKPOINT_RE, CheckpointError
+from .io import CheckpointReader
+from .store import list_checkpoints
 from .weights import read_weights, weights_source
 
 HF_DIR = "hf"  # RUN_DIR/hf/: what save_hf_artifacts writes

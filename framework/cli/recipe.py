@@ -230,7 +230,7 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
         parser.error(f"missing required value(s): {', '.join('--' + m.replace('_', '-') for m in missing)}")
     cfg = cls(**values)
     try:  # the Engine arguments among the fields are checked by the Engine's own rules, before anything runs
-        from .config import EngineConfig
+        from ..config import EngineConfig
 
         EngineConfig.from_options(**engine_options(cfg))
     except ValueError as e:
@@ -247,7 +247,7 @@ def engine_options(cfg: Any, **overrides: Any) -> dict[str, Any]:
 
         engine = Engine(**engine_options(cfg, run_dir=run_dir))
     """
-    from .config import describe
+    from ..config import describe
 
     names = {row[0] for row in describe()}
     picked = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name in names}
@@ -255,7 +255,7 @@ def engine_options(cfg: Any, **overrides: Any) -> dict[str, Any]:
 
 
 def _engine_docs() -> dict[str, str]:
-    from .config import describe
+    from ..config import describe
 
     return {name: doc for name, _group, _default, doc in describe()}
 

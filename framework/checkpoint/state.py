@@ -43,8 +43,9 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, CorruptCheckpointError, dedup_shared
-from .rng import check_rng_state, rng_state, seed_everything, set_rng_state
+from ..data.rng import seed_everything
+from . import CheckpointError, CorruptCheckpointError, dedup_shared
+from .rng import check_rng_state, rng_state, set_rng_state
 from .schema import JSON, AnyOf, Bool, Float, Int, Keys, MapOf, Maybe, Str, expect
 
 STATE_FORMAT = 2
@@ -426,7 +427,7 @@ def save(
         else:
             tree[name] = flatten(value, tensors, name, shards)
     if shards:  # (collective: every rank holds shards of the same tensors)
-        from . import dcp
+        from . import shards as dcp
 
         for file in dcp.save(shards, writer.staging):  # (beside the other files: one flat, hashed checkpoint)
             writer.external(file)
@@ -593,7 +594,7 @@ def _read_shards(state: TrainState, reader: Any) -> dict[str, torch.Tensor]:
     """The tensors written through torch.distributed.checkpoint: into this run's shards where this run holds
     shards (resharding from any world size), else as whole tensors (a plain or DDP run resuming a sharded
     checkpoint)."""
-    from . import dcp
+    from . import shards as dcp
 
     directory = reader.path  # (DCP's .metadata and __R_0.distcp files, verified with the rest)
     template: dict[str, torch.Tensor] = {}

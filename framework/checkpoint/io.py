@@ -271,7 +271,7 @@ class CheckpointWriter:
             raise RuntimeError(
                 "CheckpointWriter.finalize: call commit() first (the main process records its files too)"
             )
-        from .checkpoint_dir import prune, write_latest  # (the directory layer sits on top of this one)
+        from .store import prune, write_latest  # (the directory layer sits on top of this one)
 
         merged = self._merge(self._wait_for_records())
         data = manifest.encode(Manifest(merged, manifest.finite_or_none(monitor_value)))

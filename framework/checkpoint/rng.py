@@ -1,9 +1,7 @@
-"""The process's random number generators: seeding them, and their state for exact resume.
+"""The process's random number generators' state, for exact resume.
 
 Example::
 
-    import framework
-    framework.seed_everything(0)          # before building the model: the same initial weights every run
     meta, tensors = rng_state()           # a checkpoint keeps each rank's
     check_rng_state(meta, tensors, where=Path("rng-rank0.json"))   # a malformed one changes nothing
     set_rng_state(meta, tensors)
@@ -22,28 +20,6 @@ from .errors import CorruptCheckpointError
 from .schema import Float, Int, Keys, ListOf, Maybe, Str, TupleOf, expect
 
 _CORRUPT = "the checkpoint is damaged or was edited; nothing was applied. Resume from another checkpoint"
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch (CPU and every CUDA device), numpy and Python's ``random`` with ``seed``.
-
-    Call it before building the model, so that two runs (and every DDP rank) start from the same
-    weights; ``Engine(seed=...)`` seeds again at fit start (per rank, for dropout and augmentation),
-    after the weights exist.
-
-    Example::
-
-        import framework
-        framework.seed_everything(0)
-        model = Classifier()
-    """
-    import numpy as np
-
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed_everything(seed={seed!r}); use a non-negative int, e.g. seed_everything(0)")
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
 
 
 def rng_state() -> tuple[Any, dict[str, torch.Tensor]]:

@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from . import files
-from .checkpoint_dir import list_checkpoints
-from .data import Batching
-from .distributed import Runtime
-from .optim import Optimizers
+from ..checkpoint import files
+from ..checkpoint.store import list_checkpoints
+from ..data import Batching
+from ..optim import Optimizers
+from ..parallel.runtime import Runtime
 
 if TYPE_CHECKING:
-    from .engine import Engine
+    from ..engine import Engine
 
 
 def earlier_run(run_dir: str | os.PathLike[str]) -> str | None:

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import files
-from .checkpoint_io import STAGING_PREFIX, TRASH_PREFIX, read_manifest, verify
 from .errors import CheckpointError, CorruptCheckpointError
+from .io import STAGING_PREFIX, TRASH_PREFIX, read_manifest, verify
 from .manifest import MANIFEST, SUMS, Manifest
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{8,})$")

@@ -42,8 +42,8 @@ from typing import Any
 import torch
 
 from . import manifest, tensorfile
-from .checkpoint_io import CheckpointWriter
 from .errors import CheckpointError
+from .io import CheckpointWriter
 
 
 class SnapshotPool:

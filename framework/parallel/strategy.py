@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..grads import grad_norm
+from .grads import grad_norm
 
 _NULL = contextlib.nullcontext()
 
