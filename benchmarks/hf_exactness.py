@@ -40,7 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from framework.checkpoint.export import full_weights  # noqa: E402
+from framework.checkpoint.weights import full_weights  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "hf_causal_lm.py"
 

@@ -42,7 +42,7 @@ with a higher perplexity). The measured result is in recipes/README.md.
 
 Outputs go to ``--run-dir`` (default ``runs/hf_causal_lm``): ``metrics.jsonl``,
 ``config.json``, ``recipe_config.yaml``, checkpoints, and ``hf/`` (the model's HF config and
-the tokenizer, written by ``framework.checkpoint.export.save_hf_artifacts``), from which
+the tokenizer, written by ``framework.checkpoint.weights.save_hf_artifacts``), from which
 ``python -m framework export RUN_DIR --hf OUT_DIR`` writes a directory that
 ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained`` load.
 """
@@ -65,7 +65,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from framework import Engine, LoopModule
-from framework.checkpoint.export import save_hf_artifacts
+from framework.checkpoint.weights import save_hf_artifacts
 from framework.cli.recipe import engine_options, parse_config, save_yaml
 from framework.observability.run_info import recipe_run_dir
 from framework.optim import fused_on_gpu

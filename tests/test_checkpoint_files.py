@@ -25,6 +25,7 @@ from framework.checkpoint import (
     CheckpointWriter,
     CorruptCheckpointError,
     newest_complete,
+    publish,
 )
 from framework.checkpoint.files import SymlinkError
 
@@ -189,7 +190,7 @@ def test_two_ranks_write_one_checkpoint_without_a_collective(tmp_path):
     main.tensors("model.safetensors", {"w": torch.arange(4.0)})
     main.json("rng-rank0.json", {"r": 0})
     main.commit()
-    path = main.finalize(keep_last=3)
+    path = publish(main, keep_last=3)
     t.join()
     reader = CheckpointReader(path)
     assert set(reader.files) == {"model.safetensors", "rng-rank0.json", "rng-rank1.json", "__1_0.distcp"}
@@ -244,7 +245,7 @@ def test_re_saving_a_name_replaces_it_whole(tmp_path):
         w.prepare()
         w.tensors("model.safetensors", {"w": torch.full((3,), value)})
         w.commit()
-        w.finalize()
+        publish(w)
     assert torch.equal(CheckpointReader(root / "final").tensors("model.safetensors")["w"], torch.full((3,), 2.0))
     assert sorted(p.name for p in root.iterdir()) == ["final", "latest"]
 
@@ -270,7 +271,7 @@ def _save(writer, value: float, n: int) -> None:
     writer.tensors("model.safetensors", {"w": torch.full((n,), value)})
     writer.json("state.json", {"value": value})
     writer.commit()
-    writer.finalize(keep_last=2)
+    publish(writer, keep_last=2)
 
 
 def test_a_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(small_disk):

@@ -16,7 +16,8 @@ from torch import nn
 
 from framework import CheckpointError, Engine, LoopModule
 from framework.checkpoint import newest_complete
-from framework.checkpoint.export import (
+from framework.checkpoint.fileformat import decode, encode_sums
+from framework.checkpoint.weights import (
     ExportError,
     export_hf,
     export_safetensors,
@@ -24,7 +25,6 @@ from framework.checkpoint.export import (
     save_hf_artifacts,
     select_prefix,
 )
-from framework.checkpoint.manifest import decode, encode_sums
 from framework.cli import main as cli
 
 

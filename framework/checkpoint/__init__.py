@@ -6,49 +6,58 @@ Layout of one checkpoint, ``RUN_DIR/checkpoints/step-00000120/``::
     ema.safetensors          the EMA of the parameters (with Engine(ema_decay=...))
     state.safetensors        optimizer, scheduler, GradScaler, callback tensors
     state.json               their non-tensor parts, counters, data position, the run's fingerprint
-    shards/                  under FSDP: the sharded tensors (torch.distributed.checkpoint)
+    .metadata, __R_0.distcp  sharded tensors (torch.distributed.checkpoint), where a layout shards
     rng-rank{R}.json/.safetensors   each rank's torch/CUDA/numpy/python RNG states
     manifest.json            written last: every file with its size and SHA-256, the monitored value
     SHA256SUMS               the same hashes for ``sha256sum -c``
 
-The file layer lives in its own modules, re-exported here: writing and verifying one checkpoint
-(:mod:`framework.checkpoint_io`), the manifest format (:mod:`framework.manifest`), choosing,
-pruning and branching a run's checkpoints (:mod:`framework.checkpoint_dir`), background writes
-(:mod:`framework.async_checkpoint`), weights for inference (:mod:`framework.weights`), safe
-file writes (:mod:`framework.files`) and the checks of what is read (:mod:`framework.schema`).
-Nothing is ever unpickled: tensors come from safetensors and everything else from JSON, so a
-planted pickle cannot run code.
+The package, bottom up:
 
-What goes into a checkpoint, and how it is checked on the way back, is the train state's
-(:mod:`framework.state`, a registry of named stateful objects); sharded tensors are written by
-torch.distributed.checkpoint (:mod:`framework.dcp`), into the checkpoint's ``shards/``.
+- :mod:`~framework.checkpoint.files`: the errors, and file writes that never follow a link;
+- :mod:`~framework.checkpoint.fileformat`: the manifest, safetensors streamed and hashed, checks of what
+  is read (:func:`~framework.checkpoint.fileformat.expect`);
+- :mod:`~framework.checkpoint.io`: one checkpoint, written complete or invisible
+  (:class:`CheckpointWriter`) and verified before anything reads it (:class:`CheckpointReader`);
+- :mod:`~framework.checkpoint.store`: a run's checkpoints (which to resume, ``latest``, pruning,
+  timelines, background writes);
+- :mod:`~framework.checkpoint.shards`: sharded tensors through torch.distributed.checkpoint, its pickled
+  index read by an allow-list;
+- :mod:`~framework.checkpoint.state`: what goes in (a registry of named stateful objects) and how it is
+  checked on the way back, before anything is applied;
+- :mod:`~framework.checkpoint.weights`: weights for inference (``framework.load_weights``) and export.
+
+Nothing is ever unpickled except DCP's index, through an allow-list: tensors come from safetensors and
+everything else from JSON, so a planted pickle cannot run code.
+
+Example::
+
+    from framework.checkpoint import CheckpointReader, newest_complete
+    path = newest_complete(Path("runs/digits/checkpoints"))
+    weights = CheckpointReader(path).tensors("model.safetensors")   # verified first
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
-
-from .async_writer import AsyncCheckpointer
-from .errors import CheckpointError, CorruptCheckpointError
+from .fileformat import MANIFEST, SUMS
+from .files import CheckpointError, CorruptCheckpointError
 from .io import CheckpointReader, CheckpointWriter, staging_dir, verify
-from .manifest import MANIFEST, SUMS
 from .store import (
     ABANDONED,
     CHECKPOINT_RE,
     LATEST,
+    AsyncCheckpointer,
     Found,
     abandon_newer,
     list_checkpoints,
     load_newest,
     newest_complete,
     prune,
+    publish,
     read_latest,
     validate,
     write_latest,
 )
-from .weights import load_weights, read_weights
+from .weights import dedup_shared, load_weights, read_weights
 
 __all__ = [
     "ABANDONED",
@@ -69,6 +78,7 @@ __all__ = [
     "load_weights",
     "newest_complete",
     "prune",
+    "publish",
     "read_latest",
     "read_weights",
     "staging_dir",
@@ -76,21 +86,3 @@ __all__ = [
     "verify",
     "write_latest",
 ]
-
-
-def dedup_shared(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """safetensors refuses tensors that share memory (tied weights): keep one, record the aliases."""
-    seen: dict[tuple[Any, ...], str] = {}
-    unique: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    for name, t in state.items():
-        t = t.detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
-        sig = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
-        if t.numel() and sig in seen:
-            aliases[name] = seen[sig]
-            continue
-        seen[sig] = name
-        unique[name] = t.contiguous()
-    return unique, aliases

@@ -1,23 +1,23 @@
-"""Safe file writes for run dirs: never through a symbolic link, atomic where a file is replaced,
-fsync'ed where a crash must not lose it.
+"""Checkpoint errors, and safe file writes for run dirs: never through a symbolic link, atomic where a
+file is replaced, fsync'ed where a crash must not lose it.
 
-Everything the engine creates or replaces inside a run dir (checkpoint files and their staging
-dirs, ``latest``, ``config.json``, ``.lock``, ``metrics.jsonl`` and its rewrite) goes through
-here. A symlink planted at one of those paths (say ``config.json -> ../other-run/config.json``,
-or a checkpoint downloaded with links in it) would otherwise make the engine overwrite, truncate
-or delete a file outside the run, so each write refuses a link (``O_NOFOLLOW``, or a check
-followed by an atomic ``rename``, which replaces a link and never writes through it) and raises
-:class:`SymlinkError` naming the path and the fix. The run dir itself, and the directories
-above it, may be links (pointing a run at a scratch disk is the user's choice).
+:class:`CheckpointError` is public (``framework.CheckpointError``): a checkpoint that cannot be used,
+with what is wrong and what to do. :class:`CorruptCheckpointError` is the kind that ``resume="auto"``
+may skip for an older checkpoint: its own files are damaged, incomplete or malformed, and nothing of
+it was applied. Everything else (a checkpoint of another configuration, say) stops ``"auto"`` too.
 
-Files are opened with ``O_NONBLOCK`` and must be regular files: a planted FIFO cannot hang the
-engine.
+Everything the engine creates or replaces inside a run dir (checkpoint files and their staging dirs,
+``latest``, ``config.json``, ``.lock``, ``metrics.jsonl`` and its rewrite) goes through here. A
+symlink planted at one of those paths would otherwise make the engine overwrite, truncate or delete a
+file outside the run, so each write refuses a link (``O_NOFOLLOW``, or a check followed by an atomic
+``rename``) and raises :class:`SymlinkError` naming the path and the fix. The run dir itself, and the
+directories above it, may be links. Files are opened with ``O_NONBLOCK`` and must be regular files:
+a planted FIFO cannot hang the engine.
 
 Example::
 
-    from framework import files
-    files.write_atomic(Path("runs/x/config.json"), b"{}")     # temp file, fsync, rename
-    fd = files.open_new(Path("runs/x/checkpoints/.tmp-step-00000010/model.safetensors"))
+    write_atomic(Path("runs/x/config.json"), b"{}")     # temp file, fsync, rename
+    fd = open_new(Path("runs/x/checkpoints/.tmp-step-00000010/model.safetensors"))
 """
 
 from __future__ import annotations
@@ -29,6 +29,32 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 from typing import IO
+
+# ---------------------------------------------------------------- errors: The errors of checkpoint files, shared by the modules that write, read and check them.
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used, with what is wrong and what to do.
+
+    Example::
+
+        with pytest.raises(framework.CheckpointError, match="manifest.json"):
+            Engine(resume="runs/x/checkpoints/step-00000010", ...).fit(...)
+    """
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint whose files are damaged, incomplete or malformed; the message names the file
+    (and the key). Nothing of it was applied, so ``resume="auto"`` may fall back to an older one.
+
+    Example::
+
+        except CorruptCheckpointError as e:
+            warnings.warn(f"skipping: {e}")
+    """
+
+
+# ---------------------------------------------------------------- files: Safe file writes for run dirs: never through a symbolic link, atomic where a file is replaced,
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)

@@ -35,10 +35,9 @@ from typing import Any
 
 import torch
 
-from . import files, manifest, tensorfile
-from .errors import CheckpointError, CorruptCheckpointError
-from .manifest import MANIFEST, RECORD_PREFIX, SUMS, Entry, Manifest
-from .schema import Int, Keys, MapOf, Str, expect
+from . import fileformat, files
+from .fileformat import MANIFEST, RECORD_PREFIX, SUMS, Entry, Int, Keys, Manifest, MapOf, Str, expect
+from .files import CheckpointError, CorruptCheckpointError
 
 STAGING_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
@@ -47,7 +46,7 @@ _RECORD = Keys(
     {
         "rank": Int(min=0),
         "world_size": Int(min=1),
-        "files": MapOf(Keys({"size": Int(min=0), "sha256": Str(pattern=manifest.SHA256)})),
+        "files": MapOf(Keys({"size": Int(min=0), "sha256": Str(pattern=fileformat.SHA256)})),
         "error": Str(),
     }
 )
@@ -73,7 +72,7 @@ def _check_dir_name(name: str) -> None:
 
 def _is_component(name: str) -> bool:
     try:
-        manifest.check_file_name(name)
+        fileformat.check_file_name(name)
     except ValueError:
         return False
     return True
@@ -103,7 +102,7 @@ class CheckpointWriter:
         self.rank, self.world_size, self.is_main, self.timeout = rank, world_size, is_main, timeout
         self.staging = staging_dir(self.root, name)
         self._files: dict[str, Entry] = {}
-        self._hashing: dict[str, tuple[int, tensorfile.Digest]] = {}  # (files whose hash still runs)
+        self._hashing: dict[str, tuple[int, fileformat.Digest]] = {}  # (files whose hash still runs)
         self._committed = False
 
     # ---------------------------------------------------------------- every rank
@@ -128,7 +127,7 @@ class CheckpointWriter:
 
     def _path(self, filename: str) -> Path:
         try:
-            manifest.check_file_name(filename)
+            fileformat.check_file_name(filename)
         except ValueError as e:
             raise ValueError(f"{self.name}: {e}") from None
         if filename in self._files or filename in self._hashing:
@@ -176,7 +175,7 @@ class CheckpointWriter:
         path = self._path(filename)
         fd = files.open_new(path)
         try:
-            size, digest = tensorfile.write_tensors(fd, tensors, metadata)
+            size, digest = fileformat.write_tensors(fd, tensors, metadata)
             os.fsync(fd)  # (the hash runs on meanwhile, and on while the next file is written)
         except BaseException:
             _discard(path)  # (a partial file on a full disk would keep it full)
@@ -247,23 +246,15 @@ class CheckpointWriter:
 
     # ---------------------------------------------------------------- main process
 
-    def finalize(
-        self,
-        *,
-        keep_last: int | None = None,
-        keep_best: int = 0,
-        mode: str = "min",
-        monitor_value: float | None = None,
-    ) -> Path:
+    def finalize(self, *, monitor_value: float | None = None) -> Path:
         """Main process, after its own :meth:`commit`: wait for every rank's record (up to ``timeout``
-        seconds), write ``manifest.json`` + ``SHA256SUMS``, fsync, rename into place atomically, update
-        ``latest``, then prune (:func:`framework.checkpoint_dir.prune`: the leftovers of interrupted
-        saves, and with ``keep_last`` all but the newest ``keep_last`` and the ``keep_best`` best by
-        ``monitor_value``; ``keep_last=None`` keeps every complete checkpoint). Returns its path.
+        seconds), write ``manifest.json`` + ``SHA256SUMS``, fsync, rename into place atomically. Returns
+        its path. (:func:`framework.checkpoint.store.publish` does this, then points ``latest`` at it and
+        prunes.)
 
         Example::
 
-            path = writer.finalize(keep_last=3, keep_best=1, mode="min", monitor_value=0.41)
+            path = writer.finalize(monitor_value=0.41)
         """
         if not self.is_main:
             raise RuntimeError("CheckpointWriter.finalize runs on the main process only")
@@ -271,12 +262,10 @@ class CheckpointWriter:
             raise RuntimeError(
                 "CheckpointWriter.finalize: call commit() first (the main process records its files too)"
             )
-        from .store import prune, write_latest  # (the directory layer sits on top of this one)
-
         merged = self._merge(self._wait_for_records())
-        data = manifest.encode(Manifest(merged, manifest.finite_or_none(monitor_value)))
+        data = fileformat.encode(Manifest(merged, fileformat.finite_or_none(monitor_value)))
         files.write_new(self.staging / MANIFEST, data)
-        files.write_new(self.staging / SUMS, manifest.encode_sums(merged, data))
+        files.write_new(self.staging / SUMS, fileformat.encode_sums(merged, data))
         files.fsync_dir(self.staging)
         final = self.root / self.name
         if os.path.lexists(final):  # re-saving a name (a manual save): swap, never a moment without one
@@ -290,8 +279,7 @@ class CheckpointWriter:
             files.remove_tree(trash)
         else:
             files.replace(self.staging, final)
-        write_latest(self.root, self.name)  # (its fsync of root also makes the rename above durable)
-        prune(self.root, keep_last, keep_best, mode, keep=[final])
+            files.fsync_dir(self.root)
         return final
 
     def _wait_for_records(self) -> list[dict[str, Any]]:
@@ -466,7 +454,7 @@ class CheckpointReader:
 
             weights, meta = reader.tensors_and_metadata("model.safetensors")
         """
-        return tensorfile.parse_tensors(self.read_bytes(filename), self.path / filename)
+        return fileformat.parse_tensors(self.read_bytes(filename), self.path / filename)
 
 
 def parse_json(data: bytes, where: object) -> Any:
@@ -517,14 +505,14 @@ def read_manifest(path: Path) -> tuple[Manifest, bytes]:
     """
     where = path / MANIFEST
     try:
-        data = files.read_regular(where, manifest.MAX_MANIFEST_BYTES)
+        data = files.read_regular(where, fileformat.MAX_MANIFEST_BYTES)
     except FileNotFoundError:
         raise CorruptCheckpointError(
             f"{path} has no {MANIFEST}: the save (or a prune) did not finish, so it is not a complete checkpoint"
         ) from None
     except OSError as e:
         raise CorruptCheckpointError(f"cannot read {where} ({e})") from None
-    return manifest.decode(data, where), data
+    return fileformat.decode(data, where), data
 
 
 def verify(path: Path) -> tuple[Manifest, dict[str, tuple[int, ...]]]:
@@ -543,7 +531,7 @@ def verify(path: Path) -> tuple[Manifest, dict[str, tuple[int, ...]]]:
         sums = files.read_regular(path / SUMS, 64 << 20)
     except OSError as e:
         raise CorruptCheckpointError(f"cannot read {path / SUMS} ({e}); the checkpoint is incomplete") from None
-    manifest.check_sums(sums, parsed.files, data, path / SUMS)
+    fileformat.check_sums(sums, parsed.files, data, path / SUMS)
     seen: dict[str, tuple[int, ...]] = {}
     for name, entry in parsed.files.items():
         where = path / name

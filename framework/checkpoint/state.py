@@ -34,6 +34,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import random
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,9 +46,12 @@ import torch
 from torch import nn
 
 from ..data.rng import seed_everything
-from . import CheckpointError, CorruptCheckpointError, dedup_shared
-from .rng import check_rng_state, rng_state, set_rng_state
-from .schema import JSON, AnyOf, Bool, Float, Int, Keys, MapOf, Maybe, Str, expect
+from .fileformat import JSON, AnyOf, Bool, Float, Int, Keys, ListOf, MapOf, Maybe, Str, TupleOf, expect
+from .files import CheckpointError, CorruptCheckpointError
+from .store import publish
+from .weights import dedup_shared, with_aliases
+
+# ---------------------------------------------------------------- state: The train state: a registry of named stateful objects, and how it goes to and from a checkpoint.
 
 STATE_FORMAT = 2
 _CORRUPT = "the checkpoint is damaged or was edited; nothing was applied. Resume from another checkpoint"
@@ -452,7 +457,7 @@ def save(
     writer.commit()  # (the main process's finalize waits for every rank's record: no barrier needed here)
     path = root / name
     if rt.is_main:
-        path = writer.finalize(keep_last=keep_last, keep_best=keep_best, mode=mode, monitor_value=monitor_value)
+        path = publish(writer, keep_last=keep_last, keep_best=keep_best, mode=mode, monitor_value=monitor_value)
     rt.barrier()
     return path
 
@@ -584,8 +589,6 @@ def _read_own_file(
     assert entry.file is not None
     if node["__file__"] != entry.file or not reader.has(entry.file):
         raise KeyError(f"{entry.file} is missing")
-    from .weights import with_aliases
-
     stored, metadata = reader.tensors_and_metadata(entry.file)
     return with_aliases(stored, metadata, reader.path / entry.file)
 
@@ -668,3 +671,93 @@ def _differences(saved: Any, now: dict[str, Any]) -> list[str]:
         else:
             out.append(f"{key}: checkpoint {a!r} vs now {b!r}")
     return out
+
+
+# ---------------------------------------------------------------- rng: The process's random number generators' state, for exact resume.
+
+
+def rng_state() -> tuple[Any, dict[str, torch.Tensor]]:
+    """This process's RNG states (torch CPU, CUDA, numpy, python) as (JSON part, tensors).
+
+    Example::
+
+        meta, tensors = rng_state()
+    """
+    import numpy as np
+
+    tensors: dict[str, torch.Tensor] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda/{i}"] = s
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    tensors["numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.uint32).view(np.int32).copy())
+    version, internal, gauss_next = random.getstate()
+    meta = {"numpy": [kind, int(pos), int(has_gauss), float(gauss)], "python": [version, list(internal), gauss_next]}
+    return meta, tensors
+
+
+_RNG_META = Keys(
+    {
+        "numpy": TupleOf(Str(choices=("MT19937",)), Int(0, 624), Int(0, 1), Float(finite=False)),
+        "python": TupleOf(Int(), ListOf(Int(0, 2**32 - 1), min_len=625, max_len=625), Maybe(Float(finite=False))),
+    }
+)
+
+
+def check_rng_state(meta: Any, tensors: dict[str, torch.Tensor], where: Path) -> None:
+    """Raise :class:`CorruptCheckpointError` naming ``where`` (and the key) unless ``meta`` and ``tensors``
+    (an ``rng-rank{R}`` pair) are RNG states that :func:`set_rng_state` can apply whole: types and
+    shapes first, then each state applied to a scratch generator (a state of the right size can
+    still be invalid), so that a bad one fails before anything of the run changes.
+
+    Example::
+
+        check_rng_state(reader.json("rng-rank0.json"), reader.tensors("rng-rank0.safetensors"), where=ckpt)
+    """
+    import numpy as np
+
+    expect(meta, _RNG_META, where=where, hint=_CORRUPT)
+    tensor_file = where.with_suffix(".safetensors")
+    expected = {"torch": (torch.uint8, [torch.get_rng_state().numel()]), "numpy": (torch.int32, [624])}
+    for key, t in tensors.items():
+        want = expected.get(key, (torch.uint8, [16]) if re.fullmatch(r"cuda/\d+", key) else None)
+        if want is None:
+            raise CorruptCheckpointError(f"{tensor_file}: {key}: not an RNG state this framework writes; {_CORRUPT}")
+        if t.dtype != want[0] or list(t.shape) != want[1]:
+            raise CorruptCheckpointError(
+                f"{tensor_file}: {key}: expected {want[0]} of shape {want[1]}, got {t.dtype} of shape "
+                f"{list(t.shape)}; {_CORRUPT}"
+            )
+    for key in expected:
+        if key not in tensors:
+            raise CorruptCheckpointError(f"{tensor_file}: {key}: missing; {_CORRUPT}")
+    kind, pos, has_gauss, gauss = meta["numpy"]
+    version, internal, gauss_next = meta["python"]
+    try:
+        torch.Generator().set_state(tensors["torch"])
+        np.random.RandomState().set_state((kind, tensors["numpy"].numpy().view(np.uint32), pos, has_gauss, gauss))
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise CorruptCheckpointError(f"{tensor_file}: not a valid RNG state ({e}); {_CORRUPT}") from None
+    try:
+        random.Random().setstate((version, tuple(internal), gauss_next))
+    except (ValueError, TypeError, OverflowError) as e:
+        raise CorruptCheckpointError(f"{where}: python: not a valid RNG state ({e}); {_CORRUPT}") from None
+
+
+def set_rng_state(meta: Any, tensors: dict[str, torch.Tensor]) -> None:
+    """Restore what :func:`rng_state` returned (check a saved one with :func:`check_rng_state` first).
+
+    Example::
+
+        set_rng_state(*rng_state())
+    """
+    import numpy as np
+
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda/")), key=lambda k: int(k[5:]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    kind, pos, has_gauss, gauss = meta["numpy"]
+    np.random.set_state((kind, tensors["numpy"].numpy().view(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = meta["python"]
+    random.setstate((version, tuple(internal), gauss_next))

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return doctor_main(rest)
     if command == "export":
-        from ..checkpoint.export import main as export_main
+        from ..checkpoint.weights import main as export_main
 
         return export_main(rest)
     print(f"unknown command {command!r}\n{USAGE}", file=sys.stderr)

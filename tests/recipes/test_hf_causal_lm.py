@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from framework import Engine, load_weights
-from framework.checkpoint.export import full_weights
+from framework.checkpoint.weights import full_weights
 from framework.cli import main as cli
 from tests.helpers import ROOT, launch
 from tests.recipes import launch_commands, load_recipe
