@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .engine import Engine
+    from .fit import Fit
     from .module import LoopModule
 
 
@@ -259,12 +260,52 @@ class EarlyStopping(Callback):
         self.stopped_epoch = state.get("stopped_epoch")
 
 
-def fire(callbacks: list[Callback], event: str, *args: Any) -> None:
-    """Call ``event`` on every callback, in list order (the engine's only way of calling them).
+class CallbackHooks:
+    """The callbacks as one subscriber of the loop's events (:mod:`framework.events`): each event calls the
+    callbacks' method of the same name, in list order, with the engine and the fit's module.
 
     Example::
 
-        fire(engine.callbacks, "on_epoch_start", engine, module)
+        events.subscribe(CallbackHooks(engine, [EarlyStopping(patience=3)]))
     """
-    for cb in callbacks:
-        getattr(cb, event)(*args)
+
+    def __init__(self, engine: Engine, callbacks: list[Callback]) -> None:
+        self.engine, self.callbacks = engine, callbacks
+        self.module: Any = None  # the module of the fit in progress
+
+    def on_fit_start(self, fit: Fit) -> None:
+        self.module = fit.module
+        for cb in self.callbacks:
+            cb.on_fit_start(self.engine, self.module)
+
+    def on_checkpoint_load(self, path: str) -> None:
+        for cb in self.callbacks:
+            cb.on_checkpoint_load(self.engine, path)
+
+    def on_epoch_start(self) -> None:
+        for cb in self.callbacks:
+            cb.on_epoch_start(self.engine, self.module)
+
+    def on_step_end(self, record: dict[str, float]) -> None:
+        for cb in self.callbacks:
+            cb.on_step_end(self.engine, self.module, record)
+
+    def on_step_retracted(self, step: int) -> None:
+        for cb in self.callbacks:
+            cb.on_step_retracted(self.engine, self.module, step)
+
+    def on_validation_end(self, module: LoopModule, metrics: dict[str, float]) -> None:
+        for cb in self.callbacks:
+            cb.on_validation_end(self.engine, module, metrics)
+
+    def on_checkpoint_save(self, path: str) -> None:
+        for cb in self.callbacks:
+            cb.on_checkpoint_save(self.engine, path)
+
+    def on_epoch_end(self, metrics: dict[str, float]) -> None:
+        for cb in self.callbacks:
+            cb.on_epoch_end(self.engine, self.module, metrics)
+
+    def on_fit_end(self) -> None:
+        for cb in self.callbacks:
+            cb.on_fit_end(self.engine, self.module)

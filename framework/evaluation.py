@@ -16,7 +16,7 @@ or dicts/tuples/lists of tensors, concatenated leaf by leaf along dim 0.
 
 Example::
 
-    metrics = evaluate(module, module, source, runtime, Doctor("off"), stateful=module.configure_metrics())
+    metrics = evaluate(module, module, source, runtime, stateful=module.configure_metrics())
     metrics["loss"], metrics["acc"], metrics["f1"]
     rows = predict(module, module, source, runtime)   # e.g. a tensor of shape [len(data), n_classes]
 """
@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .data import Source
+from .events import Event, Events
 from .module import LoopModule
 from .parallel.runtime import Runtime, rng_preserved
 
@@ -90,7 +91,7 @@ def evaluate(
     model: nn.Module,
     source: Source,
     rt: Runtime,
-    doctor: Any,
+    events: Events | None = None,
     limit_batches: int | None = None,
     *,
     stateful: dict[str, Any] | None = None,
@@ -108,7 +109,7 @@ def evaluate(
 
     Example::
 
-        metrics = evaluate(module, module, source, runtime, Doctor("off"))
+        metrics = evaluate(module, module, source, runtime)
         metrics["loss"], metrics["acc"]
     """
     was_training = module.training
@@ -140,7 +141,8 @@ def evaluate(
                         losses = [loss_fn(outputs, targets, phase=p) for p in phases]
                     else:
                         losses = [module.compute_loss(outputs, targets)]
-                doctor.check_eval_mode(module)
+                if events is not None:
+                    events.emit(Event.EVAL_FORWARD, module)  # (the doctor checks eval mode)
                 n = module.count_items(batch)
                 for name, loss in zip(loss_names, losses, strict=True):
                     loss_sums[name] += loss.double() * n * weight

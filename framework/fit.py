@@ -1,14 +1,18 @@
-"""What one fit works on, built once before the loop: :func:`prepare_fit` returns a :class:`Fit`.
+"""What one fit works on, and what happens between its steps: :func:`prepare_fit` returns a :class:`Fit`.
 
-The strategy and the model it prepared, the optimizers and one :class:`~framework.step.OptimizerStep`
-per group that steps together (all of them, or one per alternating phase), the data sources, the
-train state registry, the EMA, the stateful metrics, the logs and the stop flags. The engine's loop
-(:mod:`framework.engine`) reads top to bottom over these; nothing here changes the step's order.
+A fit is given what it needs and nothing more: the validated config, the checkpointed counters, the
+loop's event stream (:mod:`framework.events`), the runtime, the user's module and data, the callbacks
+(whose state it checkpoints) and the engine's dict of last logged metrics. It never reaches back into
+the :class:`~framework.engine.Engine`. It holds the strategy and the model it prepared, the optimizers
+and one :class:`~framework.step.OptimizerStep` per group that steps together (all of them, or one per
+alternating phase), the data sources, the train state registry, the EMA, the stateful metrics, the
+logs and the stop flags. The engine's loop (:mod:`framework.engine`) runs the five steps; everything
+between them (counters, records, validation, checkpoints, stops) is here.
 
 Example::
 
-    run = prepare_fit(engine, runtime, module, train_data, val_data)
-    for window in run.epoch(0, engine.counters): ...
+    run = prepare_fit(config, counters, events, runtime, module, train_data, val_data, callbacks=[], metrics={})
+    for window in run.epoch(): ...
 """
 
 from __future__ import annotations
@@ -20,16 +24,18 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from . import checkpoint
 from .checkpoint import state as train_state
+from .config import EngineConfig
 from .data import Batching, Source, Window, make_source, resolve_batching, warn_one_item_batches
 from .data.rng import seed_everything
-from .evaluation import check_metrics
+from .evaluation import check_metrics, evaluate
+from .events import Event, Events
 from .guard import NanPolicy, why_not_deferred
 from .module import LoopModule
 from .observability import run_info
@@ -37,10 +43,9 @@ from .observability.metrics import MetricsLog, TrainLoss, start_trackers
 from .observability.progress import Progress
 from .optim import EMA, Optimizers, parse_optimizers, phase_is_required, takes_phase
 from .parallel import Strategy, make_strategy
+from .parallel.preemption import Stops
+from .parallel.runtime import Runtime
 from .step import OptimizerStep
-
-if TYPE_CHECKING:
-    from .engine import Engine
 
 
 class DataPosition:
@@ -71,26 +76,32 @@ class DataPosition:
 
 @dataclass
 class Fit:
-    """The objects of one fit (see the module docstring); the loop calls its methods between the steps."""
+    """The objects of one fit (see the module docstring); the engine's loop calls its methods between steps."""
 
-    engine: Engine
-    rt: Any
+    config: EngineConfig
+    counters: train_state.Counters
+    events: Events
+    rt: Runtime
     strategy: Strategy
     module: LoopModule
     model: nn.Module  # what training forwards run through (a DDP wrapper, a compiled model, the module)
     eval_model: nn.Module
     optimizers: Optimizers
     steps: list[tuple[str | None, OptimizerStep]]  # (phase name or None, its optimizer step), in order
-    phased: bool
+    phases: list[str] | None  # the alternating phases, in order (None: one joint step)
     val_phases: list[str] | None  # phases whose loss validation reports (compute_loss requires `phase`)
     batching: Batching
     source: Source
     val_source: Source | None
+    train_data: Any
+    val_data: Any
     state: train_state.TrainState
     fingerprint: dict[str, Any]
     ema: EMA | None
     metric_objects: dict[str, Any]
-    stops: Any
+    stops: Stops
+    metrics: dict[str, float]  # the last logged values (the engine's dict)
+    max_steps: int | None
     log: MetricsLog = field(init=False)
     progress: Progress = field(init=False)
     losses: list[TrainLoss] = field(default_factory=list)
@@ -101,25 +112,43 @@ class Fit:
     n_windows: int | None = None
     first_step: int = 0
     restored: Path | None = None
+    saved_step: int | None = None  # the step of the last checkpoint written or loaded
     defer: bool = False  # the NaN guard's verdict is read a step late (framework.guard)
-    saver: Any = None  # framework.async_checkpoint.AsyncCheckpointer with checkpoint_async
+    saver: checkpoint.AsyncCheckpointer | None = None  # with checkpoint_async
+
+    @property
+    def phased(self) -> bool:
+        return self.phases is not None
+
+    # ---- when to stop
+
+    def done(self) -> bool:
+        """``max_steps`` or ``max_epochs`` reached, a stop agreed by every rank, or a callback's ``should_stop``."""
+        c, max_epochs = self.counters, self.config.stop.max_epochs
+        if self.max_steps is not None and c.step >= self.max_steps:
+            return True
+        if max_epochs is not None and c.epoch >= max_epochs:
+            return True
+        return self.stops.requested or c.should_stop
 
     # ---- per epoch and per step
 
     @property
     def epoch_ends_here(self) -> bool:
         """The step just taken was the epoch's last window."""
-        return self.engine.batch_in_epoch == self.n_windows
+        return self.counters.batch_in_epoch == self.n_windows
 
-    def start_epoch(self, epoch: int, done: int) -> None:
+    def start_epoch(self) -> None:
         self.t_epoch = time.monotonic()
         self.n_windows = self._epoch_windows()
-        self.progress.start_epoch(epoch, self.n_windows, done)
+        self.progress.start_epoch(self.counters.epoch, self.n_windows, self.counters.batch_in_epoch)
+        self.events.emit(Event.EPOCH_START)
 
-    def epoch(self, epoch: int, counters: train_state.Counters) -> Iterator[Window]:
+    def epoch(self) -> Iterator[Window]:
         """This epoch's windows from the current position, with the debug limits applied."""
-        data = self.engine.config.data
+        data, counters = self.config.data, self.counters
         limit = data.overfit_batches or data.limit_train_batches
+        epoch = counters.epoch if not data.overfit_batches else 0
         empty = True
         for window in self.source.windows(epoch, counters.batch_in_epoch, counters.items_read):
             if limit is not None and window.index >= limit:
@@ -139,7 +168,7 @@ class Fit:
 
     def _epoch_windows(self) -> int | None:
         n = self.source.num_windows()
-        data = self.engine.config.data
+        data = self.config.data
         limit = data.overfit_batches or data.limit_train_batches
         return min(n, limit) if (n is not None and limit is not None) else (n if limit is None else limit)
 
@@ -148,11 +177,10 @@ class Fit:
         left still joins the gradient all-reduce; under FSDP every rank runs as many as the busiest), the
         loss weights ``n_i * world_size / N`` (one all-reduce for N, the window's item count over all
         ranks), N, and the stop flags of all ranks, folded into the same all-reduce (None on one process)."""
-        rt, module, doctor = self.rt, self.module, self.engine.doctor
+        rt, module = self.rt, self.module
         batches = self.strategy.forwards(window)
         counts: list[Any] = [module.count_items(b) for b in window.micro_batches]
-        for n in counts:
-            doctor.check_count(module, n)
+        self.events.emit(Event.COUNTS, counts)  # (the doctor checks each is a non-negative integer)
         counts += [0] * (len(batches) - len(counts))
         if rt.world_size == 1 and all(isinstance(n, int) for n in counts):
             total = sum(counts)
@@ -179,6 +207,112 @@ class Fit:
         extra collective, no host read; 1.0 changes no bit)."""
         total = scaled.detach() if window_loss is None else window_loss + scaled.detach()
         return scaled * torch.where(torch.isfinite(total), 1.0, math.nan)
+
+    def after_step(self, window: Window, items: Any) -> None:
+        """Between steps: counters, the train record on log steps, ``step_end``, validation every n steps,
+        checkpoints, the agreed stop. They only read state."""
+        c, config = self.counters, self.config
+        c.step += 1
+        step = c.step
+        c.batch_in_epoch = window.index + 1
+        c.items_read = window.items_read
+        c.micro_steps += len(window.micro_batches)
+        self.items_sum = self.items_sum + items
+        record: dict[str, float] = {}
+        if step % config.logging.log_every_n_steps == 0:
+            record = self.train_record(step, c.epoch, c.skipped_steps)
+            self.metrics.update({k: v for k, v in record.items() if k not in ("step", "epoch")})
+            self.log.write(record)
+        self.progress.update(1, record, step)
+        self.events.emit(Event.STEP_END, record)
+        if self.rt.world_size == 1:
+            self.stops.agree_locally()  # (several processes: agreed through the step's all-reduce)
+        every, ck = config.val_every_n_steps, config.checkpoint
+        if every and step % every == 0 and self.val_source is not None:
+            metrics = self.validate()
+            at_epoch_end = config.checkpoint_every_epoch and self.epoch_ends_here  # (saved there, once)
+            if (config.checkpoint_every_epoch or ck.checkpoint_every_n_steps) and not at_epoch_end:
+                self.checkpoint(monitor_value=metrics.get(ck.monitor))
+        elif ck.checkpoint_every_n_steps and step % ck.checkpoint_every_n_steps == 0 and not self.epoch_ends_here:
+            self.checkpoint()  # (the last window of an epoch is saved after its validation instead)
+        if self.stops.exit_code is not None:
+            self.preempt_exit()
+
+    def end_epoch(self) -> None:
+        """The epoch is complete: validate (unless by steps), step per-epoch schedulers, checkpoint."""
+        self.settle()
+        c, config = self.counters, self.config
+        t_pause = time.monotonic()
+        epoch_metrics: dict[str, float] = {"epoch_time": t_pause - self.t_epoch}
+        if self.val_source is not None and not config.val_every_n_steps:
+            epoch_metrics.update(self.validate(log=False))
+        self.metrics.update(epoch_metrics)
+        self.log.write({"step": c.step, "epoch": c.epoch, **epoch_metrics})
+        self.progress.message(f"epoch {c.epoch} step {c.step}: " + fmt_metrics(epoch_metrics))
+        for o in self.optimizers:
+            if o.scheduler is not None and o.interval == "epoch":
+                o.scheduler.step()
+        self.events.emit(Event.EPOCH_END, epoch_metrics)
+        self.t_log += time.monotonic() - t_pause  # train/items_per_sec measures training, not validation
+        c.epoch += 1
+        c.batch_in_epoch = c.items_read = 0
+        if config.checkpoint_every_epoch:
+            every = config.val_every_n_steps  # (by steps: the validation of this step, if any, ranks it)
+            validated = epoch_metrics if not every else self.metrics if c.step % every == 0 else {}
+            self.checkpoint(monitor_value=validated.get(config.checkpoint.monitor))
+        if self.rt.world_size == 1:
+            self.stops.agree_locally()
+        if self.stops.exit_code is not None:
+            self.preempt_exit()
+
+    def end(self) -> None:
+        """The fit is over: the final checkpoint, the agreed stop, the summary, ``fit_end``."""
+        self.settle()  # the last step's verdict, if it is still on its way
+        c, ck = self.counters, self.config.checkpoint
+        checkpointing = self.config.checkpoint_every_epoch or ck.checkpoint_every_n_steps
+        if ck.run_dir is not None and self.saved_step != c.step and checkpointing:
+            self.checkpoint()  # the final state, so a longer run can resume from it
+        self.wait_for_checkpoints()  # (a background write is on disk before fit returns)
+        self.stops.agree_now(self.rt)  # (one collective per fit: a signal after the last step still stops)
+        if self.stops.exit_code is not None:
+            self.preempt_exit()
+        if self.losses and self.losses[0].pending:  # the steps since the last log step: a short run shows its loss
+            record = self.train_record(c.step, c.epoch, c.skipped_steps)
+            self.metrics.update({k: v for k, v in record.items() if k not in ("step", "epoch")})
+        data_note = self.source.report()  # where input was made; a fix if the step waited for it > 10% of the time
+        if data_note is not None:
+            self.progress.message(data_note)
+        self.progress.message(self.final_summary(c.step, self.metrics))  # (metrics.jsonl keeps its cadence)
+        self.close_logs()
+        self.events.emit(Event.FIT_END)
+
+    def validate(self, log: bool = True) -> dict[str, float]:
+        """Validation during fit: buffers agreed, EMA weights in, ``val/*`` checked against ``monitor``."""
+        self.settle()
+        t_pause = time.monotonic()
+        assert self.val_source is not None
+        self.events.emit(Event.VALIDATION_START)
+        with self.evaluating():
+            val = evaluate(
+                self.module, self.eval_model, self.val_source, self.rt, self.events,
+                self.config.data.limit_val_batches, stateful=self.metric_objects, forwards=self.strategy.forwards,
+                phases=self.val_phases,
+            )  # fmt: skip
+        metrics = {f"val/{k}": v for k, v in val.items()}
+        ck = self.config.checkpoint
+        if ck.keep_best and ck.monitor not in metrics:
+            raise ValueError(
+                f"keep_best={ck.keep_best} ranks checkpoints by monitor={ck.monitor!r}, which validation does not "
+                f"log; pick one of {sorted(metrics)}"
+            )
+        self.events.emit(Event.VALIDATION_END, self.module, metrics)
+        if log:
+            c = self.counters
+            self.metrics.update(metrics)
+            self.log.write({"step": c.step, "epoch": c.epoch, **metrics})
+            self.progress.message(f"step {c.step}: " + fmt_metrics(metrics))
+            self.t_log += time.monotonic() - t_pause
+        return metrics
 
     def train_record(self, step: int, epoch: int, skipped: int) -> dict[str, float]:
         """The train record of a log step: every device value in one host read."""
@@ -220,15 +354,28 @@ class Fit:
 
     # ---- checkpoints
 
+    @property
+    def checkpoints(self) -> Path:
+        return Path(self.config.checkpoint.run_dir or ".") / "checkpoints"
+
+    def checkpoint(self, monitor_value: float | None = None) -> None:
+        """This step's checkpoint in the run dir (collective); ``checkpoint_save`` once it is on disk."""
+        self.wait_for_checkpoints()  # (checkpoint_async: one write in flight; its event fires once on disk)
+        step = self.counters.step
+        path = self.save(self.checkpoints, f"step-{step:08d}", monitor_value, prune=True)
+        self.saved_step = step
+        if self.saver is None:
+            self.events.emit(Event.CHECKPOINT_SAVE, str(path))
+
     def save(self, root: Path, name: str, monitor_value: float | None, prune: bool) -> Path:
         """A complete checkpoint of this fit (collective): settled state, buffers agreed."""
         self.settle()
         self.strategy.sync_buffers(self.module)
-        ck = self.engine.config.checkpoint
+        ck = self.config.checkpoint
         where = dict(rank=self.rt.rank, world_size=self.rt.world_size, is_main=self.rt.is_main)
         # checkpoint_async: the state is copied now, written, fsynced and finalized in a background thread
         # (one write in flight: getting a writer waits for the previous one).
-        writer = self.saver.writer(root, name, **where) if self.saver is not None else None
+        writer: Any = self.saver.writer(root, name, **where) if self.saver is not None else None
         writer = writer or checkpoint.CheckpointWriter(root, name, **where)
         return train_state.save(
             self.state, writer, root, name, strategy=self.strategy, rt=self.rt, fingerprint=self.fingerprint,
@@ -236,11 +383,19 @@ class Fit:
             mode=ck.mode,
         )  # fmt: skip
 
-    def restore(self, resume: str | None, root: Path) -> Path | None:
+    def wait_for_checkpoints(self) -> None:
+        """The background checkpoint write in flight (``checkpoint_async``) is on disk: ``checkpoint_save``
+        fires for it now (its error is raised here). Before exiting, at the end of fit, before a save."""
+        done = self.saver.wait() if self.saver is not None else None
+        if done is not None:
+            self.events.emit(Event.CHECKPOINT_SAVE, str(done))
+
+    def restore(self) -> Path | None:
         """Apply ``resume``: None (fresh); "auto" (the newest checkpoint that verifies and loads; one warning
         names any skipped; every rank must resume the same one), or a path (an error if it fails). A resume
         from an older checkpoint of this run dir starts a branch: the newer ones move to
         ``checkpoints/abandoned/``, so "auto" never returns to them. Returns the checkpoint loaded, or None."""
+        resume, root = self.config.checkpoint.resume, self.checkpoints
         if resume is None:
             return None
         if resume == "auto":
@@ -256,6 +411,8 @@ class Fit:
                 )
             self.load(path)
         self._branch_from(path, root)
+        self.saved_step = self.counters.step
+        self.events.emit(Event.CHECKPOINT_LOAD, str(path))
         return path
 
     def _agree_on_resume(self, path: Path | None) -> None:
@@ -264,7 +421,7 @@ class Fit:
         rt = self.rt
         if rt.world_size == 1:
             return
-        s = float(self.engine.step if path is not None else -1)
+        s = float(self.counters.step if path is not None else -1)
         sums = rt.all_reduce_sum(torch.tensor([s, s * s], dtype=torch.float64, device=rt.device)).tolist()
         if sums != [s * rt.world_size, s * s * rt.world_size]:
             raise checkpoint.CheckpointError(
@@ -278,7 +435,7 @@ class Fit:
             return
         self.rt.barrier()  # (every rank has read its checkpoint before any dir moves)
         if self.rt.is_main:
-            moved = checkpoint.abandon_newer(root, self.engine.step)
+            moved = checkpoint.abandon_newer(root, self.counters.step)
             if moved:  # (said whatever progress= is: it moved files)
                 print(
                     f"resumed from {path.name}, older than this run dir's newest checkpoint: moved "
@@ -293,14 +450,29 @@ class Fit:
         reader = checkpoint.CheckpointReader(path)
         train_state.load(
             self.state, reader, strategy=self.strategy, rt=self.rt, fingerprint=self.fingerprint,
-            seed=self.engine.config.seed,
+            seed=self.config.seed,
         )  # fmt: skip
         self.restored = path
 
-    def wait_for_checkpoints(self) -> Path | None:
-        """The background checkpoint write in flight (``checkpoint_async``), finished: its path, or None (its
-        error is raised here). Before exiting, at the end of fit, before a manual save."""
-        return self.saver.wait() if self.saver is not None else None
+    def preempt_exit(self) -> None:
+        """Every rank at the same step boundary: checkpoint (if a run dir), say where, exit 143 or 130."""
+        self.settle()
+        step = self.counters.step
+        if self.config.checkpoint.run_dir is not None:
+            if self.saved_step != step:
+                self.checkpoint()
+            where = f"checkpoint saved to {self.checkpoints / f'step-{step:08d}'}"
+        else:
+            where = "no checkpoint (no run_dir)"
+        self.wait_for_checkpoints()  # (on disk before the process exits)
+        self.close_logs()
+        code = self.stops.exit_code
+        if self.rt.is_main:
+            what = "interrupted (Ctrl-C)" if code == 130 else f"preempted ({self.stops.signal_name})"
+            print(
+                f"{what} at step {step}: {where}; resume with Engine(resume='auto', ...)", file=sys.stderr, flush=True
+            )
+        raise SystemExit(code)
 
     # ---- the end
 
@@ -321,16 +493,32 @@ class Fit:
             self.val_source.close()
 
 
+def fmt_metrics(metrics: dict[str, float]) -> str:
+    """``key=value`` pairs for a progress line (4 significant digits).
+
+    Example::
+
+        >>> fmt_metrics({"val/loss": 0.123456, "epoch_time": 2.0})
+        'val/loss=0.1235 epoch_time=2'
+    """
+    return " ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) and math.isfinite(v) else f"{k}={v}" for k, v in metrics.items()
+    )
+
+
 # ---------------------------------------------------------------- building it
 
 
-def source_for(engine: Engine, rt: Any, data: Any, batching: Batching, shuffle: bool, training: bool) -> Source:
-    d = engine.config.data
+def source_for(
+    config: EngineConfig, rt: Runtime, data: Any, batching: Batching, shuffle: bool, training: bool
+) -> Source:
+    """A data source of ``data`` for this rank (training: ``stream_sharded`` and ``drop_last`` apply)."""
+    d = config.data
     return make_source(
         data,
         batching,
         rank=rt.rank,
-        seed=engine.config.seed,
+        seed=config.seed,
         shuffle=shuffle,
         to_device=rt.to_device,
         collate_fn=d.collate_fn,
@@ -344,35 +532,47 @@ def source_for(engine: Engine, rt: Any, data: Any, batching: Batching, shuffle: 
     )
 
 
-def validation_source(engine: Engine, rt: Any, data: Any, micro: int | None = None, predicting: bool = False) -> Source:
+def validation_source(
+    config: EngineConfig, rt: Runtime, data: Any, micro: int | None = None, predicting: bool = False
+) -> Source:
     """Validation (or prediction) batches of ``micro`` items per process (a DataLoader keeps its own)."""
     from torch.utils.data import DataLoader
 
     if isinstance(data, torch.Tensor):
         data = (data,)  # (predict on bare inputs)
-    d = engine.config.data
+    d = config.data
     if micro is None:
         micro = d.micro_batch_size or (max(1, d.batch_size // rt.world_size) if d.batch_size else 64)
     if isinstance(data, DataLoader):
         batching = resolve_batching(data, None, None, rt.world_size)
     else:
         batching = Batching(micro * rt.world_size, micro, 1, rt.world_size)
-    return source_for(engine, rt, data, batching, shuffle=False, training=False)
+    return source_for(config, rt, data, batching, shuffle=False, training=False)
 
 
-def prepare_fit(engine: Engine, rt: Any, module: LoopModule, train_data: Any, val_data: Any) -> Fit:
-    """Build the :class:`Fit` of ``engine.fit(module, train_data, val_data)`` and apply ``resume``.
+def prepare_fit(
+    config: EngineConfig,
+    counters: train_state.Counters,
+    events: Events,
+    rt: Runtime,
+    module: LoopModule,
+    train_data: Any,
+    val_data: Any,
+    *,
+    callbacks: list[Any],
+    metrics: dict[str, float],
+    max_steps: int | None = None,
+) -> Fit:
+    """Build the :class:`Fit` of ``engine.fit(module, train_data, val_data)``, apply ``resume`` and open the logs.
 
     Example::
 
-        run = prepare_fit(engine, engine._runtime(), module, train, val)
+        run = prepare_fit(config, counters, events, runtime, module, train, val, callbacks=[], metrics={})
     """
-    config, doctor = engine.config, engine.doctor
     owner = type(module).__name__
     phased = takes_phase(module.compute_loss)
     strategy = make_strategy(rt, config.distributed.strategy, config.distributed.find_unused_parameters)
-    if rt.world_size > 1:
-        doctor.check_initial_weights(module)  # (before the wrap broadcasts rank 0's weights)
+    events.emit(Event.BUILD, module, rt)  # (before the layout applies: the doctor compares initial weights)
     model = strategy.prepare(module, manual_sync=phased)
     eval_model = strategy.eval_model(module, model)
     if config.precision.compile:
@@ -384,48 +584,39 @@ def prepare_fit(engine: Engine, rt: Any, module: LoopModule, train_data: Any, va
             'dict of named optimizers, e.g. {"discriminator": opt_d, "generator": opt_g}'
         )
     batching = resolve_batching(train_data, config.data.batch_size, config.data.micro_batch_size, rt.world_size)
-    source = source_for(engine, rt, train_data, batching, config.data.shuffle, training=True)
+    source = source_for(config, rt, train_data, batching, config.data.shuffle, training=True)
     warn_one_item_batches(module, source, config.data.overfit_batches or config.data.limit_train_batches)
-    val_source = validation_source(engine, rt, val_data, batching.micro_batch_size) if val_data is not None else None
+    val_source = validation_source(config, rt, val_data, batching.micro_batch_size) if val_data is not None else None
     metric_objects = check_metrics(module.configure_metrics(), f"{owner}.configure_metrics", rt.world_size)
     phases = [o.name for o in optimizers] if phased else None
-    _start_doctor(doctor, module, optimizers, batching, train_data, val_data, rt, strategy, phases)
     defer, why_not = _decide_deferral(config.step.nan_check, optimizers, rt, strategy, phased)
     ema = EMA(module, config.step.ema_decay) if config.step.ema_decay is not None else None
-    policy = NanPolicy(
-        config.step.nan_policy, config.step.max_consecutive_skips, engine.counters, lambda: doctor.nonfinite_detail
-    )
-    groups = [[o] for o in optimizers] if phased else [list(optimizers)]
-    steps = []
-    for i, group in enumerate(groups):
-        label = group[0].name if phased else None
-        steps.append((label, OptimizerStep(
-            group, strategy=strategy, rt=rt, config=config.step, policy=policy, doctor=doctor, defer=defer,
-            ema=ema if i == len(groups) - 1 else None, labelled=phased or len(optimizers) > 1,
-            record=_recorder(engine, label),
-            on_retract=lambda step: _retracted(engine, step),
-            on_stop=lambda values: engine._fit.stops.agree(values) if engine._fit is not None else None,
-        )))  # fmt: skip
-    registry = _registry(engine, rt, strategy, module, optimizers, source, ema)
-    from .parallel.preemption import Stops
-
+    policy = NanPolicy(config.step.nan_policy, config.step.max_consecutive_skips, counters)
     stops = Stops(tuple(config.distributed.preemption_signals), config.stop.max_time)
-    val_phases = phases if phased and phase_is_required(module.compute_loss) else None
+    groups = [[o] for o in optimizers] if phased else [list(optimizers)]
+    steps = [
+        (group[0].name if phased else None, OptimizerStep(
+            group, strategy=strategy, rt=rt, config=config.step, policy=policy, events=events, stops=stops,
+            defer=defer, ema=ema if i == len(groups) - 1 else None, labelled=phased or len(optimizers) > 1,
+        ))
+        for i, group in enumerate(groups)
+    ]  # fmt: skip
+    registry = _registry(counters, strategy, module, optimizers, source, ema, rt, callbacks, metrics)
+    fingerprint = train_state.fingerprint(config, module, optimizers, batching.batch_size, rt.scaler is not None)
     run = Fit(
-        engine, rt, strategy, module, model, eval_model, optimizers, steps, phased, val_phases, batching, source,
-        val_source,
-        registry, train_state.fingerprint(config, module, optimizers, batching.batch_size, rt.scaler is not None), ema, metric_objects,
-        stops,
+        config, counters, events, rt, strategy, module, model, eval_model, optimizers, steps, phases,
+        phases if phased and phase_is_required(module.compute_loss) else None, batching, source, val_source,
+        train_data, val_data, registry, fingerprint, ema, metric_objects, stops, metrics, max_steps,
     )  # fmt: skip
     # Seed every RNG (dropout, augmentation) per rank, like HF's Trainer; a resume then
     # replaces these states with the checkpoint's.
     seed_everything((config.seed + rt.rank) % 2**63)
-    engine.should_stop = False  # a resumed run that had stopped early restores it (and ends at once)
-    restored = engine._restore(run)
-    _open_logs(engine, run, restored, why_not, defer)
+    counters.should_stop = False  # a resumed run that had stopped early restores it (and ends at once)
+    restored = run.restore()
+    _open_logs(run, restored, why_not, defer, callbacks)
     run.losses = [TrainLoss(rt.all_reduce_sum, rt.device, config.logging.log_every_n_steps) for _ in steps]
     run.grad_norms = [None] * len(steps)
-    run.first_step = engine.step
+    run.first_step = counters.step
     run.defer = defer
     if config.checkpoint.checkpoint_async:
         run.saver = checkpoint.AsyncCheckpointer()
@@ -433,42 +624,8 @@ def prepare_fit(engine: Engine, rt: Any, module: LoopModule, train_data: Any, va
     return run
 
 
-def _recorder(engine: Engine, phase: str | None) -> Any:
-    """The trace hook of one optimizer step: its events carry the phase (or, joint, the optimizer's name)."""
-
-    def record(name: str, micro: int, label: str | None) -> None:
-        engine._record(name, micro, label or phase)
-
-    return record
-
-
-def _retracted(engine: Engine, step: int) -> None:
-    """A deferred verdict turned step ``step`` into a skipped one: its trace events go, callbacks hear of it."""
-    from .callbacks import fire
-
-    engine.doctor.retract_applied()
-    if engine.trace is not None:
-        engine.trace[:] = [
-            e for e in engine.trace if not (e[1] == step and e[0] in ("optimizer_step", "scheduler_step"))
-        ]
-    if engine._fit is not None:
-        fire(engine.callbacks, "on_step_retracted", engine, engine._fit.module, step)
-
-
-def _start_doctor(
-    doctor: Any, module: nn.Module, optimizers: Optimizers, batching: Batching, train: Any, val: Any, rt: Any,
-    strategy: Strategy, phases: list[str] | None,
-) -> None:  # fmt: skip
-    opts = [o.optimizer for o in optimizers]
-    doctor.start_fit(
-        module, opts if len(opts) > 1 else opts[0], batching, train, val, is_main=rt.is_main,
-        strategy=strategy.name, device_type=rt.device.type, phases=phases,
-        reduce=rt.all_reduce_sum if rt.world_size > 1 else None,
-    )  # fmt: skip
-
-
 def _decide_deferral(
-    nan_check: str, optimizers: Optimizers, rt: Any, strategy: Strategy, phased: bool
+    nan_check: str, optimizers: Optimizers, rt: Runtime, strategy: Strategy, phased: bool
 ) -> tuple[bool, str | None]:
     """(defer?, why not where it cannot). nan_check="auto": defer on a GPU where every optimizer can skip on the
     device; "deferred": also on CPU (where reading at once costs nothing), an error where it cannot."""
@@ -487,8 +644,8 @@ def _decide_deferral(
 
 
 def _registry(
-    engine: Engine, rt: Any, strategy: Strategy, module: nn.Module, optimizers: Optimizers, source: Source,
-    ema: EMA | None,
+    counters: train_state.Counters, strategy: Strategy, module: nn.Module, optimizers: Optimizers, source: Source,
+    ema: EMA | None, rt: Runtime, callbacks: list[Any], metrics: dict[str, float],
 ) -> train_state.TrainState:  # fmt: skip
     """Every stateful object a checkpoint holds, each under its name: add a new one here."""
     registry = train_state.TrainState()
@@ -503,36 +660,34 @@ def _registry(
     if rt.scaler is not None:
         registry.register("scaler", rt.scaler)
     registry.register("data", DataPosition(source))
-    registry.register("counters", engine.counters)
-    registry.register("callbacks", train_state.CallbackStates(engine.callbacks))
-    registry.register("metrics", train_state.Scalars(lambda: engine.metrics, lambda m: _set_metrics(engine, m)))
+    registry.register("counters", counters)
+    registry.register("callbacks", train_state.CallbackStates(callbacks))
+    registry.register("metrics", train_state.LoggedMetrics(metrics))
     return registry
 
 
-def _set_metrics(engine: Engine, metrics: dict[str, float]) -> None:
-    engine.metrics = metrics
-
-
-def _open_logs(engine: Engine, run: Fit, restored: Path | None, why_not: str | None, defer: bool) -> None:
+def _open_logs(run: Fit, restored: Path | None, why_not: str | None, defer: bool, callbacks: list[Any]) -> None:
     """config.json, metrics.jsonl (cut back to a resumed checkpoint), trackers, progress, and the fit's first lines."""
-    rt, config = run.rt, engine.config
+    rt, config, c = run.rt, run.config, run.counters
     run_dir = config.checkpoint.run_dir
-    written = run_info.write_config(engine, run.module, run.optimizers, run.batching, rt, run.strategy.name)
+    written = run_info.write_config(
+        config, callbacks, run.max_steps, run.module, run.optimizers, run.batching, rt, run.strategy.name
+    )
     # A resumed run logs the steps after its checkpoint again: the records of them go first.
-    resumed_at = (engine.step, engine.epoch) if config.checkpoint.resume is not None else None
+    resumed_at = (c.step, c.epoch) if config.checkpoint.resume is not None else None
     tracker = start_trackers(rt.accelerator, config.logging.log_with, run_dir, written, resumed_at and resumed_at[0])
     run.log = MetricsLog(run_dir, rt.is_main, tracker=tracker, resumed_at=resumed_at)
     run.progress = progress = Progress(config.logging.progress, rt.is_main)
     if restored is not None:
-        progress.message(f"resumed from {_short(restored)} (epoch {engine.epoch}, step {engine.step})")
+        progress.message(f"resumed from {_short(restored)} (epoch {c.epoch}, step {c.step})")
     if run.log.dropped:
         if restored is not None:
-            why = f"logged after step {engine.step} by the run this one resumes from {restored.name}"
-        elif engine.step == 0:
+            why = f"logged after step {c.step} by the run this one resumes from {restored.name}"
+        elif c.step == 0:
             why = "of an earlier start of this run (resume='auto' found no checkpoint in run_dir, so the run "
             why += "starts again from step 0)"
         else:  # (a later fit of this engine, with no checkpoint to go back to)
-            why = f"logged after step {engine.step}, where this fit goes on"
+            why = f"logged after step {c.step}, where this fit goes on"
         progress.message(f"metrics.jsonl: dropped {run.log.dropped} record(s) {why}; this run logs those steps again")
     progress.message(
         run_info.summary(run.module, rt, run.batching, "deferred" if defer else "step", run.strategy.summary())

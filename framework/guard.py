@@ -23,11 +23,14 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from .parallel.grads import pack, zero_grad
 
 NAN_CHECKS = ("auto", "step", "deferred")
 
@@ -60,6 +63,70 @@ def why_not_deferred(optimizer: torch.optim.Optimizer, scheduler: Any, interval:
     if scheduler is not None and interval == "step" and not hasattr(scheduler, "load_state_dict"):
         return f"the per-step scheduler {type(scheduler).__name__} has no state_dict to undo a skipped step with"
     return None
+
+
+@dataclass
+class Verdict:
+    """What the one host read of an optimizer step found: ``bad`` (a non-finite loss or gradient, NaN
+    policy's business), ``overflow`` (fp16: the GradScaler will skip the step) and ``stop`` (every rank's
+    stop flags, where they travelled with the read; else None).
+
+    Example::
+
+        verdict = read_verdict(window_loss, grad_norm, None, stop=None, world_size=1, scaler=None, optimizers=[])
+        verdict.bad   # False for a finite loss and norm
+    """
+
+    bad: bool
+    overflow: bool = False
+    stop: list[float] | None = None
+
+
+def read_verdict(
+    window_loss: torch.Tensor,
+    grad_norm: torch.Tensor | None,
+    flag: torch.Tensor | None,
+    *,
+    stop: torch.Tensor | None,
+    world_size: int,
+    scaler: Any,
+    optimizers: list[torch.optim.Optimizer],
+) -> Verdict:
+    """The one host read per step (``nan_check="step"``): did anything go non-finite, will fp16's
+    GradScaler skip the step, and does any rank want to stop?
+
+    - Several processes: after the gradient all-reduce the gradients are identical on every rank, so the
+      global norm decides the same everywhere (a rank's non-finite loss reached it: the engine made that
+      rank's last backward non-finite). The stop flags join the same read.
+    - One process: the fused non-finite ``flag`` (:class:`framework.parallel.grads.NonFiniteCheck`) where
+      it was run, else the norm and the loss.
+    - fp16: the GradScaler owns overflowing gradients, so only the loss is checked here; the overflow flag
+      its ``unscale_`` just computed joins the same read, so telling a skipped step needs no
+      ``GradScaler.get_scale()`` (a host sync each, before and after).
+
+    Example::
+
+        verdict = read_verdict(loss, norm, None, stop=flags, world_size=2, scaler=None, optimizers=opts)
+    """
+    device = window_loss.device
+    overflow: list[torch.Tensor] = []
+    if scaler is not None:
+        found = [v for opt in optimizers for v in scaler._found_inf_per_device(opt).values()]
+        overflow = [sum(found, torch.zeros((), device=device)).double().reshape(1)]
+    if world_size > 1:
+        assert grad_norm is not None  # (the fused check runs on one process only)
+        bad = ~torch.isfinite(grad_norm) if scaler is None else torch.zeros((), dtype=torch.bool, device=device)
+        extra = [stop] if stop is not None else []
+        values = torch.cat([bad.double().reshape(1), *extra, *overflow]).tolist()
+        n_stop = 1 + (stop.numel() if stop is not None else 0)
+        return Verdict(bool(values[0]), any(values[n_stop:]), values[1:n_stop] if n_stop > 1 else None)
+    if scaler is not None:
+        bad_f, *overflow_f = torch.cat([(~torch.isfinite(window_loss)).double().reshape(1), *overflow]).tolist()
+        return Verdict(bool(bad_f), any(overflow_f))
+    if flag is not None:
+        return Verdict(flag.item() != 0.0)
+    assert grad_norm is not None
+    return Verdict(not all(map(math.isfinite, pack([grad_norm, window_loss]).tolist())))
 
 
 def read_later(flags: torch.Tensor) -> Callable[[], list[float]]:
@@ -142,17 +209,16 @@ class NanPolicy:
     (``nan_policy="skip"``, raising after ``max_consecutive_skips`` in a row), or it raises
     :class:`NonFiniteError` (``"raise"``). Either way the bad gradients go first, so nothing can step on them.
 
-    ``counters`` holds ``skipped_steps`` and ``consecutive_skips`` (the engine's, checkpointed);
-    ``detail`` gives what the doctor found out about the culprit, for the message.
+    ``counters`` holds ``skipped_steps`` and ``consecutive_skips`` (the engine's, checkpointed).
 
     Example::
 
-        policy = NanPolicy("skip", 10, counters, detail=lambda: "")
+        policy = NanPolicy("skip", 10, counters)
         policy.bad(optimizers, (12, 1, 3))     # counts it; raises after 10 in a row
     """
 
-    def __init__(self, policy: str, max_consecutive: int, counters: Any, detail: Callable[[], str]) -> None:
-        self.policy, self.max_consecutive, self.counters, self.detail = policy, max_consecutive, counters, detail
+    def __init__(self, policy: str, max_consecutive: int, counters: Any) -> None:
+        self.policy, self.max_consecutive, self.counters = policy, max_consecutive, counters
 
     def good(self) -> None:
         """A step whose verdict was finite."""
@@ -165,10 +231,10 @@ class NanPolicy:
         *,
         drop_gradients: bool = True,
         deferred: bool = False,
+        detail: str = "",
     ) -> None:
-        """Count or raise for a bad step at ``position`` = (optimizer step, epoch, batch)."""
-        from .parallel.grads import zero_grad
-
+        """Count or raise for a bad step at ``position`` = (optimizer step, epoch, batch); ``detail`` names the
+        culprit (what the ``nonfinite`` event's subscribers found: the doctor names the loss or parameters)."""
         where = "optimizer step {} (epoch {}, batch {})".format(*position)
         if drop_gradients:
             for optimizer in optimizers:
@@ -176,7 +242,7 @@ class NanPolicy:
         if self.policy == "raise":
             late = " (read a step late, nan_check=deferred; nan_check='step' names the parameters)" if deferred else ""
             raise NonFiniteError(
-                f"non-finite loss or gradient norm at {where}{self.detail()}{late}; parameters and "
+                f"non-finite loss or gradient norm at {where}{detail}{late}; parameters and "
                 "optimizer state are unchanged. Fix: lower the learning rate, set clip_grad_norm, check that batch's "
                 'data, or use nan_policy="skip" to drop such steps'
             )

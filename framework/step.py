@@ -15,28 +15,37 @@ then its generator). Calling it after the window's last backward does, in this o
 5. step every optimizer (through the GradScaler under fp16), then the per-step schedulers, then
    the EMA of the parameters.
 
-It returns a :class:`StepResult`; stop flags travel beside it (``StepResult.stop``), read in the
-same host read as the verdict.
+It returns a :class:`StepResult`; every rank's stop flags, read with the verdict, go to the fit's
+:class:`~framework.parallel.preemption.Stops`. The variants of the one host read (several processes,
+fp16, the fused check) are the guard's (:func:`framework.guard.read_verdict`); what the step does is
+announced on the loop's events (``applied``, ``scheduler_step``, ``nonfinite``, ``step_retracted``).
 
 Example::
 
-    step = OptimizerStep(list(optimizers), strategy=strategy, rt=rt, config=config.step, policy=policy, doctor=doctor)
-    result = step(window_loss, log_now=False, stop=None, position=(engine.step, engine.epoch, 0))
+    step = OptimizerStep(list(optimizers), strategy=strategy, rt=rt, config=config.step, policy=policy,
+                         events=events, stops=stops)
+    result = step(window_loss, log_now=False, read_now=False, stop=None, position=(step, epoch, 0))
     result.applied, result.skipped, result.grad_norm
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
-from .guard import NanPolicy, Pending, read_later, step_unless_found
-from .optim import Optimization
-from .parallel.grads import NonFiniteCheck, pack
+from .events import Event, Events
+from .guard import NanPolicy, Pending, read_later, read_verdict, step_unless_found
+from .optim import EMA, Optimization
+from .parallel.grads import NonFiniteCheck
+from .parallel.preemption import Stops
+from .parallel.strategy import Strategy
+
+if TYPE_CHECKING:
+    from .config import StepConfig
+    from .parallel.runtime import Runtime
 
 
 @dataclass
@@ -46,8 +55,7 @@ class StepResult:
     ``applied``: the optimizers stepped (as far as the host knows: under ``nan_check="deferred"`` the
     verdict comes a step late, ``pending`` is then True and a bad step is retracted later, with the
     ``on_step_retracted`` callback). ``skipped``: dropped by the NaN policy or a GradScaler overflow.
-    ``grad_norm``: the global norm before clipping, where it was measured. (The stop flags read with the
-    verdict go to the ``on_stop`` callback of :class:`OptimizerStep`, not here.)
+    ``grad_norm``: the global norm before clipping, where it was measured.
 
     Example::
 
@@ -63,39 +71,40 @@ class StepResult:
 class OptimizerStep:
     """Step 5 for ``group`` (see the module docstring).
 
-    ``record(event, micro, label)`` adds a trace event; ``on_retract(step)`` is called when a deferred verdict
-    turns a step the host took as applied into a skipped one; ``on_stop(values)`` receives the stop flags
-    of every rank whenever they are read (with the verdict: at once, or a step late). ``ema`` (if any) is updated after each
-    applied step, skipped on the device with the step under a deferred verdict.
+    ``events`` hears of each optimizer that stepped (``applied``), each per-step scheduler
+    (``scheduler_step``), a bad step before the NaN policy acts (``nonfinite``) and a step that a deferred
+    verdict turned into a skipped one (``step_retracted``). ``stops`` receives every rank's stop flags
+    whenever they are read (with the verdict: at once, or a step late). ``ema`` (if any) is updated after
+    each applied step, skipped on the device with the step under a deferred verdict.
 
     Example::
 
-        step = OptimizerStep(group, strategy=strategy, rt=rt, config=config, policy=policy, doctor=doctor)
-        result = step(window_loss, log_now=True, stop=None, position=(0, 0, 0))
+        step = OptimizerStep(group, strategy=strategy, rt=rt, config=config, policy=policy, events=events,
+                             stops=stops)
+        result = step(window_loss, log_now=True, read_now=False, stop=None, position=(0, 0, 0))
     """
 
     def __init__(
         self,
         group: list[Optimization],
         *,
-        strategy: Any,
-        rt: Any,
-        config: Any,  # framework.config.StepConfig
+        strategy: Strategy,
+        rt: Runtime,
+        config: StepConfig,
         policy: NanPolicy,
-        doctor: Any,
+        events: Events,
+        stops: Stops,
         defer: bool = False,
-        ema: Any = None,
+        ema: EMA | None = None,
         labelled: bool = False,
-        record: Callable[[str, int, str | None], None] = lambda event, micro, label: None,
-        on_retract: Callable[[int], None] = lambda step: None,
-        on_stop: Callable[[list[float]], None] = lambda values: None,
     ) -> None:
-        self.group, self.strategy, self.rt, self.policy, self.doctor = group, strategy, rt, policy, doctor
+        self.group, self.strategy, self.rt, self.policy = group, strategy, rt, policy
+        self.events, self.stops = events, stops
         self.optimizers = [o.optimizer for o in group]
         self.params = [p for o in group for p in o.params]
         self.clip_norm, self.clip_value = config.clip_grad_norm, config.clip_grad_value
-        self.defer, self.ema, self.labelled = defer, ema, labelled
-        self.record, self.on_retract, self.on_stop = record, on_retract, on_stop
+        self.defer, self.ema = defer, ema
+        self.labels = [o.name if labelled else None for o in group]
         self._check = NonFiniteCheck()
         self._micro = 0
         self._pending: tuple[tuple[int, int, int], Callable[[], list[float]], list[Pending]] | None = None
@@ -105,101 +114,94 @@ class OptimizerStep:
         window_loss: torch.Tensor,
         *,
         log_now: bool,
+        read_now: bool,
         stop: torch.Tensor | None,
         position: tuple[int, int, int],
         micro: int = 0,
     ) -> StepResult:
-        """Step 5 after the window's last backward; ``position`` = (optimizer step, epoch, batch) names a bad
-        step; ``micro`` (the window's micro-batch count) goes into the trace events."""
-        rt, scaler = self.rt, self.rt.scaler
+        """Step 5 after the window's last backward. ``log_now``: the norm is logged (measure it);
+        ``read_now``: read the verdict at once even where it could come a step late; ``stop``: the stop
+        flags of every rank, on the device; ``position`` = (optimizer step, epoch, batch) names a bad step;
+        ``micro`` (the window's micro-batch count) goes into the events."""
         self._micro = micro
         if self._pending is not None:
             self.settle()  # the previous step's verdict first, if it came a step late (before this step applies)
+        # 1. average the gradients over the processes where no wrapper did (alternating phases)
         self.strategy.reduce_gradients(self.params)
+        # 2. unscale them (fp16)
+        scaler = self.rt.scaler
         if scaler is not None:
             for optimizer in self.optimizers:
                 scaler.unscale_(optimizer)
+        # 3. the global norm (or one fused non-finite check where nothing reads the norm), then clipping
+        grad_norm, flag = self._norm_and_clip(window_loss, log_now)
+        # 4. the verdict: a step late on the device (no host sync), or read now with every rank's stop flags
+        if self.defer and not log_now and not read_now:
+            return self._step_deferred(window_loss, flag, grad_norm, stop, position)
+        verdict = read_verdict(
+            window_loss, grad_norm, flag, stop=stop, world_size=self.rt.world_size, scaler=scaler,
+            optimizers=self.optimizers,
+        )  # fmt: skip
+        if verdict.stop is not None:
+            self.stops.agree(verdict.stop)
+        if verdict.bad:
+            return self._drop(window_loss, position, grad_norm, flag)
+        self.policy.good()
+        # 5. step every optimizer (through the GradScaler under fp16, which skips an overflowing step)
+        for optimizer in self.optimizers:
+            if scaler is None:
+                optimizer.step()
+            else:
+                scaler.step(optimizer)
+        if scaler is not None:
+            scaler.update()
+            if verdict.overflow:  # (an overflow-skipped step does not advance the schedulers)
+                self.policy.counters.skipped_steps += 1
+                return StepResult(False, True, False, grad_norm)
+        self._after_applied(None)
+        return StepResult(True, False, False, grad_norm)
+
+    def _norm_and_clip(
+        self, window_loss: torch.Tensor, log_now: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(the global gradient norm, or None; the fused non-finite flag, or None), after clipping."""
         grads = [p.grad for p in self.params if p.grad is not None]
-        grad_norm: torch.Tensor | None = None
-        flag: torch.Tensor | None = None  # 1.0 where a gradient or the loss is non-finite (the cheap check)
-        if grads and not log_now and self.clip_norm is None and rt.world_size == 1 and scaler is None:
+        flag = None
+        if grads and not log_now and self.clip_norm is None and self.rt.world_size == 1 and self.rt.scaler is None:
             # Nothing reads the total norm this step, only whether something went non-finite:
             # one fused check tells that for half the cost of the norms.
             flag = self._check([*grads, window_loss])
+        grad_norm = None
         if flag is None:
-            grad_norm = self.strategy.grad_norm(grads) if grads else torch.zeros((), device=rt.device)
+            grad_norm = self.strategy.grad_norm(grads) if grads else torch.zeros((), device=self.rt.device)
             if self.clip_norm is not None:
                 self.strategy.clip_grad_norm(self.params, self.clip_norm, grad_norm)
         if self.clip_value is not None:
             torch.nn.utils.clip_grad_value_(self.params, self.clip_value)
-        if self.defer and not log_now and not self.doctor.checking:
-            return self._step_deferred(window_loss, flag, grad_norm, stop, position)
+        return grad_norm, flag
 
-        # The one host read per step: did anything go non-finite, and does any rank want to stop?
-        # Under fp16 the GradScaler owns overflowing gradients, so only the loss is checked here;
-        # the overflow flag its unscale_ just computed joins the same read, so telling a skipped
-        # step needs no GradScaler.get_scale() (a host sync each, before and after).
-        overflow: list[torch.Tensor] = []
-        if scaler is not None:
-            found = [v for opt in self.optimizers for v in scaler._found_inf_per_device(opt).values()]
-            overflow = [sum(found, torch.zeros((), device=rt.device)).double().reshape(1)]
-        extra = [stop] if stop is not None else []
-        if rt.world_size > 1:
-            # After the gradient all-reduce the gradients are identical on every rank, so the norm decides
-            # the same everywhere (a rank's non-finite loss reached it: the engine made that rank's last
-            # backward non-finite). Under fp16 the scaler's verdict, on those same gradients, agrees too.
-            assert grad_norm is not None  # (the fused check runs on one process only)
-            bad = ~torch.isfinite(grad_norm) if scaler is None else torch.zeros((), dtype=torch.bool, device=rt.device)
-            values = torch.cat([bad.double().reshape(1), *extra, *overflow]).tolist()
-            n_stop = 1 + (stop.numel() if stop is not None else 0)
-            bad_host, overflow_f = bool(values[0]), values[n_stop:]
-            if n_stop > 1:
-                self.on_stop(values[1:n_stop])
-        elif scaler is None:
-            if flag is not None:
-                bad_host = flag.item() != 0.0  # the one read
-                if bad_host:
-                    self._check.clear()
-            else:
-                assert grad_norm is not None
-                bad_host = not all(map(math.isfinite, pack([grad_norm, window_loss]).tolist()))
-            overflow_f = []
-        else:
-            bad = ~torch.isfinite(window_loss)
-            bad_f, *overflow_f = torch.cat([bad.double().reshape(1), *overflow]).tolist()
-            bad_host = bool(bad_f)
-        if bad_host:
-            if self.policy.policy == "raise":
-                self.doctor.diagnose_nonfinite(window_loss, self.params)  # names the culprit while gradients exist
-            if scaler is not None:
-                scaler.update()  # the scaler must close its step even when we drop it
-            self.policy.bad(self.optimizers, position)
-            return StepResult(False, True, False, grad_norm)
-        self.policy.good()
-        if scaler is None:
-            for optimizer in self.optimizers:
-                optimizer.step()
-            applied = True
-        else:
-            # GradScaler.step calls optimizer.step() only without an overflow (the flag read above), and
-            # update() then lowers the scale; an overflow-skipped step does not advance the scheduler.
-            for optimizer in self.optimizers:
-                scaler.step(optimizer)
-            scaler.update()
-            applied = not any(overflow_f)
-            if not applied:
-                self.policy.counters.skipped_steps += 1
-        if applied:
-            self._after_applied(None)
-        return StepResult(applied, not applied, False, grad_norm)
+    def _drop(
+        self, window_loss: torch.Tensor, position: tuple[int, int, int], grad_norm: torch.Tensor | None,
+        flag: torch.Tensor | None,
+    ) -> StepResult:  # fmt: skip
+        """A bad step: name the culprit while the gradients exist, then count it or raise (NaN policy)."""
+        if flag is not None:
+            self._check.clear()
+        notes: list[str] = []
+        if self.policy.policy == "raise":
+            self.events.emit(Event.NONFINITE, window_loss, self.params, notes)
+        if self.rt.scaler is not None:
+            self.rt.scaler.update()  # the scaler must close its step even when we drop it
+        self.policy.bad(self.optimizers, position, detail="".join(notes))
+        return StepResult(False, True, False, grad_norm)
 
     def _after_applied(self, found: torch.Tensor | None) -> None:
-        """The trace events, the per-step schedulers and the EMA of an applied (or pending) step."""
-        for o in self.group:
-            self.record("optimizer_step", self._micro, o.name if self.labelled else None)
-        for o in self.group:
+        """The events, the per-step schedulers and the EMA of an applied (or pending) step."""
+        for label in self.labels:
+            self.events.emit(Event.APPLIED, self._micro, label)
+        for o, label in zip(self.group, self.labels, strict=True):
             if o.step_scheduler is not None:
-                self.record("scheduler_step", self._micro, o.name if self.labelled else None)
+                self.events.emit(Event.SCHEDULER_STEP, self._micro, label)
                 o.step_scheduler.step()
         if self.ema is not None:
             self.ema.update(found)
@@ -214,11 +216,10 @@ class OptimizerStep:
     ) -> StepResult:
         """Step with the guard's flag as the optimizers' own skip switch, and read the flag a step late
         (framework.guard): no host sync. Returns as an applied step; :meth:`settle` undoes a bad one."""
-        rt = self.rt
         if flag is None:  # the total norm was measured (clipping, several processes)
             assert grad_norm is not None
             ok = torch.isfinite(grad_norm)
-            if rt.world_size == 1:  # (under DDP only the all-reduced norm agrees across ranks)
+            if self.rt.world_size == 1:  # (under DDP only the all-reduced norm agrees across ranks)
                 ok = ok & torch.isfinite(window_loss)
             flag = (~ok).float()
         found = flag.reshape(())
@@ -233,9 +234,9 @@ class OptimizerStep:
         self._after_applied(found)
         return StepResult(True, False, True, grad_norm)
 
-    def settle(self) -> list[float] | None:
-        """Read the verdict of a step taken with it pending; undo the host's part of it if it was bad.
-        Returns the stop flags that came with it (several processes), else None.
+    def settle(self) -> None:
+        """Read the verdict of a step taken with it pending; undo the host's part of it if it was bad. The
+        stop flags that came with it (several processes) go to the stops.
 
         Example::
 
@@ -243,22 +244,21 @@ class OptimizerStep:
         """
         pending, self._pending = self._pending, None
         if pending is None:
-            return None
+            return
         position, read, undos = pending
         bad, *stop = read()
         if stop:
-            self.on_stop(stop)
+            self.stops.agree(stop)
         if not bad:
             self.policy.good()
-            return stop or None
+            return
         # The optimizers skipped that step on the device (the EMA too); undo what the host did for it.
         for o, undo in zip(self.group, undos, strict=True):
             undo.undo(o.optimizer, o.step_scheduler)
         self._check.clear()
-        self.on_retract(position[0])
+        self.events.emit(Event.STEP_RETRACTED, position[0])
         # The gradients of the step in progress are good; they go only if the run stops here.
         self.policy.bad(self.optimizers, position, drop_gradients=self.policy.policy == "raise", deferred=True)
-        return stop or None
 
     @property
     def pending(self) -> bool:

@@ -249,24 +249,26 @@ class CallbackStates:
             match.load_state_dict(cb_state)
 
 
-class Scalars:
-    """A dict of named numbers held by someone else (the engine's last logged metrics; NaN allowed).
+class LoggedMetrics:
+    """The last logged values (``engine.metrics``; NaN allowed): a resumed run shows them until it logs
+    again. Loaded in place, so whoever holds the dict keeps it.
 
     Example::
 
-        state.register("metrics", Scalars(lambda: engine.metrics, engine._set_metrics))
+        state.register("metrics", LoggedMetrics(engine.metrics))
     """
 
-    def __init__(self, get: Callable[[], dict[str, float]], put: Callable[[dict[str, float]], None]) -> None:
-        self.get, self.put = get, put
+    def __init__(self, metrics: dict[str, float]) -> None:
+        self.metrics = metrics
 
     def state_dict(self) -> dict[str, Any]:
-        return dict(self.get())
+        return dict(self.metrics)
 
     schema = MapOf(AnyOf(Float(finite=False), Keys({"__float__": Str(choices=("inf", "-inf", "nan"))})))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.put({k: float(v) for k, v in state.items()})
+        self.metrics.clear()
+        self.metrics.update({k: float(v) for k, v in state.items()})
 
 
 def _check_same_tensors(state: Any, current: dict[str, torch.Tensor], what: str) -> None:

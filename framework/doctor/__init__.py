@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -67,6 +67,11 @@ from .probe import HalvesProbe
 from .schedule import is_checked, max_steps_override, resolve_level
 from .updates import Updates
 from .val_data import ValData
+
+if TYPE_CHECKING:
+    from ..events import StepInfo
+    from ..fit import Fit
+    from ..parallel.runtime import Runtime
 
 __all__ = [
     "CHECKS",
@@ -155,6 +160,7 @@ class Doctor:
         self._ctx = Context(self._record, self.level)
         self._checks = self._make_checks(self._ctx)
         self._finite = next(c for c in self._checks if isinstance(c, Finite))
+        self._module: nn.Module | None = None  # the module of the fit in progress (its events name no module)
         self._on: dict[str, tuple[Callable[..., Any], ...]] = {
             event: tuple(getattr(c, "on_" + event) for c in self._checks if hasattr(c, "on_" + event))
             for event in EVENTS
@@ -357,12 +363,20 @@ class Doctor:
 
     @contextlib.contextmanager
     def _watching(self, module: nn.Module, batch: Any, where: str) -> Iterator[None]:
-        ctx = self._ctx
-        ctx.watching, ctx.where, ctx.batch = True, where, batch
+        self._enter_watch(module, batch, where)
         try:
-            self._emit("watch_enter", module)
             yield
         finally:
+            self._exit_watch()
+
+    def _enter_watch(self, module: nn.Module, batch: Any, where: str) -> None:
+        ctx = self._ctx
+        ctx.watching, ctx.where, ctx.batch = True, where, batch
+        self._emit("watch_enter", module)
+
+    def _exit_watch(self) -> None:
+        ctx = self._ctx
+        if ctx.watching:
             self._emit("watch_exit")
             ctx.watching, ctx.where, ctx.batch = False, "forward", None
 
@@ -490,6 +504,71 @@ class Doctor:
             return
         for handler in self._on["eval"]:
             handler(module)
+
+    # -- the loop's events (framework.events): the doctor is one subscriber of the stream ----------------
+
+    def on_build(self, module: nn.Module, rt: Runtime) -> None:
+        """The module as built, before the layout wraps or shards it: the processes' initial weights."""
+        if rt.world_size > 1:
+            self.check_initial_weights(module)  # (before the wrap broadcasts rank 0's weights)
+
+    def on_fit_start(self, fit: Fit) -> None:
+        opts = [o.optimizer for o in fit.optimizers]
+        rt = fit.rt
+        self.start_fit(
+            fit.module, opts if len(opts) > 1 else opts[0], fit.batching, fit.train_data, fit.val_data,
+            is_main=rt.is_main, strategy=fit.strategy.name, device_type=rt.device.type, phases=fit.phases,
+            reduce=rt.all_reduce_sum if rt.world_size > 1 else None,
+        )  # fmt: skip
+        self._module = fit.module
+
+    def on_step_start(self, step: StepInfo) -> None:
+        self.start_step()
+        if self.checking:
+            step.read_now = True  # (the update checks need to know at once whether the step applied)
+
+    def on_counts(self, counts: list[Any]) -> None:
+        for n in counts:
+            self.check_count(self._module, n)
+
+    def on_forward(self, micro: int, phase: str | None, batch: Any) -> None:
+        if not self.off and self.checking:
+            self._enter_watch(self._module, batch, "forward")
+
+    def on_after_forward(self, micro: int, phase: str | None, real: bool) -> None:
+        if real:
+            self.check_train_mode(self._module, "forward")
+
+    def on_loss(self, micro: int, phase: str | None, batch: Any) -> None:
+        if not self.off and self.checking and not self._ctx.watching:
+            self._enter_watch(self._module, batch, "compute_loss")  # (a later phase: the forward is shared)
+
+    def on_after_loss(self, micro: int, phase: str | None, loss: Any, outputs: Any) -> None:
+        try:
+            self.check_loss(self._module, loss, outputs, phase=phase)
+        finally:
+            self._exit_watch()
+
+    def on_after_backward(self, phase: str | None) -> None:
+        self.after_backward(phase)
+
+    def on_nonfinite(self, loss: torch.Tensor, params: list[torch.Tensor], notes: list[str]) -> None:
+        notes.append(self.diagnose_nonfinite(loss, params))
+
+    def on_after_optimizer_step(self, applied: bool, phase: str | None) -> None:
+        self.after_optimizer_step(applied, phase)
+
+    def on_step_retracted(self, step: int) -> None:
+        self.retract_applied()
+
+    def on_eval_forward(self, module: nn.Module) -> None:
+        self.check_eval_mode(module)
+
+    def on_fit_end(self) -> None:
+        self.end_fit()
+
+    def on_close(self) -> None:
+        self._exit_watch()  # (the user's code raised inside a watch: its patches go)
 
 
 def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from ..optim import Optimizers
 from ..parallel.runtime import Runtime
 
 if TYPE_CHECKING:
-    from ..engine import Engine
+    from ..config import EngineConfig
 
 
 def earlier_run(run_dir: str | os.PathLike[str]) -> str | None:
@@ -185,8 +185,9 @@ def recipe_run_dir(explicit: str | None, default: str, resume: str | None) -> st
 
 
 def write_config(
-    engine: Engine, module: nn.Module, optimizers: Optimizers, batching: Batching, rt: Runtime, strategy: str
-) -> dict[str, Any]:
+    config: EngineConfig, callbacks: list[Any], max_steps: int | None, module: nn.Module, optimizers: Optimizers,
+    batching: Batching, rt: Runtime, strategy: str,
+) -> dict[str, Any]:  # fmt: skip
     """Write ``config.json`` (rank 0, with a run_dir): the validated arguments
     (:meth:`framework.config.EngineConfig.to_json`, by their Engine names) and, under ``"resolved"``, what the
     run made of them (world size, accumulation, micro-batch, precision, device, strategy, ...); return it
@@ -194,12 +195,12 @@ def write_config(
 
     Example::
 
-        config = write_config(engine, module, optimizers, batching, runtime, "single")
-        config["batch_size"], config["resolved"]["accumulation"]
+        written = write_config(engine.config, [], None, module, optimizers, batching, runtime, "single")
+        written["batch_size"], written["resolved"]["accumulation"]
     """
-    config = engine.config.to_json()  # the arguments, as validated
-    config["resolved"] = {  # what the run made of them
-        "callbacks": [type(cb).__name__ for cb in engine.callbacks],
+    written = config.to_json()  # the arguments, as validated
+    written["resolved"] = {  # what the run made of them
+        "callbacks": [type(cb).__name__ for cb in callbacks],
         "module": type(module).__name__,
         "optimizers": {o.name: type(o.optimizer).__name__ for o in optimizers},
         "schedulers": {o.name: type(o.scheduler).__name__ for o in optimizers if o.scheduler is not None},
@@ -210,15 +211,15 @@ def write_config(
         "mixed_precision": rt.mixed_precision,
         "device": str(rt.device),
         "strategy": strategy,
-        "max_steps": engine.max_steps,
+        "max_steps": max_steps,
     }
-    run_dir = engine.config.checkpoint.run_dir
+    run_dir = config.checkpoint.run_dir
     if run_dir is None or not rt.is_main:
-        return config
+        return written
     os.makedirs(run_dir, exist_ok=True)
     # (atomic and never through a planted link: a symlinked config.json would overwrite another file)
-    files.write_atomic(Path(run_dir) / "config.json", json.dumps(config, indent=2).encode())
-    return config
+    files.write_atomic(Path(run_dir) / "config.json", json.dumps(written, indent=2).encode())
+    return written
 
 
 def summary(module: nn.Module, rt: Runtime, batching: Batching, nan_check: str = "step", strategy: str = "") -> str:
