@@ -509,7 +509,28 @@ TINY = Workload("tiny MLP 32-64-1, batch 64", (32, 64, 1), 64, False, 64 * 512, 
 MEDIUM = Workload("medium MLP 784-1024-1024-10, batch 256", (784, 1024, 1024, 10), 256, True, 256 * 64, 5, 40)
 
 
-def main() -> None:
+class Report:
+    """The lines of results.md, printed as they are written; the targets collected for the last table."""
+
+    def __init__(self, lines: list[str]) -> None:
+        self.lines = lines
+        self.checks: list[tuple[str, float, float]] = []  # (target, measured, limit)
+        self.summary: dict[str, dict[str, float]] = {}  # loop -> column -> ratio vs raw
+        self.columns: list[str] = []
+
+    def emit(self, text: str = "") -> None:
+        print(text, flush=True)
+        self.lines.append(text)
+
+    def table(self, header: str, rows: list[str]) -> None:
+        self.emit(header)
+        self.emit("|" + "---|" * (header.count("|") - 1))
+        for row in rows:
+            self.emit(row)
+        self.emit()
+
+
+def _parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=5, help="interleaved repetitions (median reported; >= 3)")
     p.add_argument("--quick", action="store_true", help="short runs, 3 repetitions: a smoke test, not a measurement")
@@ -530,23 +551,10 @@ def main() -> None:
     p.add_argument(
         "--out", default=str(ROOT / "benchmarks" / "results.md"), help="where to write the table ('' = don't)"
     )
-    args = p.parse_args()
-    reps = 3 if args.quick else max(3, args.reps)
-    global CLOCK
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.clock == "cpu":
-        CLOCK = time.process_time
-    lightning = not args.no_lightning and have_lightning()
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    workloads = {"tiny": TINY, "medium": MEDIUM}
-    if args.quick:
-        workloads = {
-            "tiny": Workload(TINY.name, TINY.sizes, TINY.batch, False, TINY.items, 50, 250),
-            "medium": Workload(MEDIUM.name, MEDIUM.sizes, MEDIUM.batch, True, MEDIUM.items, 2, 8),
-        }
+    return p.parse_args()
 
+
+def _header(args: argparse.Namespace, reps: int, lightning: bool) -> list[str]:
     command = "python " + shlex.join([os.path.relpath(__file__, ROOT), *sys.argv[1:]])
     if os.environ.get("PYTHONPATH"):
         command = f"PYTHONPATH={os.environ['PYTHONPATH']} {command}"
@@ -565,22 +573,26 @@ def main() -> None:
         lines += ["Lightning is not installed here, so its rows are absent.", ""]
     if args.note:
         lines += [args.note, ""]
-    summary: dict[str, dict[str, float]] = {}  # loop -> column -> ratio vs raw
-    # Long enough for heap growth to show (kept per-step allocations once grew it 1.1-1.3x by step 200).
-    n = 20 if args.quick else 200
-    rss: dict[str, list[float]] = {"raw": [], "engine": [], "engine-barebones": []}
-    if not args.no_rss:  # first, while this process is small (see peak_rss)
-        print("... peak RSS", file=sys.stderr, flush=True)
-        for _ in range(1 if args.quick else 3):
-            for which in rss:
-                rss[which].append(peak_rss(which, n))
-    columns: list[str] = []
-    checks: list[tuple[str, float, float]] = []  # (target, measured, limit)
+    return lines
 
-    def emit(text: str = "") -> None:
-        print(text, flush=True)
-        lines.append(text)
 
+def _targets(key: str, kind: str, ratio: dict[str, float]) -> list[tuple[str, float, float]]:
+    """The issue's targets for one workload's table."""
+    if "Engine, defaults" not in ratio or "Engine, barebones" not in ratio:
+        return []
+    if key == "tiny" and kind == "tensor":
+        return [("tiny model, tensor data, Engine defaults <= 1.00x raw", ratio["Engine, defaults"], 1.00)]
+    if key == "tiny":
+        return [
+            ("tiny model, generic Dataset, Engine defaults <= 1.10x raw", ratio["Engine, defaults"], 1.10),
+            ("tiny model, generic Dataset, Engine barebones <= 1.05x raw", ratio["Engine, barebones"], 1.05),
+        ]
+    return [(f"medium model, {kind} data, Engine defaults <= 1.02x raw", ratio["Engine, defaults"], 1.02)]
+
+
+def _loop_tables(
+    report: Report, args: argparse.Namespace, workloads: dict[str, Workload], reps: int, lightning: bool
+) -> None:
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -592,127 +604,130 @@ def main() -> None:
                 res = measure(w, kind, reps, lightning, tmp, args.only)
                 raw = statistics.median(res["raw PyTorch loop (DataLoader)"])
                 column = f"{key}, {kind}"
-                columns.append(column)
-                for name, values in res.items():
-                    summary.setdefault(name, {})[column] = statistics.median(values) / raw
+                report.columns.append(column)
                 ratio = {name: statistics.median(values) / raw for name, values in res.items()}
-                if "Engine, defaults" in ratio and "Engine, barebones" in ratio:
-                    if key == "tiny" and kind == "tensor":
-                        checks.append(
-                            ("tiny model, tensor data, Engine defaults <= 1.00x raw", ratio["Engine, defaults"], 1.00)
-                        )
-                    elif key == "tiny":
-                        checks.append(
-                            (
-                                "tiny model, generic Dataset, Engine defaults <= 1.10x raw",
-                                ratio["Engine, defaults"],
-                                1.10,
-                            )
-                        )
-                        checks.append(
-                            (
-                                "tiny model, generic Dataset, Engine barebones <= 1.05x raw",
-                                ratio["Engine, barebones"],
-                                1.05,
-                            )
-                        )
-                    else:
-                        checks.append(
-                            (
-                                f"medium model, {kind} data, Engine defaults <= 1.02x raw",
-                                ratio["Engine, defaults"],
-                                1.02,
-                            )
-                        )
-                emit(f"### {title}")
-                emit()
-                emit("| loop | µs/step | vs raw |")
-                emit("|---|---|---|")
+                for name, r in ratio.items():
+                    report.summary.setdefault(name, {})[column] = r
+                report.checks += _targets(key, kind, ratio)
+                report.emit(f"### {title}")
+                report.emit()
+                rows = []
                 for name, values in res.items():
                     med = statistics.median(values)
-                    emit(
+                    rows.append(
                         f"| {name} | {med * 1e6:,.0f} [{min(values) * 1e6:,.0f}-{max(values) * 1e6:,.0f}] | {med / raw:.2f}x |"
                     )
-                emit()
+                report.table("| loop | µs/step | vs raw |", rows)
 
-    g = guard_cost(workloads["tiny"])
-    emit("### The per-step NaN guard (tiny model)")
-    emit()
-    emit("Every step the engine checks that the loss and the gradients are finite with one host read (on CPU")
-    emit("that read is no device sync). On steps that need no total norm (no clipping, not a log step, one")
-    emit("process) that check is one fused op, GradScaler's own non-finite check with a scale of exactly 1.")
-    emit("Its ops in a tight loop, µs per call:")
-    emit()
-    emit("| part | µs |")
-    emit("|---|---|")
-    for k, v in g.items():
-        emit(f"| {k} | {v * 1e6:.1f} |")
-    emit()
-    with_guard, without_guard = guard_in_situ(workloads["tiny"], reps)
-    emit(
+
+def _guard_section(report: Report, tiny: Workload, reps: int) -> None:
+    g = guard_cost(tiny)
+    report.emit("### The per-step NaN guard (tiny model)")
+    report.emit()
+    report.emit("Every step the engine checks that the loss and the gradients are finite with one host read (on CPU")
+    report.emit("that read is no device sync). On steps that need no total norm (no clipping, not a log step, one")
+    report.emit("process) that check is one fused op, GradScaler's own non-finite check with a scale of exactly 1.")
+    report.emit("Its ops in a tight loop, µs per call:")
+    report.emit()
+    report.table("| part | µs |", [f"| {k} | {v * 1e6:.1f} |" for k, v in g.items()])
+    with_guard, without_guard = guard_in_situ(tiny, reps)
+    report.emit(
         f"In a real step (Engine barebones, tensor data, median of {reps}): {with_guard * 1e6:,.0f} µs/step with the "
         f"guard, {without_guard * 1e6:,.0f} without: the guard costs {(with_guard - without_guard) * 1e6:,.0f} µs a step."
     )
-    emit()
+    report.emit()
 
+
+def _rss_section(report: Report, rss: dict[str, list[float]], n: int) -> None:
+    raw_rss = statistics.median(rss["raw"])
+    report.emit(f"### Peak RSS, medium model, tensor data, {n} steps (fresh process each, median of {len(rss['raw'])})")
+    report.emit()
+    rows = []
+    for which, label in (
+        ("raw", "raw PyTorch loop"),
+        ("engine", "Engine, defaults"),
+        ("engine-barebones", "Engine, barebones"),
+    ):
+        v = statistics.median(rss[which])
+        rows.append(f"| {label} | {v:,.0f} | {v / raw_rss:.3f}x |")
+    report.table("| run | peak RSS (MiB) | vs raw |", rows)
+    report.checks.append(
+        ("peak RSS, medium model, Engine defaults <= 1.05x raw", statistics.median(rss["engine"]) / raw_rss, 1.05)
+    )
+
+
+def _import_section(report: Report, quick: bool, lightning: bool) -> None:
+    k = 3 if quick else 7
+    times: dict[str, list[float]] = {"torch": [], "accelerate": [], "framework": []}
+    if lightning:
+        times["lightning"] = []
+    for _ in range(k):
+        for m in times:
+            times[m].append(import_time(m))
+    base = statistics.median(times["torch"])
+    report.emit(f"### Import wall time (fresh process each, median of {k})")
+    report.emit()
+    rows = [
+        f"| `import {m}` | {statistics.median(v) * 1e3:,.0f} | {statistics.median(v) / base:.2f}x |"
+        for m, v in times.items()
+    ]
+    report.table("| import | ms | vs torch |", rows)
+    report.checks.append(
+        ("`import framework` <= 1.10x `import torch`", statistics.median(times["framework"]) / base, 1.10)
+    )
+
+
+def _closing_tables(report: Report) -> None:
+    if report.summary:
+        report.emit("### Summary: time per step vs the raw loop")
+        report.emit()
+        rows = [
+            f"| {name} | " + " | ".join(f"{row[c]:.2f}x" if c in row else "" for c in report.columns) + " |"
+            for name, row in report.summary.items()
+        ]
+        report.table("| loop | " + " | ".join(report.columns) + " |", rows)
+    if report.checks:
+        report.emit("### Targets (issue 9)")
+        report.emit()
+        rows = [f"| {t} | {v:.2f}x | {'yes' if v <= limit else 'no'} |" for t, v, limit in report.checks]
+        report.table("| target | measured | met |", rows)
+
+
+def main() -> None:
+    args = _parse_args()
+    reps = 3 if args.quick else max(3, args.reps)
+    global CLOCK
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        CLOCK = time.process_time
+    lightning = not args.no_lightning and have_lightning()
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    workloads = {"tiny": TINY, "medium": MEDIUM}
+    if args.quick:
+        workloads = {
+            "tiny": Workload(TINY.name, TINY.sizes, TINY.batch, False, TINY.items, 50, 250),
+            "medium": Workload(MEDIUM.name, MEDIUM.sizes, MEDIUM.batch, True, MEDIUM.items, 2, 8),
+        }
+    report = Report(_header(args, reps, lightning))
+    # Long enough for heap growth to show (kept per-step allocations once grew it 1.1-1.3x by step 200).
+    n = 20 if args.quick else 200
+    rss: dict[str, list[float]] = {"raw": [], "engine": [], "engine-barebones": []}
+    if not args.no_rss:  # first, while this process is small (see peak_rss)
+        print("... peak RSS", file=sys.stderr, flush=True)
+        for _ in range(1 if args.quick else 3):
+            for which in rss:
+                rss[which].append(peak_rss(which, n))
+    _loop_tables(report, args, workloads, reps, lightning)
+    _guard_section(report, workloads["tiny"], reps)
     if not args.no_rss:
-        raw_rss = statistics.median(rss["raw"])
-        emit(f"### Peak RSS, medium model, tensor data, {n} steps (fresh process each, median of {len(rss['raw'])})")
-        emit()
-        emit("| run | peak RSS (MiB) | vs raw |")
-        emit("|---|---|---|")
-        for which, label in (
-            ("raw", "raw PyTorch loop"),
-            ("engine", "Engine, defaults"),
-            ("engine-barebones", "Engine, barebones"),
-        ):
-            v = statistics.median(rss[which])
-            emit(f"| {label} | {v:,.0f} | {v / raw_rss:.3f}x |")
-        checks.append(
-            ("peak RSS, medium model, Engine defaults <= 1.05x raw", statistics.median(rss["engine"]) / raw_rss, 1.05)
-        )
-        emit()
-
+        _rss_section(report, rss, n)
     if not args.no_import:
-        k = 3 if args.quick else 7
-        times: dict[str, list[float]] = {"torch": [], "accelerate": [], "framework": []}
-        if lightning:
-            times["lightning"] = []
-        for _ in range(k):
-            for m in times:
-                times[m].append(import_time(m))
-        base = statistics.median(times["torch"])
-        emit(f"### Import wall time (fresh process each, median of {k})")
-        emit()
-        emit("| import | ms | vs torch |")
-        emit("|---|---|---|")
-        for m, v in times.items():
-            med = statistics.median(v)
-            emit(f"| `import {m}` | {med * 1e3:,.0f} | {med / base:.2f}x |")
-        checks.append(
-            ("`import framework` <= 1.10x `import torch`", statistics.median(times["framework"]) / base, 1.10)
-        )
-        emit()
-
-    if summary:
-        emit("### Summary: time per step vs the raw loop")
-        emit()
-        emit("| loop | " + " | ".join(columns) + " |")
-        emit("|---|" + "---|" * len(columns))
-        for name, row in summary.items():
-            emit(f"| {name} | " + " | ".join(f"{row[c]:.2f}x" if c in row else "" for c in columns) + " |")
-        emit()
-    if checks:
-        emit("### Targets (issue 9)")
-        emit()
-        emit("| target | measured | met |")
-        emit("|---|---|---|")
-        for target, value, limit in checks:
-            emit(f"| {target} | {value:.2f}x | {'yes' if value <= limit else 'no'} |")
-        emit()
-
+        _import_section(report, args.quick, lightning)
+    _closing_tables(report)
     if args.out:
-        Path(args.out).write_text("\n".join(lines).rstrip() + "\n")
+        Path(args.out).write_text("\n".join(report.lines).rstrip() + "\n")
         print(f"written to {args.out}", file=sys.stderr)
 
 

@@ -372,11 +372,14 @@ class Fit:
         self.settle()
         self.strategy.sync_buffers(self.module)
         ck = self.config.checkpoint
-        where = dict(rank=self.rt.rank, world_size=self.rt.world_size, is_main=self.rt.is_main)
+        rank, world, main = self.rt.rank, self.rt.world_size, self.rt.is_main
         # checkpoint_async: the state is copied now, written, fsynced and finalized in a background thread
         # (one write in flight: getting a writer waits for the previous one).
-        writer: Any = self.saver.writer(root, name, **where) if self.saver is not None else None
-        writer = writer or checkpoint.CheckpointWriter(root, name, **where)
+        writer: Any = (
+            self.saver.writer(root, name, rank=rank, world_size=world, is_main=main)
+            if self.saver is not None
+            else checkpoint.CheckpointWriter(root, name, rank=rank, world_size=world, is_main=main)
+        )
         return train_state.save(
             self.state, writer, root, name, strategy=self.strategy, rt=self.rt, fingerprint=self.fingerprint,
             monitor_value=monitor_value, keep_last=ck.keep_last if prune else None, keep_best=ck.keep_best,

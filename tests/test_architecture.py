@@ -3,8 +3,10 @@
 - The canonical order of the real operations (the optimizer's zero_grad and step, the module's forward,
   the loss tensor's backward), recorded by hooks on them, in every mode: accumulation, several
   optimizers, alternating phases, a GradScaler-skipped step, resume, and 2 DDP processes.
-- No import cycles inside framework/ at run time; engine.py stays small; no strategy branches
-  outside framework/strategies/; every name docs/ARCHITECTURE.md cites exists.
+- The layout: at most 14 top-level modules, concerns as packages; no import cycles inside framework/
+  (imports inside functions included); nothing outside engine.py touches an Engine private member; the
+  train step calls no doctor; no strategy branches outside framework/parallel/; every name
+  docs/ARCHITECTURE.md cites exists.
 """
 
 from __future__ import annotations
@@ -176,66 +178,147 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _runtime_imports(path: Path, modules: set[str]) -> set[str]:
-    """The framework modules ``path`` imports while it is imported: module-level imports, outside
-    ``if TYPE_CHECKING:`` blocks (an import inside a function runs later and forms no cycle)."""
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    """The framework modules ``path`` imports, anywhere in it: module level and inside functions (an import in
+    a function that closes a cycle is still a cycle, only a later one), outside ``if TYPE_CHECKING:`` blocks."""
     name = _module_name(path)
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     deps: set[str] = set()
-
-    def visit(body: list[ast.stmt]) -> None:
-        for node in body:
-            if isinstance(node, ast.If):
-                if "TYPE_CHECKING" not in ast.unparse(node.test):
-                    visit(node.body)
-                    visit(node.orelse)
-            elif isinstance(node, ast.Try):
-                visit(node.body)
-            elif isinstance(node, ast.ImportFrom) and node.level:
-                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
-                target = ".".join([*base, node.module] if node.module else base)
-                if node.module is None:  # from . import a, b: submodules, or names of the package
-                    deps.update(f"{target}.{a.name}" if f"{target}.{a.name}" in modules else target for a in node.names)
-                else:
-                    deps.add(target)
-            elif isinstance(node, (ast.Import, ast.ImportFrom)):
-                names = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
-                deps.update(n for n in names if n and n.startswith("framework"))
-
-    visit(ast.parse(path.read_text()).body)
+    tree = ast.parse(path.read_text())
+    typing_only = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for n in ast.walk(node)
+    }
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+            target = ".".join([*base, node.module] if node.module else base)
+            if node.module is None:  # from . import a, b: submodules, or names of the package
+                deps.update(f"{target}.{a.name}" if f"{target}.{a.name}" in modules else target for a in node.names)
+            else:
+                deps.add(target)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+            deps.update(n for n in names if n and n.startswith("framework"))
     return deps & modules
 
 
-def test_no_import_cycles_inside_framework_at_run_time():
+def _import_graph() -> dict[str, set[str]]:
     paths = {_module_name(p): p for p in FRAMEWORK.rglob("*.py")}
-    graph = {name: _runtime_imports(p, set(paths)) - {name} for name, p in paths.items()}
-    assert len(graph) > 30 and "framework.step" in graph["framework.engine"]
+    graph = {name: _imports(p, set(paths)) - {name} for name, p in paths.items()}
+    # A submodule importing its own package's __init__ (``from . import x`` of a name defined there) is a cycle
+    # only if that __init__ imports the submodule back; both edges are in the graph, so it is found like any other.
+    return graph
+
+
+def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     done: set[str] = set()
 
-    def visit(node: str, stack: list[str]) -> None:
-        assert node not in stack, f"circular import: {' -> '.join([*stack, node])}"
+    def visit(node: str, stack: list[str]) -> list[str] | None:
+        if node in stack:
+            return [*stack[stack.index(node) :], node]
         if node in done:
-            return
+            return None
         for dep in sorted(graph.get(node, ())):
-            visit(dep, [*stack, node])
+            found = visit(dep, [*stack, node])
+            if found:
+                return found
         done.add(node)
+        return None
 
     for name in sorted(graph):
-        visit(name, [])
-    # The check sees a cycle where there is one: it is not vacuous.
-    graph["framework.step"] = graph["framework.step"] | {"framework.engine"}
-    done.clear()
-    with pytest.raises(AssertionError, match="circular import"):
-        visit("framework.engine", [])
+        found = visit(name, [])
+        if found:
+            return found
+    return None
 
 
-def test_engine_py_stays_small():
-    lines = len((FRAMEWORK / "engine.py").read_text().splitlines())
-    assert lines <= 550, f"framework/engine.py has {lines} lines; move a part of the step into its own module"
+def test_no_import_cycles_inside_framework_function_level_imports_included():
+    graph = _import_graph()
+    assert len(graph) > 30 and "framework.step" in graph["framework.engine"]
+    cycle = _find_cycle(graph)
+    assert cycle is None, f"circular import: {' -> '.join(cycle or [])}"
+    # The check sees a cycle where there is one, also through an import inside a function: it is not vacuous.
+    probe = FRAMEWORK / "parallel" / "_probe_cycle.py"
+    probe.write_text("def f():\n    from ..engine import Engine\n")
+    try:
+        graph = _import_graph()
+        graph["framework.engine"] = graph["framework.engine"] | {"framework.parallel._probe_cycle"}
+        assert _find_cycle(graph) is not None
+    finally:
+        probe.unlink()
 
 
-# Files that talk to the strategy boundary and must not branch on which strategy it is.
-_NO_STRATEGY_BRANCHES = ("engine.py", "fit.py", "step.py", "state.py", "checkpoint.py", "evaluation.py", "predict.py")
+def test_framework_has_at_most_14_top_level_modules_and_concerns_are_packages():
+    top = sorted(p.name for p in FRAMEWORK.glob("*.py"))
+    assert len(top) <= 14, top
+    for name in ("module.py", "engine.py", "step.py", "config.py", "callbacks.py"):  # the user's half and the loop
+        assert name in top
+    packages = {p.parent.name for p in FRAMEWORK.glob("*/__init__.py")}
+    assert {"checkpoint", "data", "doctor", "parallel", "observability"} <= packages
+
+
+def _private_reach_ins(path: Path) -> list[str]:
+    """``x._name`` where ``x`` is an Engine (named ``engine``/``self.engine``, or typed Engine), outside engine.py."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            owner = ast.unparse(node.value)
+            if owner.split(".")[-1] == "engine":
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_nothing_outside_engine_py_touches_an_engine_private_member():
+    reach_ins = [r for p in FRAMEWORK.rglob("*.py") if p.name != "engine.py" for r in _private_reach_ins(p)]
+    assert reach_ins == [], reach_ins
+    probe = ROOT / "tests" / "_probe_reach.py"
+    probe.write_text("def f(engine):\n    return engine._fit, self.engine._rt\n")
+    try:
+        assert len(_private_reach_ins(probe)) == 2
+    finally:
+        probe.unlink()
+
+
+def _function(path: Path, qualname: str) -> ast.FunctionDef:
+    cls, name = qualname.split(".")
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ClassDef) and node.name == cls:
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef) and item.name == name:
+                    return item
+    raise AssertionError(f"{qualname} not found in {path}")
+
+
+def _doctor_calls(fn: ast.FunctionDef) -> list[str]:
+    return [
+        ast.unparse(node.func)
+        for node in ast.walk(fn)
+        if isinstance(node, ast.Call) and "doctor" in ast.unparse(node.func).lower()
+    ]
+
+
+def test_the_train_step_calls_no_doctor_and_shows_the_five_steps_in_order():
+    step = _function(FRAMEWORK / "engine.py", "Engine._train_step")
+    assert _doctor_calls(step) == []
+    # The five steps, as the events the step emits, appear in the canonical order in its source.
+    source = ast.unparse(step)
+    at = [source.index(f"Event.{e}") for e in ("ZERO_GRAD", "FORWARD", "LOSS", "BACKWARD", "OPTIMIZER_STEP")]
+    assert at == sorted(at)
+    # The scan would see a doctor call: it is not vacuous.
+    probe = ast.parse("class E:\n    def _train_step(self, run):\n        self.doctor.check_loss(1)\n").body[0]
+    assert _doctor_calls(probe.body[0]) == ["self.doctor.check_loss"]  # type: ignore[attr-defined]
+
+
+# Modules that talk to the strategy boundary and must not branch on which strategy it is.
+_NO_STRATEGY_BRANCHES = (
+    "engine.py", "fit.py", "step.py", "evaluation.py", "checkpoint/state.py", "checkpoint/io.py",
+    "checkpoint/store.py", "checkpoint/weights.py",
+)  # fmt: skip
 _STRATEGY_WORDS = {"ddp", "fsdp", "single"}
 _STRATEGY_TYPES = re.compile(r"DistributedDataParallel|FSDPModule|FullyShardedDataParallel|fully_shard|^DDP$|^FSDP$")
 

@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import framework
 from framework import Callback, EarlyStopping, Engine
 from tests.helpers import TinyClassifier, classification_data
 
@@ -54,11 +53,6 @@ class SGD(TinyClassifier):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
-
-
-def test_exports():
-    assert framework.Callback is Callback and framework.EarlyStopping is EarlyStopping
-    assert {"Callback", "EarlyStopping"} <= set(framework.__all__)
 
 
 def test_events_fire_in_order_between_steps_never_inside():

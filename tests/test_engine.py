@@ -55,30 +55,49 @@ class Recorder(TinyClassifier):
 # ---------------------------------------------------------------- canonical order
 
 
-def test_canonical_order_one_micro_batch_per_step():
+class Hooked(TinyClassifier):
+    """Records the real operations as they run, beside the engine's trace: forward (a pre-hook), compute_loss
+    (the call itself), backward (a hook on the loss tensor's gradient: it fires inside backward), and the
+    optimizer's zero_grad and step and the scheduler's step (wrapped)."""
+
+    def __init__(self, scheduler: bool = False) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+        self.scheduler = scheduler
+        self.register_forward_pre_hook(lambda module, args: self.ops.append("forward"))
+
+    def compute_loss(self, outputs, targets):
+        self.ops.append("loss")
+        loss = super().compute_loss(outputs, targets)
+        loss.register_hook(lambda grad: self.ops.append("backward"))
+        return loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.1)
+        zero_grad = opt.zero_grad
+        opt.zero_grad = lambda set_to_none=True: (self.ops.append("zero_grad"), zero_grad(set_to_none))  # type: ignore[method-assign]
+        opt.register_step_post_hook(lambda *args: self.ops.append("optimizer_step"))
+        if not self.scheduler:
+            return opt
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.9**s)
+        step = sched.step
+        sched.step = lambda *a: (self.ops.append("scheduler_step"), step(*a))  # type: ignore[method-assign]
+        return opt, sched
+
+
+@pytest.mark.parametrize(("micro", "per_step"), [(None, [1] * 8), (8, [4, 4, 4, 1] * 2)], ids=["one", "accumulate"])
+def test_the_trace_is_the_real_operations_in_their_canonical_order(micro, per_step):
+    # The trace is built from the loop's events; it must say what really ran, in the order it ran (the real
+    # operations' own hooks record them), and that order must be canonical.
     x, y = classification_data(100)
-    e = engine(max_epochs=2, batch_size=32, trace=True)
-    e.fit(TinyClassifier(), (x, y))
-    assert order_errors(e.trace) == []
-    # ceil(100 / 32) = 4 windows per epoch, one forward each (no accumulation).
-    assert forwards_per_step(e.trace) == [1] * 8
-    assert e.step == 8
-
-
-def test_canonical_order_with_micro_batches_and_per_step_scheduler():
-    class WithScheduler(TinyClassifier):
-        def configure_optimizers(self):
-            opt = torch.optim.SGD(self.parameters(), lr=0.1)
-            return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.9**s)
-
-    x, y = classification_data(100)
-    e = engine(max_epochs=2, batch_size=32, micro_batch_size=8, trace=True)
-    e.fit(WithScheduler(), (x, y))
-    assert order_errors(e.trace, has_scheduler=True) == []
-    # 32 / 8 = 4 micro-batches per window; the last window of each epoch has 100 - 96 = 4 items: 1 micro-batch.
-    assert forwards_per_step(e.trace) == [4, 4, 4, 1] * 2
-    # zero_grad exactly once per optimizer step, before that step's first forward.
-    assert [n for n, _, _ in e.trace].count("zero_grad") == 8
+    module = Hooked(scheduler=micro is not None)
+    e = engine(max_epochs=2, batch_size=32, micro_batch_size=micro, trace=True, doctor="off")  # (no probe calls)
+    e.fit(module, (x, y))
+    assert [name for name, *_ in e.trace] == module.ops
+    assert order_errors(e.trace, has_scheduler=module.scheduler) == []
+    # ceil(100 / 32) = 4 windows per epoch; 32 / 8 = 4 micro-batches each, and the last window's 4 items 1.
+    assert forwards_per_step(e.trace) == per_step
+    assert module.ops.count("zero_grad") == e.step == 8  # once per optimizer step, accumulation or not
 
 
 def test_order_checker_rejects_wrong_orders():

@@ -40,7 +40,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -50,6 +50,12 @@ from .fileformat import JSON, AnyOf, Bool, Float, Int, Keys, ListOf, MapOf, Mayb
 from .files import CheckpointError, CorruptCheckpointError
 from .store import publish
 from .weights import dedup_shared, with_aliases
+
+if TYPE_CHECKING:
+    from ..config import EngineConfig
+    from ..optim import Optimizers
+    from ..parallel.runtime import Runtime
+    from ..parallel.strategy import Strategy
 
 # ---------------------------------------------------------------- state: The train state: a registry of named stateful objects, and how it goes to and from a checkpoint.
 
@@ -156,7 +162,7 @@ class ModelWeights:
         state.register("model", ModelWeights(strategy, module), file="model.safetensors")
     """
 
-    def __init__(self, strategy: Any, module: nn.Module) -> None:
+    def __init__(self, strategy: Strategy, module: nn.Module) -> None:
         self.strategy, self.module = strategy, module
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -177,7 +183,7 @@ class OptimizerState:
         state.register("optimizer", OptimizerState(strategy, module, optimizer))
     """
 
-    def __init__(self, strategy: Any, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def __init__(self, strategy: Strategy, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.strategy, self.module, self.optimizer = strategy, module, optimizer
 
     def state_dict(self) -> dict[str, Any]:
@@ -393,8 +399,8 @@ def save(
     root: Path,
     name: str,
     *,
-    strategy: Any,
-    rt: Any,
+    strategy: Strategy,
+    rt: Runtime,
     fingerprint: dict[str, Any],
     monitor_value: float | None,
     keep_last: int | None,
@@ -482,8 +488,8 @@ def load(
     state: TrainState,
     reader: Any,  # framework.checkpoint.CheckpointReader
     *,
-    strategy: Any,
-    rt: Any,
+    strategy: Strategy,
+    rt: Runtime,
     fingerprint: dict[str, Any],
     seed: int,
 ) -> dict[str, Any]:
@@ -494,6 +500,34 @@ def load(
 
         load(state, CheckpointReader(path), strategy=s, rt=rt, fingerprint=fp, seed=0)
     """
+    meta = _read_meta(state, reader, fingerprint)
+    values = _read_values(state, reader, meta["state"])  # read and check everything first
+    rng = None
+    if meta["world_size"] == rt.world_size and reader.has(f"rng-rank{rt.rank}.json"):
+        rng = (reader.json(f"rng-rank{rt.rank}.json"), reader.tensors(f"rng-rank{rt.rank}.safetensors"))
+        check_rng_state(*rng, where=reader.path / f"rng-rank{rt.rank}.json")  # (a CorruptCheckpointError naming it)
+    # Then apply (every state was checked: nothing below can fail half way on a well-formed checkpoint).
+    for name, entry in state._entries.items():
+        entry.obj.load_state_dict(values[name])
+    if rng is not None:
+        set_rng_state(*rng)
+    else:
+        # Elastic resume: the data order and global batch carry over exactly, but
+        # per-rank random streams (dropout, augmentation) cannot be re-split.
+        if rt.is_main:
+            warnings.warn(
+                f"resuming a {meta['world_size']}-process checkpoint on {rt.world_size} process(es): data order, "
+                "global batch and optimizer state carry over exactly, but per-rank RNG streams (dropout, random "
+                "augmentation) cannot; they are re-seeded from (seed, step, rank)",
+                stacklevel=3,
+            )
+        step = state["counters"].step if "counters" in state.names else 0
+        seed_everything((seed * 1_000_003 + step * 101 + rt.rank) % 2**63)
+    return {"world_size": meta["world_size"], "strategy": meta["strategy"]}
+
+
+def _read_meta(state: TrainState, reader: Any, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """``state.json``, checked: its format, its schema, the run's fingerprint, one entry per registered object."""
     path = reader.path
     where = path / "state.json"
     meta = reader.json("state.json")
@@ -527,7 +561,12 @@ def load(
     for name, entry in state._entries.items():
         if entry.schema is not None:
             expect(tree[name], entry.schema, where=where, path=("state", name), hint=_CORRUPT)
-    # Read everything first.
+    return meta
+
+
+def _read_values(state: TrainState, reader: Any, tree: dict[str, Any]) -> dict[str, Any]:
+    """Every registered object's state, read (tensors, shards, JSON) and checked by its own check."""
+    where = reader.path / "state.json"
     tensors = reader.tensors("state.safetensors")
     sharded = _read_shards(state, reader) if reader.has(".metadata") else {}
     values: dict[str, Any] = {}
@@ -541,29 +580,7 @@ def load(
                 entry.check(values[name])
         except (KeyError, TypeError, ValueError, RecursionError, IndexError) as e:
             raise CorruptCheckpointError(f"{where}: state.{name}: a malformed entry ({e}); {_CORRUPT}") from None
-    rng = None
-    same_world = meta["world_size"] == rt.world_size and reader.has(f"rng-rank{rt.rank}.json")
-    if same_world:
-        rng = (reader.json(f"rng-rank{rt.rank}.json"), reader.tensors(f"rng-rank{rt.rank}.safetensors"))
-        check_rng_state(*rng, where=path / f"rng-rank{rt.rank}.json")  # (a CorruptCheckpointError naming it)
-    # Then apply (every state was checked: nothing below can fail half way on a well-formed checkpoint).
-    for name, entry in state._entries.items():
-        entry.obj.load_state_dict(values[name])
-    if rng is not None:
-        set_rng_state(*rng)
-    else:
-        # Elastic resume: the data order and global batch carry over exactly, but
-        # per-rank random streams (dropout, augmentation) cannot be re-split.
-        if rt.is_main:
-            warnings.warn(
-                f"resuming a {meta['world_size']}-process checkpoint on {rt.world_size} process(es): data order, "
-                "global batch and optimizer state carry over exactly, but per-rank RNG streams (dropout, random "
-                "augmentation) cannot; they are re-seeded from (seed, step, rank)",
-                stacklevel=3,
-            )
-        step = state["counters"].step if "counters" in state.names else 0
-        seed_everything((seed * 1_000_003 + step * 101 + rt.rank) % 2**63)
-    return {"world_size": meta["world_size"], "strategy": meta["strategy"]}
+    return values
 
 
 def _read_own_file(
@@ -627,7 +644,7 @@ _KERNEL_FLAGS = ("foreach", "fused", "capturable")
 
 
 def fingerprint(
-    config: Any, module: nn.Module, optimizers: Any, batch_size: int | None, scaler: bool = False
+    config: EngineConfig, module: nn.Module, optimizers: Optimizers, batch_size: int | None, scaler: bool = False
 ) -> dict[str, Any]:
     """What a checkpoint depends on, from the validated config: resuming with any of it changed is an error.
 

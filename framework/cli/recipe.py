@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import os
 import sys
 import types
@@ -81,52 +82,74 @@ def convert(value: Any, tp: Any, name: str) -> Any:
     if value is None:
         raise ConfigError(f"{name}: None is not allowed for a field of type {_type_name(tp)}")
     if typing.get_origin(base) is Literal:
-        choices = typing.get_args(base)
-        for c in choices:
-            if value == c or (isinstance(value, str) and value == str(c)):
-                return c
-        raise ConfigError(f"{name}={value!r}: choose one of {list(choices)}")
-    if base is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-            return value.strip().lower() in _TRUE
-        raise ConfigError(f"{name}={value!r}: expected a boolean (true/false, yes/no, 1/0)")
-    if base is int:
-        if isinstance(value, bool):  # bool is an int subclass; True as a batch size is a mistake
-            raise ConfigError(f"{name}={value!r}: expected an integer")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            text = value.strip().replace("_", "")
-            try:
-                return int(text)
-            except ValueError:
-                try:  # allow "1e5" for integers when it is whole
-                    f = float(text)
-                except ValueError:
-                    f = float("nan")
-                if f == f and f.is_integer():
-                    return int(f)
-        raise ConfigError(f"{name}={value!r}: expected an integer")
-    if base is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{name}={value!r}: expected a number")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                pass
-        raise ConfigError(f"{name}={value!r}: expected a number")
-    if base is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{name}={value!r}: expected a string")
-    raise TypeError(f"unsupported config field type {tp!r} for {name}; use int, float, str, bool, Literal or X | None")
+        return _to_choice(value, typing.get_args(base), name)
+    to = _CONVERTERS.get(base)
+    if to is None:
+        raise TypeError(
+            f"unsupported config field type {tp!r} for {name}; use int, float, str, bool, Literal or X | None"
+        )
+    converted = to(value)
+    if converted is _NO:
+        raise ConfigError(f"{name}={value!r}: expected {_EXPECTED[base]}")
+    return converted
+
+
+_NO = object()  # (what a converter returns for a value it cannot take)
+
+
+def _to_choice(value: Any, choices: tuple[Any, ...], name: str) -> Any:
+    for c in choices:
+        if value == c or (isinstance(value, str) and value == str(c)):
+            return c
+    raise ConfigError(f"{name}={value!r}: choose one of {list(choices)}")
+
+
+def _to_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    return _NO
+
+
+def _to_int(value: Any) -> Any:
+    if isinstance(value, bool):  # bool is an int subclass; True as a batch size is a mistake
+        return _NO
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else _NO
+    if not isinstance(value, str):
+        return _NO
+    text = value.strip().replace("_", "")
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:  # allow "1e5" for integers when it is whole
+        f = float(text)
+    except ValueError:
+        return _NO
+    return int(f) if math.isfinite(f) and f.is_integer() else _NO
+
+
+def _to_float(value: Any) -> Any:
+    if isinstance(value, bool):
+        return _NO
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        return float(value.strip()) if isinstance(value, str) else _NO
+    except ValueError:
+        return _NO
+
+
+def _to_str(value: Any) -> Any:
+    return str(value) if isinstance(value, (str, int, float)) and not isinstance(value, bool) else _NO
+
+
+_CONVERTERS: dict[Any, Any] = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
+_EXPECTED = {bool: "a boolean (true/false, yes/no, 1/0)", int: "an integer", float: "a number", str: "a string"}
 
 
 def _type_name(tp: Any) -> str:

@@ -507,6 +507,11 @@ class Doctor:
 
     # -- the loop's events (framework.events): the doctor is one subscriber of the stream ----------------
 
+    @property
+    def _fit_module(self) -> nn.Module:
+        assert self._module is not None, "the loop's step events come after fit_start"
+        return self._module
+
     def on_build(self, module: nn.Module, rt: Runtime) -> None:
         """The module as built, before the layout wraps or shards it: the processes' initial weights."""
         if rt.world_size > 1:
@@ -529,23 +534,23 @@ class Doctor:
 
     def on_counts(self, counts: list[Any]) -> None:
         for n in counts:
-            self.check_count(self._module, n)
+            self.check_count(self._fit_module, n)
 
     def on_forward(self, micro: int, phase: str | None, batch: Any) -> None:
         if not self.off and self.checking:
-            self._enter_watch(self._module, batch, "forward")
+            self._enter_watch(self._fit_module, batch, "forward")
 
     def on_after_forward(self, micro: int, phase: str | None, real: bool) -> None:
         if real:
-            self.check_train_mode(self._module, "forward")
+            self.check_train_mode(self._fit_module, "forward")
 
     def on_loss(self, micro: int, phase: str | None, batch: Any) -> None:
         if not self.off and self.checking and not self._ctx.watching:
-            self._enter_watch(self._module, batch, "compute_loss")  # (a later phase: the forward is shared)
+            self._enter_watch(self._fit_module, batch, "compute_loss")  # (a later phase: the forward is shared)
 
     def on_after_loss(self, micro: int, phase: str | None, loss: Any, outputs: Any) -> None:
         try:
-            self.check_loss(self._module, loss, outputs, phase=phase)
+            self.check_loss(self._fit_module, loss, outputs, phase=phase)
         finally:
             self._exit_watch()
 

@@ -21,16 +21,19 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .ddp import DDP
 from .fsdp import FSDP, default_blocks
 from .strategy import SingleProcess, Strategy
 
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
 __all__ = ["DDP", "FSDP", "SingleProcess", "Strategy", "default_blocks", "make_strategy"]
 
 
-def make_strategy(rt: Any, strategy: str = "auto", find_unused_parameters: bool | None = None) -> Strategy:
+def make_strategy(rt: Runtime, strategy: str = "auto", find_unused_parameters: bool | None = None) -> Strategy:
     """The strategy for this run: ``"auto"`` is plain for one process, DDP for several, unless the launch
     config asks for FSDP (``distributed_type: FSDP``); ``"ddp"`` and ``"fsdp"`` force one.
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .strategy import _NULL, Strategy
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
 
 
 class DDP(Strategy):
@@ -37,7 +40,7 @@ class DDP(Strategy):
 
     name = "ddp"
 
-    def __init__(self, rt: Any, find_unused_parameters: bool | None = None) -> None:
+    def __init__(self, rt: Runtime, find_unused_parameters: bool | None = None) -> None:
         super().__init__(rt)
         self.find_unused_parameters = find_unused_parameters
         self._manual = False

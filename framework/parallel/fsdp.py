@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .strategy import _NULL, Strategy
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
 
 _DEFAULT_MIN_PARAMS = 100_000
 
@@ -106,7 +109,7 @@ class FSDP(Strategy):
     name = "fsdp"
     can_skip_on_device = False  # (the deferred verdict is not implemented over sharded optimizer steps)
 
-    def __init__(self, rt: Any) -> None:
+    def __init__(self, rt: Runtime) -> None:
         super().__init__(rt)
         self.blocks: list[str] = []
 

@@ -28,9 +28,12 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
 
 PREEMPTED, INTERRUPTED = 143, 130
 
@@ -130,7 +133,7 @@ class Stops:
             return  # (nothing to agree on: the per-step path of most runs)
         self.agree(self._local_values())
 
-    def agree_now(self, rt: Any) -> None:
+    def agree_now(self, rt: Runtime) -> None:
         """One extra all-reduce (several processes): used once at the end of a fit, so a signal that came
         after the last step still stops every rank with its status."""
         if rt.world_size == 1:

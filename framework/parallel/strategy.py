@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .grads import grad_norm
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
 
 _NULL = contextlib.nullcontext()
 
@@ -28,7 +31,7 @@ class Strategy:
     name = "single"
     can_skip_on_device = True
 
-    def __init__(self, rt: Any) -> None:
+    def __init__(self, rt: Runtime) -> None:
         self.rt = rt
 
     # ---- setup

@@ -131,11 +131,7 @@ def dcgan_loop(
     ema = [p.detach().clone() for p in model.parameters()] if ema_decay is not None else None
 
     def update_ema() -> None:
-        if ema is not None:
-            assert ema_decay is not None
-            with torch.no_grad():
-                for e, p in zip(ema, model.parameters(), strict=True):
-                    e.mul_(ema_decay).add_(p, alpha=1 - ema_decay)
+        _update_ema(ema, model, ema_decay)
 
     real, noise, flags = data
     step = 0
@@ -152,10 +148,7 @@ def dcgan_loop(
             if stale_d:  # the bug: G's gradient from D before D's step (a simultaneous update)
                 stale = torch.autograd.grad(_bce(model.D(fake), 1.0), list(model.G.parameters()))
             if not (f == D_FLAG).any():
-                _clip(model.D, clip)
-                opt_d.step()
-                if sched_d is not None:
-                    sched_d.step()
+                _step(model.D, opt_d, sched_d, clip)
                 if ema_every_phase:
                     update_ema()
             # (2) Update G: maximize log(D(G(z))), with the D just updated
@@ -169,10 +162,7 @@ def dcgan_loop(
             if stop_at == ("generator", step):
                 return model, ema
             if not (f == G_FLAG).any():
-                _clip(model.G, clip)
-                opt_g.step()
-                if sched_g is not None:
-                    sched_g.step()
+                _step(model.G, opt_g, sched_g, clip)
                 update_ema()
             if lrs is not None:
                 lrs.append((opt_d.param_groups[0]["lr"], opt_g.param_groups[0]["lr"]))
@@ -180,9 +170,21 @@ def dcgan_loop(
     return model, ema
 
 
-def _clip(net: nn.Module, clip: float | None) -> None:
+def _update_ema(ema: list[torch.Tensor] | None, model: nn.Module, decay: float | None) -> None:
+    if ema is None or decay is None:
+        return
+    with torch.no_grad():
+        for e, p in zip(ema, model.parameters(), strict=True):
+            e.mul_(decay).add_(p, alpha=1 - decay)
+
+
+def _step(net: nn.Module, opt: torch.optim.Optimizer, sched: Any, clip: float | None) -> None:
+    """One phase's step: its gradients clipped by their own norm, its optimizer, then its scheduler."""
     if clip is not None:
         torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+    opt.step()
+    if sched is not None:
+        sched.step()
 
 
 def phase_trace(steps: int, micro: int, with_schedulers: bool = False, last_micro: int | None = None) -> list:
