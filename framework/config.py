@@ -273,7 +273,23 @@ class DistributedConfig:
     strategy: str = _option(
         "auto",
         _choices("auto", "ddp", "fsdp"),
-        "'auto': plain for one process, DDP for several, FSDP where the launch config asks; 'ddp' or 'fsdp' forces one",
+        "'auto': plain for one process, DDP for several, FSDP where the launch config asks, else what the sizes below say; 'ddp' (dp_replicate = world) or 'fsdp' (dp_shard = world) forces one",
+    )
+    dp_replicate_size: int | None = _option(
+        None,
+        _positive_int(2),
+        "data-parallel groups that each hold a whole (or whole sharded) copy: DDP, or HSDP across nodes",
+    )
+    dp_shard_size: int | None = _option(
+        None, _positive_int(2), "data-parallel ranks that shard parameters, gradients and optimizer state (FSDP2)"
+    )
+    tp_size: int | None = _option(
+        None,
+        _positive_int(2),
+        "ranks that split each layer of LoopModule.tp_plan() (tensor parallel); dp_replicate x dp_shard x tp = world",
+    )
+    activation_checkpointing: bool = _option(
+        False, _flag, "recompute each block (the FSDP units) in backward instead of keeping its activations"
     )
     find_unused_parameters: bool | None = _option(
         None, _flag_or_none, "DDP: parameters some steps do not use (None: an error naming them at step 1)"

@@ -319,9 +319,11 @@ class Engine:
     def _runtime(self) -> Runtime:
         if self._rt is None:
             c = self.config
+            d = c.distributed
             self._rt = make_runtime(
                 c.precision.mixed_precision, c.logging.log_with, c.checkpoint.run_dir,
-                strategy=c.distributed.strategy, timeout=c.distributed.collective_timeout,
+                strategy=d.strategy, timeout=d.collective_timeout, dp_replicate_size=d.dp_replicate_size,
+                dp_shard_size=d.dp_shard_size, tp_size=d.tp_size,
             )  # fmt: skip
         return self._rt
 

@@ -114,6 +114,7 @@ def evaluate(
     """
     was_training = module.training
     module.eval()
+    counts_here = rt.layout.reads_for_its_group(rt.rank)  # (the ranks of a TP group run the same batches)
     loss_names = [f"loss/{p}" for p in phases] if phases else ["loss"]
     loss_sums = {name: torch.zeros((), device=rt.device, dtype=torch.float64) for name in loss_names}
     count = torch.zeros((), device=rt.device, dtype=torch.float64)
@@ -132,7 +133,8 @@ def evaluate(
             real = window.micro_batches
             batches = forwards(window) if forwards is not None else list(real) or [window.filler]
             for i, batch in enumerate(batches):
-                weight = 1.0 if i < len(real) else 0.0  # a filler only tells this rank the metric names
+                # A filler only tells this rank the metric names; a TP peer's batches are its group's first rank's.
+                weight = 1.0 if i < len(real) and counts_here else 0.0
                 inputs, targets = module.split_batch(batch)
                 with rt.autocast():
                     outputs = model(inputs)
@@ -210,6 +212,7 @@ def predict(module: LoopModule, model: nn.Module, source: Source, rt: Runtime, *
     owner = type(module).__name__
     was_training = module.training
     module.eval()
+    rows_here = rt.layout.reads_for_its_group(rt.rank)  # (a TP peer runs the same batches: its rows come once)
     keys: list[int] = []  # each real micro-batch's place in the global order
     counts: list[int] = []
     parts: list[list[torch.Tensor]] = []
@@ -226,7 +229,7 @@ def predict(module: LoopModule, model: nn.Module, source: Source, rt: Runtime, *
                     spec = this_spec
                 elif this_spec != spec:
                     raise ValueError(f"{owner}.predict_step returned differently structured outputs for two batches")
-                if i < len(real):
+                if i < len(real) and rows_here:
                     keys.append(window.order[i] if i < len(window.order) else len(keys))
                     counts.append(n)
                     parts.append(leaves)

@@ -42,7 +42,8 @@ from .observability import run_info
 from .observability.metrics import MetricsLog, TrainLoss, start_trackers
 from .observability.progress import Progress
 from .optim import EMA, Optimizers, parse_optimizers, phase_is_required, takes_phase
-from .parallel import Strategy, make_strategy
+from .parallel import Initial, Strategy, make_strategy, tp
+from .parallel.build import build, builds_itself
 from .parallel.preemption import Stops
 from .parallel.runtime import Runtime
 from .step import OptimizerStep
@@ -175,8 +176,9 @@ class Fit:
     def weigh(self, window: Window) -> tuple[list[Any], list[Any], Any, torch.Tensor | None]:
         """This rank's forwards for ``window`` (real micro-batches, then zero-weight fillers: a rank with none
         left still joins the gradient all-reduce; under FSDP every rank runs as many as the busiest), the
-        loss weights ``n_i * world_size / N`` (one all-reduce for N, the window's item count over all
-        ranks), N, and the stop flags of all ranks, folded into the same all-reduce (None on one process)."""
+        loss weights ``n_i * dp_size / N`` (one all-reduce for N, the window's item count over all
+        data-parallel ranks; the ranks of a TP group read the same items and count once), N, and the stop flags of
+        all ranks, folded into the same all-reduce (None on one process)."""
         rt, module = self.rt, self.module
         batches = self.strategy.forwards(window)
         counts: list[Any] = [module.count_items(b) for b in window.micro_batches]
@@ -189,10 +191,12 @@ class Fit:
         packed = torch.as_tensor(local, device=rt.device).double().reshape(1)
         if rt.world_size > 1:
             packed = torch.cat([packed, self.stops.device_flags(rt.device)])
-        rt.all_reduce_sum(packed)
-        scale = rt.world_size / packed[0].clamp(min=1)
+        rt.all_reduce_sum(packed)  # (over every rank: the stop flags must reach all of them)
+        layout = rt.layout
+        total = packed[0] / layout.tp  # the ranks of one TP group counted the same items
+        scale = layout.dp_size / total.clamp(min=1)  # (the gradient reduction averages over the dp ranks)
         # The stop flags stay on the device; the optimizer step reads them with the NaN verdict in one go.
-        return batches, [(n * scale).float() for n in counts], packed[0], packed[1:] if rt.world_size > 1 else None
+        return batches, [(n * scale).float() for n in counts], total, packed[1:] if rt.world_size > 1 else None
 
     def compute_loss(self, outputs: Any, targets: Any, phase: str | None) -> Any:
         """``module.compute_loss(outputs, targets)``, with ``phase=`` for alternating phases."""
@@ -520,7 +524,7 @@ def source_for(
     return make_source(
         data,
         batching,
-        rank=rt.rank,
+        rank=rt.layout.dp_rank(rt.rank),  # (the ranks of one TP group read the same micro-batches)
         seed=config.seed,
         shuffle=shuffle,
         to_device=rt.to_device,
@@ -543,13 +547,13 @@ def validation_source(
 
     if isinstance(data, torch.Tensor):
         data = (data,)  # (predict on bare inputs)
-    d = config.data
+    d, dp = config.data, rt.layout.dp_size
     if micro is None:
-        micro = d.micro_batch_size or (max(1, d.batch_size // rt.world_size) if d.batch_size else 64)
+        micro = d.micro_batch_size or (max(1, d.batch_size // dp) if d.batch_size else 64)
     if isinstance(data, DataLoader):
-        batching = resolve_batching(data, None, None, rt.world_size)
+        batching = resolve_batching(data, None, None, dp)
     else:
-        batching = Batching(micro * rt.world_size, micro, 1, rt.world_size)
+        batching = Batching(micro * dp, micro, 1, dp)
     return source_for(config, rt, data, batching, shuffle=False, training=False)
 
 
@@ -574,9 +578,18 @@ def prepare_fit(
     """
     owner = type(module).__name__
     phased = takes_phase(module.compute_loss)
+    layout = rt.layout
+    tp.plan_of(module, layout.tp)  # (a plan without tp_size, or tp_size without a plan: refused before anything)
     strategy = make_strategy(rt, config.distributed.strategy, config.distributed.find_unused_parameters)
-    events.emit(Event.BUILD, module, rt)  # (before the layout applies: the doctor compares initial weights)
-    model = strategy.prepare(module, manual_sync=phased)
+    initial = None
+    if builds_itself(module):  # configure_model: on the meta device where the layout shards, seeded values after
+        build(module, rt.device, on_meta=layout.shards)
+        initial = Initial(config.seed, module.init_weights)
+    else:
+        events.emit(Event.BUILD, module, rt)  # (before the layout applies: the doctor compares initial weights)
+    model = strategy.prepare(
+        module, manual_sync=phased, checkpointing=config.distributed.activation_checkpointing, initial=initial
+    )
     eval_model = strategy.eval_model(module, model)
     if config.precision.compile:
         model = eval_model = torch.compile(model)  # type: ignore[assignment]
@@ -586,7 +599,7 @@ def prepare_fit(
             f"{owner}.compute_loss takes `phase`, so each optimizer is a phase: configure_optimizers must return a "
             'dict of named optimizers, e.g. {"discriminator": opt_d, "generator": opt_g}'
         )
-    batching = resolve_batching(train_data, config.data.batch_size, config.data.micro_batch_size, rt.world_size)
+    batching = resolve_batching(train_data, config.data.batch_size, config.data.micro_batch_size, layout.dp_size)
     source = source_for(config, rt, train_data, batching, config.data.shuffle, training=True)
     warn_one_item_batches(module, source, config.data.overfit_batches or config.data.limit_train_batches)
     val_source = validation_source(config, rt, val_data, batching.micro_batch_size) if val_data is not None else None

@@ -16,6 +16,12 @@ from torch import nn
 from .optim import fused_on_gpu
 
 
+def _default_hook(method: Any) -> Any:
+    """Marks a LoopModule hook's default, so the engine can tell whether a module overrides it."""
+    method.default_hook = True
+    return method
+
+
 class LoopModule(nn.Module):
     """An ``nn.Module`` that also knows how to compute its loss.
 
@@ -23,7 +29,8 @@ class LoopModule(nn.Module):
     ``compute_loss(outputs, targets, phase)`` for alternating optimizers, e.g. a GAN).
     Optional hooks (defaults below): ``configure_optimizers``, ``split_batch``,
     ``count_items``, ``compute_metrics``, ``configure_metrics``, ``update_metrics``,
-    ``predict_step`` and ``fsdp_blocks``.
+    ``predict_step``, ``fsdp_blocks``, and for models larger than one process ``configure_model``,
+    ``init_weights``, ``tp_plan`` and ``parallelize``.
 
     Example::
 
@@ -224,3 +231,63 @@ class LoopModule(nn.Module):
                 return list(self.transformer.h)
         """
         return None
+
+    # ---- models larger than one process (docs/DESIGN.md, "beyond data parallel")
+
+    @_default_hook
+    def configure_model(self) -> None:
+        """Build the large layers here instead of in ``__init__``: the engine calls it once, with every parameter
+        on the meta device where the layout shards (FSDP, HSDP, TP: nothing is allocated; only each rank's
+        shards are materialised after the layout applies), elsewhere on the real device. Their initial values
+        then come from :meth:`init_weights`, seeded so they are bitwise the same at every layout.
+
+        Example::
+
+            def configure_model(self):
+                self.blocks = nn.ModuleList(Block(4096) for _ in range(32))
+        """
+
+    def init_weights(self) -> None:
+        """Initialise the parameters (called by the engine after :meth:`configure_model`): default, each
+        submodule's ``reset_parameters()``. The engine runs it once per submodule that holds parameters, on
+        full-shape temporaries of that submodule (the others stand in on the meta device, where ops draw no
+        randomness), with the RNG seeded from ``(Engine seed, submodule path)``: so write it as if the whole
+        model were here, and initialise each parameter from its own shape only.
+
+        Example::
+
+            def init_weights(self):
+                for m in self.modules():
+                    if isinstance(m, nn.Linear):
+                        nn.init.normal_(m.weight, std=0.02)
+                        nn.init.zeros_(m.bias)
+        """
+        for m in self.modules():
+            reset = getattr(m, "reset_parameters", None)
+            if m is not self and callable(reset):
+                reset()
+
+    def tp_plan(self) -> dict[str, Any] | None:
+        """The tensor-parallel plan, ``{module-path pattern: style}`` (``*`` = one path component), used when
+        ``tp_size > 1``; styles ``"colwise"`` (split the output features), ``"rowwise"`` (the input features) or
+        a torch ``ParallelStyle`` (:mod:`framework.parallel.tp`). Default: None (no tensor parallelism).
+
+        Example::
+
+            def tp_plan(self):
+                return {"blocks.*.up": "colwise", "blocks.*.down": "rowwise"}
+        """
+        return None
+
+    @_default_hook
+    def parallelize(self, mesh: Any) -> None:
+        """The escape hatch: apply your own tensor parallelism on ``mesh`` (a ``DeviceMesh`` with dims
+        ``"dp_replicate"``, ``"dp_shard"`` and ``"tp"``; ``mesh["tp"]`` is this rank's TP group) instead of
+        :meth:`tp_plan`. The engine still applies activation checkpointing and FSDP over the data-parallel dims
+        afterwards.
+
+        Example::
+
+            def parallelize(self, mesh):
+                parallelize_module(self.blocks, mesh["tp"], {"*.up": ColwiseParallel(), "*.down": RowwiseParallel()})
+        """

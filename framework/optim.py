@@ -258,25 +258,26 @@ class EMA:
     def update(self, found: torch.Tensor | None = None) -> None:
         """One step of the average; ``found`` (a 0-dim tensor, 1.0 for a step the optimizer skipped on the
         device) turns it into a no-op without a host read."""
-        params = [p.detach() for p in self.params]
+        params, shadow = _locals(self.params), _locals(self.shadow)
         if found is None:
-            torch._foreach_lerp_(self.shadow, params, 1.0 - self.decay)
+            torch._foreach_lerp_(shadow, params, 1.0 - self.decay)
             return
-        weight = (1.0 - found.to(self.shadow[0].dtype if self.shadow else torch.float32)) * (1.0 - self.decay)
+        weight = (1.0 - found.to(shadow[0].dtype if shadow else torch.float32)) * (1.0 - self.decay)
         lerp: Any = torch._foreach_lerp_  # (a 0-dim tensor weight: skipped on the device, no host read)
-        lerp(self.shadow, params, weight)
+        lerp(shadow, params, weight)
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:
         """Run a block with the EMA weights in the parameters, then put the trained ones back."""
         with torch.no_grad():
-            trained = [p.detach().clone() for p in self.params]
-            torch._foreach_copy_([p.detach() for p in self.params], self.shadow)
+            params = _locals(self.params)
+            trained = [p.clone() for p in params]
+            torch._foreach_copy_(params, _locals(self.shadow))
         try:
             yield
         finally:
             with torch.no_grad():
-                torch._foreach_copy_([p.detach() for p in self.params], trained)
+                torch._foreach_copy_(_locals(self.params), trained)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Parameter name -> its average (what ``ema.safetensors`` holds)."""
@@ -301,3 +302,11 @@ class EMA:
                     saved.to(value.device), value.device_mesh, value.placements, src_data_rank=None
                 )
             value.copy_(saved)
+
+
+def _locals(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor's local values, detached: a DTensor's own shard (in place through it changes the parameter;
+    foreach ops run on shards of any meshes, which DTensors of several meshes cannot)."""
+    from torch.distributed.tensor import DTensor
+
+    return [t.detach().to_local() if isinstance(t, DTensor) else t.detach() for t in tensors]

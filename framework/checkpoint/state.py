@@ -619,14 +619,16 @@ def _read_shards(state: TrainState, reader: Any) -> dict[str, torch.Tensor]:
     from . import shards as dcp
 
     directory = reader.path  # (DCP's .metadata and __R_0.distcp files, verified with the rest)
-    template: dict[str, torch.Tensor] = {}
+    template: dict[str, torch.Tensor] = {}  # this run's shards
+    whole: dict[str, torch.Tensor] = {}  # this run's whole tensors (a layout may shard what another keeps whole)
     for name, entry in state._entries.items():
         current = entry.obj.state_dict()
         if entry.file is not None:
             template.update({f"{name}/{k}": torch.empty_like(v) for k, v in current.items() if _is_dtensor(v)})
+            whole.update({f"{name}/{k}": v for k, v in current.items() if not _is_dtensor(v)})
         else:
             found: dict[str, torch.Tensor] = {}
-            flatten(current, {}, name, found)
+            flatten(current, whole, name, found)
             template.update({k: torch.empty_like(v) for k, v in found.items()})
     if not template:
         return dcp.load_full(directory)
@@ -634,6 +636,9 @@ def _read_shards(state: TrainState, reader: Any) -> dict[str, torch.Tensor]:
     missing = sorted(set(template) - set(meta.state_dict_metadata))
     if missing:
         raise CorruptCheckpointError(f"{directory / dcp.METADATA}: no shards for {missing[:4]}; {_CORRUPT}")
+    # Tensors this run holds whole but the checkpoint's layout sharded (a LayerNorm under FSDP x TP, resumed on
+    # TP alone) are read whole from the shards.
+    template.update({k: torch.empty(v.shape, dtype=v.dtype) for k, v in whole.items() if k in meta.state_dict_metadata})
     dcp.load(template, directory)
     return template
 

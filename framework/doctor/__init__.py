@@ -522,7 +522,7 @@ class Doctor:
         rt = fit.rt
         self.start_fit(
             fit.module, opts if len(opts) > 1 else opts[0], fit.batching, fit.train_data, fit.val_data,
-            is_main=rt.is_main, strategy=fit.strategy.name, device_type=rt.device.type, phases=fit.phases,
+            is_main=rt.is_main, strategy=fit.strategy.family, device_type=rt.device.type, phases=fit.phases,
             reduce=rt.all_reduce_sum if rt.world_size > 1 else None,
         )  # fmt: skip
         self._module = fit.module

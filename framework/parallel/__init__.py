@@ -4,8 +4,13 @@ the checkpoint code and the doctor talk to.
 - :class:`SingleProcess` (``"single"``): the module itself, on this process's device.
 - :class:`DDP` (``"ddp"``): every process holds the whole model; gradients are averaged (torch's
   ``DistributedDataParallel``, or a bucketed all-reduce per phase for alternating optimizers).
-- :class:`FSDP` (``"fsdp"``): parameters, gradients and optimizer state are sharded over the
-  processes (torch's FSDP2, ``fully_shard``), checkpoints written by ``torch.distributed.checkpoint``.
+- :class:`Sharded` (``"fsdp"``, ``"hsdp"``, ``"tp"``, ``"fsdp+tp"``, ...): every layout that splits parameters,
+  on one ``DeviceMesh`` (:mod:`framework.parallel.layout`): FSDP2's ``fully_shard`` over the data-parallel dims,
+  tensor parallelism (:mod:`framework.parallel.tp`) on the ``tp`` dim; checkpoints through
+  ``torch.distributed.checkpoint``, so they reshard to any layout.
+
+How a model is built for a layout (``configure_model`` on the meta device, seeded initial values,
+activation checkpointing) is :mod:`framework.parallel.build`.
 
 Each owns: wrapping (and ``no_sync``), the global gradient norm and clipping, the state to save
 and load, the model used for evaluation and prediction, bringing the ranks' buffers into one
@@ -24,27 +29,38 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .ddp import DDP
-from .fsdp import FSDP, default_blocks
-from .strategy import SingleProcess, Strategy
+from .layout import Layout
+from .runtime import wants_fsdp
+from .sharded import Sharded
+from .strategy import Initial, SingleProcess, Strategy, blocks_of, default_blocks
 
 if TYPE_CHECKING:
     from .runtime import Runtime
 
-__all__ = ["DDP", "FSDP", "SingleProcess", "Strategy", "default_blocks", "make_strategy"]
+__all__ = [
+    "DDP",
+    "Initial",
+    "Layout",
+    "Sharded",
+    "SingleProcess",
+    "Strategy",
+    "blocks_of",
+    "default_blocks",
+    "make_strategy",
+]
 
 
 def make_strategy(rt: Runtime, strategy: str = "auto", find_unused_parameters: bool | None = None) -> Strategy:
-    """The strategy for this run: ``"auto"`` is plain for one process, DDP for several, unless the launch
-    config asks for FSDP (``distributed_type: FSDP``); ``"ddp"`` and ``"fsdp"`` force one.
+    """The strategy for the runtime's layout (:class:`Layout`): one that splits parameters (FSDP, HSDP, TP, or
+    ``strategy="fsdp"`` / a launch config asking for FSDP) is :class:`Sharded`; whole replicas on several
+    processes (or ``strategy="ddp"``) are :class:`DDP`; one process is :class:`SingleProcess`.
 
     Example::
 
         make_strategy(make_runtime(), "auto").name   # "single"
     """
-    from .runtime import wants_fsdp
-
-    if wants_fsdp(strategy):
-        return FSDP(rt)
-    if rt.world_size > 1 or strategy == "ddp":
+    if wants_fsdp(strategy) or rt.layout.shards:
+        return Sharded(rt)
+    if rt.layout.dp_replicate > 1 or strategy == "ddp":
         return DDP(rt, find_unused_parameters)
     return SingleProcess(rt)

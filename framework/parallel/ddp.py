@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .strategy import _NULL, Strategy
+from .strategy import _NULL, Initial, Strategy
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -45,8 +45,17 @@ class DDP(Strategy):
         self.find_unused_parameters = find_unused_parameters
         self._manual = False
 
-    def prepare(self, module: nn.Module, *, manual_sync: bool = False) -> nn.Module:
-        module.to(self.rt.device)
+    family = "ddp"
+
+    def prepare(
+        self,
+        module: nn.Module,
+        *,
+        manual_sync: bool = False,
+        checkpointing: bool = False,
+        initial: Initial | None = None,
+    ) -> nn.Module:
+        self._on_device(module, checkpointing, initial)
         if manual_sync:
             self._manual = True
             self.rt.broadcast([*module.parameters(), *module.buffers()])

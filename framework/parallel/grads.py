@@ -117,3 +117,34 @@ def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
             return torch.linalg.vector_norm(torch.stack(norms), 2.0)
         except RuntimeError:  # gradients on several devices (a model split over GPUs)
             return torch.nn.utils.get_total_norm(grads, foreach=True)
+
+
+def sharded_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The global 2-norm of gradients that are DTensors on any meshes (FSDP, TP, both) or plain tensors
+    (a parameter every rank holds whole, e.g. a LayerNorm under TP alone): each DTensor's local shard is
+    summed over the mesh dims it is split on (``_StridedShard`` included: every placement but Replicate);
+    a plain gradient counts once. torch's ``get_total_norm`` refuses such a mix.
+
+    Example::
+
+        norm = sharded_grad_norm([p.grad for p in model.parameters() if p.grad is not None])
+    """
+    from torch.distributed.tensor import DTensor
+
+    buckets: dict[Any, list[torch.Tensor]] = {}
+    for g in grads:
+        if isinstance(g, DTensor):
+            dims = tuple(i for i, placement in enumerate(g.placements) if not placement.is_replicate())
+            buckets.setdefault((g.device_mesh, dims), []).append(g._local_tensor)
+        else:
+            buckets.setdefault(None, []).append(g)
+    total: torch.Tensor | None = None
+    for key, tensors in buckets.items():  # (the same order on every rank: the collectives match)
+        squares = torch.stack([n.float() for n in torch._foreach_norm(tensors, 2.0)]).pow(2).sum()
+        if key is not None:
+            mesh, dims = key
+            for d in dims:
+                torch.distributed.all_reduce(squares, group=mesh.get_group(d))
+        total = squares if total is None else total + squares
+    assert total is not None
+    return total.sqrt()

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from .layout import Layout
+
 _NULL = contextlib.nullcontext()  # reusable: the no-op context of the common path, without a new object per step
 
 
@@ -44,6 +46,7 @@ class Runtime:
         device: torch.device | None = None,
         mixed_precision: str = "no",
         autocast: bool = True,
+        layout: Layout | None = None,
     ):
         self.accelerator = accelerator
         if accelerator is None:  # what Accelerate would pick for this process, without Accelerate
@@ -62,6 +65,7 @@ class Runtime:
             self.is_main = accelerator.is_main_process
             self.mixed_precision = accelerator.mixed_precision
             self.scaler = accelerator.scaler  # a GradScaler under fp16, else None
+        self.layout = layout if layout is not None else Layout.resolve(self.world_size)
         self._on_cpu = self.device.type == "cpu"
         # (FSDP2 casts parameters itself, MixedPrecisionPolicy: then forward runs without autocast)
         self._amp_dtype = (
@@ -146,6 +150,9 @@ def make_runtime(
     *,
     strategy: str = "auto",
     timeout: float | None = None,
+    dp_replicate_size: int | None = None,
+    dp_shard_size: int | None = None,
+    tp_size: int | None = None,
 ) -> Runtime:
     """The runtime for this process, from ``accelerate launch``'s environment and our arguments.
 
@@ -185,22 +192,32 @@ def make_runtime(
             "(launch/cpu_fsdp.yaml on CPU), or Engine(strategy='fsdp')"
         )
     fsdp = wants_fsdp(strategy)
-    if fsdp and requested == "fp16":
-        raise ValueError('mixed_precision="fp16" with FSDP needs a sharded GradScaler; use mixed_precision="bf16"')
+    sizes: dict[str, Any] = dict(dp_replicate_size=dp_replicate_size, dp_shard_size=dp_shard_size, tp_size=tp_size)
     launched = _launched()
     if not log_with and not launched and (not fsdp or strategy == "auto") and _no_accelerate_engine():
-        return Runtime(device=torch.device("cuda" if cuda else "cpu"), mixed_precision=requested)
+        layout = Layout.resolve(1, **sizes, strategy=strategy)  # (sizes that need several processes are refused)
+        return Runtime(device=torch.device("cuda" if cuda else "cpu"), mixed_precision=requested, layout=layout)
     if launched or fsdp:
         _init_process_group(cuda, timeout)
-    if fsdp:
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    layout = Layout.resolve(world, **sizes, strategy=strategy, launch_fsdp=fsdp)
+    if (fsdp or layout.shards) and requested == "fp16":
+        raise ValueError(
+            f'mixed_precision="fp16" with a sharded layout ({layout.name}) needs a sharded GradScaler; use '
+            'mixed_precision="bf16"'
+        )
+    if fsdp or layout.shards:  # (the engine applies fully_shard and TP itself: Accelerate's plugin is not used)
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        accelerator = _accelerator(cuda, requested, log_with, project_dir, hide_fsdp=True) if log_with else None
+        # FSDP2 casts parameters itself (MixedPrecisionPolicy): forward then runs without autocast.
+        autocast = not (fsdp or layout.dp_shard > 1 or (layout.tp > 1 and layout.dp_size > 1))
+        accelerator = _accelerator(cuda, requested, log_with, project_dir, hide_layout=True) if log_with else None
         if accelerator is None:
-            return Runtime(device=device, mixed_precision=requested, autocast=False)
-        return Runtime(accelerator, autocast=False)
-    return Runtime(_accelerator(cuda, requested, log_with, project_dir, hide_fsdp=strategy == "ddp"))
+            return Runtime(device=device, mixed_precision=requested, autocast=autocast, layout=layout)
+        return Runtime(accelerator, autocast=autocast, layout=layout)
+    # (DDP: the layout is the engine's, so Accelerate sees no FSDP or parallelism request of the launch config)
+    return Runtime(_accelerator(cuda, requested, log_with, project_dir, hide_layout=True), layout=layout)
 
 
 def wants_fsdp(strategy: str) -> bool:
@@ -217,7 +234,7 @@ def wants_fsdp(strategy: str) -> bool:
     return strategy == "auto" and _env_flag("ACCELERATE_USE_FSDP") and _launched()
 
 
-def _accelerator(cuda: bool, precision: str, log_with: Any, project_dir: str | None, hide_fsdp: bool) -> Any:
+def _accelerator(cuda: bool, precision: str, log_with: Any, project_dir: str | None, hide_layout: bool) -> Any:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
@@ -225,9 +242,9 @@ def _accelerator(cuda: bool, precision: str, log_with: Any, project_dir: str | N
     # precisions; Accelerate's shared state would refuse the second one.
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    # Where the engine shards itself (or DDP is forced), Accelerate must not read the launch config's FSDP
-    # request: its plugin refuses CPU and would otherwise wrap the model its own way.
-    hidden = os.environ.pop("ACCELERATE_USE_FSDP", None) if hide_fsdp else None
+    # Where the engine lays the model out itself (or DDP is forced), Accelerate must not read the launch
+    # config's FSDP or parallelism request: its plugin refuses CPU and would otherwise wrap the model its own way.
+    hidden = {k: os.environ.pop(k) for k in _LAYOUT_FLAGS if k in os.environ} if hide_layout else {}
     try:
         accelerator = Accelerator(
             cpu=not cuda,
@@ -237,8 +254,7 @@ def _accelerator(cuda: bool, precision: str, log_with: Any, project_dir: str | N
             project_dir=project_dir,
         )
     finally:
-        if hidden is not None:
-            os.environ["ACCELERATE_USE_FSDP"] = hidden
+        os.environ.update(hidden)
     _accelerators.add(accelerator)
     _destroy_process_group_at_exit()
     return accelerator
@@ -265,6 +281,7 @@ def _init_process_group(cuda: bool, timeout: float | None) -> None:
 # the engines Accelerate sets up even for one process.
 _WORLD_SIZES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 _ACCELERATE_ENGINES = ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_MEGATRON_LM")
+_LAYOUT_FLAGS = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_PARALLELISM_CONFIG")
 
 
 def _launched() -> bool:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -14,6 +17,89 @@ if TYPE_CHECKING:
     from .runtime import Runtime
 
 _NULL = contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class Initial:
+    """A module built by ``LoopModule.configure_model``: its parameters get seeded initial values from
+    ``init()`` (the module's ``init_weights``) after the layout applied (:func:`framework.parallel.build.materialize`).
+
+    Example::
+
+        strategy.prepare(module, initial=Initial(seed=0, init=module.init_weights))
+    """
+
+    seed: int
+    init: Callable[[], None]
+
+
+_DEFAULT_MIN_PARAMS = 100_000
+
+
+def default_blocks(module: nn.Module, min_params: int | None = None) -> list[nn.Module]:
+    """The submodules FSDP shards as units of their own (each gathered only while it runs), before the root.
+
+    The default policy: every element of an ``nn.ModuleList`` or ``nn.Sequential``, at any depth, that holds
+    at least ``min_params`` parameters (a transformer's blocks, an MLP's large layers); an element below
+    the threshold is searched for such containers in turn. ``min_params`` comes from the launch config
+    (``fsdp_min_num_params``), else 100,000. With ``fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP`` and
+    ``fsdp_transformer_layer_cls_to_wrap: GPT2Block,...``, the modules of those classes instead;
+    ``NO_WRAP``: none (the root is one unit). A module overrides all of it with
+    ``LoopModule.fsdp_blocks()``.
+
+    Example::
+
+        [type(b).__name__ for b in default_blocks(gpt2_module)]   # ["GPT2Block", "GPT2Block", ...]
+    """
+    policy = os.environ.get("FSDP_AUTO_WRAP_POLICY", "SIZE_BASED_WRAP").strip().upper()
+    if policy == "NO_WRAP":
+        return []
+    if policy == "TRANSFORMER_BASED_WRAP":
+        names = {n.strip() for n in os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",") if n.strip()}
+        if not names:
+            raise ValueError(
+                "fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP needs fsdp_transformer_layer_cls_to_wrap (the block "
+                "class names, e.g. GPT2Block) in the launch config"
+            )
+        found: list[nn.Module] = []
+        for m in module.modules():
+            if type(m).__name__ in names and not any(_contains(f, m) for f in found):
+                found.append(m)
+        return found
+    if min_params is None:
+        min_params = int(os.environ.get("FSDP_MIN_NUM_PARAMS", _DEFAULT_MIN_PARAMS))
+    blocks: list[nn.Module] = []
+
+    def visit(m: nn.Module) -> None:
+        for child in m.children():
+            if isinstance(child, (nn.ModuleList, nn.Sequential)):
+                for element in child:
+                    if sum(p.numel() for p in element.parameters()) >= min_params:
+                        blocks.append(element)
+                    else:
+                        visit(element)
+            else:
+                visit(child)
+
+    visit(module)
+    return blocks
+
+
+def _contains(outer: nn.Module, inner: nn.Module) -> bool:
+    return any(m is inner for m in outer.modules())
+
+
+def blocks_of(module: nn.Module) -> list[nn.Module]:
+    """The blocks of ``module``: ``LoopModule.fsdp_blocks()`` if it returns them, else :func:`default_blocks`.
+    FSDP shards each as a unit; activation checkpointing recomputes each.
+
+    Example::
+
+        blocks_of(model)   # [model.blocks[0], model.blocks[1], ...]
+    """
+    declared = getattr(module, "fsdp_blocks", None)
+    blocks = declared() if callable(declared) else None
+    return list(blocks) if blocks is not None else default_blocks(module)
 
 
 class Strategy:
@@ -29,6 +115,7 @@ class Strategy:
     """
 
     name = "single"
+    family = "single"  # what the doctor needs to know: "single", "ddp" (whole replicas) or "fsdp" (DTensor pieces)
     can_skip_on_device = True
 
     def __init__(self, rt: Runtime) -> None:
@@ -36,11 +123,30 @@ class Strategy:
 
     # ---- setup
 
-    def prepare(self, module: nn.Module, *, manual_sync: bool = False) -> nn.Module:
+    def prepare(
+        self,
+        module: nn.Module,
+        *,
+        manual_sync: bool = False,
+        checkpointing: bool = False,
+        initial: Initial | None = None,
+    ) -> nn.Module:
         """Put ``module`` on the device and wrap it; returns the model to run forwards through.
         ``manual_sync``: alternating phases run several backwards per forward; gradients are then
-        averaged by :meth:`reduce_gradients` rather than by a wrapper's hooks."""
+        averaged by :meth:`reduce_gradients` rather than by a wrapper's hooks. ``checkpointing``: recompute
+        each block in backward. ``initial``: the module was built by ``configure_model``; give it seeded
+        initial values (the same at every layout)."""
         raise NotImplementedError
+
+    def _on_device(self, module: nn.Module, checkpointing: bool, initial: Initial | None) -> None:
+        """Whole-model strategies: the module on this device, its seeded initial values, its blocks checkpointed."""
+        from .build import checkpoint_blocks, seeded_init
+
+        module.to(self.rt.device)
+        if initial is not None:
+            seeded_init(module, initial.seed, initial.init)
+        if checkpointing:
+            checkpoint_blocks(module, blocks_of(module))
 
     # ---- the step
 
@@ -122,8 +228,16 @@ class SingleProcess(Strategy):
         model = SingleProcess(make_runtime()).prepare(module)   # module, moved to the device
     """
 
-    def prepare(self, module: nn.Module, *, manual_sync: bool = False) -> nn.Module:
-        return module.to(self.rt.device)
+    def prepare(
+        self,
+        module: nn.Module,
+        *,
+        manual_sync: bool = False,
+        checkpointing: bool = False,
+        initial: Initial | None = None,
+    ) -> nn.Module:
+        self._on_device(module, checkpointing, initial)
+        return module
 
 
 def _names(module: nn.Module) -> dict[int, str]:

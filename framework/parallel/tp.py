@@ -1,0 +1,209 @@
+"""Tensor parallelism: a module's plan, checked, then applied with torch's ``parallelize_module``.
+
+A plan (``LoopModule.tp_plan()``) maps module-path patterns to styles: ``"colwise"`` (the layer's output
+features split across the TP ranks: ``ColwiseParallel``), ``"rowwise"`` (its input features:
+``RowwiseParallel``, whose output is summed over the ranks), a few more of HuggingFace's names
+(:data:`STYLES`), or any torch ``ParallelStyle``. A ``*`` stands for one path component, as in HF
+transformers' ``base_model_tp_plan``: ``"blocks.*.up"`` matches ``blocks.0.up``, ``blocks.1.up``, ...
+
+Everything that cannot work is refused before anything runs, with the fix: a pattern that matches no
+module, a style name torch has no equivalent for, and a planned dimension that ``tp_size`` does not
+divide (torch would shard it unevenly or fail inside the first forward).
+
+Example::
+
+    def tp_plan(self):
+        return {"blocks.*.up": "colwise", "blocks.*.down": "rowwise"}
+
+    def tp_plan(self):                     # a HuggingFace model's own plan, in one line
+        return hf_tp_plan(self.lm, prefix="lm.")
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+# HuggingFace's style names (transformers' ALL_PARALLEL_STYLES) that torch's styles express exactly.
+_STYLE_NAMES = (
+    "colwise", "rowwise", "colwise_gather_output", "colwise_rep", "rowwise_split_input", "rowwise_rep",
+    "embedding_rowwise", "embedding_colwise", "sequence_parallel",
+)  # fmt: skip
+STYLES = _STYLE_NAMES
+
+
+def torch_style(style: Any, where: str) -> Any:
+    """The torch ``ParallelStyle`` for a plan's ``style`` (a name of :data:`STYLES`, or a ParallelStyle itself).
+
+    Example::
+
+        torch_style("colwise", "blocks.*.up")   # ColwiseParallel()
+    """
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        ParallelStyle,
+        RowwiseParallel,
+        SequenceParallel,
+    )
+
+    if isinstance(style, ParallelStyle):
+        return style
+    table: dict[str, Any] = {
+        "colwise": ColwiseParallel,
+        "rowwise": RowwiseParallel,
+        "colwise_gather_output": lambda: ColwiseParallel(output_layouts=Replicate()),
+        "colwise_rep": lambda: ColwiseParallel(output_layouts=Replicate()),
+        "rowwise_split_input": lambda: RowwiseParallel(input_layouts=Replicate()),
+        "rowwise_rep": lambda: RowwiseParallel(input_layouts=Replicate()),
+        "embedding_rowwise": lambda: RowwiseParallel(input_layouts=Replicate()),
+        "embedding_colwise": lambda: ColwiseParallel(output_layouts=Replicate()),
+        "sequence_parallel": SequenceParallel,
+    }
+    if not isinstance(style, str) or style not in table:
+        raise ValueError(
+            f"tp_plan()[{where!r}] = {style!r} is not a style this engine can apply; use one of "
+            f"{', '.join(repr(s) for s in table)} or a torch ParallelStyle (torch.distributed.tensor.parallel)"
+        )
+    return table[style]()
+
+
+def expand(module: nn.Module, plan: Mapping[str, Any]) -> dict[str, Any]:
+    """``{module path: style}`` for every module a pattern of ``plan`` matches (``*`` = one path component);
+    a pattern that matches nothing is a ValueError naming the close paths.
+
+    Example::
+
+        expand(model, {"blocks.*.up": "colwise"})   # {"blocks.0.up": "colwise", "blocks.1.up": "colwise"}
+    """
+    names = [n for n, _ in module.named_modules() if n]
+    out: dict[str, Any] = {}
+    for pattern, style in plan.items():
+        if not isinstance(pattern, str) or not pattern:
+            raise TypeError(f"tp_plan() keys are module-path patterns (str), got {pattern!r}")
+        parts = pattern.split(".")
+        hits = [
+            n
+            for n in names
+            if len(n.split(".")) == len(parts)
+            and all(fnmatch.fnmatchcase(a, b) for a, b in zip(n.split("."), parts, strict=True))
+        ]
+        if not hits:
+            near = [n for n in names if n.split(".")[-1] == parts[-1]][:3] or names[:3]
+            raise ValueError(
+                f"tp_plan() pattern {pattern!r} matches no module of {type(module).__name__} ('*' stands for one "
+                f"path component); module paths look like {near}"
+            )
+        out.update(dict.fromkeys(hits, style))
+    return out
+
+
+def _split_dim(style: Any, layer: nn.Module) -> tuple[str, int] | None:
+    """(what is split, its size) for the dimension ``style`` splits on ``layer``, where it can be told."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    weight = getattr(layer, "weight", None)
+    if weight is None or weight.ndim != 2:
+        return None
+    embedding = isinstance(layer, nn.Embedding)
+    if isinstance(style, ColwiseParallel):  # (Linear: out_features, dim 0; Embedding: embedding_dim, dim 1)
+        return ("embedding_dim", weight.shape[1]) if embedding else ("out_features", weight.shape[0])
+    if isinstance(style, RowwiseParallel):  # (Linear: in_features, dim 1; Embedding: num_embeddings, dim 0)
+        return ("num_embeddings", weight.shape[0]) if embedding else ("in_features", weight.shape[1])
+    return None
+
+
+def resolve(module: nn.Module, plan: Mapping[str, Any], tp: int) -> dict[str, Any]:
+    """The plan as ``{module path: torch ParallelStyle}``, checked against ``module`` and ``tp`` (see the module
+    docstring). Works on a module built on the meta device (only shapes are read).
+
+    Example::
+
+        resolve(model, {"blocks.*.up": "colwise"}, tp=2)   # {"blocks.0.up": ColwiseParallel(), ...}
+    """
+    if not isinstance(plan, Mapping) or not plan:
+        raise TypeError(f"tp_plan() must return a non-empty dict of pattern -> style, got {plan!r}")
+    owner = type(module).__name__
+    out: dict[str, Any] = {}
+    for path, style in expand(module, plan).items():
+        layer = module.get_submodule(path)
+        resolved = torch_style(style, path)
+        split = _split_dim(resolved, layer)
+        if split is not None and split[1] % tp:
+            raise ValueError(
+                f"tp_size={tp} does not divide {owner}.{path}'s {split[0]} ({split[1]}), which {style!r} splits "
+                f"across the TP ranks; use a tp_size that divides {split[1]}, or change the layer's size"
+            )
+        out[path] = resolved
+    return out
+
+
+def apply(module: nn.Module, tp_mesh: Any, plan: Mapping[str, Any]) -> None:
+    """Split the planned layers over ``tp_mesh`` (after :func:`resolve` checked the plan).
+
+    Example::
+
+        apply(model, mesh["tp"], resolve(model, model.tp_plan(), tp=2))
+    """
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    parallelize_module(module, tp_mesh, dict(plan))
+
+
+def plan_of(module: nn.Module, tp: int) -> dict[str, Any]:
+    """``module.tp_plan()``, checked against the layout's ``tp`` before anything runs: a plan needs ``tp_size > 1``
+    (else it would silently train unsplit), and ``tp_size > 1`` needs a plan or ``parallelize(mesh)``.
+    Returns the plan ({} where the module applies its own in ``parallelize``, or ``tp`` is 1 without a plan).
+
+    Example::
+
+        plan_of(model, tp=2)   # {"blocks.*.up": "colwise", ...}
+    """
+    owner = type(module).__name__
+    hook = getattr(module, "tp_plan", None)
+    plan = hook() if callable(hook) else None
+    custom = not getattr(getattr(type(module), "parallelize", None), "default_hook", True)
+    if plan and tp == 1:
+        raise ValueError(
+            f"{owner}.tp_plan() returns a tensor-parallel plan, but the layout has tp_size=1, so the layers would "
+            "train unsplit: pass Engine(tp_size=N) (N > 1, dividing the number of processes; launch them with "
+            "launch/cpu_2d.yaml or launch/fsdp_tp.yaml), or return None from tp_plan() to train without TP"
+        )
+    if tp > 1 and not plan and not custom:
+        raise ValueError(
+            f"tp_size={tp} splits layers across {tp} processes, but {owner} has no plan: define tp_plan() returning "
+            '{module-path pattern: "colwise" | "rowwise"}, e.g. {"blocks.*.up": "colwise", "blocks.*.down": '
+            '"rowwise"} (a HuggingFace model: framework.parallel.tp.hf_tp_plan(self.lm, prefix="lm.")), or '
+            "parallelize(mesh) to apply your own; or use tp_size=1"
+        )
+    return dict(plan or {})
+
+
+def hf_tp_plan(model: nn.Module, prefix: str = "") -> dict[str, str]:
+    """A HuggingFace transformers model's own tensor-parallel plan (its ``tp_plan``, else its config's
+    ``base_model_tp_plan`` under the base model's prefix), with ``prefix`` in front of every path (the
+    attribute the LoopModule keeps the HF model under). Styles HF has that torch cannot express are refused
+    when the plan is applied.
+
+    Example::
+
+        class LM(LoopModule):
+            def tp_plan(self):
+                return hf_tp_plan(self.lm, prefix="lm.")   # {"lm.model.layers.*.self_attn.q_proj": "colwise", ...}
+    """
+    plan = getattr(model, "tp_plan", None)
+    if not isinstance(plan, Mapping) or not plan:
+        config = getattr(model, "config", None)
+        base = getattr(config, "base_model_tp_plan", None) or {}
+        base_prefix = getattr(model, "base_model_prefix", "")
+        inner = f"{base_prefix}." if base_prefix and hasattr(model, base_prefix) else ""
+        plan = {f"{inner}{k}": v for k, v in base.items()}
+    if not plan:
+        raise ValueError(
+            f"{type(model).__name__} has no tensor-parallel plan (neither model.tp_plan nor "
+            "config.base_model_tp_plan); write tp_plan() yourself, e.g. {'layers.*.mlp.up_proj': 'colwise', ...}"
+        )
+    return {f"{prefix}{k}": v for k, v in plan.items()}
