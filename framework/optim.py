@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -304,9 +304,9 @@ class EMA:
             value.copy_(saved)
 
 
-def _locals(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+def _locals(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Each tensor's local values, detached: a DTensor's own shard (in place through it changes the parameter;
     foreach ops run on shards of any meshes, which DTensors of several meshes cannot)."""
     from torch.distributed.tensor import DTensor
 
-    return [t.detach().to_local() if isinstance(t, DTensor) else t.detach() for t in tensors]
+    return [t.detach().to_local() if isinstance(t, DTensor) else t.detach() for t in tensors]  # type: ignore[attr-defined]

@@ -2,6 +2,8 @@
 accelerate launch --config_file launch/cpu_ddp.yaml recipes/hf_causal_lm.py    # the target run: 2 CPU processes (gloo)
 accelerate launch --config_file launch/cpu.yaml recipes/hf_causal_lm.py        # 1 process (1 thread), same steps
 accelerate launch --config_file launch/gpu.yaml recipes/hf_causal_lm.py        # one GPU
+accelerate launch --config_file launch/cpu_2d.yaml recipes/hf_causal_lm.py     # 4 processes: dp_shard 2 x tensor parallel 2
+accelerate launch --config_file launch/cpu_ddp.yaml recipes/hf_causal_lm.py --tp-size 2   # tensor parallel over 2 processes
 python recipes/hf_causal_lm.py --micro-batch-size 8                            # 4 accumulated micro-batches per step
 python recipes/hf_causal_lm.py --smoke --run-dir /tmp/hf_causal_lm             # a few steps (CI)
 python recipes/hf_causal_lm.py --config my.yaml --hidden-size 256              # YAML file + overrides
@@ -69,6 +71,7 @@ from framework.checkpoint.weights import save_hf_artifacts
 from framework.cli.recipe import engine_options, parse_config, save_yaml
 from framework.observability.run_info import recipe_run_dir
 from framework.optim import fused_on_gpu
+from framework.parallel.tp import hf_tp_plan
 from framework.schedules import warmup_cosine
 
 IGNORE = -100  # labels the loss and the metrics skip (transformers' convention)
@@ -105,6 +108,7 @@ class Config:
     run_dir: str | None = None  # default: runs/hf_causal_lm (-2, -3, ... once used; with --resume, that one)
     checkpoint_every_n_steps: int | None = None  # also at every epoch end and when fit ends
     resume: str | None = None  # "auto": continue from the run dir's newest checkpoint (e.g. after a SLURM requeue)
+    tp_size: int | None = None  # split attention and MLP over this many processes (the model's own HF plan)
     smoke: bool = False  # a few steps of a tiny model on a few files, for CI
 
 
@@ -236,6 +240,12 @@ class CausalLM(LoopModule):
         )
         self.lm = LlamaForCausalLM(config)
 
+    def tp_plan(self) -> dict[str, str] | None:
+        # The model's own plan (attention and MLP projections; the tied embedding stays whole), when the layout
+        # has tensor parallelism: --tp-size, or the launch config's parallelism_config.
+        tp = self.cfg.tp_size or int(os.environ.get("PARALLELISM_CONFIG_TP_SIZE", "1"))
+        return hf_tp_plan(self.lm, prefix="lm.") if tp > 1 else None
+
     def forward(self, inputs: dict[str, torch.Tensor]) -> Any:
         # The whole collated dict: input_ids, attention_mask and labels, so the model computes its loss.
         return self.lm(**inputs)
@@ -316,8 +326,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     wall = time.monotonic() - t0
     baseline = unigram_loss(train, val, len(tokenizer))
     bpb = result["loss"] / math.log(2) / bytes_per_token(tokenizer, val)
+    # Every process generates (under FSDP or TP each forward is a collective); the main one prints.
+    text = sample(module, tokenizer, "def ", cfg.sample_tokens) if cfg.sample_tokens else ""
     if is_main:
-        text = sample(module, tokenizer, "def ", cfg.sample_tokens) if cfg.sample_tokens else ""
         n_tokens = sum(len(s["input_ids"]) - 1 for s in val)
         print(
             f"hf_causal_lm: val/ppl={math.exp(result['loss']):.2f} val/loss={result['loss']:.4f} "

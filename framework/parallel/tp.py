@@ -165,7 +165,8 @@ def plan_of(module: nn.Module, tp: int) -> dict[str, Any]:
     owner = type(module).__name__
     hook = getattr(module, "tp_plan", None)
     plan = hook() if callable(hook) else None
-    custom = not getattr(getattr(type(module), "parallelize", None), "default_hook", True)
+    own = getattr(type(module), "parallelize", None)
+    custom = own is not None and not getattr(own, "default_hook", False)
     if plan and tp == 1:
         raise ValueError(
             f"{owner}.tp_plan() returns a tensor-parallel plan, but the layout has tp_size=1, so the layers would "
@@ -186,7 +187,7 @@ def hf_tp_plan(model: nn.Module, prefix: str = "") -> dict[str, str]:
     """A HuggingFace transformers model's own tensor-parallel plan (its ``tp_plan``, else its config's
     ``base_model_tp_plan`` under the base model's prefix), with ``prefix`` in front of every path (the
     attribute the LoopModule keeps the HF model under). Styles HF has that torch cannot express are refused
-    when the plan is applied.
+    when the plan is applied. Tied input and output embeddings (one weight) stay whole.
 
     Example::
 
@@ -206,4 +207,18 @@ def hf_tp_plan(model: nn.Module, prefix: str = "") -> dict[str, str]:
             f"{type(model).__name__} has no tensor-parallel plan (neither model.tp_plan nor "
             "config.base_model_tp_plan); write tp_plan() yourself, e.g. {'layers.*.mlp.up_proj': 'colwise', ...}"
         )
-    return {f"{prefix}{k}": v for k, v in plan.items()}
+    tied = _tied_embeddings(model, plan)
+    return {f"{prefix}{k}": v for k, v in plan.items() if k not in tied}
+
+
+def _tied_embeddings(model: nn.Module, plan: Mapping[str, Any]) -> set[str]:
+    """The plan's entries for an input and an output embedding that share one weight (tied): they stay whole,
+    since one parameter cannot be split two ways."""
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    if not (callable(get_in) and callable(get_out)):
+        return set()
+    inp, out = get_in(), get_out()
+    if inp is None or out is None or getattr(inp, "weight", None) is not getattr(out, "weight", None):
+        return set()
+    names = {id(m): n for n, m in model.named_modules()}
+    return {k for k in plan if k in (names.get(id(inp)), names.get(id(out)))}

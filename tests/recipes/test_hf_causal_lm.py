@@ -179,6 +179,31 @@ def test_two_processes_match_one_under_accelerate_launch(reference, tmp_path):
     assert diff <= TOL, diff
 
 
+@pytest.mark.multiprocess
+def test_tensor_parallel_over_two_processes_matches_one_and_exports(reference, tmp_path):
+    # The model's own HF plan (attention and MLP split over 2 processes; the tied embedding whole) trains to the
+    # one-process parameters, and `export --hf` assembles whole weights from the shards.
+    from transformers import AutoModelForCausalLM
+
+    run_dir, _ = reference
+    tp = tmp_path / "tp"
+    proc = launch(ROOT / "recipes/hf_causal_lm.py", *SMOKE, "--run-dir", str(tp), "--tp-size", "2")
+    assert proc.stdout.count("hf_causal_lm: val/ppl=") == 1
+    assert json.loads((tp / "config.json").read_text())["resolved"]["strategy"] == "tp"
+    assert _max_diff(full_weights(tp), full_weights(run_dir)) <= TOL
+    out = tmp_path / "exported"
+    assert cli(["export", str(tp), "--hf", str(out)]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    reference_model = AutoModelForCausalLM.from_pretrained(_export(run_dir, tmp_path / "ref-export"))
+    for (name, a), (_, b) in zip(model.state_dict().items(), reference_model.state_dict().items(), strict=True):
+        assert float((a - b).abs().max()) <= TOL, name
+
+
+def _export(run_dir, out):
+    assert cli(["export", str(run_dir), "--hf", str(out)]) == 0
+    return out
+
+
 class NaiveScaling(hf.CausalLM):
     """The common bug: every micro-batch weighs the same (its token mean / accumulation steps), as a
     plain ``accelerator.backward(loss)`` loop does, whatever its number of tokens."""
