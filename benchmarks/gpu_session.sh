@@ -30,6 +30,19 @@ bench_rc=$?
 timeout 90 $PY tests/scripts/fsdp_run.py "$OUT/fsdp" --strategy fsdp --bf16 2>&1 | tail -20 | tee "$OUT/fsdp.txt"
 fsdp_rc=${PIPESTATUS[0]}
 $PY -c "import torch; r = torch.load('$OUT/fsdp/result.pt', weights_only=False); print('fsdp', r['strategy'], r['world_size'], 'step', r['step'], r['validate'])" 2>&1 | tee -a "$OUT/fsdp.txt"
+# N-D layouts over nccl (issue 25): the 2-D (dp_shard 2 x tp 2) and HSDP 2 x 2 runs, their resumes and the
+# FSDP 4 resume of tests/scripts/layouts_run.py need 4 GPUs; one GPU runs the meta-device build with activation
+# checkpointing under FSDP (a world of one). Either way the initial weights and results land in $OUT/layouts.
+ngpu=$($PY -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if [ "$ngpu" -ge 4 ]; then
+  timeout 300 $PY -m accelerate.commands.launch --config_file launch/ddp.yaml --num_processes 4 \
+    tests/scripts/layouts_run.py four "$OUT/layouts" 2>&1 | tail -20 | tee "$OUT/layouts.txt"
+else
+  echo "2-D and HSDP over nccl: skipped (they need 4 GPUs; this machine has $ngpu)" | tee "$OUT/layouts.txt"
+  mkdir -p "$OUT/layouts"
+  timeout 120 $PY tests/scripts/layouts_run.py one "$OUT/layouts" 2>&1 | tail -10 | tee -a "$OUT/layouts.txt"
+fi
+cat "$OUT"/layouts/*.json 2>/dev/null | tee -a "$OUT/layouts.txt"
 # For information (not in the exit status): the single-process suite with the GPU visible, so the
 # engine runs on CUDA; tests that compare against a hand-written CPU loop may differ there.
 # (The multiprocess tests launch launch/cpu_ddp.yaml, which is for machines without a GPU.)

@@ -282,7 +282,7 @@ class Engine:
         with run.evaluating() if run is not None else contextlib.nullcontext(), contextlib.closing(source):
             val = evaluate(
                 module, model, source, rt, self.events, self.config.data.limit_val_batches,
-                stateful=stateful, forwards=strategy.forwards,
+                stateful=stateful, forwards=strategy.forwards, no_grad=strategy.no_grad,
                 phases=run.val_phases if run is not None else _phases(module),
             )  # fmt: skip
         self.events.emit(Event.VALIDATION_END, module, {f"val/{k}": v for k, v in val.items()})
@@ -305,7 +305,7 @@ class Engine:
         rt = self._runtime()
         source = validation_source(self.config, rt, data, predicting=True)
         with run.evaluating() if run is not None else contextlib.nullcontext(), contextlib.closing(source):
-            return predict(module, model, source, rt, forwards=strategy.forwards)
+            return predict(module, model, source, rt, forwards=strategy.forwards, no_grad=strategy.no_grad)
 
     def _for_inference(self, module: LoopModule) -> tuple[Fit | None, Any, Strategy]:
         """The fit of ``module`` if there is one (its eval model and strategy), else the module on this device."""

@@ -23,6 +23,8 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -97,13 +99,15 @@ def evaluate(
     stateful: dict[str, Any] | None = None,
     forwards: Any = None,
     phases: list[str] | None = None,
+    no_grad: Callable[[], contextlib.AbstractContextManager[Any]] = torch.inference_mode,
 ) -> dict[str, float]:
     """``{"loss": ..., <compute_metrics keys>: ..., <stateful metric names>: ...}``, each exact over ``source``.
 
     ``model`` is what forwards run through (the strategy's eval model: the module, a compiled one, the
     sharded module); ``limit_batches`` caps the global batches (``limit_val_batches``);
     ``forwards(window)`` gives the batches this rank runs (the strategy's: real ones first, then zero-weight
-    fillers). ``phases``: alternating phases whose ``compute_loss`` requires a phase: each phase's loss on the
+    fillers). ``no_grad``: the strategy's (inference mode, or no_grad where a sharded model keeps buffers that
+    training writes later). ``phases``: alternating phases whose ``compute_loss`` requires a phase: each phase's loss on the
     same outputs, as ``loss/<phase>`` (a ``phase`` with a default gives one ``loss``). The module's mode is
     restored.
 
@@ -126,7 +130,7 @@ def evaluate(
         if hasattr(m, "to"):
             m.to(rt.device)
     # Validation draws on no training randomness, so a run with it matches one without.
-    with rng_preserved(rt.device), torch.inference_mode():
+    with rng_preserved(rt.device), no_grad():
         for w, window in enumerate(source.windows(epoch=0)):
             if limit_batches is not None and w >= limit_batches:
                 break
@@ -202,7 +206,15 @@ def _rows(leaves: list[Any], owner: str) -> int:
     return sizes.pop() if sizes else 0
 
 
-def predict(module: LoopModule, model: nn.Module, source: Source, rt: Runtime, *, forwards: Any = None) -> Any:
+def predict(
+    module: LoopModule,
+    model: nn.Module,
+    source: Source,
+    rt: Runtime,
+    *,
+    forwards: Any = None,
+    no_grad: Callable[[], contextlib.AbstractContextManager[Any]] = torch.inference_mode,
+) -> Any:
     """Run ``module.predict_step`` over ``source`` and return every item's output in data order.
 
     Example::
@@ -217,7 +229,7 @@ def predict(module: LoopModule, model: nn.Module, source: Source, rt: Runtime, *
     counts: list[int] = []
     parts: list[list[torch.Tensor]] = []
     spec: Any = None
-    with rng_preserved(rt.device), torch.inference_mode():
+    with rng_preserved(rt.device), no_grad():
         for window in source.windows(epoch=0):
             real = window.micro_batches
             batches = forwards(window) if forwards is not None else list(real) or [window.filler]

@@ -300,7 +300,7 @@ class Fit:
             val = evaluate(
                 self.module, self.eval_model, self.val_source, self.rt, self.events,
                 self.config.data.limit_val_batches, stateful=self.metric_objects, forwards=self.strategy.forwards,
-                phases=self.val_phases,
+                phases=self.val_phases, no_grad=self.strategy.no_grad,
             )  # fmt: skip
         metrics = {f"val/{k}": v for k, v in val.items()}
         ck = self.config.checkpoint

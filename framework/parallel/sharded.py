@@ -145,6 +145,12 @@ class Sharded(Strategy):
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # = clip_grads_with_norm_, on the local shards
         torch._foreach_mul_([_local(g) for g in grads], coef.to(_local(grads[0]).device) if grads else coef)
 
+    def no_grad(self) -> contextlib.AbstractContextManager[Any]:
+        # FSDP2 keeps its all-gather buffers from one forward to the next: made under inference mode (a
+        # validation before the first training step, e.g. right after a resume at an epoch end), they could not
+        # be written by training afterwards. no_grad tensors can.
+        return torch.no_grad()
+
     def eval_model(self, module: nn.Module, model: nn.Module) -> nn.Module:
         return module
 

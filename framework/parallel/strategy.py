@@ -175,6 +175,10 @@ class Strategy:
 
     # ---- evaluation
 
+    def no_grad(self) -> contextlib.AbstractContextManager[Any]:
+        """What validation and prediction run under: ``torch.inference_mode()`` (the cheapest)."""
+        return torch.inference_mode()
+
     def eval_model(self, module: nn.Module, model: nn.Module) -> nn.Module:
         """The model validation and prediction run through (a compiled model, the sharded module, ...)."""
         return model

@@ -111,3 +111,13 @@ def test_input_benchmark_writes_its_table_and_targets(tmp_path):
     assert re.search(r"whose `__getitem__` costs \d\.\d{3} ms \(time\.sleep", text)
     target_met(text, "Engine defaults <= 0.70x raw num_workers=0")
     target_met(text, "Engine defaults <= 0.90x raw num_workers=2")
+
+
+def test_memory_benchmark_measures_activation_checkpointing_and_checks_its_target(tmp_path):
+    out = tmp_path / "memory.md"
+    run("memory.py", "--quick", "--only", "ac", "--out", str(out))
+    text = out.read_text()
+    assert re.search(r"\| without \| \d+ \| \d+ \|", text) and re.search(
+        r"\| activation_checkpointing=True \| \d+", text
+    )
+    target_met(text, "activation memory with checkpointing <= 0.50x without")

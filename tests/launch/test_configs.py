@@ -26,6 +26,10 @@ EXPECTED = {
     "fsdp.yaml": ("FSDP", -1, "bf16"),
     "cpu_fsdp.yaml": ("FSDP", 2, "no"),
     "multinode.yaml": ("MULTI_GPU", 16, "no"),
+    "cpu_2d.yaml": ("FSDP", 4, "no"),
+    "cpu_hsdp.yaml": ("FSDP", 4, "no"),
+    "fsdp_tp.yaml": ("FSDP", 8, "bf16"),
+    "hsdp.yaml": ("FSDP", 16, "bf16"),
 }
 
 
@@ -107,6 +111,23 @@ def test_multinode_marks_its_fields_and_resolves_per_node():
     args, _ = _resolve("multinode.yaml", "--machine_rank", "1", "--main_process_port", port)
     assert args.nnodes == "2" and args.nproc_per_node == "8" and args.node_rank == 1
     assert args.rdzv_backend == "static" and args.rdzv_endpoint == f"10.0.0.1:{port}"  # node 0 hosts it
+
+
+@pytest.mark.parametrize(
+    ("name", "sizes"),
+    [("cpu_2d.yaml", (1, 2, 2)), ("cpu_hsdp.yaml", (2, 2, 1)), ("fsdp_tp.yaml", (1, 4, 2)), ("hsdp.yaml", (2, 8, 1))],
+)
+def test_layout_configs_reach_the_engine_as_a_layout_of_their_process_count(name, sizes, monkeypatch):
+    from framework.parallel import Layout
+
+    flags = ("--machine_rank", "0") if name == "hsdp.yaml" else ()
+    args, env = _resolve(name, *flags)
+    assert env["ACCELERATE_USE_PARALLELISM_CONFIG"] == "true"
+    for key, value in env.items():
+        if key.startswith(("PARALLELISM_CONFIG_", "ACCELERATE_USE_")):
+            monkeypatch.setenv(key, value)
+    layout = Layout.resolve(int(args.num_processes))  # what the engine makes of them (the product is checked)
+    assert (layout.dp_replicate, layout.dp_shard, layout.tp) == sizes
 
 
 def test_readme_covers_every_config():

@@ -18,7 +18,7 @@ import torch
 
 from framework import Callback, Engine
 from framework.checkpoint import CheckpointReader, newest_complete, read_weights
-from tests.helpers import ROOT, launch
+from tests.helpers import ACCELERATE, ROOT, launch
 from tests.procs import shared_dir
 from tests.scripts.layouts_common import GLOBAL_BATCH, TokenLM, token_data
 
@@ -145,3 +145,30 @@ def test_activation_checkpointing_changes_no_bit_and_recomputes_each_block_once(
     recomputed = single(tmp_path, "ac", micro_batch_size=8, activation_checkpointing=True)
     assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), recomputed.parameters(), strict=True))
     assert recomputed.forward_calls == 2 * plain.forward_calls
+
+
+@pytest.mark.multiprocess
+def test_a_sigterm_to_one_rank_stops_the_2x2_layout_at_one_step_and_it_resumes_bitwise(runs, tmp_path):
+    import signal
+
+    from tests.procs import Run
+
+    cmd = [
+        ACCELERATE, "launch", "--config_file", str(ROOT / "launch" / "cpu_ddp.yaml"), "--num_processes", "4",
+        str(SCRIPT), "preempt", str(tmp_path),
+    ]  # fmt: skip
+    run_dir = tmp_path / "preempt"
+    run_dir.mkdir()
+    with Run(cmd, run_dir, tmp_path / "stopped.log", world=4) as run:
+        run.wait_until(lambda: run.step() >= 2, 240, "training under way")
+        assert run.signal(3, signal.SIGTERM) is not None  # one rank of the second TP pair
+        assert run.wait(180) != 0
+        exits = run.exits()
+    assert {r: e["code"] for r, e in exits.items()} == {0: 143, 1: 143, 2: 143, 3: 143}, exits
+    assert len({e["step"] for e in exits.values()}) == 1  # every rank at the same step
+    stopped_at = exits[0]["step"]
+    assert (run_dir / "checkpoints" / f"step-{stopped_at:08d}").is_dir()
+    with Run(cmd, run_dir, tmp_path / "resumed.log", world=4) as run:
+        assert run.wait(240) == 0, run.output()[-3000:]
+    resumed, uninterrupted = final(tmp_path, "preempt"), final(runs, "2x2")
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)

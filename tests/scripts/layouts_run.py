@@ -7,6 +7,8 @@
 step-3 checkpoint on the same layout, HSDP 2 x 2 (micro 12), the same with activation checkpointing, FSDP 4
 resuming the 2 x 2 checkpoint.
 ``two`` (2 processes, after ``four``): TP 2 (micro 24, 2 per window), and TP 2 resuming the 2 x 2 checkpoint.
+``one`` (one process): FSDP in a world of one with activation checkpointing (benchmarks/gpu_session.sh).
+``preempt`` (4 processes): 2 x 2 with resume="auto", slowed down for a signal to land mid-run.
 Every run: two optimizers, an EMA, clipping, validation each epoch, the default doctor; the initial weights
 are saved at fit start (``OUT/<name>-init``), the final state by the run (``OUT/<name>/checkpoints``), and
 predictions of the validation inputs at the end (``OUT/<name>-predict.pt``, rank 0).
@@ -15,7 +17,9 @@ predictions of the validation inputs at the end (``OUT/<name>-predict.pt``, rank
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -57,6 +61,39 @@ def run(out: Path, name: str, *, tp: bool, resume: str | None = None, **layout) 
         (out / f"{name}.json").write_text(json.dumps(report))
 
 
+class Pace(Callback):
+    """Preemption: each rank's pid before the fit, rank 0's step after each step (slowed down, so a signal lands
+    mid-run), and each rank's exit code (tests/procs.Run reads them)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir, self.rank = run_dir, int(os.environ.get("RANK", "0"))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / f"pid-rank{self.rank}").write_text(str(os.getpid()))
+
+    def on_step_end(self, engine, module, metrics):
+        if self.rank == 0:
+            tmp = self.run_dir / ".step.tmp"
+            tmp.write_text(str(engine.step))
+            os.replace(tmp, self.run_dir / "step")
+        time.sleep(0.4)
+
+
+def preempt(out: Path) -> None:
+    """2 x 2 with resume="auto" in OUT/preempt: stopped by a signal, relaunched, it ends where "2x2" does."""
+    run_dir = out / "preempt"
+    pace = Pace(run_dir)
+    engine = Engine(**COMMON, dp_shard_size=2, tp_size=2, micro_batch_size=8, run_dir=str(run_dir), resume="auto",
+                    callbacks=[pace])  # fmt: skip
+    code = 0
+    try:
+        engine.fit(TokenLM(tp=True, two_optimizers=True), token_data(), token_data(40, seed=1))
+    except SystemExit as e:
+        code = int(e.code or 0)
+        raise
+    finally:
+        (run_dir / f"exit-rank{pace.rank}.json").write_text(json.dumps({"code": code, "step": engine.step}))
+
+
 def main() -> None:
     plan, out = sys.argv[1], Path(sys.argv[2])
     step3 = str(out / "2x2" / "checkpoints" / "step-00000003")
@@ -67,6 +104,10 @@ def main() -> None:
         run(out, "hsdp-ac", tp=False, dp_replicate_size=2, dp_shard_size=2, micro_batch_size=12,
             activation_checkpointing=True)  # fmt: skip
         run(out, "fsdp4-resumed", tp=False, resume=step3, dp_shard_size=4, micro_batch_size=12)
+    elif plan == "preempt":
+        preempt(out)
+    elif plan == "one":  # (one process, e.g. one GPU: meta-device build + activation checkpointing under FSDP)
+        run(out, "fsdp1-ac", tp=False, strategy="fsdp", micro_batch_size=24, activation_checkpointing=True)
     elif plan == "two":
         run(out, "tp2", tp=True, tp_size=2, micro_batch_size=24)
         run(out, "tp2-resumed", tp=True, resume=step3, tp_size=2, micro_batch_size=24)
