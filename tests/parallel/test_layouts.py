@@ -34,18 +34,22 @@ class SaveInit(Callback):
         engine.save_checkpoint(self.path)
 
 
-def single(out: Path, name: str, resume: str | None = None, module: TokenLM | None = None, **kw) -> TokenLM:
+def single(
+    out: Path, name: str, resume: str | None = None, module: TokenLM | None = None, poison: bool = False, **kw
+) -> TokenLM:
     """The token model on this one process, as layouts_run.py trains it elsewhere."""
     module = module or TokenLM(two_optimizers=True)
+    module.poisoned = poison
     callbacks = [] if resume else [SaveInit(out / f"{name}-init")]
     engine = Engine(
         batch_size=GLOBAL_BATCH, max_epochs=2, seed=0, progress=False, ema_decay=0.9, clip_grad_norm=0.2,
         micro_batch_size=kw.pop("micro_batch_size", GLOBAL_BATCH), run_dir=str(out / name), resume=resume,
         callbacks=callbacks, **kw,
     )  # fmt: skip
-    engine.fit(module, token_data(), token_data(40, seed=1))
+    engine.fit(module, token_data(poison=5 if poison else None), token_data(40, seed=1))
     torch.save(engine.predict(module, token_data(40, seed=1)[0]), out / f"{name}-predict.pt")
-    (out / f"{name}.json").write_text(json.dumps({"metrics": engine.metrics, "block_forwards": module.forward_calls}))
+    report = {"metrics": engine.metrics, "block_forwards": module.forward_calls, "skipped_steps": engine.skipped_steps}
+    (out / f"{name}.json").write_text(json.dumps(report))
     return module
 
 
@@ -54,6 +58,7 @@ def _make(out: Path) -> None:
     launch(SCRIPT, "two", str(out), timeout=300)
     single(out, "single")
     single(out, "single-resumed", resume=str(out / "2x2" / "checkpoints" / "step-00000003"))
+    single(out, "single-nan", poison=True, nan_policy="skip")
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +135,16 @@ def test_validation_ema_and_predict_agree_at_every_layout(runs):
     for n in names[1:]:
         assert rows[n].shape == rows["single"].shape
         assert float((rows[n] - rows["single"]).abs().max()) <= 1e-4, n
+
+
+@pytest.mark.multiprocess
+def test_a_nan_in_one_micro_batch_skips_that_step_on_every_rank_at_every_layout(runs):
+    reference = final(runs, "single-nan")
+    for name in ("single-nan", "2x2-nan", "tp2-nan"):  # (the poisoned sequence is in one window per epoch)
+        assert json.loads((runs / f"{name}.json").read_text())["skipped_steps"] == 2, name
+    for name in ("2x2-nan", "tp2-nan"):
+        assert max_diff(final(runs, name), reference) <= TOL, name
+    assert max_diff(reference, final(runs, "single")) > 1e-3  # (two steps fewer: the skips are real)
 
 
 @pytest.mark.multiprocess

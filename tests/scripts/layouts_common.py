@@ -42,6 +42,7 @@ class TokenLM(LoopModule):
     def __init__(self, tp: bool = False, lr: float = 0.2, two_optimizers: bool = False) -> None:
         super().__init__()
         self.tp, self.lr, self.two_optimizers = tp, lr, two_optimizers
+        self.poisoned = False  # a sequence of nothing but the last token id turns its micro-batch's loss NaN
         self.forward_calls = 0  # block forwards in training (activation checkpointing recomputes each once more)
 
     def configure_model(self) -> None:
@@ -58,6 +59,8 @@ class TokenLM(LoopModule):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.emb(ids)
+        if self.poisoned:  # (on the device: no host read)
+            x = x * torch.where((ids == VOCAB - 1).all(dim=1).any(), float("nan"), 1.0)
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x))
@@ -92,12 +95,15 @@ class TokenLM(LoopModule):
         }
 
 
-def token_data(n: int = ITEMS, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def token_data(n: int = ITEMS, seed: int = 0, poison: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` sequences of SEQ tokens whose targets are the next token, with 2..SEQ of them counting (the rest
-    padding, -100): micro-batches hold very different token counts."""
+    padding, -100): micro-batches hold very different token counts. ``poison``: that sequence is all the last
+    token id (a poisoned TokenLM's loss goes NaN on its micro-batch)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (n, SEQ + 1), generator=g)
     inputs, targets = ids[:, :-1].clone(), ids[:, 1:].clone()
     lengths = torch.randint(2, SEQ + 1, (n,), generator=g)
     targets[torch.arange(SEQ)[None, :] >= lengths[:, None]] = -100
+    if poison is not None:
+        inputs[poison] = VOCAB - 1
     return inputs, targets

@@ -5,8 +5,8 @@
 
 ``four`` (4 processes): 2 x 2 (dp_shard x tp) with micro-batches of 8 (3 per window), its resume from its
 step-3 checkpoint on the same layout, HSDP 2 x 2 (micro 12), the same with activation checkpointing, FSDP 4
-resuming the 2 x 2 checkpoint.
-``two`` (2 processes, after ``four``): TP 2 (micro 24, 2 per window), and TP 2 resuming the 2 x 2 checkpoint.
+resuming the 2 x 2 checkpoint, and 2 x 2 with a NaN planted in one sequence (nan_policy="skip").
+``two`` (2 processes, after ``four``): TP 2 (micro 24, 2 per window), and TP 2 resuming the 2 x 2 checkpoint, and 2 x 2 with a NaN planted in one sequence (nan_policy="skip").
 ``one`` (one process): FSDP in a world of one with activation checkpointing (benchmarks/gpu_session.sh).
 ``preempt`` (4 processes): 2 x 2 with resume="auto", slowed down for a signal to land mid-run.
 Every run: two optimizers, an EMA, clipping, validation each epoch, the default doctor; the initial weights
@@ -44,9 +44,12 @@ class SaveInit(Callback):
         engine.save_checkpoint(self.path)
 
 
-def run(out: Path, name: str, *, tp: bool, resume: str | None = None, **layout) -> None:
-    train, val = token_data(), token_data(40, seed=1)
+def run(out: Path, name: str, *, tp: bool, resume: str | None = None, poison: bool = False, **layout) -> None:
+    train, val = token_data(poison=5 if poison else None), token_data(40, seed=1)
     module = TokenLM(tp=tp, two_optimizers=True)
+    module.poisoned = poison
+    if poison:  # (a NaN in one micro-batch: the step is skipped on every rank, at every layout)
+        layout["nan_policy"] = "skip"
     callbacks = [] if resume else [SaveInit(out / f"{name}-init")]
     engine = Engine(**COMMON, **layout, run_dir=str(out / name), resume=resume, callbacks=callbacks)
     engine.fit(module, train, val)
@@ -57,6 +60,7 @@ def run(out: Path, name: str, *, tp: bool, resume: str | None = None, **layout) 
             "strategy": engine._fit.strategy.name,
             "block_forwards": module.forward_calls,
             "metrics": engine.metrics,
+            "skipped_steps": engine.skipped_steps,
         }
         (out / f"{name}.json").write_text(json.dumps(report))
 
@@ -104,6 +108,7 @@ def main() -> None:
         run(out, "hsdp-ac", tp=False, dp_replicate_size=2, dp_shard_size=2, micro_batch_size=12,
             activation_checkpointing=True)  # fmt: skip
         run(out, "fsdp4-resumed", tp=False, resume=step3, dp_shard_size=4, micro_batch_size=12)
+        run(out, "2x2-nan", tp=True, poison=True, dp_shard_size=2, tp_size=2, micro_batch_size=8)
     elif plan == "preempt":
         preempt(out)
     elif plan == "one":  # (one process, e.g. one GPU: meta-device build + activation checkpointing under FSDP)
@@ -111,6 +116,7 @@ def main() -> None:
     elif plan == "two":
         run(out, "tp2", tp=True, tp_size=2, micro_batch_size=24)
         run(out, "tp2-resumed", tp=True, resume=step3, tp_size=2, micro_batch_size=24)
+        run(out, "tp2-nan", tp=True, poison=True, tp_size=2, micro_batch_size=24)
     else:
         raise SystemExit(f"unknown plan {plan!r}")
 
