@@ -582,10 +582,13 @@ def prepare_fit(
     tp.plan_of(module, layout.tp)  # (a plan without tp_size, or tp_size without a plan: refused before anything)
     strategy = make_strategy(rt, config.distributed.strategy, config.distributed.find_unused_parameters)
     initial = None
-    if builds_itself(module):  # configure_model: on the meta device where the layout shards, seeded values after
+    if builds_itself(module) and not getattr(module, "built_by_engine", False):
+        # configure_model, once per module (a later fit goes on training it): on the meta device where the layout
+        # shards, seeded values once the layout applied.
         build(module, rt.device, on_meta=layout.shards)
+        module.built_by_engine = True
         initial = Initial(config.seed, module.init_weights)
-    else:
+    elif not builds_itself(module):
         events.emit(Event.BUILD, module, rt)  # (before the layout applies: the doctor compares initial weights)
     model = strategy.prepare(
         module, manual_sync=phased, checkpointing=config.distributed.activation_checkpointing, initial=initial

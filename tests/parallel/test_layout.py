@@ -127,3 +127,12 @@ def test_unit_seeds_depend_on_the_seed_and_the_path_only():
     assert torch.equal(torch.get_rng_state(), state)  # the global RNG left alone
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
     assert all(p.device.type == "cpu" and p.abs().sum() > 0 for n, p in a.named_parameters() if "weight" in n)
+
+
+def test_configure_model_runs_once_per_module_a_later_fit_goes_on_training_it():
+    module = TokenLM()
+    engine = Engine(max_steps=2, batch_size=48, progress=False)
+    engine.fit(module, token_data())
+    head, trained = module.head, module.head.weight.detach().clone()
+    engine.fit(module, token_data())  # (max_steps reached already: nothing to train, nothing rebuilt)
+    assert module.head is head and torch.equal(module.head.weight, trained)
