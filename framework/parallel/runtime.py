@@ -262,10 +262,12 @@ def _accelerator(cuda: bool, precision: str, log_with: Any, project_dir: str | N
 
 def _init_process_group(cuda: bool, timeout: float | None) -> None:
     """Create the default process group (from the launcher's RANK/WORLD_SIZE/MASTER_* variables, or a group
-    of one for FSDP in a plain process) with the collective timeout, unless one exists."""
+    of one for FSDP in a plain process) with the collective timeout, unless one exists. Either way it is torn
+    down before the interpreter is (:func:`_destroy_process_group_at_exit`)."""
     import datetime
 
-    if torch.distributed.is_initialized():
+    if torch.distributed.is_initialized():  # (the script's own group: adopted, and torn down at exit all the same)
+        _destroy_process_group_at_exit()
         return
     seconds = timeout if timeout is not None else (600.0 if cuda else 300.0)
     kwargs: dict[str, Any] = {"backend": "nccl" if cuda else "gloo", "timeout": datetime.timedelta(seconds=seconds)}
