@@ -67,7 +67,11 @@ def test_metrics_jsonl_has_train_and_epoch_records_with_sane_values(tmp_path):
     epochs = [r for r in recs if "epoch_time" in r]
     assert [r["step"] for r in train] == [3, 6, 9, 12]  # every log_every_n_steps, across epochs
     assert [(r["step"], r["epoch"]) for r in epochs] == [(7, 0), (14, 1)]
-    assert len(recs) == len(train) + len(epochs)
+    # The last record says why the run stopped; every record carries the wall clock it was written at.
+    assert recs[-1] == {**recs[-1], "step": 14, "epoch": 2, "stop": "max_epochs", "stop_reason": "max_epochs=2 reached"}
+    assert len(recs) == len(train) + len(epochs) + 1
+    stamps = [r.pop("time") for r in recs]
+    assert stamps == sorted(stamps) and all(abs(t - time.time()) < 600 for t in stamps)
     for r in train:
         assert set(r) >= {"step", "epoch", "train/loss", "lr", "train/items_per_sec", "train/grad_norm"}
         assert 0 < r["train/loss"] < 5 and r["lr"] == pytest.approx(1e-3)
@@ -214,8 +218,10 @@ def test_metrics_log_writes_only_on_the_main_process(tmp_path):
     log = MetricsLog(str(tmp_path / "main"), is_main=True, tracker=Tracker())
     log.write({"step": 1, "epoch": 0, "train/loss": 1.0, "note": "text"})
     log.close()
-    assert records(tmp_path / "main") == [{"step": 1, "epoch": 0, "train/loss": 1.0, "note": "text"}]
-    assert sent == [(1, {"epoch": 0, "train/loss": 1.0})]  # numbers only, step passed as the step
+    (written,) = records(tmp_path / "main")
+    assert written == {"step": 1, "epoch": 0, "train/loss": 1.0, "note": "text", "time": written["time"]}
+    assert abs(written["time"] - time.time()) < 60  # the wall clock it was written at
+    assert sent == [(1, {"epoch": 0, "train/loss": 1.0})]  # numbers only (no time), step passed as the step
 
 
 # ---------------------------------------------------------------- progress and summary
@@ -234,13 +240,15 @@ def test_without_a_terminal_one_plain_line_per_log_step_and_no_carriage_returns(
     assert "precision=no world_size=1" in lines[3] and "global_batch=32" in lines[3] and "accumulation=1" in lines[3]
     assert "nan_check=step " in lines[3]  # (on CPU the verdict is read at once: it costs nothing)
     assert sum(1 for line in lines if line.startswith("epoch") and "val/loss=" in line) == 2  # one per validation
-    assert lines[-1].startswith("fit done at step 14: train/loss=") and "val/loss=" in lines[-1]
+    assert lines[-1].startswith("fit done at step 14: max_epochs=2 reached; train/loss=") and "val/loss=" in lines[-1]
     assert len(lines) == 4 + 4 + 2 + 1  # summary, log steps, validations, the final line: nothing else
 
 
-def test_progress_false_prints_nothing(capsys):
+def test_progress_false_prints_only_why_the_run_stopped(capsys):
     fit(progress=False, log_every_n_steps=1)
-    assert capsys.readouterr() == ("", "")
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines() == [err.strip()]  # one line, on stderr
+    assert err.startswith("fit done at step 14: max_epochs=2 reached; train/loss=")
 
 
 def test_summary_counts_frozen_parameters_and_accumulation(capsys):
@@ -582,7 +590,8 @@ def test_resume_auto_without_a_checkpoint_starts_the_log_again_and_says_so(tmp_p
     assert "dropped 2 record(s) of an earlier start of this run (resume='auto' found no checkpoint" in (
         capsys.readouterr().err
     )
-    assert [r["step"] for r in records(tmp_path)] == [2, 4, 6]  # one run's log, not two
+    assert [r["step"] for r in records(tmp_path) if "stop" not in r] == [2, 4, 6]  # one run's log, not two
+    assert records(tmp_path)[-1]["stop"] == "max_steps"
 
 
 def test_a_resumed_run_hides_the_tensorboard_events_logged_after_its_checkpoint(tmp_path):

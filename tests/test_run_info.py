@@ -1,6 +1,6 @@
 """framework.observability.run_info: a fresh run never starts in a run dir that holds another run (its checkpoints
 would be pruned first and resume="auto" would pick the other run's), nor in one that a running fit
-writes to, and recipes default to a new dir."""
+writes to: it starts beside it (run_dir-2, -3, ...), by one rule for the Engine and the recipes."""
 
 from __future__ import annotations
 
@@ -12,7 +12,14 @@ import pytest
 import torch
 
 from framework import Engine
-from framework.observability.run_info import RunDirInUse, earlier_run, next_free_run_dir, recipe_run_dir
+from framework.observability.run_info import (
+    RunDirInUse,
+    earlier_run,
+    next_free_run_dir,
+    recipe_run_dir,
+    run_dir_for,
+    run_versions,
+)
 
 from .helpers import ROOT, CrashAt, TinyClassifier, classification_data, launch
 
@@ -29,27 +36,63 @@ def digest(run_dir) -> dict[str, str]:
     }
 
 
-def test_a_fresh_fit_refuses_a_run_dir_that_holds_checkpoints_and_leaves_it_untouched(tmp_path):
+def test_a_fresh_fit_into_a_run_dir_that_holds_a_run_starts_beside_it_and_leaves_it_untouched(tmp_path, capsys):
     data = classification_data(200)
-    engine(tmp_path, keep_last=1).fit(TinyClassifier(), data)
-    before = digest(tmp_path)
+    base = tmp_path / "run"
+    first = engine(base, keep_last=1)
+    assert first.run_dir == str(base)
+    first.fit(TinyClassifier(), data)
+    before = digest(base)
     assert any(name.startswith("checkpoints/step-") for name in before)
+    assert capsys.readouterr().err.splitlines()[0] == f"run_dir: {base}"  # said, with progress=False
 
+    second = engine(base, keep_last=1)
+    assert second.run_dir == f"{base}-2"  # known before fit: a recipe writes its files there
+    second.fit(TinyClassifier(), data)
+    assert digest(base) == before  # not a byte written there: no checkpoint pruned, no metrics appended
+    assert capsys.readouterr().err.splitlines()[0] == (
+        f"run_dir: {base}-2 ({base} holds an earlier run; a fresh run starts beside it, never in it)"
+    )
+    assert earlier_run(f"{base}-2") is not None
+    assert engine(base).run_dir == f"{base}-3"
+
+    # resume="auto" continues the newest run, the last fresh one started from this run_dir.
+    resumed = engine(base, keep_last=1, resume="auto")
+    assert resumed.run_dir == f"{base}-2"
+    resumed.fit(TinyClassifier(), data)  # it had finished: it ends at once, at the same step
+    assert resumed.step == 8 and resumed.epoch == 2 and digest(base) == before
+    assert "(the newest run of" in capsys.readouterr().err
+
+
+def test_a_run_that_starts_in_the_chosen_dir_before_fit_is_refused_and_nothing_is_written(tmp_path):
+    # The dir is chosen when the Engine is built; another run may start there before fit: it is never mixed with.
+    data = classification_data(200)
+    late = engine(tmp_path / "run")
+    engine(tmp_path / "run").fit(TinyClassifier(), data)
+    before = digest(tmp_path / "run")
     with pytest.raises(ValueError, match=r"already holds an earlier run \(checkpoints up to step-\d+\).*resume='auto'"):
-        engine(tmp_path, keep_last=1).fit(TinyClassifier(), data)
-    assert digest(tmp_path) == before  # not a byte written: no checkpoint pruned, no metrics appended
-
-    # resume="auto" continues that run instead (here it has finished: it ends at once, at the same step).
-    resumed = engine(tmp_path, keep_last=1, resume="auto").fit(TinyClassifier(), data)
-    assert resumed.step == 8 and resumed.epoch == 2
+        late.fit(TinyClassifier(), data)
+    assert digest(tmp_path / "run") == before
 
 
 def test_a_metrics_file_alone_marks_an_earlier_run(tmp_path):
     data = classification_data(200)
-    engine(tmp_path, checkpoint_every_epoch=False, log_every_n_steps=1).fit(TinyClassifier(), data)
-    assert earlier_run(tmp_path) == "a metrics.jsonl"
-    with pytest.raises(ValueError, match=r"metrics\.jsonl"):
-        engine(tmp_path, checkpoint_every_epoch=False).fit(TinyClassifier(), data)
+    engine(tmp_path / "run", checkpoint_every_epoch=False, log_every_n_steps=1).fit(TinyClassifier(), data)
+    assert earlier_run(tmp_path / "run") == "a metrics.jsonl"
+    assert engine(tmp_path / "run", checkpoint_every_epoch=False).run_dir == str(tmp_path / "run-2")
+
+
+def test_the_one_rule_counts_versions_past_the_highest_and_resume_auto_takes_the_newest(tmp_path):
+    base = str(tmp_path / "runs" / "digits")
+    assert run_dir_for(base) == base and run_dir_for(base, "auto") == base  # nothing there: start in base
+    for name in ("digits", "digits-2", "digits-7", "digits-9", "digits-02", "digitsx-3", "digits-3-2"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        if name != "digits-9":  # (a dir without a run is no version that counts)
+            (tmp_path / "runs" / name / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert [n for n, _ in run_versions(base)] == [1, 2, 7]
+    assert run_dir_for(base) == base + "-8"  # never a gap-filler: the newest run is always the highest
+    assert run_dir_for(base, "auto") == base + "-7"
+    assert run_dir_for(base, str(tmp_path / "ckpt")) == base  # an explicit checkpoint: the dir as given
 
 
 def test_a_second_fit_of_the_same_engine_continues_its_own_run(tmp_path):
@@ -79,19 +122,18 @@ def test_next_free_run_dir_counts_up_past_used_dirs(tmp_path):
     assert next_free_run_dir(base) == base + "-3"
 
 
-def test_recipe_run_dir_refuses_an_explicit_used_dir_unless_resuming(tmp_path):
+def test_recipe_run_dir_follows_the_engines_rule_for_explicit_and_default_dirs(tmp_path):
     used = tmp_path / "used"
     used.mkdir()
     (used / "metrics.jsonl").write_text('{"step": 1}\n')
-    with pytest.raises(ValueError, match=r"already holds an earlier run.*resume='auto'"):
-        recipe_run_dir(str(used), "runs/x", resume=None)
+    assert recipe_run_dir(str(used), "runs/x", resume=None) == f"{used}-2"  # never into another run
     assert recipe_run_dir(str(used), "runs/x", resume="auto") == str(used)
     base = str(tmp_path / "runs" / "x")
     assert recipe_run_dir(None, base, resume=None) == base
     (tmp_path / "runs" / "x").mkdir(parents=True)
     (tmp_path / "runs" / "x" / "metrics.jsonl").write_text('{"step": 1}\n')
     assert recipe_run_dir(None, base, resume=None) == base + "-2"
-    assert recipe_run_dir(None, base, resume="auto") == base  # resuming goes back to the default dir
+    assert recipe_run_dir(None, base, resume="auto") == base  # resuming goes back to the newest run
 
 
 def test_a_fit_refuses_a_run_dir_that_a_running_fit_holds_and_writes_nothing(tmp_path):
