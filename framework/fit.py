@@ -215,10 +215,11 @@ class Fit:
             for name, value in extras.items():
                 LoopModule.log(module, name, value)
         logged = module.__dict__.get(LOGGED)
-        if logged:  # (only where the module logs: a dict lookup per micro-batch otherwise)
+        if logged or (self.logged.active and weight is not None):  # (a dict lookup per micro-batch otherwise)
             if weight is not None:
-                self.logged.add(phase, logged, weight, f"{type(module).__name__}.forward/compute_loss")
-            logged.clear()
+                self.logged.add(phase, logged or {}, weight, f"{type(module).__name__}.forward/compute_loss")
+            if logged:
+                logged.clear()
         return loss
 
     def poison_if_nonfinite(self, scaled: torch.Tensor, window_loss: torch.Tensor | None) -> torch.Tensor:

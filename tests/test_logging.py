@@ -343,6 +343,37 @@ def test_progress_unit():
     assert stream.getvalue() == "epoch 1 step 2: loss=0.5 lr=1.000e-04 items/s=12346\n"
 
 
+def test_on_a_terminal_the_bars_loss_is_the_latest_windows_read_without_a_sync_per_step():
+    """The bar shows the loss of the latest optimizer step (a device tensor, looked at every PEEK_EVERY seconds,
+    never per step), not the record's mean since the previous log step; lr and items/s come from the record."""
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    window = {"loss": torch.tensor(0.0, dtype=torch.float64)}
+    looked = []
+
+    def latest():
+        looked.append(1)
+        return window["loss"]
+
+    p = Progress(True, True, stream=Terminal())
+    p.latest = latest
+    p.start_epoch(0, 100)
+    p.PEEK_EVERY = 3600.0  # (an instance's own: the clock decides when to look)
+    for step in range(1, 11):
+        window["loss"] = torch.tensor(1.0 / step, dtype=torch.float64)
+        p.update(1, {"train/loss": 9.0, "lr": 1e-3} if step == 5 else {}, step=step)
+    assert len(looked) == 2  # the first update (its clock starts at 0) and the log step: not every step
+    assert p._bar.postfix == "loss=0.2 lr=0.001"  # step 5's own loss, not the record's 9.0
+    p.PEEK_EVERY = 0.0
+    p.update(1, {}, step=11)
+    assert p._bar.postfix == "loss=0.1 lr=0.001"  # the latest window's, with the last record's figures
+    p.close()
+
+
 # ---------------------------------------------------------------- observation never steers
 
 

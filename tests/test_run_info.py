@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import re
 
 import pytest
 import torch
@@ -186,3 +187,72 @@ def test_the_lock_is_released_while_forked_dataloader_workers_live_on(tmp_path):
     e.max_steps = 8
     e.fit(TinyClassifier(), loader)  # the workers from the first fit are still alive
     assert e.step == 8
+
+
+# ---------------------------------------------------------------- what config.json records
+
+
+class Grouped(TinyClassifier):
+    def configure_optimizers(self):
+        first, last = self.net[0], self.net[-1]
+        opt = torch.optim.SGD(
+            [{"params": first.parameters(), "lr": 0.1, "weight_decay": 1e-4}, {"params": last.parameters()}],
+            lr=0.05, momentum=0.9,
+        )  # fmt: skip
+        return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+
+
+def test_config_json_records_the_optimizers_schedulers_callbacks_and_where_the_run_started(tmp_path):
+    import json
+    import platform
+    import sys
+
+    from framework import EarlyStopping
+
+    data = classification_data(200)
+    val = (data[0][:64], data[1][:64])
+    engine(tmp_path, callbacks=[EarlyStopping(monitor="val/acc", mode="max", patience=5)]).fit(Grouped(), data, val)
+    written = json.loads((tmp_path / "config.json").read_text())
+    resolved = written["resolved"]
+    groups = resolved["optimizer_settings"]["optimizer"]["param_groups"]
+    assert resolved["optimizer_settings"]["optimizer"]["class"] == "SGD" and len(groups) == 2
+    assert {k: groups[0][k] for k in ("params", "lr", "momentum", "weight_decay")} == {
+        "params": 2, "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4,
+    }  # fmt: skip
+    assert {k: groups[1][k] for k in ("params", "lr", "momentum", "weight_decay")} == {
+        "params": 2, "lr": 0.05, "momentum": 0.9, "weight_decay": 0,
+    }  # fmt: skip
+    assert resolved["scheduler_settings"]["optimizer"] == {"step_size": 3, "gamma": 0.5, "last_epoch": 0}
+    assert resolved["callback_settings"] == [
+        {"class": "EarlyStopping", "monitor": "val/acc", "patience": 5, "mode": "max", "min_delta": 0.0}
+    ]
+    run = written["run"]
+    assert run["torch"] == torch.__version__ and run["python"] == platform.python_version()
+    assert run["accelerate"] and run["framework"] and run["host"] and run["argv"] == sys.argv
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}", run["started"])
+    assert run["git"] is None or re.fullmatch(r"[0-9a-f]{40}", run["git"]["commit"])
+
+
+def test_git_state_names_the_commit_of_the_scripts_checkout_and_never_fails_without_one(tmp_path, monkeypatch):
+    import subprocess
+
+    from framework.observability.run_info import git_state
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    git = ["git", "-C", str(repo)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (repo / "train.py").write_text("print(1)\n")
+    subprocess.run([*git, "add", "train.py"], check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], check=True, env={**os.environ, **env})
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    assert git_state(repo) == {"commit": head, "dirty": False}
+    (repo / "train.py").write_text("print(2)\n")
+    git_state.cache_clear()
+    assert git_state(repo) == {"commit": head, "dirty": True}
+    (tmp_path / "plain").mkdir()
+    assert git_state(tmp_path / "plain") is None  # not a checkout
+    monkeypatch.setenv("PATH", str(tmp_path / "no-git-here"))
+    git_state.cache_clear()
+    assert git_state(repo) is None  # no git at all: no record, no error

@@ -156,9 +156,11 @@ class LoggedValues:
         self._window: dict[str, Any] = {}  # this step: sum of value * weight per name
         self._steps: list[Any] = []  # one [names] vector per step since the last take
         self._agreed = False
+        self.active = False  # something was logged in this fit: every real micro-batch is checked from now on
 
     def add(self, phase: str | None, values: dict[str, Any], weight: Any, owner: str) -> None:
         """One real micro-batch's values (``weight``: its loss weight, ``n_i * world_size / N``)."""
+        self.active = True
         expected = self._expected.get(phase)
         if expected is None:
             if self._order is not None:
