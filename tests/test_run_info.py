@@ -176,6 +176,21 @@ def test_under_two_processes_every_rank_refuses_a_held_run_dir(tmp_path):
     assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == [".lock"]
 
 
+@pytest.mark.multiprocess
+def test_under_two_processes_a_second_run_goes_beside_the_first_on_every_rank(tmp_path):
+    import json
+
+    launch(ROOT / "tests" / "scripts" / "run_dir_versions_ddp.py", str(tmp_path), timeout=180)
+    ranks = [{a: json.loads((tmp_path / f"rank{r}-{a}.json").read_text()) for a in ("first", "second")} for r in (0, 1)]
+    for seen in ranks:
+        assert seen["first"] == {"chosen": str(tmp_path / "run"), "used": str(tmp_path / "run")}
+        assert seen["second"] == {"chosen": str(tmp_path / "run-2"), "used": str(tmp_path / "run-2")}
+    assert not (tmp_path / "elsewhere").exists()  # rank 1's own choice was overruled by rank 0's before anything
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [4, 4]  # the first run's epoch and stop records only: the second wrote into run-2
+    assert earlier_run(tmp_path / "run-2") == "checkpoints up to step-00000004"
+
+
 def test_the_lock_is_released_while_forked_dataloader_workers_live_on(tmp_path):
     # Persistent workers share the lock's open file: closing it alone would leave the run dir locked.
     from torch.utils.data import DataLoader, TensorDataset
