@@ -419,12 +419,16 @@ def _shadow(module: nn.Module, optimizers: list[torch.optim.Optimizer]) -> Any:
     for m in module.modules():
         for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)):
             shared[id(t)] = t  # (the buffers are put back after the probe: _observing)
+    for m in module.modules():  # (after every parameter: an attribute may alias one of a later submodule)
         for v in vars(m).values():
             # Methods and functions set on the instance: the doctor's own zero_grad patch is one during the
-            # watched forward; copying it would copy the doctor, the fit and its data. Plain tensor attributes
-            # are copied, not shared: a forward may update one in place (a counter, a running statistic).
+            # watched forward; copying it would copy the doctor, the fit and its data.
             if isinstance(v, (types.MethodType, types.FunctionType)):
                 shared[id(v)] = v
+            # Plain tensor attributes are cloned, not shared: a forward may update one in place (a counter, a
+            # running statistic). Detached: one kept from a forward (self.last_hidden) has a graph to leave behind.
+            elif isinstance(v, torch.Tensor) and id(v) not in shared:
+                shared[id(v)] = v.detach().clone()
     try:
         return copy.deepcopy(module, shared)
     except Exception as e:

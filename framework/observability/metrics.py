@@ -189,6 +189,8 @@ class LoggedValues:
 
     def end_step(self) -> None:
         """The step is over: keep its values (zeros on a rank whose micro-batches were all fillers)."""
+        if self._order is not None and not self._order:
+            return  # (a fit that logs nothing: the per-step cost is this check)
         window, self._window = self._window, {}
         if self._order is None:  # the fit's first step fixes the names
             self._order = sorted(window)

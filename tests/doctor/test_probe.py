@@ -356,3 +356,16 @@ def test_the_default_doctor_catches_a_sum_loss_where_it_changes_the_result():
     assert said == [] and "one process without accumulation" in engine.doctor.not_run["loss_scaling"]
     engine, said = fit(SumLoss(), (X, Y), micro_batch_size=32, doctor="full")
     assert [f.check for f in engine.doctor.findings] == ["loss_scaling"]
+
+
+class KeepsHidden(TinyClassifier):
+    """Keeps its last hidden activations on self: a non-leaf tensor with a graph (deepcopy refuses those)."""
+
+    def forward(self, inputs):
+        self.last_hidden = self.net[0](inputs)
+        return self.net[3](self.net[2](self.net[1](self.last_hidden)))
+
+
+def test_the_probe_copes_with_a_tensor_a_forward_kept_on_the_module():
+    engine, said = fit(KeepsHidden(), (X, Y))
+    assert "count_weights" in engine.doctor.ran and said == [], engine.doctor.not_run
