@@ -462,13 +462,8 @@ def export_safetensors(
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")
     meta = {"format": "pt", "checkpoint": checkpoint.name, "prefix": prefix or ""}
-    # safetensors writes its file 0600; an exported file is for others to read: the mode a new file gets here
-    # (0644 under the usual umask), read from one created the ordinary way.
-    fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o666)
-    mode = os.fstat(fd).st_mode & 0o777
-    os.close(fd)
     save_file(tensors, str(tmp), metadata=meta)
-    os.chmod(tmp, mode)
+    os.chmod(tmp, usual_mode(target.parent))  # (safetensors writes 0600; an export is for others to read)
     os.replace(tmp, target)  # never a half-written file under the final name
     return target
 
@@ -534,7 +529,28 @@ def export_hf(path: str | os.PathLike[str] | CheckpointReader, out_dir: str | os
     if meta.get("tokenizer"):
         for f in sorted((hf_dir / TOKENIZER_DIR).iterdir()):
             shutil.copy2(f, out / f.name)
+    mode = usual_mode(out)  # (save_pretrained's safetensors are 0600; an export is for others to read)
+    for f in out.iterdir():
+        if f.is_file() and not f.is_symlink():
+            os.chmod(f, mode)
     return out
+
+
+def usual_mode(directory: Path) -> int:
+    """The mode a new file gets in ``directory`` (0644 under the usual umask 022), read from one created the
+    ordinary way: what exported files get (safetensors writes its files 0600).
+
+    Example::
+
+        os.chmod(exported, usual_mode(exported.parent))
+    """
+    probe = directory / f".mode-{os.getpid()}.tmp"
+    fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    try:
+        return os.fstat(fd).st_mode & 0o777
+    finally:
+        os.close(fd)
+        os.unlink(probe)
 
 
 # ---------------------------------------------------------------- command line
