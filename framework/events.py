@@ -144,7 +144,12 @@ class StopReason:
         return self.text
 
     def record(self) -> dict[str, Any]:
-        """The ``metrics.jsonl`` record: ``{"step", "epoch", "stop": cause, "stop_reason": text}``."""
+        """The ``metrics.jsonl`` record: ``{"step", "epoch", "stop": cause, "stop_reason": text}``.
+
+        Example::
+
+            StopReason("max_steps", "max_steps=5 reached", 5, 1).record()["stop"]   # "max_steps"
+        """
         return {"step": self.step, "epoch": self.epoch, "stop": self.cause, "stop_reason": self.text}
 
 

@@ -125,7 +125,12 @@ class Progress:
 
     def notice(self, text: str) -> None:
         """Print a line on rank 0 whatever ``enabled`` is: what a run must say (the run dir it uses, that it
-        resumed, why it stopped). On a terminal with a live bar it goes above the bar."""
+        resumed, why it stopped). On a terminal with a live bar it goes above the bar.
+
+        Example::
+
+            Progress(enabled=False, is_main=True).notice("fit done at step 100: max_steps=100 reached")
+        """
         if self.enabled:
             self.message(text)
         elif self.is_main:
