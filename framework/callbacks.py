@@ -160,6 +160,18 @@ class Callback:
                 print("resumed from", path, "at step", engine.step)
         """
 
+    def stop_reason(self) -> str | None:
+        """Why this callback stopped the run, in a sentence, once it set ``engine.should_stop`` (None: not
+        stopped, or nothing to add). The fit's last line, ``engine.stop_reason`` and the stop record of
+        ``metrics.jsonl`` say it; without it they name the callback and the event that set the flag.
+
+        Example::
+
+            def stop_reason(self):
+                return f"train/loss fell below {self.threshold}" if self.stopped else None
+        """
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state to keep in checkpoints; ``{}`` (the default) stores nothing.
 
@@ -207,6 +219,7 @@ class EarlyStopping(Callback):
             raise ValueError(f"EarlyStopping(min_delta={min_delta!r}); use a non-negative number")
         self.monitor, self.patience, self.mode, self.min_delta = monitor, patience, mode, min_delta
         self.best = math.inf if mode == "min" else -math.inf
+        self.best_step: int | None = None  # the optimizer step of the validation that set ``best``
         self.bad_epochs = 0
         self.stopped_epoch: int | None = None
 
@@ -222,7 +235,7 @@ class EarlyStopping(Callback):
             return
         value = self._value(metrics)
         if self._improved(value):
-            self.best, self.bad_epochs = value, 0
+            self.best, self.bad_epochs, self.best_step = value, 0, getattr(engine, "step", None)
         else:
             self.bad_epochs += 1
             if self.bad_epochs >= self.patience:
@@ -232,6 +245,22 @@ class EarlyStopping(Callback):
     def on_epoch_end(self, engine: Engine, module: LoopModule, metrics: dict[str, float]) -> None:
         """Fail loudly, not never stop, when the run has no validation to monitor."""
         self._value(metrics)
+
+    def stop_reason(self) -> str | None:
+        """Once it stopped the run: the monitor, its best value and that validation's step, and the patience.
+
+        Example::
+
+            es.stop_reason()   # "EarlyStopping: val/loss did not improve for 3 validations (patience=3); best val/loss=0.4132 at step 120"
+        """
+        if self.stopped_epoch is None:
+            return None
+        where = f" at step {self.best_step}" if self.best_step is not None else ""
+        delta = f" by more than min_delta={self.min_delta:g}" if self.min_delta else ""
+        return (
+            f"EarlyStopping: {self.monitor} did not improve{delta} for {self.bad_epochs} validation(s) "
+            f"(patience={self.patience}); best {self.monitor}={self.best:.4g}{where}"
+        )
 
     def _value(self, metrics: dict[str, float]) -> float:
         if self.monitor not in metrics:
@@ -245,12 +274,15 @@ class EarlyStopping(Callback):
 
         Example::
 
-            EarlyStopping().state_dict()   # {"best": inf, "bad_epochs": 0, "stopped_epoch": None}
+            EarlyStopping().state_dict()   # {"best": inf, "bad_epochs": 0, "stopped_epoch": None, "best_step": None}
         """
-        return {"best": self.best, "bad_epochs": self.bad_epochs, "stopped_epoch": self.stopped_epoch}
+        return {
+            "best": self.best, "bad_epochs": self.bad_epochs, "stopped_epoch": self.stopped_epoch,
+            "best_step": self.best_step,
+        }  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``state_dict``'s values (``stopped_epoch`` is optional, for older checkpoints).
+        """Restore ``state_dict``'s values (``stopped_epoch`` and ``best_step`` are optional, for older checkpoints).
 
         Example::
 
@@ -258,11 +290,13 @@ class EarlyStopping(Callback):
         """
         self.best, self.bad_epochs = float(state["best"]), int(state["bad_epochs"])
         self.stopped_epoch = state.get("stopped_epoch")
+        self.best_step = state.get("best_step")
 
 
 class CallbackHooks:
     """The callbacks as one subscriber of the loop's events (:mod:`framework.events`): each event calls the
-    callbacks' method of the same name, in list order, with the engine and the fit's module.
+    callbacks' method of the same name, in list order, with the engine and the fit's module. It notes which
+    callback, in which event, first set ``engine.should_stop`` (:meth:`stop_cause`: why the fit stopped).
 
     Example::
 
@@ -272,40 +306,61 @@ class CallbackHooks:
     def __init__(self, engine: Engine, callbacks: list[Callback]) -> None:
         self.engine, self.callbacks = engine, callbacks
         self.module: Any = None  # the module of the fit in progress
+        self._stopper: tuple[Callback, str, int] | None = None  # (callback, event, step) that set should_stop
+
+    def _each(self, event: str, *args: Any) -> None:
+        engine = self.engine
+        for cb in self.callbacks:
+            stopped = engine.should_stop
+            getattr(cb, event)(engine, *args)
+            if not stopped and engine.should_stop and self._stopper is None:
+                self._stopper = (cb, event, engine.step)
+
+    def stop_cause(self) -> tuple[str, str] | None:
+        """``(cause, text)`` for a fit that a callback stopped: ``"early_stopping"`` for EarlyStopping, else
+        ``"callback"``; the callback's :meth:`Callback.stop_reason`, or which callback set the flag in which
+        event at which step. A resumed run that had stopped asks its callbacks' restored state. None if no
+        callback says it stopped the fit.
+
+        Example::
+
+            hooks.stop_cause()   # ("callback", "StopAtLoss.on_step_end set engine.should_stop at step 37")
+        """
+        if self._stopper is not None:
+            cb, event, step = self._stopper
+            text = cb.stop_reason() or f"{type(cb).__name__}.{event} set engine.should_stop at step {step}"
+            return ("early_stopping" if isinstance(cb, EarlyStopping) else "callback"), text
+        for cb in self.callbacks:  # (a resumed run that had stopped: the restored state says why)
+            said = cb.stop_reason()
+            if said is not None:
+                return ("early_stopping" if isinstance(cb, EarlyStopping) else "callback"), said
+        return None
 
     def on_fit_start(self, fit: Fit) -> None:
         self.module = fit.module
-        for cb in self.callbacks:
-            cb.on_fit_start(self.engine, self.module)
+        self._stopper = None
+        self._each("on_fit_start", self.module)
 
     def on_checkpoint_load(self, path: str) -> None:
-        for cb in self.callbacks:
-            cb.on_checkpoint_load(self.engine, path)
+        self._each("on_checkpoint_load", path)
 
     def on_epoch_start(self) -> None:
-        for cb in self.callbacks:
-            cb.on_epoch_start(self.engine, self.module)
+        self._each("on_epoch_start", self.module)
 
     def on_step_end(self, record: dict[str, float]) -> None:
-        for cb in self.callbacks:
-            cb.on_step_end(self.engine, self.module, record)
+        self._each("on_step_end", self.module, record)
 
     def on_step_retracted(self, step: int) -> None:
-        for cb in self.callbacks:
-            cb.on_step_retracted(self.engine, self.module, step)
+        self._each("on_step_retracted", self.module, step)
 
     def on_validation_end(self, module: LoopModule, metrics: dict[str, float]) -> None:
-        for cb in self.callbacks:
-            cb.on_validation_end(self.engine, module, metrics)
+        self._each("on_validation_end", module, metrics)
 
     def on_checkpoint_save(self, path: str) -> None:
-        for cb in self.callbacks:
-            cb.on_checkpoint_save(self.engine, path)
+        self._each("on_checkpoint_save", path)
 
     def on_epoch_end(self, metrics: dict[str, float]) -> None:
-        for cb in self.callbacks:
-            cb.on_epoch_end(self.engine, self.module, metrics)
+        self._each("on_epoch_end", self.module, metrics)
 
     def on_fit_end(self) -> None:
-        for cb in self.callbacks:
-            cb.on_fit_end(self.engine, self.module)
+        self._each("on_fit_end", self.module)

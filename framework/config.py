@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -137,6 +138,74 @@ def _callable_or_none(name: str, value: Any) -> str | None:
     return None if value is None or callable(value) else "use a function (list of samples -> batch) or None"
 
 
+def _accumulation_hint(name: str, options: Mapping[str, Any]) -> str:
+    steps, batch = options[name], options.get("batch_size")
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    rule = "accumulation = batch_size / (micro_batch_size x world_size)"
+    if _int(steps) and steps >= 1 and _int(batch) and batch % (steps * world) == 0:
+        on = f"{world} processes" if world > 1 else "1 process"
+        return (f"the engine derives accumulation from the batch sizes ({rule}): for {steps} steps on {on}, pass "
+                f"micro_batch_size={batch // (steps * world)} with batch_size={batch}")  # fmt: skip
+    return (f"the engine derives accumulation from the batch sizes ({rule}): pass micro_batch_size = batch_size / "
+            f"({name} x world_size), e.g. batch_size=64, micro_batch_size=16 for 4 steps on 1 process")  # fmt: skip
+
+
+_PRECISIONS = {"bf16-mixed": "bf16", "bf16-true": "bf16", "16-mixed": "fp16", "16": "fp16", "32": "no", "32-true": "no"}
+
+
+def _precision_hint(name: str, options: Mapping[str, Any]) -> str:
+    value = str(options[name])
+    mapped = _PRECISIONS.get(value, value if value in ("bf16", "fp16", "no") else None)
+    example = f"mixed_precision={mapped!r}" if mapped else "mixed_precision='bf16'"
+    return f"use {example} ('no' | 'bf16' | 'fp16': autocast for forward and loss, fp32 master weights)"
+
+
+_OPTIMIZER = "the optimizer is the module's: return it from configure_optimizers, e.g. torch.optim.AdamW(self.parameters(), {}) (default: AdamW, lr=1e-3)"
+_LAUNCHER = ("processes come from the launcher, not from the Engine: accelerate launch --config_file "
+             "launch/cpu_ddp.yaml (2 CPU processes), launch/ddp.yaml (every GPU of a machine), launch/multinode.yaml "
+             "(several machines) script.py; the script does not change")  # fmt: skip
+
+# Arguments users bring from Lightning, Accelerate and the HF Trainer: what to write here instead.
+_HABITS: dict[str, Callable[[str, Mapping[str, Any]], str]] = {
+    "gradient_accumulation_steps": _accumulation_hint,
+    "accumulate_grad_batches": _accumulation_hint,
+    "lr": lambda n, o: _OPTIMIZER.format(f"lr={o[n]!r}"),
+    "learning_rate": lambda n, o: _OPTIMIZER.format(f"lr={o[n]!r}"),
+    "weight_decay": lambda n, o: _OPTIMIZER.format(f"weight_decay={o[n]!r}"),
+    "optimizer": lambda n, o: _OPTIMIZER.format("lr=3e-4"),
+    "precision": _precision_hint,
+    "devices": lambda n, o: _LAUNCHER,
+    "num_nodes": lambda n, o: _LAUNCHER,
+    "gpus": lambda n, o: _LAUNCHER,
+    "num_processes": lambda n, o: _LAUNCHER,
+    "accelerator": lambda n, o: "the device is picked for you (CUDA if present, else CPU; launch/cpu.yaml forces CPU)",
+    "gradient_clip_val": lambda n, o: f"use clip_grad_norm={o[n]!r} (the global norm; clip_grad_value clips elements)",
+    "max_grad_norm": lambda n, o: f"use clip_grad_norm={o[n]!r}",
+    "num_train_epochs": lambda n, o: f"use max_epochs={o[n]!r}",
+    "per_device_train_batch_size": lambda n, o: f"use micro_batch_size={o[n]!r} (and batch_size: the global batch)",
+    "output_dir": lambda n, o: f"use run_dir={o[n]!r}",
+    "default_root_dir": lambda n, o: f"use run_dir={o[n]!r}",
+    "ckpt_path": lambda n, o: "use resume='auto' (the newest checkpoint of run_dir) or resume=<a checkpoint dir>",
+    "resume_from_checkpoint": lambda n, o: "use resume='auto' or resume=<a checkpoint dir>",
+    "enable_progress_bar": lambda n, o: f"use progress={o[n]!r}",
+    "logging_steps": lambda n, o: f"use log_every_n_steps={o[n]!r}",
+    "save_steps": lambda n, o: f"use checkpoint_every_n_steps={o[n]!r}",
+    "val_check_interval": lambda n, o: "use val_every_n_steps=<optimizer steps> (validation at epoch ends otherwise)",
+}
+
+
+def _hints(unknown: list[str], options: Mapping[str, Any]) -> str:
+    """``'name' (what to do instead); ...``: a habit's translation, else the closest argument's name; names
+    with the same advice share it (``'devices', 'num_nodes' (processes come from the launcher ...)``)."""
+    advice: dict[str, list[str]] = {}
+    for name in unknown:
+        habit = _HABITS.get(name)
+        near = difflib.get_close_matches(name, list(_FLAT), n=1)
+        text = habit(name, options) if habit is not None else (f"did you mean {near[0]!r}?" if near else "")
+        advice.setdefault(text, []).append(repr(name))
+    return "; ".join(", ".join(names) + (f" ({text})" if text else "") for text, names in advice.items())
+
+
 def _option(default: Any, check: Callable[[str, Any], str | None], doc: str) -> Any:
     """A config field: its default, its check and its one-line documentation."""
     return field(default=default, metadata={"check": check, "doc": doc})
@@ -231,7 +300,7 @@ class CheckpointConfig:
     run_dir: str | None = _option(
         None,
         _path_or_none,
-        "metrics.jsonl, config.json and checkpoints/ go here; a fresh fit refuses a dir that holds another run",
+        "metrics.jsonl, config.json and checkpoints/ go here; where it holds an earlier run, a fresh run uses run_dir-2, -3, ... (engine.run_dir)",
     )
     checkpoint_every_n_steps: int | None = _option(None, _positive_int(500), "also checkpoint every n optimizer steps")
     checkpoint_every_epoch: bool | None = _option(
@@ -239,7 +308,11 @@ class CheckpointConfig:
     )
     checkpoint_async: bool = _option(False, _flag, "write checkpoints in a background thread")
     keep_last: int = _option(3, _count_at_least(1, 3), "newest checkpoints kept")
-    keep_best: int = _option(0, _count_at_least(0, 1), "best checkpoints kept, ranked by monitor")
+    keep_best: int = _option(
+        0,
+        _count_at_least(0, 1),
+        "best checkpoints kept, ranked by monitor (engine.best_checkpoint, load_weights(which='best'))",
+    )
     monitor: str = _option(
         "val/loss", _text, "the validation key keep_best ranks by (an error at the first validation if not logged)"
     )
@@ -247,7 +320,7 @@ class CheckpointConfig:
     resume: str | None = _option(
         None,
         _resume,
-        "None (fresh) | 'auto' (the newest complete checkpoint in run_dir, else fresh) | a checkpoint path",
+        "None (fresh) | 'auto' (the newest complete checkpoint of the newest run of run_dir, -2, -3, ..., else fresh) | a checkpoint path",
     )
 
 
@@ -341,9 +414,8 @@ class EngineConfig:
         groups = _group_fields()
         unknown = [k for k in options if k not in _FLAT]
         if unknown:
-            near = {k: difflib.get_close_matches(k, list(_FLAT), n=1) for k in unknown}
-            hints = "; ".join(f"{k!r}" + (f" (did you mean {m[0]!r}?)" if m else "") for k, m in near.items())
-            raise TypeError(f"Engine got unknown argument(s) {hints}; the arguments are listed in framework.config")
+            raise TypeError(f"Engine got unknown argument(s) {_hints(unknown, options)}; the arguments are listed in "
+                            "framework.config")  # fmt: skip
         for name, value in options.items():
             check = _FLAT[name].metadata["check"]
             problem = check(name, value)

@@ -18,19 +18,22 @@ the callbacks and the trace subscribe. What one fit works on, and everything bet
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .callbacks import Callback, CallbackHooks
+from .checkpoint import store
 from .checkpoint.state import Counters
 from .config import EngineConfig
 from .data import Window
 from .doctor import Doctor, LoopError, max_steps_override
 from .evaluation import check_metrics, evaluate, predict
-from .events import Event, Events, StepInfo, Trace
+from .events import Event, Events, StepInfo, StopReason, Trace
 from .fit import Fit, prepare_fit, validation_source
 from .guard import NonFiniteError
 from .module import LoopModule
@@ -96,9 +99,17 @@ class Engine:
         # The loop's one event stream, and who listens, in order: the trace, the doctor, the callbacks.
         self.events = Events()
         self._trace = Trace(self.counters) if self.config.logging.trace else None
-        for subscriber in (self._trace, self.doctor, CallbackHooks(self, self.callbacks)):
+        self._hooks = CallbackHooks(self, self.callbacks)
+        for subscriber in (self._trace, self.doctor, self._hooks):
             if subscriber is not None:
                 self.events.subscribe(subscriber)
+        # The run dir: run_dir as given, or a fresh version of it (run_info.run_dir_for), decided here on every
+        # rank alike (nothing that marks a run is written before every rank has joined the fit's first
+        # collective), so that engine.run_dir is known before fit; rank 0's choice is agreed on at fit start.
+        self._run_dir_given = self.config.checkpoint.run_dir
+        self._run_dir_said = False
+        if self._run_dir_given is not None:
+            self._use_run_dir(run_info.run_dir_for(self._run_dir_given, self.config.checkpoint.resume))
         # FRAMEWORK_MAX_STEPS caps it: `python -m framework doctor` runs a recipe for a few steps.
         self.max_steps = max_steps_override(self.config.stop.max_steps)
         self.metrics: dict[str, float] = {}  # the last logged values
@@ -106,6 +117,54 @@ class Engine:
         self.fitting = False
         self._rt: Runtime | None = None
         self._fit: Fit | None = None
+
+    def _use_run_dir(self, run_dir: str) -> None:
+        ck = dataclasses.replace(self.config.checkpoint, run_dir=run_dir)
+        self.config = dataclasses.replace(self.config, checkpoint=ck)
+
+    @property
+    def run_dir(self) -> str | None:
+        """The run dir this engine writes to: ``run_dir`` as given, or, where that holds an earlier run, a fresh
+        one beside it (``runs/digits-2``, ``-3``, ...; with ``resume="auto"`` the newest of them); known from
+        construction (every rank agrees on rank 0's at fit start), printed by ``fit`` on rank 0. None without
+        a run_dir.
+
+        Example::
+
+            engine = Engine(max_epochs=3, batch_size=64, run_dir="runs/digits")
+            engine.run_dir   # "runs/digits" the first time, "runs/digits-2" the next
+        """
+        return self.config.checkpoint.run_dir
+
+    @property
+    def best_checkpoint(self) -> str | None:
+        """The path of the best checkpoint kept (``keep_best``), ranked by ``monitor``/``mode`` as ``keep_best``
+        ranks them (their manifests' ``monitor_value``); None without ``keep_best`` or before one is kept.
+
+        Example::
+
+            engine = Engine(max_epochs=20, batch_size=64, run_dir="runs/digits", keep_best=1)
+            engine.fit(model, train_data, val_data)
+            framework.load_weights(Classifier(), engine.best_checkpoint)
+        """
+        ck = self.config.checkpoint
+        if ck.run_dir is None or ck.keep_best == 0:
+            return None
+        best = store.best_checkpoint(Path(ck.run_dir) / "checkpoints", ck.mode)
+        return None if best is None else str(best)
+
+    @property
+    def stop_reason(self) -> StopReason | None:
+        """Why the last fit stopped (:class:`framework.events.StopReason`: ``cause``, ``text``, ``step``, ``epoch``),
+        or None before a fit ended. Also the fit's last line and the last record of ``metrics.jsonl``.
+
+        Example::
+
+            engine.fit(model, data)
+            print(engine.stop_reason)          # "max_epochs=10 reached"
+            engine.stop_reason.cause           # "max_epochs"
+        """
+        return self._fit.stop if self._fit is not None else None
 
     @property
     def trace(self) -> list[tuple[Any, ...]] | None:
@@ -132,6 +191,8 @@ class Engine:
                 "max_time alone would train until the clock runs out"
             )
         rt = self._runtime()
+        if self._fit is None and self.config.checkpoint.run_dir is not None:
+            self._agree_on_run_dir(rt)
         run_dir = self.config.checkpoint.run_dir
         with run_info.run_dir_lock(run_dir, rt):  # (one fit at a time writes a run dir)
             if self.config.checkpoint.resume is None and self._fit is None:  # (a later fit continues its run)
@@ -141,6 +202,7 @@ class Engine:
                     self.config, self.counters, self.events, rt, module, train_data, val_data,
                     callbacks=self.callbacks, metrics=self.metrics, max_steps=self.max_steps,
                 )  # fmt: skip
+                run.stop_cause = self._hooks.stop_cause  # (why a callback stopped the fit, for its stop reason)
                 self.fitting = True
                 self._fit_loop(run)
             finally:
@@ -149,6 +211,18 @@ class Engine:
                     self._fit.close()
                 self.events.emit(Event.CLOSE)
         return self
+
+    def _agree_on_run_dir(self, rt: Runtime) -> None:
+        """Every rank writes rank 0's run dir (one broadcast); rank 0 says which, once, whatever progress= is."""
+        run_dir = self.config.checkpoint.run_dir
+        assert run_dir is not None and self._run_dir_given is not None
+        agreed = run_info.agree_on_run_dir(run_dir, rt)
+        if agreed != run_dir:
+            self._use_run_dir(agreed)
+        if rt.is_main and not self._run_dir_said:
+            self._run_dir_said = True
+            line = run_info.describe_run_dir(str(self._run_dir_given), agreed, self.config.checkpoint.resume)
+            print(line, file=sys.stderr, flush=True)
 
     def _fit_loop(self, run: Fit) -> None:
         """The fit loop: per window a train step (the five steps) and what follows it; per epoch validation."""
@@ -203,7 +277,8 @@ class Engine:
                             outputs = outputs_of[i]
                         # 3. loss
                         emit(Event.LOSS, i, phase, batch)
-                        loss = run.compute_loss(outputs, targets, phase)  # (with `phase` in alternating phases)
+                        # (with `phase` in alternating phases; what the micro-batch logged is weighed as its loss)
+                        loss = run.compute_loss(outputs, targets, phase, weights[i] if real else None)
                         emit(Event.AFTER_LOSS, i, phase, loss, outputs)
                     # 4. backward, weighted so the window's gradient is the mean over all its items
                     #    (a weight of exactly 1.0, one micro-batch on one process, changes no bit: no op)

@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .data import Source
+from .doctor.loss import split_loss
 from .events import Event, Events
 from .module import LoopModule
 from .parallel.runtime import Runtime, rng_preserved
@@ -147,6 +148,8 @@ def evaluate(
                         losses = [loss_fn(outputs, targets, phase=p) for p in phases]
                     else:
                         losses = [module.compute_loss(outputs, targets)]
+                    # ({"loss": ..., **extras}: validation reports the loss; the extras are training's logs)
+                    losses = [split_loss(loss, f"{type(module).__name__}.compute_loss")[0] for loss in losses]
                 if events is not None:
                     events.emit(Event.EVAL_FORWARD, module)  # (the doctor checks eval mode)
                 n = module.count_items(batch)

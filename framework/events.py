@@ -32,7 +32,7 @@ The events of one fit, in order (payloads in brackets; ``phase`` is the alternat
         validation_end (metrics)
         checkpoint_save (path)
       epoch_end (metrics)
-    stop (reason: str)                       why the fit ends (max_steps, EarlyStopping, preemption, ...)
+    stop (reason: StopReason)                why the fit ends (max_steps, EarlyStopping, preemption, ...)
     fit_end ()
     close ()                                 always, also when the fit raises: release what is held
 
@@ -116,6 +116,41 @@ class StepInfo:
     step: int
     log_now: bool
     read_now: bool = False
+
+
+@dataclass(frozen=True)
+class StopReason:
+    """Why a fit stopped: the ``stop`` event's payload, ``engine.stop_reason``, the last record of ``metrics.jsonl``
+    and the fit's last line on rank 0.
+
+    ``cause`` is one of ``"max_steps"``, ``"max_epochs"``, ``"max_time"``, ``"early_stopping"``, ``"callback"``
+    (a callback set ``engine.should_stop``), ``"preempted"`` (SIGTERM/SIGUSR1) or ``"interrupted"`` (Ctrl-C);
+    ``text`` says it in a sentence (with the numbers: the limit, the best value and its step, ...); ``step`` and
+    ``epoch`` are where the fit stopped.
+
+    Example::
+
+        engine.fit(model, data)
+        if engine.stop_reason.cause == "max_time":
+            print(engine.stop_reason)   # "max_time=270s ran out after 151 of max_steps=750 steps"
+    """
+
+    cause: str
+    text: str
+    step: int
+    epoch: int
+
+    def __str__(self) -> str:
+        return self.text
+
+    def record(self) -> dict[str, Any]:
+        """The ``metrics.jsonl`` record: ``{"step", "epoch", "stop": cause, "stop_reason": text}``.
+
+        Example::
+
+            StopReason("max_steps", "max_steps=5 reached", 5, 1).record()["stop"]   # "max_steps"
+        """
+        return {"step": self.step, "epoch": self.epoch, "stop": self.cause, "stop_reason": self.text}
 
 
 class Events:

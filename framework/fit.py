@@ -21,7 +21,7 @@ import contextlib
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,16 +34,17 @@ from .checkpoint import state as train_state
 from .config import EngineConfig
 from .data import Batching, Source, Window, make_source, resolve_batching, warn_one_item_batches
 from .data.rng import seed_everything
+from .doctor.loss import split_loss
 from .evaluation import check_metrics, evaluate
-from .events import Event, Events
+from .events import Event, Events, StopReason
 from .guard import NanPolicy, why_not_deferred
-from .module import LoopModule
+from .module import LOGGED, LoopModule
 from .observability import run_info
-from .observability.metrics import MetricsLog, TrainLoss, start_trackers
+from .observability.metrics import LoggedValues, MetricsLog, TrainLoss, start_trackers
 from .observability.progress import Progress
 from .optim import EMA, Optimizers, parse_optimizers, phase_is_required, takes_phase
 from .parallel import Initial, Strategy, make_strategy, tp
-from .parallel.build import build, builds_itself
+from .parallel.build import build, builds_itself, needs_build
 from .parallel.preemption import Stops
 from .parallel.runtime import Runtime
 from .step import OptimizerStep
@@ -105,6 +106,7 @@ class Fit:
     max_steps: int | None
     log: MetricsLog = field(init=False)
     progress: Progress = field(init=False)
+    logged: LoggedValues = field(init=False)  # what the module logs (self.log, compute_loss's dict extras)
     losses: list[TrainLoss] = field(default_factory=list)
     grad_norms: list[torch.Tensor | None] = field(default_factory=list)
     items_sum: Any = 0
@@ -116,6 +118,8 @@ class Fit:
     saved_step: int | None = None  # the step of the last checkpoint written or loaded
     defer: bool = False  # the NaN guard's verdict is read a step late (framework.guard)
     saver: checkpoint.AsyncCheckpointer | None = None  # with checkpoint_async
+    stop: StopReason | None = None  # why the fit stopped, once it has
+    stop_cause: Callable[[], tuple[str, str] | None] | None = None  # (cause, text) if a callback stopped it
 
     @property
     def phased(self) -> bool:
@@ -198,12 +202,29 @@ class Fit:
         # The stop flags stay on the device; the optimizer step reads them with the NaN verdict in one go.
         return batches, [(n * scale).float() for n in counts], total, packed[1:] if rt.world_size > 1 else None
 
-    def compute_loss(self, outputs: Any, targets: Any, phase: str | None) -> Any:
-        """``module.compute_loss(outputs, targets)``, with ``phase=`` for alternating phases."""
+    def compute_loss(self, outputs: Any, targets: Any, phase: str | None, weight: Any = None) -> Any:
+        """``module.compute_loss(outputs, targets)``, with ``phase=`` for alternating phases: the loss.
+
+        Of a ``{"loss": ..., **extras}`` the loss; the extras are logged as ``self.log`` would. What this
+        micro-batch logged goes to ``train/<name>`` with the loss's ``weight`` (None: a filler; nothing kept)."""
+        module = self.module
+        loss: Any
         if phase is None:
-            return self.module.compute_loss(outputs, targets)
-        loss_fn: Any = self.module.compute_loss  # (a signature with `phase`: checked at setup)
-        return loss_fn(outputs, targets, phase=phase)
+            loss = module.compute_loss(outputs, targets)
+        else:
+            loss_fn: Any = module.compute_loss  # (a signature with `phase`: checked at setup)
+            loss = loss_fn(outputs, targets, phase=phase)
+        if not isinstance(loss, torch.Tensor):  # (a dict; anything else is the doctor's to name)
+            loss, extras = split_loss(loss, f"{type(module).__name__}.compute_loss")
+            for name, value in extras.items():
+                LoopModule.log(module, name, value)
+        logged = module.__dict__.get(LOGGED)
+        if logged or (self.logged.active and weight is not None):  # (a dict lookup per micro-batch otherwise)
+            if weight is not None:
+                self.logged.add(phase, logged or {}, weight, f"{type(module).__name__}.forward/compute_loss")
+            if logged:
+                logged.clear()
+        return loss
 
     def poison_if_nonfinite(self, scaled: torch.Tensor, window_loss: torch.Tensor | None) -> torch.Tensor:
         """``scaled`` times 1.0, or NaN where this rank's window loss is non-finite: the last backward then
@@ -216,6 +237,7 @@ class Fit:
         """Between steps: counters, the train record on log steps, ``step_end``, validation every n steps,
         checkpoints, the agreed stop. They only read state."""
         c, config = self.counters, self.config
+        self.logged.end_step()
         c.step += 1
         step = c.step
         c.batch_in_epoch = window.index + 1
@@ -286,9 +308,36 @@ class Fit:
         data_note = self.source.report()  # where input was made; a fix if the step waited for it > 10% of the time
         if data_note is not None:
             self.progress.message(data_note)
-        self.progress.message(self.final_summary(c.step, self.metrics))  # (metrics.jsonl keeps its cadence)
+        self.stop = self.stop_reason()
+        self.log.write(self.stop.record())  # (the last record: why the run ended)
+        self.events.emit(Event.STOP, self.stop)
+        self.progress.notice(self.final_summary(c.step, self.metrics))  # (said whatever progress= is)
         self.close_logs()
         self.events.emit(Event.FIT_END)
+
+    def stop_reason(self) -> StopReason:
+        """Why the fit is over, at its end: ``max_steps`` or ``max_epochs`` reached, a callback's stop (which one,
+        and why where it says: EarlyStopping's monitor, best value and step, patience), or ``max_time`` (at which
+        step, of how many). Preemption is :meth:`preempt_exit`'s."""
+        c, stop = self.counters, self.config.stop
+        if self.max_steps is not None and c.step >= self.max_steps:
+            cause, text = "max_steps", f"max_steps={self.max_steps} reached"
+        elif stop.max_epochs is not None and c.epoch >= stop.max_epochs:
+            cause, text = "max_epochs", f"max_epochs={stop.max_epochs} reached"
+        elif c.should_stop:
+            said = self.stop_cause() if self.stop_cause is not None else None
+            cause, text = said or (
+                "callback",
+                "engine.should_stop was set (outside a callback, or before the resumed checkpoint)",
+            )
+        elif self.stops.time_up:
+            limit = [f"max_steps={self.max_steps}"] if self.max_steps is not None else []
+            limit += [f"max_epochs={stop.max_epochs}"] if stop.max_epochs is not None else []
+            of = f" (before {' or '.join(limit)})" if limit else ""
+            cause, text = "max_time", f"max_time={stop.max_time:g}s ran out at step {c.step}, epoch {c.epoch}{of}"
+        else:  # (the loop ends only when done(): not reached)
+            cause, text = "max_steps", "the fit ended"
+        return StopReason(cause, text, c.step, c.epoch)
 
     def validate(self, log: bool = True) -> dict[str, float]:
         """Validation during fit: buffers agreed, EMA weights in, ``val/*`` checked against ``monitor``."""
@@ -322,9 +371,10 @@ class Fit:
         """The train record of a log step: every device value in one host read."""
         taken = [t for loss in self.losses for t in loss.take()]
         norms = [g for g in self.grad_norms if g is not None]
-        values = torch.stack(
-            [*(t.double() for t in taken), torch.as_tensor(self.items_sum, device=self.rt.device).double()]
-            + [g.double() for g in norms]
+        logged = self.logged.take()  # (names, totals, finite steps) of what the module logs, or None
+        scalars = [*taken, torch.as_tensor(self.items_sum, device=self.rt.device), *norms]
+        values = torch.cat(
+            [t.double().reshape(1) for t in scalars] + ([logged[1].double(), logged[2].double()] if logged else [])
         ).tolist()
         world, now = self.rt.world_size, time.monotonic()
         record: dict[str, float] = {"step": step, "epoch": epoch}
@@ -335,8 +385,13 @@ class Fit:
         record.update(self.optimizers.lrs())
         record["train/items_per_sec"] = values[2 * len(self.steps)] / max(now - self.t_log, 1e-9)
         named = [phase for (phase, _), g in zip(self.steps, self.grad_norms, strict=True) if g is not None]
-        for phase, value in zip(named, values[2 * len(self.steps) + 1 :], strict=True):
+        at = 2 * len(self.steps) + 1
+        for phase, value in zip(named, values[at : at + len(norms)], strict=True):
             record["train/grad_norm" if phase is None else f"train/grad_norm/{phase}"] = value
+        if logged:
+            at, k = at + len(norms), len(logged[0])
+            for name, total, steps in zip(logged[0], values[at : at + k], values[at + k : at + 2 * k], strict=True):
+                record[f"train/{name}"] = total / world / steps if steps else math.nan
         if skipped:
             record["train/skipped_steps"] = skipped
         # The fraction of the time since the last log the step waited for input (measured by the data layer).
@@ -472,21 +527,25 @@ class Fit:
         else:
             where = "no checkpoint (no run_dir)"
         self.wait_for_checkpoints()  # (on disk before the process exits)
-        self.close_logs()
         code = self.stops.exit_code
+        what = "interrupted (Ctrl-C)" if code == 130 else f"preempted ({self.stops.signal_name})"
+        text = f"{what} at step {step}: {where}; resume with Engine(resume='auto', ...)"
+        self.stop = StopReason("interrupted" if code == 130 else "preempted", text, step, self.counters.epoch)
+        self.log.write(self.stop.record())
+        self.events.emit(Event.STOP, self.stop)
+        self.close_logs()
         if self.rt.is_main:
-            what = "interrupted (Ctrl-C)" if code == 130 else f"preempted ({self.stops.signal_name})"
-            print(
-                f"{what} at step {step}: {where}; resume with Engine(resume='auto', ...)", file=sys.stderr, flush=True
-            )
+            print(text, file=sys.stderr, flush=True)
         raise SystemExit(code)
 
     # ---- the end
 
     def final_summary(self, step: int, metrics: dict[str, float]) -> str:
+        """The fit's last line: where and why it stopped, and the last loss and validation values."""
         shown = {k: v for k, v in metrics.items() if k.startswith(("train/loss", "val/"))}
         text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
-        return f"fit done at step {step}: {text}" if text else f"fit done at step {step}"
+        why = f": {self.stop}" if self.stop is not None else ""
+        return f"fit done at step {step}{why}" + (f"; {text}" if text else "")
 
     def close_logs(self) -> None:
         self.progress.close()
@@ -582,11 +641,10 @@ def prepare_fit(
     tp.plan_of(module, layout.tp)  # (a plan without tp_size, or tp_size without a plan: refused before anything)
     strategy = make_strategy(rt, config.distributed.strategy, config.distributed.find_unused_parameters)
     initial = None
-    if builds_itself(module) and not getattr(module, "built_by_engine", False):
+    if needs_build(module):
         # configure_model, once per module (a later fit goes on training it): on the meta device where the layout
         # shards, seeded values once the layout applied.
         build(module, rt.device, on_meta=layout.shards)
-        module.built_by_engine = True
         initial = Initial(config.seed, module.init_weights)
     elif not builds_itself(module):
         events.emit(Event.BUILD, module, rt)  # (before the layout applies: the doctor compares initial weights)
@@ -634,6 +692,9 @@ def prepare_fit(
     restored = run.restore()
     _open_logs(run, restored, why_not, defer, callbacks)
     run.losses = [TrainLoss(rt.all_reduce_sum, rt.device, config.logging.log_every_n_steps) for _ in steps]
+    run.progress.latest = run.losses[0].latest  # (the bar's loss: the latest window's, read without a sync)
+    run.logged = LoggedValues(rt)
+    module.__dict__.pop(LOGGED, None)  # (values logged outside a training step, e.g. by a forward called by hand)
     run.grad_norms = [None] * len(steps)
     run.first_step = counters.step
     run.defer = defer
@@ -697,8 +758,8 @@ def _open_logs(run: Fit, restored: Path | None, why_not: str | None, defer: bool
     tracker = start_trackers(rt.accelerator, config.logging.log_with, run_dir, written, resumed_at and resumed_at[0])
     run.log = MetricsLog(run_dir, rt.is_main, tracker=tracker, resumed_at=resumed_at)
     run.progress = progress = Progress(config.logging.progress, rt.is_main)
-    if restored is not None:
-        progress.message(f"resumed from {_short(restored)} (epoch {c.epoch}, step {c.step})")
+    if restored is not None:  # (said whatever progress= is)
+        progress.notice(f"resumed from {_short(restored)} (epoch {c.epoch}, step {c.step})")
     if run.log.dropped:
         if restored is not None:
             why = f"logged after step {c.step} by the run this one resumes from {restored.name}"

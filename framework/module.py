@@ -15,6 +15,11 @@ from torch import nn
 
 from .optim import fused_on_gpu
 
+LOGGED = "_framework_logged"  # where self.log keeps this micro-batch's values (in the instance's __dict__)
+# train/<name> keys the engine writes itself: a self.log name must not shadow them.
+RESERVED = ("loss", "grad_norm", "items_per_sec", "data_wait", "skipped_steps", "step_time", "tflops", "mfu",
+            "memory_mb")  # fmt: skip
+
 
 def _default_hook(method: Any) -> Any:
     """Marks a LoopModule hook's default, so the engine can tell whether a module overrides it."""
@@ -30,7 +35,8 @@ class LoopModule(nn.Module):
     Optional hooks (defaults below): ``configure_optimizers``, ``split_batch``,
     ``count_items``, ``compute_metrics``, ``configure_metrics``, ``update_metrics``,
     ``predict_step``, ``fsdp_blocks``, and for models larger than one process ``configure_model``,
-    ``init_weights``, ``tp_plan`` and ``parallelize``.
+    ``init_weights``, ``tp_plan`` and ``parallelize``. Inside ``forward``/``compute_loss``, :meth:`log`
+    records extra training scalars (``train/<name>``).
 
     Example::
 
@@ -65,16 +71,63 @@ class LoopModule(nn.Module):
 
         The engine weighs each micro-batch by ``count_items`` so that the
         gradient of a whole global batch is exact; a sum here would be wrong.
+        It may also return ``{"loss": scalar, **extras}``: the extras are logged
+        as ``self.log(name, value)`` would (``train/<name>``), only ``"loss"`` is
+        backpropagated (validation reports ``"loss"`` alone).
 
         Example::
 
             def compute_loss(self, outputs, targets):
                 return F.cross_entropy(outputs, targets)
+
+            def compute_loss(self, outputs, targets):   # with an extra training scalar
+                ce = F.cross_entropy(outputs, targets)
+                return {"loss": ce + 0.01 * self.penalty, "ce": ce}
         """
         raise NotImplementedError(
             f"{type(self).__name__}.compute_loss is missing; define compute_loss(self, outputs, targets) "
             "returning a scalar tensor (the mean loss over the batch's items)"
         )
+
+    def log(self, name: str, value: float | torch.Tensor) -> None:
+        """Log a training scalar from ``forward`` or ``compute_loss``: ``train/<name>`` in the train records.
+
+        Weighted and averaged as ``train/loss`` is: each micro-batch's value by its items (``count_items``),
+        summed over the micro-batches and the processes of a step, then averaged over the steps since the
+        last record (so on 2 processes it is the mean over every item of the global batches, not rank 0's).
+        Values stay on the device and are read on log steps only: logging adds no host sync. Log the same
+        names on every micro-batch (in alternating phases: in the same phase each time); a step that
+        logs another set is a :class:`~framework.doctor.LoopError`. In eval mode (validation, prediction)
+        it does nothing.
+
+        Example::
+
+            def compute_loss(self, outputs, targets):
+                loss = F.cross_entropy(outputs, targets)
+                self.log("acc", (outputs.argmax(-1) == targets).float().mean())
+                return loss
+        """
+        if not isinstance(name, str) or not name or name in RESERVED or name.split("/")[0] in ("loss", "grad_norm"):
+            raise ValueError(
+                f"self.log(name={name!r}, ...): use a non-empty str that is not one of the engine's own train/ keys "
+                f"{list(RESERVED)}, e.g. self.log('acc', acc)"
+            )
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise TypeError(
+                    f"self.log({name!r}, value) takes a scalar; got a tensor of shape {list(value.shape)}: log "
+                    f"its mean, e.g. self.log({name!r}, value.mean())"
+                )
+            value = value.detach().reshape(())
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"self.log({name!r}, value) takes a number or a one-element tensor, got "
+                            f"{type(value).__name__}")  # fmt: skip
+        if not self.training:
+            return  # (validation, prediction, the doctor's probe: nothing is logged)
+        logged = self.__dict__.get(LOGGED)
+        if logged is None:
+            logged = self.__dict__[LOGGED] = {}
+        logged[name] = value
 
     def configure_optimizers(self) -> Any:
         """Return an optimizer, ``(optimizer, scheduler)``, a dict, or a dict of named optimizers.
@@ -156,10 +209,25 @@ class LoopModule(nn.Module):
         counts across batches and processes, so the result is an exact mean
         rather than a mean of batch means. Default: no metrics.
 
+        "One value per item" means one per whatever the metric averages over, which need not be
+        what ``count_items`` counts: ``count_items`` weighs the *loss*; each metric is weighted by
+        the number of values it returns. So when ``count_items`` counts tokens (a token-level
+        loss), a per-token metric returns one value per counted token, and ``val/token_acc`` is the
+        mean over every counted token of the set (a long sequence weighs more than a short one);
+        a per-sequence metric returns one value per sequence, and each sequence weighs the same.
+
         Example::
 
             def compute_metrics(self, outputs, targets):
                 return {"acc": (outputs.argmax(-1) == targets).float()}
+
+            def compute_metrics(self, logits, labels):   # token-level: labels [batch, seq], -100 = padding
+                counted = labels != -100                  # the tokens count_items counts
+                right = logits.argmax(-1) == labels
+                return {
+                    "token_acc": right[counted].float(),                                     # one per token
+                    "exact_match": (right | ~counted).all(-1).float(),                       # one per sequence
+                }
         """
         return {}
 

@@ -59,8 +59,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from framework import Engine, LoopModule
-from framework.cli.recipe import engine_options, parse_config, save_yaml
-from framework.observability.run_info import recipe_run_dir
+from framework.cli.recipe import engine_options, parse_config, save_recipe_config, target_line
 from framework.optim import fused_on_gpu
 
 
@@ -89,7 +88,7 @@ class Config:
     data_seed: int = 1234
     log_every_n_steps: int = 50
     progress: bool = True
-    run_dir: str | None = None  # default: runs/adder (-2, -3, ... once used; with --resume, that one)
+    run_dir: str | None = None  # default: runs/adder (-2, -3, ... once used; with --resume auto, the newest)
     checkpoint_every_n_steps: int | None = None  # also at every epoch end (the engine's default with a run dir)
     resume: str | None = None  # "auto": continue from the run dir's newest checkpoint (e.g. after a SLURM requeue)
     smoke: bool = False  # a few steps on a small set, for CI
@@ -311,14 +310,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # Only the main process prints the summary and writes files; `accelerate launch` sets RANK.
     is_main = int(os.environ.get("RANK", "0")) == 0
     t0 = time.monotonic()
-    run_dir = recipe_run_dir(cfg.run_dir, "runs/adder", cfg.resume)
 
     train, val = make_data(cfg)  # deterministic: every process builds the same sets
     torch.manual_seed(cfg.seed)  # the same initial weights on every process and every run
     module = Adder(cfg)
-    engine = Engine(**engine_options(cfg, run_dir=run_dir))  # the Engine arguments among the fields
+    # The Engine arguments among the fields; it picks the run dir (a fresh runs/adder-2 beside a used runs/adder).
+    engine = Engine(**engine_options(cfg, run_dir=cfg.run_dir or "runs/adder"))
+    run_dir = engine.run_dir
+    assert run_dir is not None
     if is_main:
-        save_yaml(cfg, os.path.join(run_dir, "recipe_config.yaml"))
+        save_recipe_config(cfg, run_dir)
     engine.fit(module, train, val)
     # The final score, whether the run ended on max_steps, at an epoch end or on max_time.
     # Every process takes part (validate all-reduces sums and counts) and gets the same numbers.
@@ -328,6 +329,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         print(
             f"adder: val/exact_match={result['exact_match']:.4f} val/token_acc={result['token_acc']:.4f} "
             f"val/loss={result['loss']:.4f} on {len(val[0])} held-out problems; steps={engine.step} wall={wall:.1f}s\n"
+            f"{target_line(engine, result['exact_match'] >= 0.99, 'val/exact_match >= 0.99')}\n"
             f"outputs: {os.path.abspath(run_dir)} (metrics.jsonl, config.json, recipe_config.yaml)",
             flush=True,
         )

@@ -54,8 +54,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from framework import Engine, LoopModule
-from framework.cli.recipe import engine_options, parse_config, save_yaml
-from framework.observability.run_info import recipe_run_dir
+from framework.cli.recipe import engine_options, parse_config, save_recipe_config, target_line
 from framework.optim import fused_on_gpu
 from framework.schedules import warmup_cosine
 
@@ -87,7 +86,7 @@ class Config:
     data_seed: int = 1234
     log_every_n_steps: int = 100
     progress: bool = True
-    run_dir: str | None = None  # default: runs/gan (-2, -3, ... once used; with --resume, that one)
+    run_dir: str | None = None  # default: runs/gan (-2, -3, ... once used; with --resume auto, the newest)
     checkpoint_every_n_steps: int | None = None  # also at every epoch end (the engine's default with a run dir)
     resume: str | None = None  # "auto": continue from the run dir's newest checkpoint (e.g. after a SLURM requeue)
     smoke: bool = False  # a few steps on a small set, for CI
@@ -188,7 +187,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     cfg = parse_config(Config, argv, description=__doc__)
     if cfg.smoke:  # a few steps on a small set, but through every code path (fit, checkpoints, evaluation)
         cfg.train_size, cfg.max_epochs, cfg.max_time, cfg.log_every_n_steps, cfg.eval_samples = 1024, 2, None, 2, 1000
-    run_dir = recipe_run_dir(cfg.run_dir, "runs/gan", cfg.resume)
     # Only the main process prints the summary and writes files; `accelerate launch` sets RANK.
     is_main = int(os.environ.get("RANK", "0")) == 0
     t0 = time.monotonic()
@@ -198,9 +196,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     real = ring_data(cfg, cfg.train_size)  # deterministic: every process builds the same set
     torch.manual_seed(cfg.seed)  # the same initial weights on every process and every run
     module = GAN(cfg, total_steps=cfg.max_epochs * math.ceil(cfg.train_size / cfg.batch_size))
-    engine = Engine(**engine_options(cfg, run_dir=run_dir))  # the Engine arguments among the fields
+    # The Engine arguments among the fields; it picks the run dir (a fresh runs/gan-2 beside a used runs/gan).
+    engine = Engine(**engine_options(cfg, run_dir=cfg.run_dir or "runs/gan"))
+    run_dir = engine.run_dir
+    assert run_dir is not None
     if is_main:
-        save_yaml(cfg, os.path.join(run_dir, "recipe_config.yaml"))
+        save_recipe_config(cfg, run_dir)
     engine.fit(module, (real,))
     t_fit = time.monotonic() - t0
     # The same noise on every process and every run; predict uses the EMA weights (if any) and gives
@@ -208,11 +209,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     noise = torch.randn(cfg.eval_samples, cfg.noise_dim, generator=torch.Generator().manual_seed(cfg.seed + 1))
     result = quality(engine.predict(module, noise).cpu(), cfg)
     wall = time.monotonic() - t0
+    reached = result["modes_covered"] == cfg.modes and result["high_quality"] >= 0.90
     if is_main:
         print(
             f"gan: modes_covered={result['modes_covered']}/{cfg.modes} high_quality={result['high_quality']:.4f} "
             f"mode_share={result['min_mode_share']:.4f}..{result['max_mode_share']:.4f} steps={engine.step} "
             f"epochs={engine.epoch} fit={t_fit:.1f}s wall={wall:.1f}s\n"
+            f"{target_line(engine, reached, f'{cfg.modes}/{cfg.modes} modes and high_quality >= 0.90')}\n"
             f"outputs: {os.path.abspath(run_dir)} (metrics.jsonl, config.json, recipe_config.yaml)",
             flush=True,
         )

@@ -68,8 +68,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from framework import Engine, LoopModule
 from framework.checkpoint.weights import save_hf_artifacts
-from framework.cli.recipe import engine_options, parse_config, save_yaml
-from framework.observability.run_info import recipe_run_dir
+from framework.cli.recipe import engine_options, parse_config, save_recipe_config, target_line
 from framework.optim import fused_on_gpu
 from framework.parallel.tp import hf_tp_plan
 from framework.schedules import warmup_cosine
@@ -105,7 +104,7 @@ class Config:
     log_every_n_steps: int = 25
     sample_tokens: int = 48  # after training, greedily continue a prompt this far (0: no sample)
     progress: bool = True
-    run_dir: str | None = None  # default: runs/hf_causal_lm (-2, -3, ... once used; with --resume, that one)
+    run_dir: str | None = None  # default: runs/hf_causal_lm (-2, -3, ... once used; --resume auto: the newest)
     checkpoint_every_n_steps: int | None = None  # also at every epoch end and when fit ends
     resume: str | None = None  # "auto": continue from the run dir's newest checkpoint (e.g. after a SLURM requeue)
     tp_size: int | None = None  # split attention and MLP over this many processes (the model's own HF plan)
@@ -306,7 +305,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # Only the main process prints the summary and writes files; `accelerate launch` sets RANK.
     is_main = int(os.environ.get("RANK", "0")) == 0
     t0 = time.monotonic()
-    run_dir = recipe_run_dir(cfg.run_dir, "runs/hf_causal_lm", cfg.resume)
 
     tokenizer, train, val = make_data(cfg)  # deterministic: every process builds the same sets
     if cfg.smoke:  # a few optimizer steps that cross an epoch end, and a small held-out set
@@ -314,9 +312,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     torch.manual_seed(cfg.seed)  # the same initial weights on every process and every run
     module = CausalLM(cfg, tokenizer)
     # The Engine arguments among the fields, and the batching this data needs.
-    engine = Engine(**engine_options(cfg, run_dir=run_dir), collate_fn=make_collator(tokenizer))
+    # (the Engine picks the run dir: a fresh runs/hf_causal_lm-2 beside a used runs/hf_causal_lm)
+    engine = Engine(
+        **engine_options(cfg, run_dir=cfg.run_dir or "runs/hf_causal_lm"), collate_fn=make_collator(tokenizer)
+    )
+    run_dir = engine.run_dir
+    assert run_dir is not None
     if is_main:
-        save_yaml(cfg, os.path.join(run_dir, "recipe_config.yaml"))
+        save_recipe_config(cfg, run_dir)
         # What `python -m framework export RUN_DIR --hf OUT_DIR` needs besides the checkpoint's weights.
         save_hf_artifacts(run_dir, module.lm, prefix="lm.", tokenizer=tokenizer)
     engine.fit(module, train, val)
@@ -335,6 +338,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             f"val/token_acc={result['token_acc']:.4f} val/bits_per_byte={bpb:.3f} on {n_tokens} held-out tokens "
             f"(unigram baseline ppl {math.exp(baseline):.1f}); steps={engine.step} wall={wall:.1f}s\n"
             f"greedy sample: {text!r}\n"
+            f"{target_line(engine, math.exp(result['loss']) <= 16, 'val/ppl <= 16')}\n"
             f"outputs: {os.path.abspath(run_dir)} (metrics.jsonl, config.json, recipe_config.yaml, checkpoints, hf/);"
             f" export with: python -m framework export {run_dir} --hf OUT_DIR",
             flush=True,

@@ -108,7 +108,7 @@ def test_early_stopping_ends_a_plateaued_run_after_patience_epochs(tmp_path):
     assert es.stopped_epoch == 2 and es.bad_epochs == 2
     assert e.epoch == 3 and e.step == 3 * 4
     assert rec.events.count("validation_end") == 3 and rec.events[-1] == "fit_end"
-    val = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if "val/loss" in line]
+    val = [r for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if "val/loss" in (r := json.loads(line))]
     assert len(val) == 3 and len({r["val/loss"] for r in val}) == 1  # truly plateaued
 
 

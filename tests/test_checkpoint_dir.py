@@ -111,8 +111,9 @@ def test_an_explicit_resume_from_an_older_checkpoint_starts_a_clean_branch(tmp_p
     assert names(root / "abandoned") == ["step-00000008", "step-00000012"]
     assert CheckpointReader(root / "abandoned" / "step-00000012").files["model.safetensors"].sha256 == old_12
     assert [p for p in names(root) if p.startswith("step-")] == ["step-00000004", "step-00000008", "step-00000010"]
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [4, 8]  # (the old branch's records after step 4 went; this branch ended mid-epoch 2)
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "stop" not in r] == [4, 8]  # (the old branch's after step 4 went; this
+    assert (recs[-1]["stop"], recs[-1]["step"]) == ("max_steps", 10)  # branch ended mid-epoch 2, on max_steps)
 
     # "auto" continues the new branch (step 10), never the abandoned step 12.
     loaded = Loaded()

@@ -71,6 +71,34 @@ def test_a_bad_argument_is_refused_at_construction_naming_it_and_the_fix(options
     assert fix in message, message
 
 
+@pytest.mark.parametrize(
+    ("options", "hint"),
+    [
+        (
+            {"gradient_accumulation_steps": 4, "batch_size": 64},
+            r"'gradient_accumulation_steps' \(the engine derives accumulation from the batch sizes \(accumulation = "
+            r"batch_size / \(micro_batch_size x world_size\)\): for 4 steps on 1 process, pass micro_batch_size=16 "
+            r"with batch_size=64\)",
+        ),
+        ({"accumulate_grad_batches": 2, "batch_size": 32}, r"for 2 steps on 1 process, pass micro_batch_size=16"),
+        ({"gradient_accumulation_steps": 3}, r"micro_batch_size = batch_size / \(gradient_accumulation_steps x world_size\)"),
+        ({"lr": 3e-4}, r"'lr' \(the optimizer is the module's: return it from configure_optimizers, e.g. "
+                       r"torch.optim.AdamW\(self.parameters\(\), lr=0.0003\)"),
+        ({"learning_rate": 0.1}, r"'learning_rate' \(.*configure_optimizers.*lr=0.1"),
+        ({"precision": "bf16-mixed"}, r"'precision' \(use mixed_precision='bf16'"),
+        ({"precision": "16-mixed"}, r"use mixed_precision='fp16'"),
+        ({"devices": 2, "num_nodes": 2}, r"'devices', 'num_nodes' \(processes come from the launcher.*accelerate launch "
+                                         r"--config_file launch/cpu_ddp.yaml"),
+        ({"gradient_clip_val": 1.0}, r"'gradient_clip_val' \(use clip_grad_norm=1.0"),
+    ],
+    ids=["accumulation", "lightning-accumulation", "accumulation-no-batch", "lr", "learning_rate", "precision",
+         "precision-16", "devices", "gradient_clip_val"],
+)  # fmt: skip
+def test_arguments_from_other_libraries_name_what_to_write_here(options, hint):
+    with pytest.raises(TypeError, match=hint):
+        Engine(**options)
+
+
 def test_an_unknown_argument_suggests_the_close_name():
     with pytest.raises(TypeError, match=r"'max_epoch' \(did you mean 'max_epochs'\?\)"):
         Engine(max_epoch=3)

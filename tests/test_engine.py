@@ -536,7 +536,19 @@ def test_a_resumed_run_says_where_it_resumed_from_and_a_short_run_shows_its_loss
     Engine(max_steps=2, batch_size=32, run_dir=str(tmp_path), checkpoint_every_n_steps=1).fit(TinyClassifier(), (x, y))
     first = capsys.readouterr().err
     assert "resumed from" not in first
-    assert re.search(r"^fit done at step 2: train/loss=\d", first, flags=re.M), first  # (no log step was reached)
+    assert re.search(r"^fit done at step 2: max_steps=2 reached; train/loss=\d", first, flags=re.M), (
+        first
+    )  # (no log step)
     Engine(max_steps=3, batch_size=32, run_dir=str(tmp_path), resume="auto").fit(TinyClassifier(), (x, y))
     again = capsys.readouterr().err
-    assert again.splitlines()[0] == "resumed from checkpoints/step-00000002 (epoch 0, step 2)", again
+    assert again.splitlines()[:2] == [
+        f"run_dir: {tmp_path}",
+        "resumed from checkpoints/step-00000002 (epoch 0, step 2)",
+    ]
+    # With progress=False too: the run dir, the resume and why it stopped, and nothing else.
+    Engine(max_steps=4, batch_size=32, run_dir=str(tmp_path), resume="auto", progress=False).fit(
+        TinyClassifier(), (x, y)
+    )
+    quiet = capsys.readouterr().err.splitlines()
+    assert quiet[:2] == [f"run_dir: {tmp_path}", "resumed from checkpoints/step-00000003 (epoch 1, step 3)"], quiet
+    assert len(quiet) == 3 and quiet[2].startswith("fit done at step 4: max_steps=4 reached; train/loss="), quiet

@@ -67,7 +67,11 @@ def test_metrics_jsonl_has_train_and_epoch_records_with_sane_values(tmp_path):
     epochs = [r for r in recs if "epoch_time" in r]
     assert [r["step"] for r in train] == [3, 6, 9, 12]  # every log_every_n_steps, across epochs
     assert [(r["step"], r["epoch"]) for r in epochs] == [(7, 0), (14, 1)]
-    assert len(recs) == len(train) + len(epochs)
+    # The last record says why the run stopped; every record carries the wall clock it was written at.
+    assert recs[-1] == {**recs[-1], "step": 14, "epoch": 2, "stop": "max_epochs", "stop_reason": "max_epochs=2 reached"}
+    assert len(recs) == len(train) + len(epochs) + 1
+    stamps = [r.pop("time") for r in recs]
+    assert stamps == sorted(stamps) and all(abs(t - time.time()) < 600 for t in stamps)
     for r in train:
         assert set(r) >= {"step", "epoch", "train/loss", "lr", "train/items_per_sec", "train/grad_norm"}
         assert 0 < r["train/loss"] < 5 and r["lr"] == pytest.approx(1e-3)
@@ -214,8 +218,10 @@ def test_metrics_log_writes_only_on_the_main_process(tmp_path):
     log = MetricsLog(str(tmp_path / "main"), is_main=True, tracker=Tracker())
     log.write({"step": 1, "epoch": 0, "train/loss": 1.0, "note": "text"})
     log.close()
-    assert records(tmp_path / "main") == [{"step": 1, "epoch": 0, "train/loss": 1.0, "note": "text"}]
-    assert sent == [(1, {"epoch": 0, "train/loss": 1.0})]  # numbers only, step passed as the step
+    (written,) = records(tmp_path / "main")
+    assert written == {"step": 1, "epoch": 0, "train/loss": 1.0, "note": "text", "time": written["time"]}
+    assert abs(written["time"] - time.time()) < 60  # the wall clock it was written at
+    assert sent == [(1, {"epoch": 0, "train/loss": 1.0})]  # numbers only (no time), step passed as the step
 
 
 # ---------------------------------------------------------------- progress and summary
@@ -234,13 +240,15 @@ def test_without_a_terminal_one_plain_line_per_log_step_and_no_carriage_returns(
     assert "precision=no world_size=1" in lines[3] and "global_batch=32" in lines[3] and "accumulation=1" in lines[3]
     assert "nan_check=step " in lines[3]  # (on CPU the verdict is read at once: it costs nothing)
     assert sum(1 for line in lines if line.startswith("epoch") and "val/loss=" in line) == 2  # one per validation
-    assert lines[-1].startswith("fit done at step 14: train/loss=") and "val/loss=" in lines[-1]
+    assert lines[-1].startswith("fit done at step 14: max_epochs=2 reached; train/loss=") and "val/loss=" in lines[-1]
     assert len(lines) == 4 + 4 + 2 + 1  # summary, log steps, validations, the final line: nothing else
 
 
-def test_progress_false_prints_nothing(capsys):
+def test_progress_false_prints_only_why_the_run_stopped(capsys):
     fit(progress=False, log_every_n_steps=1)
-    assert capsys.readouterr() == ("", "")
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines() == [err.strip()]  # one line, on stderr
+    assert err.startswith("fit done at step 14: max_epochs=2 reached; train/loss=")
 
 
 def test_summary_counts_frozen_parameters_and_accumulation(capsys):
@@ -333,6 +341,37 @@ def test_progress_unit():
     p.update(1, {}, step=1)
     p.update(1, {"train/loss": 0.5, "lr": 1e-4, "train/items_per_sec": 12345.6}, step=2)
     assert stream.getvalue() == "epoch 1 step 2: loss=0.5 lr=1.000e-04 items/s=12346\n"
+
+
+def test_on_a_terminal_the_bars_loss_is_the_latest_windows_read_without_a_sync_per_step():
+    """The bar shows the loss of the latest optimizer step (a device tensor, looked at every PEEK_EVERY seconds,
+    never per step), not the record's mean since the previous log step; lr and items/s come from the record."""
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    window = {"loss": torch.tensor(0.0, dtype=torch.float64)}
+    looked = []
+
+    def latest():
+        looked.append(1)
+        return window["loss"]
+
+    p = Progress(True, True, stream=Terminal())
+    p.latest = latest
+    p.start_epoch(0, 100)
+    p.PEEK_EVERY = 3600.0  # (an instance's own: the clock decides when to look)
+    for step in range(1, 11):
+        window["loss"] = torch.tensor(1.0 / step, dtype=torch.float64)
+        p.update(1, {"train/loss": 9.0, "lr": 1e-3} if step == 5 else {}, step=step)
+    assert len(looked) == 2  # the first update (its clock starts at 0) and the log step: not every step
+    assert p._bar.postfix == "loss=0.2 lr=0.001"  # step 5's own loss, not the record's 9.0
+    p.PEEK_EVERY = 0.0
+    p.update(1, {}, step=11)
+    assert p._bar.postfix == "loss=0.1 lr=0.001"  # the latest window's, with the last record's figures
+    p.close()
 
 
 # ---------------------------------------------------------------- observation never steers
@@ -582,7 +621,8 @@ def test_resume_auto_without_a_checkpoint_starts_the_log_again_and_says_so(tmp_p
     assert "dropped 2 record(s) of an earlier start of this run (resume='auto' found no checkpoint" in (
         capsys.readouterr().err
     )
-    assert [r["step"] for r in records(tmp_path)] == [2, 4, 6]  # one run's log, not two
+    assert [r["step"] for r in records(tmp_path) if "stop" not in r] == [2, 4, 6]  # one run's log, not two
+    assert records(tmp_path)[-1]["stop"] == "max_steps"
 
 
 def test_a_resumed_run_hides_the_tensorboard_events_logged_after_its_checkpoint(tmp_path):

@@ -82,6 +82,28 @@ def test_a_resumed_runs_repeated_steps_keep_the_last_record_and_a_cut_line_is_sk
     assert main([str(tmp_path)]) == 0
 
 
+def test_a_loss_over_decades_gets_a_log_axis_train_and_val_two_colours_and_marks_at_the_best_and_the_stop(tmp_path):
+    records = [{"step": s, "epoch": 0, "train/loss": 2.0 * 0.5 ** (s / 10)} for s in range(10, 101, 10)]
+    records += [{"step": s, "epoch": 0, "val/loss": v} for s, v in ((30, 0.5), (60, 0.2), (90, 0.3))]
+    records.append({"step": 100, "epoch": 1, "stop": "max_steps", "stop_reason": "max_steps=100 reached"})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    fig = plot_runs([str(tmp_path)])
+    ax = next(a for a in fig.axes if a.get_title() == "loss")
+    assert ax.get_yscale() == "log"  # 2.0 down to 0.002: three decades
+    train, val = ax.lines
+    assert train.get_color() != val.get_color()
+    best, stop = ax.collections  # not lines: ax.lines holds the curves only
+    assert best.get_offsets().tolist() == [[60.0, 0.2]] and "best val/loss=0.2 (step 60)" in best.get_label()
+    assert stop.get_segments()[0][0][0] == 100 and stop.get_label() == f"{tmp_path.name} stop: max_steps (step 100)"
+    # mode="max" in config.json: the best is the highest value.
+    (tmp_path / "config.json").write_text(json.dumps({"monitor": "val/loss", "mode": "max"}))
+    best = next(c for c in plot_runs([str(tmp_path)]).axes[0].collections if "best" in c.get_label())
+    assert best.get_offsets().tolist() == [[30.0, 0.5]]
+    # A loss within one decade keeps a linear axis.
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:3]))
+    assert plot_runs([str(tmp_path)]).axes[0].get_yscale() == "linear"
+
+
 def test_a_missing_run_dir_is_a_clear_error(tmp_path, capsys):
     assert main([str(tmp_path / "nope")]) == 2
     assert "metrics.jsonl does not exist" in capsys.readouterr().err

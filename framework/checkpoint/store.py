@@ -247,9 +247,7 @@ def prune(
     elif keep_last > 0:
         kept |= {f.path for f, _ in complete[-keep_last:]}
     if keep_best > 0:
-        sign = 1.0 if mode == "min" else -1.0
-        scored = sorted((sign * m.monitor_value, f.step, f.path) for f, m in complete if m.monitor_value is not None)
-        kept |= {p for _, _, p in scored[:keep_best]}
+        kept |= set(rank_by_monitor(complete, mode)[:keep_best])
     doomed += [f.path for f, _ in complete if f.path not in kept]
     if incomplete:
         warnings.warn(
@@ -258,6 +256,75 @@ def prune(
             stacklevel=2,
         )
     return _delete(root, doomed)
+
+
+def rank_by_monitor(complete: list[tuple[Found, Manifest]], mode: str) -> list[Path]:
+    """The checkpoints that have a ``monitor_value``, best first (lowest for ``mode="min"``, highest for
+    ``"max"``; of equal values the earlier step first): how ``keep_best`` keeps them and ``best`` picks one.
+
+    Example::
+
+        rank_by_monitor([(found, manifest), ...], "min")[0]   # the best
+    """
+    sign = 1.0 if mode == "min" else -1.0
+    scored = sorted((sign * m.monitor_value, f.step, f.path) for f, m in complete if m.monitor_value is not None)
+    return [p for _, _, p in scored]
+
+
+def best_checkpoint(root: Path, mode: str) -> Path | None:
+    """The best complete checkpoint under ``root`` (``RUN_DIR/checkpoints``) by its manifest's ``monitor_value``
+    (:func:`rank_by_monitor`: as ``keep_best`` ranks them), or None where none has one. Cheap: nothing is
+    hashed (a reader verifies what it opens).
+
+    Example::
+
+        best_checkpoint(Path("runs/digits/checkpoints"), "min")   # Path(".../step-00000120")
+    """
+    if mode not in ("min", "max"):
+        raise ValueError(f'mode={mode!r}; use "min" or "max"')
+    complete = []
+    for found in list_checkpoints(root):
+        try:
+            parsed, _ = read_manifest(found.path)
+        except CheckpointError:  # (incomplete or damaged: not a candidate)
+            continue
+        if _missing(found.path, parsed) is None:
+            complete.append((found, parsed))
+    ranked = rank_by_monitor(complete, mode)
+    return ranked[0] if ranked else None
+
+
+def best_of_run(run_dir: Path) -> Path:
+    """The best checkpoint of a run dir, ranked by the ``monitor``/``mode`` its ``config.json`` records, as
+    ``keep_best`` kept it: what ``load_weights(..., which="best")`` and ``export --best`` read. A
+    :class:`CheckpointError` names ``keep_best`` where the run kept none.
+
+    Example::
+
+        best_of_run(Path("runs/digits"))   # Path("runs/digits/checkpoints/step-00000120")
+    """
+    if not (run_dir / "checkpoints").is_dir():
+        raise CheckpointError(
+            f"{run_dir} is not a run dir (no checkpoints/ in it); the best checkpoint is picked among a run dir's, "
+            "so pass the run dir (Engine(run_dir=...)), e.g. runs/digits"
+        )
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+        keep_best, monitor, mode = int(config["keep_best"]), str(config["monitor"]), str(config["mode"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(
+            f"{run_dir / 'config.json'} cannot say how the run ranked its checkpoints ({type(e).__name__}: {e}); "
+            "pass a checkpoint dir (runs/x/checkpoints/step-N) instead"
+        ) from None
+    best = best_checkpoint(run_dir / "checkpoints", mode) if keep_best > 0 else None
+    if best is None:
+        why = "keep_best=0" if keep_best == 0 else f"none of its checkpoints has a {monitor} value yet"
+        raise CheckpointError(
+            f"{run_dir} kept no best checkpoint ({why}); train with Engine(keep_best=1, monitor={monitor!r}, "
+            f"mode={mode!r}, ...) and validation data, which keeps the best checkpoint by {monitor}, or load the "
+            "newest (which='latest')"
+        )
+    return best
 
 
 def _delete(root: Path, doomed: list[Path]) -> list[Path]:

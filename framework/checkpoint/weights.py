@@ -37,7 +37,7 @@ import torch
 from . import fileformat, files
 from .files import CheckpointError, CorruptCheckpointError
 from .io import STAGING_PREFIX, CheckpointReader
-from .store import CHECKPOINT_RE, list_checkpoints, load_newest, read_latest
+from .store import CHECKPOINT_RE, best_of_run, list_checkpoints, load_newest, read_latest
 
 # ---------------------------------------------------------------- weights: Model weights out of checkpoints: ``framework.load_weights`` and the one function that reads them.
 
@@ -238,9 +238,14 @@ def load_weights(
     prefix: str | None = None,
     strict: bool = True,
     ema: bool = False,
+    which: str = "latest",
 ) -> torch.nn.Module:
     """Load weights into ``module`` from a run dir (its newest checkpoint), a checkpoint dir, its
     ``latest`` pointer, or a ``.safetensors`` file; returns ``module``.
+
+    ``which="best"`` (with a run dir) loads the run's best checkpoint instead, ranked by the ``monitor`` and
+    ``mode`` it trained with, as ``keep_best`` kept it (``engine.best_checkpoint``); a run that kept none
+    (``keep_best=0``) is a :class:`CheckpointError` naming ``keep_best``.
 
     A checkpoint is verified (every file's SHA-256) before anything is loaded; nothing is unpickled.
     ``prefix="lm."`` loads only the keys under ``lm.``, stripped (a wrapper's submodule into the bare
@@ -254,8 +259,11 @@ def load_weights(
         framework.load_weights(model, "runs/digits")          # newest checkpoint of the run
         framework.load_weights(model, "runs/digits/checkpoints/step-00000120", ema=True)
         framework.load_weights(hf_model, "runs/lm", prefix="lm.")
+        framework.load_weights(model, "runs/digits", which="best")   # the best by val/loss (keep_best=1)
     """
-    source = weights_source(path)
+    if which not in ("latest", "best"):
+        raise ValueError(f"which={which!r}; use 'latest' (the newest checkpoint) or 'best' (ranked by monitor)")
+    source = weights_source(path if which == "latest" else best_of_run(Path(path)))
     where = source.path / MODEL if isinstance(source, CheckpointReader) else source
     weights, ema_keys = _read(source, ema)
     if prefix:
@@ -455,6 +463,7 @@ def export_safetensors(
     tmp = target.with_name(f".{target.name}.tmp")
     meta = {"format": "pt", "checkpoint": checkpoint.name, "prefix": prefix or ""}
     save_file(tensors, str(tmp), metadata=meta)
+    os.chmod(tmp, usual_mode(target.parent))  # (safetensors writes 0600; an export is for others to read)
     os.replace(tmp, target)  # never a half-written file under the final name
     return target
 
@@ -520,7 +529,28 @@ def export_hf(path: str | os.PathLike[str] | CheckpointReader, out_dir: str | os
     if meta.get("tokenizer"):
         for f in sorted((hf_dir / TOKENIZER_DIR).iterdir()):
             shutil.copy2(f, out / f.name)
+    mode = usual_mode(out)  # (save_pretrained's safetensors are 0600; an export is for others to read)
+    for f in out.iterdir():
+        if f.is_file() and not f.is_symlink():
+            os.chmod(f, mode)
     return out
+
+
+def usual_mode(directory: Path) -> int:
+    """The mode a new file gets in ``directory`` (0644 under the usual umask 022), read from one created the
+    ordinary way: what exported files get (safetensors writes its files 0600).
+
+    Example::
+
+        os.chmod(exported, usual_mode(exported.parent))
+    """
+    probe = directory / f".mode-{os.getpid()}.tmp"
+    fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    try:
+        return os.fstat(fd).st_mode & 0o777
+    finally:
+        os.close(fd)
+        os.unlink(probe)
 
 
 # ---------------------------------------------------------------- command line
@@ -548,6 +578,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="OUT_DIR",
         help="a HuggingFace model dir (needs the recipe's save_hf_artifacts and transformers)",
     )
+    parser.add_argument(
+        "--best",
+        action="store_true",
+        help="export the run's best checkpoint (ranked by its monitor/mode, as keep_best kept it), not the newest",
+    )
     args = parser.parse_args(argv)
     if args.output is None and args.hf is None:
         parser.print_usage(sys.stderr)
@@ -557,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
         print("export: --prefix applies to -o; --hf takes the prefix the recipe recorded", file=sys.stderr)
         return 2
     try:
-        reader = _open(args.path)  # (verified once, whatever is written from it)
+        reader = _open(best_of_run(Path(args.path)) if args.best else args.path)  # (verified once)
         checkpoint = reader.path
         if args.output is not None:
             written = export_safetensors(reader, args.output, prefix=args.prefix)

@@ -288,6 +288,49 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def save_recipe_config(cfg: Any, run_dir: str) -> str:
+    """Write ``RUN_DIR/recipe_config.yaml``: ``cfg`` with its ``run_dir`` set to the dir the run actually uses
+    (``engine.run_dir``: a fresh ``runs/x-2`` where ``runs/x`` held an earlier run); returns the file's path.
+    Call it on the main process.
+
+    Example::
+
+        engine = Engine(**engine_options(cfg, run_dir=cfg.run_dir or "runs/adder"))
+        if is_main:
+            save_recipe_config(cfg, engine.run_dir)   # rerun: --config runs/adder-2/recipe_config.yaml
+    """
+    names = {f.name for f in dataclasses.fields(cfg)}
+    used = dataclasses.replace(cfg, run_dir=run_dir) if "run_dir" in names else cfg
+    path = os.path.join(run_dir, "recipe_config.yaml")
+    save_yaml(used, path)
+    return path
+
+
+def target_line(engine: Any, reached: bool, target: str) -> str:
+    """A recipe's verdict on its target, for its final line: reached, or not and why. Where ``max_time`` cut
+    the run short (a slower or busier machine than the target assumes), it says so and how much time to give
+    (``--max-time``, scaled from the steps done to the steps planned).
+
+    Example::
+
+        print(target_line(engine, result["exact_match"] >= 0.99, "val/exact_match >= 0.99"))
+        # target val/exact_match >= 0.99: NOT reached, because time ran out (max_time=270s ran out at step 151,
+        # epoch 0 (before max_steps=750)); give it more time: --max-time 1500 (or --max-time none)
+    """
+    if reached:
+        return f"target {target}: reached"
+    stop = engine.stop_reason
+    if stop is None or stop.cause != "max_time":
+        return f"target {target}: not reached ({stop or 'the fit did not end'})"
+    max_time, planned = engine.config.stop.max_time, engine.max_steps
+    scale = planned / stop.step if planned and stop.step else 2.0
+    more = 60 * math.ceil(max_time * scale * 1.2 / 60)  # (a 20% margin, in whole minutes)
+    return (
+        f"target {target}: NOT reached, because time ran out ({stop}); the machine was slower than the target "
+        f"assumes (other load?). Give it more time: --max-time {more} (or --max-time none)"
+    )
+
+
 def save_yaml(cfg: Any, path: str | os.PathLike[str]) -> None:
     """Write ``cfg`` as YAML that ``--config`` reads back to the same values.
 

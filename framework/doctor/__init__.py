@@ -13,7 +13,8 @@ module              checks
 ``batchnorm``       ``batchnorm`` (statistics over the whole batch)
 ``counts``          ``count_items`` (a non-negative integer)
 ``probe``           ``count_weights`` (count_items counts what the loss averages over),
-                    ``loss_scaling`` (a mean, not a sum; ``"full"``)
+                    ``loss_scaling`` (a mean, not a sum: with accumulation or several
+                    processes; always under ``"full"``)
 ``loop_calls``      ``loop_calls`` (no backward/zero_grad/step in the user's code)
 ``modes``           ``train_mode``, ``eval_mode``
 ``loss``            ``loss_value``, ``loss_graph`` (a fresh, differentiable scalar)
@@ -46,7 +47,7 @@ and ``FRAMEWORK_MAX_STEPS`` (which every :class:`Doctor` / ``Engine`` honours) a
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -61,7 +62,7 @@ from .finite import Finite
 from .gradients import Gradients
 from .initial_weights import InitialWeights
 from .loop_calls import LoopCalls
-from .loss import LossGraph, LossValue
+from .loss import LossGraph, LossValue, split_loss
 from .modes import EvalMode, TrainMode
 from .probe import HalvesProbe
 from .schedule import is_checked, max_steps_override, resolve_level
@@ -286,13 +287,15 @@ class Doctor:
         device_type: str = "cpu",
         phases: list[str] | None = None,
         reduce: Reduce | None = None,
+        nan_policy: str = "raise",
     ) -> None:
         """Start a fit: reset the per-fit state and run the setup checks (parameters, optimizers, data).
 
         ``optimizers``: one optimizer or a list (joint: every optimizer steps each step; or one per
         phase, in the order of ``phases``, for alternating phases). ``strategy``: "single" | "ddp" |
         "fsdp" (FSDP2: parameters are DTensors). ``reduce``: None on one process, else an in-place
-        all-reduce sum, for verdicts that must agree across ranks.
+        all-reduce sum, for verdicts that must agree across ranks. ``nan_policy``: the fit's ("raise" or "skip"):
+        a non-finite loss the probe sees raises or warns as training would.
 
         Example::
 
@@ -315,6 +318,7 @@ class Doctor:
             device_type=device_type,
             phases=None if phases is None else list(phases),
             reduce=reduce,
+            nan_policy=nan_policy,
         )
         self._ctx.fit = fit
         self._ctx.step, self._ctx.checking, self._ctx.watching = 0, False, False
@@ -408,6 +412,11 @@ class Doctor:
         """
         if self.off:
             return
+        if not isinstance(loss, torch.Tensor) and isinstance(loss, Mapping):  # {"loss": ..., **extras}: its loss
+            try:
+                loss = split_loss(loss, f"{type(module).__name__}.compute_loss")[0]
+            except LoopError as e:
+                self._record.fail("loss_value", str(e))
         for handler in self._on_loss:
             handler(module, loss, outputs, phase)
         if self.checking:
@@ -523,7 +532,7 @@ class Doctor:
         self.start_fit(
             fit.module, opts if len(opts) > 1 else opts[0], fit.batching, fit.train_data, fit.val_data,
             is_main=rt.is_main, strategy=fit.strategy.family, device_type=rt.device.type, phases=fit.phases,
-            reduce=rt.all_reduce_sum if rt.world_size > 1 else None,
+            reduce=rt.all_reduce_sum if rt.world_size > 1 else None, nan_policy=fit.config.step.nan_policy,
         )  # fmt: skip
         self._module = fit.module
 

@@ -46,6 +46,7 @@ class FitInfo:
     device_type: str = "cpu"
     phases: list[str] | None = None
     reduce: Reduce | None = None
+    nan_policy: str = "raise"  # what a non-finite loss does in training: "raise" or "skip" (the probe follows it)
     name: str = field(init=False)
     param_names: dict[int, str] = field(init=False)  # id(parameter) -> its name in the module
     module_names: dict[int, str] = field(init=False)  # id(submodule) -> its name

@@ -95,7 +95,7 @@ CHECKS: dict[str, tuple[str, str]] = {
     "updates": ("the first optimizer steps change every trainable parameter", "check lr, param groups and gradients"),
     "finite": ("the loss and the gradients are finite", "lower the lr, set clip_grad_norm, check the data"),
     "loss_scaling": (
-        "the loss is a mean over items, not a sum (doctor='full')",
+        "the loss is a mean over items, not a sum (with accumulation or several processes; always under 'full')",
         "use reduction='mean', or divide by count_items(batch)",
     ),
     "eval_mode": (

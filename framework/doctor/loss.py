@@ -16,13 +16,49 @@ returned and how to fix it. ``loss_graph`` runs on checked steps and reads no de
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from .context import Context
+from .findings import LoopError
 from .inspect import autograd_clock, reaches, sequence_nr, tensors_in
+
+
+def split_loss(result: Any, owner: str) -> tuple[Any, dict[str, Any]]:
+    """``compute_loss``'s result as ``(loss, extras)``: a dict ``{"loss": scalar, **extras}`` is split, anything
+    else is the loss with no extras. A dict without ``"loss"``, with a key that is not a str, or with an extra
+    that is not a scalar is a :class:`LoopError` that shows the keys (``owner`` names the method).
+
+    Example::
+
+        loss, extras = split_loss({"loss": ce, "acc": acc}, "Net.compute_loss")   # (ce, {"acc": acc})
+    """
+    if not isinstance(result, Mapping):
+        return result, {}
+    keys = list(result)
+    if "loss" not in result or not all(isinstance(k, str) for k in keys):
+        raise LoopError(
+            f"{owner} returned a dict with keys {keys} and no 'loss'; return {{'loss': <the scalar to "
+            "backpropagate>, **extras}, e.g. {'loss': ce, 'acc': acc} (the extras are logged as train/<name>, "
+            "like self.log(name, value))",
+            "loss_value",
+        )
+    extras = {k: v for k, v in result.items() if k != "loss"}
+    for k, v in extras.items():
+        scalar = (isinstance(v, torch.Tensor) and v.numel() == 1) or (
+            isinstance(v, (int, float)) and not isinstance(v, bool)
+        )
+        if not scalar:
+            shown = f"a tensor of shape {list(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
+            raise LoopError(
+                f"{owner} returned a dict with keys {keys} whose {k!r} is {shown}; an extra is logged like "
+                f"self.log({k!r}, value): give a scalar (a number or a one-element tensor), e.g. its .mean()",
+                "loss_value",
+            )
+    return result["loss"], extras
 
 
 class LossValue:
@@ -44,6 +80,13 @@ class LossValue:
             return  # a good loss: done, at the cost of three attribute reads
         name = type(module).__name__
         method = f"{name}.compute_loss" if phase is None else f"{name}.compute_loss(..., phase={phase!r})"
+        if isinstance(loss, Mapping):  # ({"loss": ..., **extras}, as compute_loss may return it: check its loss)
+            try:
+                loss = split_loss(loss, method)[0]
+            except LoopError as e:
+                record.fail("loss_value", str(e))
+            self.on_loss(module, loss, outputs, phase)
+            return
         if not isinstance(loss, torch.Tensor):
             record.fail(
                 "loss_value",

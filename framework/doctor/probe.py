@@ -1,12 +1,23 @@
 """Checks ``count_weights`` and ``loss_scaling``: the halves probe.
 
-Once per fit, on the first checked step, the probe computes the loss of the step's first micro-batch
-and of its two halves, with ``count_items`` of each: three forwards in eval mode, without gradients,
-autocast or TF32, with the RNG forked and the buffers put back, so nothing of training
-changes ("observation never steers"). The forwards run on a copy of the module that shares its
-parameters and buffers, so even Python state a forward keeps (a list of inputs seen, a counter)
-is untouched. For a loss that is a mean over the items ``count_items``
-counts, the batch's loss is the count-weighted mean of its halves' losses, to rounding.
+Once per fit, on the first checked step (the fit's first optimizer step), the probe computes the loss of
+the step's first micro-batch and of its two halves, with ``count_items`` of each. Exactly these calls of
+your code, on top of training's own: ``split_batch`` 4 times (the micro-batch, to sort its items, then each
+of the three parts), ``forward``, ``compute_loss`` and ``count_items`` 3 times each (the micro-batch, its
+first half, its second half). They run in eval mode (``self.training`` is False, so ``self.log`` records
+nothing), without gradients, autocast or TF32, with the RNG forked and the buffers put back, on a copy of
+the module that shares its parameters and buffers: whatever Python state a forward keeps (a call
+counter, a list of inputs seen, a plain tensor attribute it updates in place) changes on the copy only.
+So nothing of training changes ("observation never steers"), and a module's own counters do not see the
+extra calls. What the copy cannot hide: state outside the module (a global, a class attribute, a
+closure in a hook) sees them; ``doctor="off"`` runs no probe.
+
+What the probe sees is never swallowed: a non-finite loss on any of its calls stops the run under
+``nan_policy="raise"`` (:class:`~framework.guard.NonFiniteError`, before any optimizer step, naming the
+call) and is a warning under ``"skip"``, as a non-finite loss in training would be.
+
+For a loss that is a mean over the items ``count_items`` counts, the batch's loss is the count-weighted
+mean of its halves' losses, to rounding.
 
 - ``count_weights`` (every level): does ``count_items`` weigh the halves right? The engine weighs
   micro-batches and processes by it, so a count of sequences under a mean over tokens (the default
@@ -16,8 +27,10 @@ counts, the batch's loss is the count-weighted mean of its halves' losses, to ro
   with and without a causal shift, or all of them) explains the halves to rounding while
   ``count_items`` misses by orders of magnitude more; the fix names that count. The halves are
   chosen to tell counts apart: items sorted by their number of counted targets, the larger half first.
-- ``loss_scaling`` (``doctor="full"``): the loss scales with the batch, like a sum: the batch's loss
-  is the sum of its halves' losses, not their mean.
+- ``loss_scaling``: the loss scales with the batch, like a sum: the batch's loss is the sum of its
+  halves' losses, not their mean. Under ``doctor="basic"`` (the default) it is judged wherever a sum
+  changes the result: with gradient accumulation or several processes (the engine weighs micro-batches
+  by count_items, exact for a mean only); ``"full"`` judges it always.
 
 Not run under FSDP (the extra forwards all-gather parameters: a rank whose probe failed would leave
 the others waiting) nor in alternating phases (each phase's loss may draw its own noise).
@@ -36,9 +49,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..guard import NonFiniteError
 from .context import Context, FitInfo
 from .findings import LoopError
 from .inspect import batch_len, split_halves, tensors_in
+from .loss import split_loss
 
 IGNORE_INDEX = -100  # PyTorch's and Hugging Face's default ignore_index
 CONSISTENT = 20  # count_items agrees when it explains the halves within this many rounding tolerances
@@ -217,7 +232,8 @@ def is_sum_like(full: float, halves: tuple[float, float], counts: tuple[float, f
 
 
 class HalvesProbe:
-    """``count_weights`` and ``loss_scaling`` (the latter under ``doctor="full"``).
+    """``count_weights`` and ``loss_scaling`` (the latter with accumulation or several processes under
+    ``doctor="basic"``, always under ``"full"``).
 
     Example::
 
@@ -232,15 +248,25 @@ class HalvesProbe:
 
     def on_fit_start(self, fit: FitInfo) -> None:
         self._done = False
-        if not self.ctx.full:
-            self.ctx.record.not_run.setdefault("loss_scaling", 'runs under doctor="full" only (three extra forwards)')
+        if not self._judges_scaling(fit):
+            self.ctx.record.not_run.setdefault(
+                "loss_scaling",
+                'one process without accumulation: a sum trains as a plain loop would (doctor="full" judges it too)',
+            )
+
+    def _judges_scaling(self, fit: FitInfo) -> bool:
+        """A sum where a mean is expected changes the result with accumulation or several processes (the
+        engine weighs the micro-batches by count_items); ``"full"`` judges it anyway."""
+        accumulation = int(getattr(fit.batching, "accumulation", 1) or 1)
+        return self.ctx.full or accumulation > 1 or fit.world_size > 1
 
     def on_checked_loss(self, module: nn.Module, loss: Any, outputs: Any, phase: str | None) -> None:
         if self._done or not self.ctx.watching or self.ctx.batch is None:
             return  # (inside watch only: there the user's code was just vetted for backward/step calls)
         self._done = True
         fit = self.ctx.fit
-        checks = ("count_weights", "loss_scaling") if self.ctx.full else ("count_weights",)
+        scaling = self._judges_scaling(fit)
+        checks = ("count_weights", "loss_scaling") if scaling else ("count_weights",)
         why_not = None
         if fit.sharded:
             why_not = "not run under FSDP (the probe's extra forwards would all-gather the parameters on every rank)"
@@ -256,9 +282,11 @@ class HalvesProbe:
             else:
                 if measured is None:
                     why_not = "the batch could not be split in two (fewer than 2 items, or no tensors)"
+                elif not self._finite(module, measured, loss):
+                    why_not = "the probe's loss was not finite (reported under check finite)"
                 else:
                     self._judge_counts(module, measured)
-                    if self.ctx.full:
+                    if scaling:
                         self._judge_scaling(module, measured)
         if why_not is not None:
             for check in checks:
@@ -278,7 +306,8 @@ class HalvesProbe:
         with _observing(shadow, module, device):
             for part in (batch, *halves):
                 inputs, part_targets = shadow.split_batch(part)
-                losses.append(shadow.compute_loss(shadow(inputs), part_targets).detach())
+                result = shadow.compute_loss(shadow(inputs), part_targets)
+                losses.append(split_loss(result, f"{type(module).__name__}.compute_loss")[0].detach())
                 counts.append(shadow.count_items(part))
                 half_targets.append(part_targets)
         dtypes = [loss.dtype for loss in losses] + [p.dtype for p in module.parameters()]
@@ -298,6 +327,32 @@ class HalvesProbe:
             rounding_tolerance(dtypes),
             n,
         )
+
+    def _finite(self, module: nn.Module, m: Measured, own: Any) -> bool:
+        """Report a non-finite loss on the probe's calls as training would (never swallow it): under
+        ``nan_policy="raise"`` a :class:`NonFiniteError` before any optimizer step, under ``"skip"`` a warning;
+        where training's own loss of that micro-batch (``own``) is not finite either, the NaN guard reports it,
+        with the step and the parameters. Returns whether every loss was finite."""
+        values = (m.loss, *m.halves)
+        if all(math.isfinite(v) for v in values):
+            return True
+        if isinstance(own, torch.Tensor) and not math.isfinite(float(own.detach().float())):  # (the error path)
+            return False
+        name, fit = type(module).__name__, self.ctx.fit
+        shown = ", ".join(f"{part} {v:g}" for part, v in zip(("the micro-batch", "its first half", "its second half"),
+                                                              values, strict=True))  # fmt: skip
+        message = (
+            f"{name}.compute_loss returned a non-finite loss on the doctor's probe ({shown}): the probe "
+            f"calls forward and compute_loss 3 extra times, on this fit's first micro-batch of {m.items} items and "
+            "on its two halves (eval mode, no gradients, on a copy of the module), and one of those losses was "
+            "not finite. Training would have stopped on such a loss too; fix what makes it non-finite (log() or "
+            "a division by zero in the loss, that batch's inputs), or pass doctor='off' to run without the probe"
+        )
+        if fit.nan_policy == "raise":
+            self.ctx.record.error("finite", message)
+            raise NonFiniteError(f"{message} (nan_policy='raise'; no parameter was changed)")
+        self.ctx.record.warn("finite", message + " (nan_policy='skip': training goes on)", key="finite:probe")
+        return False
 
     def _judge_counts(self, module: nn.Module, m: Measured) -> None:
         record, name = self.ctx.record, type(module).__name__
@@ -350,10 +405,10 @@ def _targets_expr(module: nn.Module, batch: Any) -> str:
 
 
 def _shadow(module: nn.Module, optimizers: list[torch.optim.Optimizer]) -> Any:
-    """A copy of ``module`` that shares its parameters, buffers and tensor attributes, and the optimizers'
-    state (a module may keep its optimizer on ``self``), so they cost no memory, but not its other
-    Python state: whatever the user's forward records or counts (a list of inputs, a call counter, a
-    queue) is recorded on the copy, so the probe's forwards leave no trace."""
+    """A copy of ``module`` that shares its parameters and buffers, and the optimizers' state (a module may
+    keep its optimizer on ``self``), so they cost no memory, but not its other state: whatever the user's
+    forward records or counts (a list of inputs, a call counter, a plain tensor attribute updated in place,
+    a queue) is recorded on the copy, so the probe's forwards leave no trace."""
     shared: dict[int, Any] = {}
     for opt in optimizers:
         shared[id(opt)] = opt
@@ -363,12 +418,17 @@ def _shadow(module: nn.Module, optimizers: list[torch.optim.Optimizer]) -> Any:
                     shared[id(v)] = v
     for m in module.modules():
         for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)):
-            shared[id(t)] = t
+            shared[id(t)] = t  # (the buffers are put back after the probe: _observing)
+    for m in module.modules():  # (after every parameter: an attribute may alias one of a later submodule)
         for v in vars(m).values():
-            # Tensors, and methods and functions set on the instance: the doctor's own zero_grad patch is
-            # one during the watched forward; copying it would copy the doctor, the fit and its data.
-            if isinstance(v, (torch.Tensor, types.MethodType, types.FunctionType)):
+            # Methods and functions set on the instance: the doctor's own zero_grad patch is one during the
+            # watched forward; copying it would copy the doctor, the fit and its data.
+            if isinstance(v, (types.MethodType, types.FunctionType)):
                 shared[id(v)] = v
+            # Plain tensor attributes are cloned, not shared: a forward may update one in place (a counter, a
+            # running statistic). Detached: one kept from a forward (self.last_hidden) has a graph to leave behind.
+            elif isinstance(v, torch.Tensor) and id(v) not in shared:
+                shared[id(v)] = v.detach().clone()
     try:
         return copy.deepcopy(module, shared)
     except Exception as e:

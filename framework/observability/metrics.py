@@ -13,9 +13,16 @@ read on log steps only, so logging never adds a host sync.
   previous train record; validation time excluded), ``train/grad_norm`` (global
   gradient norm of this step, before clipping) and ``train/skipped_steps`` once
   a step was skipped;
+  and ``train/<name>`` for what the module logs (``self.log``, or the extras of
+  a dict that ``compute_loss`` returns; :class:`LoggedValues`);
 - an *epoch* record after each complete epoch: ``epoch_time`` (seconds of
   training in the epoch, validation excluded) and, with validation data,
-  ``val/loss`` and one ``val/<name>`` per ``compute_metrics`` key.
+  ``val/loss`` and one ``val/<name>`` per ``compute_metrics`` key;
+- a *stop* record, the last one of a fit: ``stop`` (why it stopped: ``"max_steps"``,
+  ``"max_epochs"``, ``"max_time"``, ``"early_stopping"``, ``"callback"``, ``"preempted"`` or
+  ``"interrupted"``) and ``stop_reason`` (the sentence the fit printed).
+
+Every record also has ``time``, the wall clock (seconds since the epoch) when it was written.
 
 The learning rate is logged by default, so there is no LearningRateMonitor.
 
@@ -30,8 +37,11 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NoReturn
+
+import torch
 
 from ..checkpoint import files
 
@@ -69,15 +79,27 @@ class TrainLoss:
         self._open: list[Any] = []
         self._n = 0
         self._folded: tuple[Any, Any] | None = None
+        self._latest: Any = None
 
     def add(self, loss: Any) -> None:
         if self._slots is None:
             self._open.append(loss)
+            self._latest = loss
         else:
-            self._slots[self._n].copy_(loss)
+            self._latest = self._slots[self._n]
+            self._latest.copy_(loss)
         self._n += 1
         if self._n == self._capacity:
             self._fold()
+
+    def latest(self) -> Any:
+        """The loss of the step added last, on the device (None before the first): the progress bar's figure.
+
+        Example::
+
+            losses.latest()   # tensor(0.4132, dtype=torch.float64)
+        """
+        return self._latest
 
     @property
     def pending(self) -> bool:
@@ -107,8 +129,121 @@ class TrainLoss:
         self._folded = (total, count)
 
 
+class LoggedValues:
+    """What the module logs (``self.log(name, value)`` in ``forward``/``compute_loss``, or the extras of a
+    ``{"loss": ..., **extras}`` that ``compute_loss`` returns) since the last train record, kept on the device
+    and weighted as ``train/loss`` is: ``train/<name>`` = over the steps since the last record, the mean of
+    each step's value, which is the sum over the step's micro-batches and processes of
+    ``value_i * n_i * world_size / N`` divided by ``world_size`` (the item-weighted mean over the global
+    batch). A step whose value is not finite is left out of that name's mean (NaN only if all were).
+
+    The names are fixed by the fit's first step: every real micro-batch logs the same names (per alternating
+    phase; a name in one phase only), every process the same ones (checked with one collective at the first
+    record). Nothing is read per step: :meth:`take` gives device tensors for the record's one host read.
+
+    Example::
+
+        logged = LoggedValues(runtime)
+        logged.add(None, {"acc": acc}, weight)   # per real micro-batch
+        logged.end_step()                        # per step
+        names, total, count = logged.take()      # on a log step: train/acc = total / world / count
+    """
+
+    def __init__(self, rt: Any) -> None:
+        self._rt = rt
+        self._expected: dict[str | None, frozenset[str]] = {}  # the names each phase logs
+        self._order: list[str] | None = None  # the names of the fit, sorted (fixed at its first step)
+        self._window: dict[str, Any] = {}  # this step: sum of value * weight per name
+        self._steps: list[Any] = []  # one [names] vector per step since the last take
+        self._agreed = False
+        self.active = False  # something was logged in this fit: every real micro-batch is checked from now on
+
+    def add(self, phase: str | None, values: dict[str, Any], weight: Any, owner: str) -> None:
+        """One real micro-batch's values (``weight``: its loss weight, ``n_i * world_size / N``)."""
+        self.active = True
+        expected = self._expected.get(phase)
+        if expected is None:
+            if self._order is not None:
+                self._mismatch(owner, phase, values, frozenset(), "the fit's first step logged none there")
+            expected = self._expected[phase] = frozenset(values)
+        elif values.keys() != expected:
+            self._mismatch(owner, phase, values, expected, "")
+        window = self._window
+        for name, value in values.items():
+            part = (value.double() if isinstance(value, torch.Tensor) else value) * weight
+            window[name] = part if name not in window else window[name] + part
+
+    def _mismatch(
+        self, owner: str, phase: str | None, values: dict[str, Any], expected: frozenset[str], why: str
+    ) -> NoReturn:
+        from ..doctor.findings import LoopError
+
+        where = f" in phase {phase!r}" if phase is not None else ""
+        raise LoopError(
+            f"{owner} logged {sorted(values)}{where} (self.log or compute_loss's dict), but earlier micro-batches "
+            f"logged {sorted(expected)}{'; ' + why if why else ''}. train/<name> is a mean over every item of "
+            "every step, so log the same names on every micro-batch: compute the value each time (e.g. "
+            "self.log('acc', acc) on every call, not only now and then)",
+            "loss_value",
+        )
+
+    def end_step(self) -> None:
+        """The step is over: keep its values (zeros on a rank whose micro-batches were all fillers)."""
+        if self._order is not None and not self._order:
+            return  # (a fit that logs nothing: the per-step cost is this check)
+        window, self._window = self._window, {}
+        if self._order is None:  # the fit's first step fixes the names
+            self._order = sorted(window)
+            seen: set[str] = set()
+            for names in self._expected.values():
+                if seen & names:
+                    self._mismatch("compute_loss", None, dict.fromkeys(names), frozenset(seen),
+                                   "a name is logged in one phase only")  # fmt: skip
+                seen |= names
+        if not self._order:
+            return
+        device = self._rt.device
+        self._steps.append(torch.stack([
+            t if isinstance(t := window.get(name, 0.0), torch.Tensor)
+            else torch.full((), float(t), dtype=torch.float64, device=device)
+            for name in self._order
+        ]))  # fmt: skip
+
+    def take(self) -> tuple[list[str], Any, Any] | None:
+        """On a log step (every rank): ``(names, total, count)`` since the last take, summed over processes,
+        as device tensors; None when the fit logs nothing."""
+        if not self._agreed:
+            self._agree()
+        if not self._order or not self._steps:
+            return None
+        values = self._rt.all_reduce_sum(torch.stack(self._steps))  # [steps, names]: each step summed over ranks
+        self._steps = []
+        ok = torch.isfinite(values)
+        return self._order, torch.where(ok, values, 0.0).sum(0), ok.sum(0)
+
+    def _agree(self) -> None:
+        """Every process logs the same names (one all-reduce, at the fit's first record; several processes)."""
+        import zlib
+
+        self._agreed = True
+        rt = self._rt
+        if rt.world_size == 1:
+            return
+        h = float(zlib.crc32("\0".join(self._order or []).encode()))
+        both = rt.all_reduce_max(torch.tensor([h, -h], dtype=torch.float64, device=rt.device)).tolist()
+        if both[0] != -both[1]:
+            from ..doctor.findings import LoopError
+
+            raise LoopError(
+                f"the processes log different names with self.log (or compute_loss's dict): this one logs "
+                f"{self._order or []}; log the same names on every rank (train/<name> is reduced over them)",
+                "loss_value",
+            )
+
+
 class MetricsLog:
-    """Appends one JSON object per record to ``run_dir/metrics.jsonl``; also forwards to trackers.
+    """Appends one JSON object per record to ``run_dir/metrics.jsonl``, stamped with the wall-clock ``time``
+    (seconds since the epoch) it was written at; also forwards the numbers to trackers.
 
     ``tracker`` is an ``accelerate.Accelerator`` whose trackers were started by
     :func:`start_trackers` (or anything with ``log(values, step=...)``); ``close``
@@ -148,10 +283,11 @@ class MetricsLog:
         if not self.is_main:
             return
         if self._file is not None:
-            self._file.write(json.dumps(record, allow_nan=True) + "\n")
+            stamped = {**record, "time": round(time.time(), 3)} if "time" not in record else record
+            self._file.write(json.dumps(stamped, allow_nan=True) + "\n")
             self._file.flush()  # a crash (or a kill) loses nothing that was logged
         if self.tracker is not None:
-            values = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+            values = {k: v for k, v in record.items() if k not in ("step", "time") and isinstance(v, (int, float))}
             self.tracker.log(values, step=record.get("step"))
 
     def close(self) -> None:
@@ -172,7 +308,8 @@ class MetricsLog:
 def _cut_after(path: str, step: int, epoch: int) -> int:
     """Drop the records of ``path`` that a run resumed at (``step``, ``epoch``) logs again: records of
     later steps, epoch records of ``epoch`` or later (that epoch had not ended at the checkpoint),
-    and a line a kill cut short. Returns how many went.
+    a stop record from that step on (the run did not stop there after all) and a line a kill cut
+    short. Returns how many went.
 
     Otherwise the killed run's records of those steps would appear twice. Rewritten atomically, so a
     crash here leaves the old file whole.
@@ -190,7 +327,8 @@ def _cut_after(path: str, step: int, epoch: int) -> int:
             except json.JSONDecodeError:
                 dropped += 1  # (only a write the kill interrupted is not a whole JSON line)
                 continue
-            if record.get("step", 0) > step or ("epoch_time" in record and record.get("epoch", 0) >= epoch):
+            later = record.get("step", 0) > step or ("epoch_time" in record and record.get("epoch", 0) >= epoch)
+            if later or ("stop" in record and record.get("step", 0) >= step):  # (the run goes on from there)
                 dropped += 1
                 continue
             if not line.endswith("\n"):  # (the next record would be appended to this line)
@@ -245,6 +383,8 @@ def start_trackers(
     if not accelerator.is_main_process:
         return None
     project = os.path.basename(os.path.abspath(run_dir)) if run_dir else "framework"
+    if run_dir is not None:  # (the run dir actually used: a fresh version of the Engine's run_dir, say)
+        accelerator.project_configuration.project_dir = accelerator.project_configuration.logging_dir = run_dir
     init_kwargs = {"tensorboard": {"purge_step": resumed_at + 1}} if resumed_at is not None else None
     accelerator.init_trackers(project, config=tracker_config(config), init_kwargs=init_kwargs)
     return accelerator

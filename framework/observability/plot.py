@@ -1,10 +1,15 @@
 """``python -m framework plot RUN_DIR [RUN_DIR ...] [-o curves.png]``: curves from ``metrics.jsonl``.
 
-One panel for the loss (train solid, validation dashed with markers), one per
-other validation metric, and one each for ``lr`` and ``train/grad_norm``, all
-against optimizer steps. Several run directories overlay, one colour per run,
-for comparison. The default output is ``RUN_DIR/curves.png`` for one run and
-``curves.png`` in the current directory for several.
+One panel for the loss (train solid, validation dashed with markers, in two
+colours), one per other validation metric, and one each for ``lr`` and
+``train/grad_norm``, all against optimizer steps. A panel whose values span
+more than a decade (a loss falling from 2.3 to 0.01, a warmup) has a log
+scale. A star marks the best validation value of the run's ``monitor`` (by its
+``mode``, from ``config.json``; ``val/loss``, lowest, by default) and a dotted
+vertical line the step where the run stopped, with why (the stop record).
+Several run directories overlay, a pair of shades per run (train darker, val
+lighter), for comparison. The default output is ``RUN_DIR/curves.png`` for one
+run and ``curves.png`` in the current directory for several.
 
 matplotlib is an optional dependency (``pip install matplotlib``, or the
 ``all`` extra); it is imported only here, with the non-interactive Agg backend,
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from typing import Any
@@ -42,7 +48,7 @@ def read_metrics(run_dir: str) -> list[dict[str, Any]]:
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist; pass a run directory of Engine(run_dir=...)")
-    by_key: dict[tuple[int, bool], dict[str, Any]] = {}
+    by_key: dict[tuple[int, int], dict[str, Any]] = {}
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -52,9 +58,9 @@ def read_metrics(run_dir: str) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 print(f"{path}:{lineno}: skipped a line that is not JSON (cut by a crash?)", file=sys.stderr)
                 continue
-            # A step can hold a train record and an epoch record: keep them apart.
-            key = (int(record.get("step", 0)), "train/loss" in record)
-            by_key[key] = record
+            # A step can hold a train record, an epoch record and a stop record: keep them apart.
+            kind = 1 if "train/loss" in record else 2 if "stop" in record else 0
+            by_key[(int(record.get("step", 0)), kind)] = record
     return [by_key[k] for k in sorted(by_key)]
 
 
@@ -69,6 +75,49 @@ def _labels(run_dirs: list[str]) -> list[str]:
     return names if len(set(names)) == len(names) else [os.path.normpath(d) for d in run_dirs]
 
 
+def _monitor(run_dir: str) -> tuple[str, str]:
+    """The run's ``monitor`` and ``mode`` from its ``config.json`` (``("val/loss", "min")`` without one)."""
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            config = json.load(f)
+        return str(config.get("monitor") or "val/loss"), "max" if config.get("mode") == "max" else "min"
+    except (OSError, ValueError, AttributeError):
+        return "val/loss", "min"
+
+
+def _colors(n_runs: int) -> list[tuple[Any, Any]]:
+    """(train, val) colours per run: blue and orange for one run; for several, a dark and a light shade of
+    one hue per run (matplotlib's tab20 pairs), so train and val differ and a run's two curves belong together."""
+    import matplotlib
+
+    if n_runs == 1:
+        c = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+        return [(c[0], c[1])]
+    tab20: Any = matplotlib.colormaps["tab20"]  # (a ListedColormap: its 20 colours, in dark/light pairs)
+    pairs = tab20.colors
+    return [(pairs[(2 * i) % 20], pairs[(2 * i + 1) % 20]) for i in range(n_runs)]
+
+
+def _mark_best_and_stop(
+    ax: Any, panel: str, records: list[dict[str, Any]], run_dir: str, label: str, colors: tuple[Any, Any]
+) -> None:
+    """A star at the best value of the run's monitor (on its panel) and a dotted line at the stop, with why."""
+    monitor, mode = _monitor(run_dir)
+    if monitor == f"val/{panel}":
+        steps, values = _series(records, monitor)
+        finite = [(v, x) for x, v in zip(steps, values, strict=True) if math.isfinite(v)]
+        if finite:
+            sign = 1.0 if mode == "min" else -1.0  # (as keep_best ranks: of equal values the earlier step)
+            value, step = min(finite, key=lambda p: (sign * p[0], p[1]))
+            ax.scatter([step], [value], marker="*", s=160, color=colors[1], edgecolors="black", linewidths=0.6,
+                       zorder=5, label=f"{label} best {monitor}={value:.4g} (step {step})")  # fmt: skip
+    stop = next((r for r in reversed(records) if "stop" in r), None)
+    if stop is not None:
+        # (a vlines collection, not a Line2D: ax.lines keeps the curves only)
+        ax.vlines([stop["step"]], 0, 1, transform=ax.get_xaxis_transform(), colors=[colors[0]], linestyles="dotted",
+                  linewidths=1.2, label=f"{label} stop: {stop['stop']} (step {stop['step']})" if panel == "loss" else None)  # fmt: skip
+
+
 def plot_runs(run_dirs: list[str]) -> Any:
     """Build the figure for ``run_dirs`` (a matplotlib Figure; one Axes per panel, titled by metric).
 
@@ -77,7 +126,6 @@ def plot_runs(run_dirs: list[str]) -> Any:
         fig = plot_runs(["runs/a", "runs/b"])
         fig.savefig("compare.png")
     """
-    import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -92,24 +140,26 @@ def plot_runs(run_dirs: list[str]) -> Any:
     fig = Figure(figsize=(5 * ncols, 3.6 * nrows))
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False)
-    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = _colors(len(run_dirs))
     for ax, panel in zip(axes.flat, panels, strict=False):  # spare axes are hidden below
         ax.set_title(panel)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        for i, (label, records) in enumerate(zip(_labels(run_dirs), runs, strict=True)):
-            color = colors[i % len(colors)]
+        for (label, records, run_dir), (train_color, val_color) in zip(
+            zip(_labels(run_dirs), runs, run_dirs, strict=True), colors, strict=True
+        ):
             if panel in _EXTRA_PANELS:
-                ax.plot(*_series(records, panel), color=color, label=label)
+                ax.plot(*_series(records, panel), color=train_color, label=label)
                 continue
             train_x, train_y = _series(records, f"train/{panel}")
             val_x, val_y = _series(records, f"val/{panel}")
             if train_x:
-                ax.plot(train_x, train_y, color=color, label=f"{label} train")
+                ax.plot(train_x, train_y, color=train_color, label=f"{label} train")
             if val_x:
-                ax.plot(val_x, val_y, color=color, linestyle="--", marker="o", markersize=3, label=f"{label} val")
-        if panel in _EXTRA_PANELS and _spans_decades(ax):
-            ax.set_yscale("log")  # warmup/decay schedules and grad norms span orders of magnitude
+                ax.plot(val_x, val_y, color=val_color, linestyle="--", marker="o", markersize=3, label=f"{label} val")
+            _mark_best_and_stop(ax, panel, records, run_dir, label, (train_color, val_color))
+        if _spans_decades(ax):
+            ax.set_yscale("log")  # a loss from 2.3 to 0.01, a warmup, grad norms: orders of magnitude
         if ax.lines:
             ax.legend(fontsize="small")
     for ax in list(axes.flat)[len(panels) :]:

@@ -1,5 +1,8 @@
 """The progress display on rank 0: a live bar on a terminal, one plain line per log step elsewhere.
 
+What a run must say whatever ``progress`` is (the run dir it uses, that it resumed, why it stopped) goes
+through :meth:`Progress.notice`.
+
 Example::
 
     p = Progress(enabled=True, is_main=True)
@@ -12,6 +15,8 @@ from __future__ import annotations
 
 import math
 import sys
+import time
+from collections.abc import Callable
 from typing import IO, Any
 
 _SHORT = {"train/loss": "loss", "val/loss": "val_loss", "lr": "lr", "train/items_per_sec": "items/s"}
@@ -36,9 +41,15 @@ def _num(v: Any) -> str:
 class Progress:
     """Rank-0 progress: a live tqdm bar per epoch on a terminal, one plain line per log step otherwise.
 
-    On a terminal the bar shows steps, ETA and, from the last log step, loss,
-    lr and items/s. Without one (CI, log files) the output is one line per log
-    step and never contains a carriage return. ``enabled=False`` prints nothing.
+    On a terminal the bar shows steps, ETA, the loss of the latest window (optimizer step) and, from the
+    last log step, lr and items/s. Without one (CI, log files) the output is one line per log step (its
+    ``loss`` is the record's: the mean since the previous log step) and never contains a carriage return.
+    ``enabled=False`` prints nothing but :meth:`notice` lines.
+
+    The latest window's loss is read without a host sync: ``latest`` (set by the fit) returns the window loss
+    tensor still on the device; at most every :attr:`PEEK_EVERY` seconds it is copied to host memory without
+    blocking, and the bar shows the last copy that has arrived (:class:`Peek`), so the figure may trail
+    the bar by one refresh, never the step by a sync.
 
     Example::
 
@@ -48,12 +59,19 @@ class Progress:
         p.close()
     """
 
+    PEEK_EVERY = 0.5  # seconds between two looks at the latest window's loss (the bar redraws about that often)
+
     def __init__(self, enabled: bool, is_main: bool, stream: IO[str] | None = None) -> None:
         self.stream = stream or sys.stderr
+        self.is_main = is_main
         self.enabled = enabled and is_main
         self.live = self.enabled and _isatty(self.stream)
         self._bar: Any = None
         self._epoch = 0
+        self.latest: Callable[[], Any] | None = None  # the latest window's loss, a device tensor (or None)
+        self._peek = Peek()
+        self._figures = ""  # the last log step's figures (lr, items/s, val/...), shown after the latest loss
+        self._peeked_at = 0.0
 
     def start_epoch(self, epoch: int, total: int | None, initial: int = 0) -> None:
         """Begin epoch ``epoch`` of ``total`` steps (None: unknown), ``initial`` already done after a resume."""
@@ -80,7 +98,13 @@ class Progress:
         if self._bar is not None:
             self._bar.update(steps)
             if record:
-                self._bar.set_postfix_str(_fmt(record), refresh=False)  # drawn at tqdm's next refresh
+                self._figures = _fmt({k: v for k, v in record.items() if k != "train/loss"})
+            now = time.monotonic()
+            if record or now - self._peeked_at >= self.PEEK_EVERY:
+                self._peeked_at = now
+                loss = self._peek(self.latest() if self.latest is not None else None)
+                shown = f"loss={_num(loss)} " if loss is not None else ""
+                self._bar.set_postfix_str(shown + self._figures, refresh=False)  # drawn at tqdm's next refresh
         elif record:
             self.stream.write(f"epoch {self._epoch} step {step}: {_fmt(record)}\n")
             self.stream.flush()
@@ -99,11 +123,61 @@ class Progress:
             self.stream.write(text + "\n")
             self.stream.flush()
 
+    def notice(self, text: str) -> None:
+        """Print a line on rank 0 whatever ``enabled`` is: what a run must say (the run dir it uses, that it
+        resumed, why it stopped). On a terminal with a live bar it goes above the bar.
+
+        Example::
+
+            Progress(enabled=False, is_main=True).notice("fit done at step 100: max_steps=100 reached")
+        """
+        if self.enabled:
+            self.message(text)
+        elif self.is_main:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
     def close(self) -> None:
         """Finish the current bar, if any (idempotent)."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+class Peek:
+    """The value of a scalar tensor, read without waiting for its device: a CPU tensor is read at once (host
+    memory: no sync); a CUDA one is copied into pinned memory behind the work queued so far, with an event,
+    and the value is taken on a later call once that event has passed (``None`` until then).
+
+    Example::
+
+        peek = Peek()
+        shown = peek(window_loss)   # the last value that has arrived, or None
+    """
+
+    def __init__(self) -> None:
+        self._host: Any = None
+        self._event: Any = None
+        self._value: float | None = None
+
+    def __call__(self, tensor: Any) -> float | None:
+        if tensor is None:
+            return self._value
+        if tensor.device.type == "cpu":
+            self._value = float(tensor)
+            return self._value
+        import torch
+
+        if self._event is not None and self._event.query():  # the copy issued last time has landed
+            self._value = float(self._host)
+            self._event = None
+        if self._event is None:  # (one copy in flight at a time)
+            if self._host is None:
+                self._host = torch.empty((), dtype=torch.float64, pin_memory=True)
+            self._host.copy_(tensor.detach().reshape(()), non_blocking=True)
+            self._event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            self._event.record()
+        return self._value
 
 
 def _isatty(stream: Any) -> bool:

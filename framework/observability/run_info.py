@@ -4,8 +4,11 @@ whether a run dir already holds another run, or is in use by one right now."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import math
 import os
+import re
 import socket
 import time
 import warnings
@@ -58,8 +61,8 @@ def refuse_earlier_run(run_dir: str | os.PathLike[str] | None) -> None:
         raise ValueError(
             f"run_dir={str(run_dir)!r} already holds an earlier run ({what}); a fresh run there would mix its "
             "checkpoints and metrics with that run's (keep_last would prune the new checkpoints first, and "
-            "resume='auto' would pick the old ones). Fix: pass resume='auto' to continue that run, or use a "
-            "new run_dir (or delete the old one)"
+            "resume='auto' would pick the old ones). It started there after this Engine chose the dir. Fix: pass "
+            "resume='auto' to continue that run, or build the Engine again (it then picks a fresh dir beside it)"
         )
 
 
@@ -153,35 +156,115 @@ def _unlock(fd: int) -> None:
         os.close(fd)
 
 
+_VERSION = r"-([2-9]|[1-9][0-9]+)"  # base-2, base-3, ... (no leading zeros: base-02 is not a version)
+
+
+def run_versions(base: str | os.PathLike[str]) -> list[tuple[int, str]]:
+    """The versions of ``base`` that hold a run (:func:`earlier_run`), oldest first: ``(1, base)`` for
+    ``base`` itself, ``(n, base-n)`` for its siblings ``base-2``, ``base-3``, ...
+
+    Example::
+
+        run_versions("runs/digits")   # [(1, "runs/digits"), (2, "runs/digits-2")]
+    """
+    root = Path(base)
+    pattern = re.compile(re.escape(root.name) + _VERSION)
+    found = [(1, str(base))] if earlier_run(root) is not None else []
+    parent = root.parent
+    if root.name and parent.is_dir():
+        for entry in os.scandir(parent):
+            m = pattern.fullmatch(entry.name)
+            if m and entry.is_dir() and earlier_run(entry.path) is not None:
+                found.append((int(m.group(1)), f"{base}-{m.group(1)}"))
+    return sorted(found)
+
+
+def run_dir_for(base: str | os.PathLike[str], resume: Any = None) -> str:
+    """The run dir a run given ``run_dir=base`` uses: the one rule of the Engine and the recipes.
+
+    - a fresh run (``resume=None``): ``base`` while no run has used it or a version of it, else
+      ``base-(n+1)`` for the highest version ``base-n`` that holds a run (``base`` itself is version 1).
+      So running a script twice works, and two runs never share a dir (Lightning's ``version_N``,
+      as siblings: ``runs/digits``, ``runs/digits-2``, ...);
+    - ``resume="auto"``: the newest run, i.e. the highest version that holds one (the last fresh run
+      started from ``base``); ``base`` if none does (the run starts there);
+    - ``resume=<a checkpoint path>``: ``base`` as given (the run continues or branches there).
+
+    "Holds a run" means checkpoints or a non-empty ``metrics.jsonl`` (:func:`earlier_run`).
+
+    Example::
+
+        run_dir_for("runs/digits")                  # "runs/digits", then "runs/digits-2", ...
+        run_dir_for("runs/digits", resume="auto")   # the newest of them
+    """
+    base = str(base)
+    if resume is not None and resume != "auto":
+        return base
+    used = run_versions(base)
+    if resume == "auto":
+        return used[-1][1] if used else base
+    return f"{base}-{used[-1][0] + 1}" if used else base
+
+
+def describe_run_dir(base: str, chosen: str, resume: Any) -> str:
+    """The line a fit prints about its run dir (rank 0, whatever ``progress`` is).
+
+    Example::
+
+        describe_run_dir("runs/digits", "runs/digits-2", None)
+        # "run_dir: runs/digits-2 (runs/digits holds an earlier run; a fresh run starts beside it)"
+    """
+    if chosen == base:
+        return f"run_dir: {chosen}"
+    if resume == "auto":
+        return f"run_dir: {chosen} (the newest run of {base}; resume='auto' continues it)"
+    return f"run_dir: {chosen} ({base} holds an earlier run; a fresh run starts beside it, never in it)"
+
+
+def agree_on_run_dir(run_dir: str, rt: Runtime) -> str:
+    """Rank 0's ``run_dir`` on every rank (one broadcast, once per engine; a no-op on one process): the ranks
+    decide it alone when the Engine is built, and a run that another one started in between must still
+    write one dir from every rank.
+
+    Example::
+
+        run_dir = agree_on_run_dir(run_dir, runtime)
+    """
+    if rt.world_size == 1:
+        return run_dir
+    data = os.fsencode(run_dir)
+    if len(data) > _MAX_PATH:
+        raise ValueError(f"run_dir={run_dir!r} is longer than {_MAX_PATH} bytes; use a shorter path")
+    buffer = torch.zeros(_MAX_PATH + 1, dtype=torch.int64, device=rt.device)
+    buffer[0] = len(data)
+    buffer[1 : 1 + len(data)] = torch.tensor(list(data), dtype=torch.int64)
+    rt.broadcast([buffer], src=0)
+    values = buffer.tolist()
+    return os.fsdecode(bytes(values[1 : 1 + values[0]]))
+
+
+_MAX_PATH = 4096
+
+
 def next_free_run_dir(base: str) -> str:
-    """``base`` if no run has used it, else the first of ``base-2``, ``base-3``, ... that none has: a
-    default run dir for recipes, so that running a command again starts a new run beside the old one.
+    """The run dir a fresh run started with ``base`` uses: :func:`run_dir_for` ``(base)``.
 
     Example::
 
         next_free_run_dir("runs/digits-mlp")   # "runs/digits-mlp", then "runs/digits-mlp-2", ...
     """
-    candidate, n = base, 1
-    while earlier_run(candidate) is not None:
-        n += 1
-        candidate = f"{base}-{n}"
-    return candidate
+    return run_dir_for(base)
 
 
 def recipe_run_dir(explicit: str | None, default: str, resume: str | None) -> str:
-    """The run dir a recipe writes to, refused before it writes anything there (its own config
-    included) where a fresh run would land in another run's dir: ``explicit`` if given, else
-    ``default`` to resume, else the first free of ``default``, ``default-2``, ...
+    """The run dir a recipe writes to, by the Engine's rule (:func:`run_dir_for`) on ``explicit`` if given,
+    else ``default``. A recipe that builds its Engine first reads ``engine.run_dir`` instead.
 
     Example::
 
         run_dir = recipe_run_dir(cfg.run_dir, "runs/adder", cfg.resume)
     """
-    if explicit is None:
-        return default if resume else next_free_run_dir(default)
-    if not resume:
-        refuse_earlier_run(explicit)
-    return explicit
+    return run_dir_for(explicit if explicit is not None else default, resume)
 
 
 def write_config(
@@ -212,7 +295,14 @@ def write_config(
         "device": str(rt.device),
         "strategy": strategy,
         "max_steps": max_steps,
+        # What two runs differ in, beyond the Engine's arguments: the optimizers' hyper-parameters per param
+        # group, the schedulers' and the callbacks' settings.
+        "optimizer_settings": {o.name: optimizer_settings(o.optimizer) for o in optimizers},
+        "scheduler_settings": {o.name: settings_of(o.scheduler) for o in optimizers if o.scheduler is not None},
+        "callback_settings": [{"class": type(cb).__name__, **settings_of(cb)} for cb in callbacks],
     }
+    if rt.is_main and (config.checkpoint.run_dir is not None or config.logging.log_with):
+        written["run"] = run_record()  # (a git call: only where something records it)
     run_dir = config.checkpoint.run_dir
     if run_dir is None or not rt.is_main:
         return written
@@ -220,6 +310,116 @@ def write_config(
     # (atomic and never through a planted link: a symlinked config.json would overwrite another file)
     files.write_atomic(Path(run_dir) / "config.json", json.dumps(written, indent=2).encode())
     return written
+
+
+def optimizer_settings(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """An optimizer's class and each param group's hyper-parameters (lr, betas, weight_decay, ...; the
+    parameters by count), as ``config.json`` records them.
+
+    Example::
+
+        optimizer_settings(torch.optim.AdamW(model.parameters(), lr=3e-4))
+        # {"class": "AdamW", "param_groups": [{"params": 4, "lr": 0.0003, "betas": [0.9, 0.999], ...}]}
+    """
+    from ..config import jsonable
+
+    def value(v: Any) -> Any:  # (a tensor lr, say, as its number: one read per fit)
+        return v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else jsonable(v)
+
+    groups = [{"params": len(g["params"]), **{k: value(v) for k, v in g.items() if k != "params"}}
+              for g in optimizer.param_groups]  # fmt: skip
+    return {"class": type(optimizer).__name__, "param_groups": groups}
+
+
+def settings_of(obj: Any) -> dict[str, Any]:
+    """The settings of a scheduler or a callback: the attributes named like its ``__init__``'s parameters
+    (all its public attributes where ``__init__`` takes none) whose values are numbers, strings, booleans,
+    None or lists of them (an optimizer reference or a LambdaLR's functions are left out).
+
+    Example::
+
+        settings_of(EarlyStopping(patience=5))   # {"monitor": "val/loss", "patience": 5, "mode": "min", "min_delta": 0.0}
+    """
+    import inspect
+
+    try:
+        names = [n for n, p in inspect.signature(type(obj).__init__).parameters.items()
+                 if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]  # fmt: skip
+    except (TypeError, ValueError):  # (a builtin __init__ without a signature)
+        names = []
+    attributes = vars(obj) if hasattr(obj, "__dict__") else {}
+    keys = [n for n in names if n in attributes] if names else [k for k in attributes if not k.startswith("_")]
+    out: dict[str, Any] = {}
+    for key in keys:
+        value = attributes[key]
+        if isinstance(value, (list, tuple)) and all(_plain(v) for v in value):
+            out[key] = list(value)
+        elif _plain(value):
+            out[key] = value
+    return out
+
+
+def _plain(value: Any) -> bool:
+    """JSON that every reader takes: no NaN or infinity."""
+    return value is None or isinstance(value, (bool, int, str)) or (isinstance(value, float) and math.isfinite(value))
+
+
+def run_record() -> dict[str, Any]:
+    """Where and how this run started: the versions of python, torch, accelerate and the framework, the host,
+    the command line, the start time and, when the script lives in a git checkout, its commit (and whether the
+    tree had uncommitted changes). Never fails: what cannot be found is None.
+
+    Example::
+
+        run_record()["torch"], run_record()["git"]   # "2.13.0+cpu", {"commit": "4aef9da...", "dirty": False}
+    """
+    import platform
+    import sys
+    from importlib import metadata
+
+    def version(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": socket.gethostname(),
+        "argv": list(sys.argv),
+        "cwd": os.getcwd(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "accelerate": version("accelerate"),
+        "framework": version("framework"),
+        "git": git_state(Path(sys.argv[0]).resolve().parent if sys.argv and sys.argv[0] not in ("", "-c") else None),
+    }
+
+
+@functools.lru_cache(maxsize=8)  # (once per process and place: a notebook's fits do not call git again)
+def git_state(where: Path | None) -> dict[str, Any] | None:
+    """``{"commit", "dirty"}`` of the git checkout holding ``where`` (the current directory if None), or None
+    where there is none or no ``git`` (a few ms; a hung git is given up after 5 s).
+
+    Example::
+
+        git_state(Path("recipes"))   # {"commit": "4aef9da...", "dirty": True}
+    """
+    import subprocess
+
+    cwd = str(where) if where is not None and where.is_dir() else None
+
+    def git(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=5)
+
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return None
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):  # no git, or it hung
+        return None
+    return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip()) if dirty.returncode == 0 else None}
 
 
 def summary(module: nn.Module, rt: Runtime, batching: Batching, nan_check: str = "step", strategy: str = "") -> str:

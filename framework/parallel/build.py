@@ -25,11 +25,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
+
+_BUILT: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # modules whose configure_model has run (once each)
 
 
 def builds_itself(module: nn.Module) -> bool:
@@ -61,8 +64,19 @@ def parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
+def needs_build(module: nn.Module) -> bool:
+    """Does ``module`` define ``configure_model``, not run yet (a later fit goes on training what it built)?
+
+    Example::
+
+        needs_build(LM())   # True, until build(...) ran for it
+    """
+    return builds_itself(module) and module not in _BUILT
+
+
 def build(module: nn.Module, device: torch.device, on_meta: bool) -> None:
     """Call ``module.configure_model()``: parameters on the meta device (``on_meta``), else on ``device``."""
+    _BUILT.add(module)
     configure: Callable[[], Any] = module.configure_model  # type: ignore[assignment]
     if on_meta:
         with parameters_on_meta():

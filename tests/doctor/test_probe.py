@@ -213,7 +213,7 @@ def test_no_count_warning_on_losses_whose_count_is_right_or_undecidable(name, do
     torch.manual_seed(0)
     engine, said = fit(make(), data, doctor=doctor, **kw)
     report = engine.doctor.format_report()
-    if name == "sum-loss" and doctor == "full":  # the other verdict of the same probe, "full" only
+    if name == "sum-loss":  # the other verdict of the same probe (with accumulation, the default doctor too)
         assert [f.check for f in engine.doctor.findings] == ["loss_scaling"], report
     else:
         assert engine.doctor.findings == [] and said == [], report
@@ -266,3 +266,106 @@ def test_the_probe_copies_the_module_only_not_the_data_or_the_doctor_it_reaches_
     engine = Engine(max_steps=2, batch_size=32, progress=False)
     engine.fit(TinyClassifier(), _NoCopy(x, y))
     assert "count_weights" in engine.doctor.ran  # the probe ran, and copied nothing but the module
+
+
+# ------------------------------------------------------------------ what the probe sees, and what sees it
+
+CALLS = {"compute_loss": 0}  # a counter the module cannot hide from the probe: outside it
+
+
+class NanOnThirdCall(TinyClassifier):
+    """compute_loss returns NaN on its 3rd call of the process, wherever that call comes from."""
+
+    def compute_loss(self, outputs, targets):
+        CALLS["compute_loss"] += 1
+        loss = F.cross_entropy(outputs, targets)
+        return loss * float("nan") if CALLS["compute_loss"] == 3 else loss
+
+
+@pytest.mark.parametrize("doctor", ["off", "basic"])
+def test_a_nan_on_the_third_compute_loss_call_stops_the_run_with_or_without_the_probe(doctor):
+    # Without the doctor the 3rd call is training's own (step 3); with it, the probe's second call on step 1.
+    # Either way nan_policy="raise" stops the run before the step that would use it: the probe never swallows it.
+    from framework import NonFiniteError
+
+    CALLS["compute_loss"] = 0
+    module = NanOnThirdCall()
+    before = [p.detach().clone() for p in module.parameters()]
+    engine = Engine(max_steps=4, batch_size=32, progress=False, doctor=doctor)
+    probe = r"returned a non-finite loss on the doctor's probe \(the micro-batch \S+, its first half nan.*doctor='off'"
+    with pytest.raises(
+        NonFiniteError, match=probe if doctor == "basic" else r"non-finite loss .* at optimizer step 2 "
+    ):
+        engine.fit(module, (X, Y))
+    if doctor == "basic":  # raised on step 1, before its optimizer step: nothing changed
+        assert engine.step == 0 and all(torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
+        assert [f.check for f in engine.doctor.findings] == ["finite"]
+
+
+def test_under_nan_policy_skip_the_probes_nan_is_a_warning_and_training_goes_on():
+    CALLS["compute_loss"] = 0
+    engine, said = fit(NanOnThirdCall(), (X, Y), nan_policy="skip", micro_batch_size=32, max_steps=3)
+    assert engine.step == 3 and engine.skipped_steps == 0  # training's own losses were all finite
+    (warning,) = said
+    assert "non-finite loss on the doctor's probe" in warning and "nan_policy='skip': training goes on" in warning
+    assert "probe's loss was not finite" in engine.doctor.not_run["count_weights"]
+
+
+class Stateful(TinyClassifier):
+    """Counts its calls in every kind of state a module keeps: a Python int, a list, a buffer updated in place,
+    a plain tensor attribute updated in place, and a submodule's int."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls, self.sizes = 0, []
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+        self.items = torch.zeros(())  # not a buffer
+        self.head = nn.Module()
+        self.head.calls = 0
+
+    def forward(self, inputs):
+        self.calls += 1
+        self.sizes.append(len(inputs))
+        self.seen += 1
+        self.items += len(inputs)
+        self.head.calls += 1
+        return super().forward(inputs)
+
+    def counters(self):
+        return self.calls, list(self.sizes), int(self.seen), float(self.items), self.head.calls
+
+
+def test_a_stateful_modules_counters_do_not_see_the_probes_calls():
+    counted = {}
+    for level in ("off", "basic", "full"):
+        torch.manual_seed(0)
+        module = Stateful()
+        engine, _ = fit(module, (X, Y), doctor=level, max_steps=3)
+        assert ("count_weights" in engine.doctor.ran) == (level != "off")  # the probe ran: 3 extra forwards
+        counted[level] = module.counters()
+    assert counted["basic"] == counted["full"] == counted["off"] == (12, [8] * 12, 12, 96.0, 12)
+
+
+def test_the_default_doctor_catches_a_sum_loss_where_it_changes_the_result():
+    # With accumulation the engine weighs micro-batches by count_items (exact for a mean): a sum is wrong there.
+    engine, said = fit(SumLoss(), (X, Y))  # micro-batches of 8 in steps of 32, doctor="basic"
+    assert [f.check for f in engine.doctor.findings] == ["loss_scaling"] and len(said) == 1
+    assert "scales with the batch size, like a sum" in said[0] and "reduction='mean'" in said[0]
+    # One process, one micro-batch per step: a sum trains as the plain loop would; "basic" says why it did not judge.
+    engine, said = fit(SumLoss(), (X, Y), micro_batch_size=32)
+    assert said == [] and "one process without accumulation" in engine.doctor.not_run["loss_scaling"]
+    engine, said = fit(SumLoss(), (X, Y), micro_batch_size=32, doctor="full")
+    assert [f.check for f in engine.doctor.findings] == ["loss_scaling"]
+
+
+class KeepsHidden(TinyClassifier):
+    """Keeps its last hidden activations on self: a non-leaf tensor with a graph (deepcopy refuses those)."""
+
+    def forward(self, inputs):
+        self.last_hidden = self.net[0](inputs)
+        return self.net[3](self.net[2](self.net[1](self.last_hidden)))
+
+
+def test_the_probe_copes_with_a_tensor_a_forward_kept_on_the_module():
+    engine, said = fit(KeepsHidden(), (X, Y))
+    assert "count_weights" in engine.doctor.ran and said == [], engine.doctor.not_run

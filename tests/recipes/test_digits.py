@@ -60,15 +60,19 @@ def test_running_again_starts_a_new_run_dir_and_never_writes_into_another_run(tm
     digits.main(smoke)
     digits.main(smoke)
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["digits-mlp", "digits-mlp-2"]
+    second = yaml.safe_load((tmp_path / "runs" / "digits-mlp-2" / "recipe_config.yaml").read_text())
+    assert second["run_dir"] == "runs/digits-mlp-2"  # the dir actually used
     first = tmp_path / "runs" / "digits-mlp"
     before = (first / "recipe_config.yaml").read_text(), (first / "metrics.jsonl").read_text()
-    # Naming that dir again without --resume is refused before anything is written there ...
-    with pytest.raises(ValueError, match=r"already holds an earlier run.*resume='auto'"):
-        digits.main([*smoke, "--run-dir", str(first), "--lr", "0.5"])
+    # Naming that dir again without --resume starts a run beside it, by the Engine's rule: nothing is written there.
+    capsys.readouterr()
+    digits.main([*smoke, "--run-dir", str(first), "--lr", "0.5"])
     assert ((first / "recipe_config.yaml").read_text(), (first / "metrics.jsonl").read_text()) == before
-    # ... and --resume auto continues it (it had finished: nothing more to train).
-    result = digits.main([*smoke, "--run-dir", str(first), "--resume", "auto"])
-    assert 0.0 <= result["test/acc"] <= 1.0 and f"outputs: {first}" in capsys.readouterr().out
+    assert f"outputs: {first}-3 " in capsys.readouterr().out
+    assert yaml.safe_load((tmp_path / "runs" / "digits-mlp-3" / "recipe_config.yaml").read_text())["lr"] == 0.5
+    # ... and --resume auto continues the newest run (it had finished: nothing more to train).
+    result = digits.main([*smoke, "--run-dir", str(first), "--lr", "0.5", "--resume", "auto"])
+    assert 0.0 <= result["test/acc"] <= 1.0 and f"outputs: {first}-3 " in capsys.readouterr().out
 
 
 def test_yaml_config_and_overrides(tmp_path, capsys):
