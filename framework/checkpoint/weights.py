@@ -232,6 +232,20 @@ def check_fits(module: torch.nn.Module, weights: dict[str, torch.Tensor], strict
         )
 
 
+def _check_arguments(prefix: Any, strict: Any, ema: Any) -> None:
+    """``load_weights``' own arguments, checked before anything is read (a string "False" is truthy: it
+    would load strictly, or load the EMA weights, silently)."""
+    if prefix is not None and not isinstance(prefix, str):
+        hint = f"prefix={prefix.decode(errors='replace')!r}" if isinstance(prefix, bytes) else "prefix='lm.'"
+        raise TypeError(
+            f"load_weights: prefix={prefix!r} is a {type(prefix).__name__}; pass a str naming the submodule whose "
+            f"keys to load (e.g. {hint}), or None for all keys"
+        )
+    for name, value in (("strict", strict), ("ema", ema)):
+        if not isinstance(value, bool):
+            raise TypeError(f"load_weights: {name}={value!r} is a {type(value).__name__}; pass True or False")
+
+
 def load_weights(
     module: torch.nn.Module,
     path: str | os.PathLike[str],
@@ -255,6 +269,7 @@ def load_weights(
         framework.load_weights(model, "runs/digits/checkpoints/step-00000120", ema=True)
         framework.load_weights(hf_model, "runs/lm", prefix="lm.")
     """
+    _check_arguments(prefix, strict, ema)
     source = weights_source(path)
     where = source.path / MODEL if isinstance(source, CheckpointReader) else source
     weights, ema_keys = _read(source, ema)
