@@ -33,7 +33,7 @@ from .evaluation import check_metrics, evaluate, predict
 from .events import Event, Events, StepInfo, Trace
 from .fit import Fit, prepare_fit, validation_source
 from .guard import NonFiniteError
-from .module import LoopModule
+from .module import LoopModule, forward
 from .observability import run_info
 from .optim import parse_optimizers, phase_is_required
 from .parallel import Strategy, make_strategy
@@ -195,7 +195,7 @@ class Engine:
                         if outputs_of[i] is None:
                             # 2. forward (once per micro-batch: alternating phases share it)
                             emit(Event.FORWARD, i, phase, batch)
-                            outputs = model(inputs)
+                            outputs = forward(module, model, inputs)  # (= model(inputs); a dict batch's error named)
                             if run.phased:
                                 outputs_of[i] = outputs
                             emit(Event.AFTER_FORWARD, i, phase, real)

@@ -31,7 +31,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .data import Source
 from .events import Event, Events
-from .module import LoopModule
+from .module import LoopModule, forward
 from .parallel.runtime import Runtime, rng_preserved
 
 
@@ -135,7 +135,7 @@ def evaluate(
                 weight = 1.0 if i < len(real) else 0.0  # a filler only tells this rank the metric names
                 inputs, targets = module.split_batch(batch)
                 with rt.autocast():
-                    outputs = model(inputs)
+                    outputs = forward(module, model, inputs)  # (= model(inputs); a dict batch's error named)
                     if phases:
                         loss_fn: Any = module.compute_loss  # (its `phase` has no default: one loss per phase)
                         losses = [loss_fn(outputs, targets, phase=p) for p in phases]
