@@ -143,7 +143,8 @@ def _read_sharded(source: CheckpointReader, ema: bool) -> tuple[dict[str, torch.
     from . import shards as dcp
 
     name = "ema" if ema else "model"
-    weights = dcp.load_full(source.path, prefix=f"{name}/")
+    meta = dcp.open_index(source.path, {n: e.size for n, e in source.files.items()})  # (checked against the files)
+    weights = dcp.load_full(source.path, prefix=f"{name}/", meta=meta)
     if ema and not weights:
         raise CheckpointError(
             f"{source.path} has no EMA weights; train with Engine(ema_decay=...) to keep them, or load with ema=False"
