@@ -114,6 +114,9 @@ def _missing(path: Path, parsed: Manifest) -> str | None:
     return None
 
 
+_RESTARTS = 100  # (each restart means a newer checkpoint was published meanwhile: the run is progressing)
+
+
 def load_newest(root: Path, load: Callable[[Path], None] | None = None) -> Path | None:
     """The newest checkpoint under ``root`` that verifies (``load(path)`` then applies it and may raise
     :class:`CorruptCheckpointError` for malformed content, leaving nothing applied); older ones are
@@ -124,30 +127,58 @@ def load_newest(root: Path, load: Callable[[Path], None] | None = None) -> Path 
     ``load`` must verify what it reads (:class:`~framework.checkpoint_io.CheckpointReader` does); without
     it, each candidate is verified here.
 
+    A reader never loses to pruning: a candidate that disappears while it is read (a run training with
+    ``keep_last`` pruned it, after publishing a newer one) is not a damaged checkpoint; the listing is
+    read again and the newest complete checkpoint tried first.
+
     Example::
 
         path = load_newest(root, lambda p: load_engine(engine, fit, p))
     """
-    skipped: list[str] = []
-    for found in reversed(list_checkpoints(root)):
-        try:
-            (load or verify)(found.path)
-        except CorruptCheckpointError as e:
-            skipped.append(f"{found.path.name} ({e})")
-            continue
-        if skipped:
-            warnings.warn(
-                f"skipping checkpoint(s) under {root} that fail verification: {'; '.join(skipped)}. Using the older "
-                f"{found.path.name} instead",
-                stacklevel=2,
-            )
-        return found.path
-    if skipped:
+    skipped: dict[str, str] = {}  # name -> why (each damaged one verified once, whatever the restarts)
+    for _ in range(_RESTARTS):
+        pruned = False
+        for found in reversed(list_checkpoints(root)):
+            if found.path.name in skipped:
+                continue
+            try:
+                (load or verify)(found.path)
+            except CheckpointError as e:
+                if _vanished(found.path):  # (pruned or moved while read: a newer one is there now)
+                    pruned = True
+                    break
+                if not isinstance(e, CorruptCheckpointError):
+                    raise
+                skipped[found.path.name] = str(e)
+                continue
+            if skipped:
+                named = "; ".join(f"{name} ({why})" for name, why in skipped.items())
+                warnings.warn(
+                    f"skipping checkpoint(s) under {root} that fail verification: {named}. Using the older "
+                    f"{found.path.name} instead",
+                    stacklevel=2,
+                )
+            return found.path
+        if not pruned:
+            break
+    else:
         raise CheckpointError(
-            f"no checkpoint under {root} can be used: {'; '.join(skipped)}. resume='auto' will not start over on "
+            f"the checkpoints under {root} were pruned while being read, {_RESTARTS} times in a row: the run saves "
+            "faster than one checkpoint can be verified. Read one checkpoint dir (it is kept while you read it "
+            "only if keep_last allows), or raise keep_last"
+        )
+    if skipped:
+        named = "; ".join(f"{name} ({why})" for name, why in skipped.items())
+        raise CheckpointError(
+            f"no checkpoint under {root} can be used: {named}. resume='auto' will not start over on "
             "top of them. Fix: restore one from a backup, or move them away (or use a new run_dir) to start fresh"
         )
     return None
+
+
+def _vanished(path: Path) -> bool:
+    """``path`` is gone (a prune renames a checkpoint to ``.trash-*`` in one step before deleting it)."""
+    return not os.path.lexists(path)
 
 
 def newest_complete(root: Path) -> Path | None:

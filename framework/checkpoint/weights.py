@@ -29,8 +29,9 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -84,6 +85,34 @@ def weights_source(path: str | os.PathLike[str]) -> CheckpointReader | Path:
         if reader.has(p.name):
             return reader
     return p
+
+
+_T = TypeVar("_T")
+_RETRIES = 20
+
+
+def read_newest(
+    path: str | os.PathLike[str], read: Callable[[CheckpointReader | Path], _T]
+) -> tuple[CheckpointReader | Path, _T]:
+    """``read(weights_source(path))``, and the source; where the checkpoint picked disappears while it is read
+    (a run training with ``keep_last`` pruned it after publishing a newer one), again from the newest
+    complete one: a reader polling a run dir never loses to pruning.
+
+    Example::
+
+        source, weights = read_newest("runs/digits", read_weights)
+    """
+    for _ in range(_RETRIES):
+        source = weights_source(path)
+        try:
+            return source, read(source)
+        except CheckpointError:
+            if not (isinstance(source, CheckpointReader) and not os.path.lexists(source.path)):
+                raise
+    raise CheckpointError(
+        f"the checkpoints of {path} were pruned while being read, {_RETRIES} times in a row: the run saves faster "
+        "than one checkpoint can be read. Pass one checkpoint dir, or raise the run's keep_last"
+    )
 
 
 def read_weights(source: CheckpointReader | Path, ema: bool = False) -> dict[str, torch.Tensor]:
@@ -271,9 +300,8 @@ def load_weights(
         framework.load_weights(hf_model, "runs/lm", prefix="lm.")
     """
     _check_arguments(prefix, strict, ema)
-    source = weights_source(path)
+    source, (weights, ema_keys) = read_newest(path, lambda source: _read(source, ema))
     where = source.path / MODEL if isinstance(source, CheckpointReader) else source
-    weights, ema_keys = _read(source, ema)
     if prefix:
         prefix = prefix if prefix.endswith(".") else prefix + "."  # ("lm" must not also take "lm_head.*")
         weights = _select(weights, prefix, where)
