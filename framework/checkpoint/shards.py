@@ -287,12 +287,22 @@ def save(tensors: dict[str, torch.Tensor], directory: Path) -> list[str]:
 
         save({"model/w": model.w}, staging / "shards")
     """
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.filesystem import FileSystemWriter
     from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
+    from .io import STAGING_PREFIX, previous_size
+
     directory.mkdir(parents=True, exist_ok=True)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    dcp_save(tensors, storage_writer=FileSystemWriter(str(directory), single_file_per_rank=True, sync_files=True))
+    writer = FileSystemWriter(str(directory), single_file_per_rank=True, sync_files=True)
+    try:
+        dcp_save(tensors, storage_writer=writer)
+    except CheckpointException as e:  # (raised on every rank alike: DCP gathers the failures)
+        if not any(files.is_disk_full(f[0]) for f in e.failures.values()):
+            raise
+        name = directory.name.removeprefix(STAGING_PREFIX)
+        raise files.disk_full(directory.parent, name, previous_size(directory.parent)) from None
     mine = sorted(p.name for p in directory.glob(f"__{rank}_*{SHARD_SUFFIX}"))
     return mine + ([METADATA] if rank == 0 else [])
 

@@ -32,6 +32,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import random
@@ -49,7 +50,8 @@ from torch import nn
 from ..data.rng import seed_everything
 from .fileformat import JSON, AnyOf, Bool, Float, Int, Keys, ListOf, MapOf, Maybe, Str, TupleOf, expect
 from .files import CheckpointError, CorruptCheckpointError
-from .store import publish
+from .io import previous_size
+from .store import make_room, publish
 from .weights import dedup_shared, with_aliases
 
 if TYPE_CHECKING:
@@ -463,6 +465,10 @@ def save(
     """
     if rt.is_main:
         writer.prepare()
+        # A full disk: the checkpoints this save's prune would remove once it is complete go first, before it
+        # (where less is free than the last checkpoint took), then again on a write that fails for lack of space.
+        writer.room = functools.partial(make_room, root, keep_last, keep_best, mode)
+        make_room(root, keep_last, keep_best, mode, need=previous_size(root) * 21 // 20)
     rt.barrier()
     # Shards (DTensors: FSDP's parameters, their EMA and optimizer state) go to torch.distributed.checkpoint,
     # whole tensors to safetensors: decided by what each tensor is, whatever the strategy.

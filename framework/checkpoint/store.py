@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import threading
 import warnings
 from collections.abc import Callable, Iterable
@@ -273,6 +274,21 @@ def prune(
         elif found.path not in kept:
             doomed.append(found.path)
             incomplete.append(f"{found.path.name} ({problem})")
+    kept |= _kept(complete, keep_last, keep_best, mode)
+    doomed += [f.path for f, _ in complete if f.path not in kept]
+    if incomplete:
+        warnings.warn(
+            f"removing incomplete checkpoint dir(s) under {root}, left by an interrupted save or prune: "
+            + "; ".join(incomplete),
+            stacklevel=2,
+        )
+    return _delete(root, doomed)
+
+
+def _kept(complete: list[tuple[Found, Manifest]], keep_last: int | None, keep_best: int, mode: str) -> set[Path]:
+    """The newest ``keep_last`` of ``complete`` (oldest first; None: all) and the ``keep_best`` best by the
+    manifests' ``monitor_value``."""
+    kept: set[Path] = set()
     if keep_last is None:
         kept |= {f.path for f, _ in complete}
     elif keep_last > 0:
@@ -281,11 +297,42 @@ def prune(
         sign = 1.0 if mode == "min" else -1.0
         scored = sorted((sign * m.monitor_value, f.step, f.path) for f, m in complete if m.monitor_value is not None)
         kept |= {p for _, _, p in scored[:keep_best]}
-    doomed += [f.path for f, _ in complete if f.path not in kept]
-    if incomplete:
+    return kept
+
+
+def make_room(
+    root: Path, keep_last: int | None, keep_best: int = 0, mode: str = "min", need: int | None = None
+) -> list[Path]:
+    """Main process, for a save into ``root``: remove the complete checkpoints beyond the newest ``keep_last``
+    (and the ``keep_best`` best), the ones that save's own prune would remove once it is complete, so that
+    a disk holding ``keep_last`` + 1 checkpoints keeps training. With ``need`` (bytes) only where less is
+    free (before a save); None: at once (a write just failed for lack of space). Never a save in progress,
+    never one of the newest ``keep_last``: a complete checkpoint always remains. Returns what it removed
+    (and says so, once per call that removes something).
+
+    Example::
+
+        make_room(Path("runs/x/checkpoints"), keep_last=1, need=1_600_000)   # [.../step-00000002, ...]
+    """
+    if keep_last is None or not root.is_dir():
+        return []
+    free = shutil.disk_usage(root).free
+    if need is not None and free >= need:
+        return []
+    complete = []
+    for found in list_checkpoints(root):
+        try:
+            parsed, _ = read_manifest(found.path)
+        except CheckpointError:
+            continue  # (as prune: never removed unless provably incomplete)
+        if _missing(found.path, parsed) is None:
+            complete.append((found, parsed))
+    kept = _kept(complete, keep_last, keep_best, mode)
+    doomed = [f.path for f, _ in complete if f.path not in kept]
+    if doomed:
         warnings.warn(
-            f"removing incomplete checkpoint dir(s) under {root}, left by an interrupted save or prune: "
-            + "; ".join(incomplete),
+            f"the disk holding {root} has {free / 1e6:.1f} MB free, too little for the next checkpoint: removing "
+            f"{', '.join(p.name for p in doomed)} (beyond keep_last={keep_last}) before it is written, not after",
             stacklevel=2,
         )
     return _delete(root, doomed)
@@ -330,7 +377,13 @@ def publish(
     if isinstance(writer, DeferredWriter):
         return writer.finalize(keep_last=keep_last, keep_best=keep_best, mode=mode, monitor_value=monitor_value)
     final = writer.finalize(monitor_value=monitor_value)
-    write_latest(writer.root, writer.name)
+    try:
+        write_latest(writer.root, writer.name)
+    except OSError as e:
+        if not files.is_disk_full(e):
+            raise
+        prune(writer.root, keep_last, keep_best, mode, keep=[final])  # (it is complete: the old ones may go first)
+        write_latest(writer.root, writer.name)
     prune(writer.root, keep_last, keep_best, mode, keep=[final])
     return final
 
@@ -425,6 +478,15 @@ class DeferredWriter:
         self._owner, self._writer = owner, writer
         self._ops: list[Callable[[], Any]] = []
         self.staging = writer.staging
+
+    @property
+    def room(self) -> Callable[[], list[Path]] | None:
+        """The writer's :attr:`~framework.checkpoint.io.CheckpointWriter.room` (used by its background writes)."""
+        return self._writer.room
+
+    @room.setter
+    def room(self, room: Callable[[], list[Path]] | None) -> None:
+        self._writer.room = room
 
     def prepare(self) -> None:
         """Now, on the calling thread (the caller's barrier follows it)."""
