@@ -31,7 +31,7 @@ from .data import Window
 from .doctor import Doctor, LoopError, max_steps_override
 from .evaluation import check_metrics, evaluate, predict
 from .events import Event, Events, StepInfo, Trace
-from .fit import Fit, prepare_fit, validation_source
+from .fit import Fit, check_resume_path, prepare_fit, validation_source
 from .guard import NonFiniteError
 from .module import LoopModule, forward
 from .observability import run_info
@@ -131,6 +131,7 @@ class Engine:
                 "fit needs max_epochs or max_steps (or both), e.g. Engine(max_epochs=10, ...); "
                 "max_time alone would train until the clock runs out"
             )
+        check_resume_path(self.config)  # (before the lock: a typo leaves no new run dir behind)
         rt = self._runtime()
         run_dir = self.config.checkpoint.run_dir
         with run_info.run_dir_lock(run_dir, rt):  # (one fit at a time writes a run dir)

@@ -409,10 +409,7 @@ class Fit:
                 return None
         else:
             path = Path(resume)
-            if not path.is_dir():
-                raise checkpoint.CheckpointError(
-                    f"resume={resume!r} does not exist; pass an existing checkpoint directory or resume='auto'"
-                )
+            check_resume_path(self.config)
             self.load(path)
         self._branch_from(path, root)
         self.saved_step = self.counters.step
@@ -692,6 +689,21 @@ def _warn_if_validation_may_never_run(config: EngineConfig, source: Source, max_
         "validate every N optimizer steps",
         stacklevel=4,
     )
+
+
+def check_resume_path(config: EngineConfig) -> None:
+    """An explicit ``resume=`` path must be a directory: checked by ``fit`` before it takes the run dir's
+    lock, so a typo leaves nothing behind (not even a new run dir with its ``.lock``).
+
+    Example::
+
+        check_resume_path(engine.config)   # CheckpointError: resume='runs/x/step-9' does not exist; ...
+    """
+    resume = config.checkpoint.resume
+    if resume is not None and resume != "auto" and not Path(resume).is_dir():
+        raise checkpoint.CheckpointError(
+            f"resume={resume!r} does not exist; pass an existing checkpoint directory or resume='auto'"
+        )
 
 
 def _position_check(source: Source) -> Any:

@@ -190,3 +190,12 @@ def test_resume_AUTO_is_refused_before_anything_touches_the_disk(tmp_path):
     with pytest.raises(ValueError, match=r"resume='AUTO'; use 'auto' \(lowercase\)"):
         Engine(max_steps=1, run_dir=str(run), resume="AUTO")
     assert not run.exists()  # (no run dir, no .lock)
+    # A resume path that does not exist: an error at fit, before the lock is taken.
+    from framework import CheckpointError
+
+    from .helpers import TinyClassifier, classification_data
+
+    engine = Engine(max_steps=1, run_dir=str(run), resume=str(tmp_path / "no-such-checkpoint"), progress=False)
+    with pytest.raises(CheckpointError, match="does not exist; pass an existing checkpoint directory"):
+        engine.fit(TinyClassifier(), classification_data(16))
+    assert not run.exists()
