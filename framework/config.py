@@ -102,13 +102,27 @@ def _seed(name: str, value: Any) -> str | None:
 
 
 def _path_or_none(name: str, value: Any) -> str | None:
-    if value is None or (isinstance(value, str) and value) or hasattr(value, "__fspath__"):
+    if value is None:
         return None
-    return f"use a directory path (str), e.g. {name}='runs/exp1', or None"
+    if not ((isinstance(value, str) and value) or hasattr(value, "__fspath__")):
+        return f"use a directory path (str), e.g. {name}='runs/exp1', or None"
+    # (a stat, nothing written: a file where the dir would go fails later, after the run dir's lock, as a
+    # raw FileExistsError; said here, with the fix)
+    path = os.path.abspath(os.fspath(value))
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    if os.path.lexists(path) and not os.path.isdir(path):
+        what = "is an existing file" if path == os.path.abspath(os.fspath(value)) else f"is inside {path}, a file"
+        return f"the path {what}, not a directory; pass a directory (a new one, or an earlier run's run_dir)"
+    return None
 
 
 def _resume(name: str, value: Any) -> str | None:
-    if value is None or value == "auto" or (isinstance(value, str) and value) or hasattr(value, "__fspath__"):
+    if value is None or value == "auto" or hasattr(value, "__fspath__"):
+        return None
+    if isinstance(value, str) and value.strip().lower() == "auto":  # ("AUTO" would be read as a path)
+        return "use 'auto' (lowercase) for the newest complete checkpoint in run_dir; a dir of that name: './AUTO'"
+    if isinstance(value, str) and value:
         return None
     return "use None (a fresh run), 'auto' (the newest complete checkpoint in run_dir) or a checkpoint path"
 
@@ -117,14 +131,36 @@ def _text(name: str, value: Any) -> str | None:
     return None if isinstance(value, str) and value else f"use a non-empty str, e.g. {name}='val/loss'"
 
 
+# The signals that ask a process to stop (a scheduler's preemption notice, a terminal hang-up, a CPU-time
+# limit): the only ones a checkpoint-and-exit handler may take over. The others keep their own meaning.
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGXCPU")
+_NOT_STOP = {
+    **dict.fromkeys(("SIG_DFL", "SIG_IGN"), "is a signal handler constant, not a signal"),
+    **dict.fromkeys(("SIG_BLOCK", "SIG_UNBLOCK", "SIG_SETMASK"), "is a signal-mask constant, not a signal"),
+    **dict.fromkeys(("SIGKILL", "SIGSTOP"), "cannot be caught"),
+    **dict.fromkeys(
+        ("SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGABRT", "SIGIOT", "SIGTRAP", "SIGSYS", "SIGSTKFLT"),
+        "reports a crash; handling it would leave a crashed process running (a segfault would hang, not die)",
+    ),
+}
+
+
 def _signals(name: str, value: Any) -> str | None:
     if isinstance(value, str):
         return f"use a tuple of signal names, e.g. {name}=({value!r},), not a bare string"
     if not isinstance(value, (tuple, list)):
         return f"use a tuple of signal names, e.g. {name}=('SIGTERM', 'SIGUSR1'), or () for none"
+    allowed = ", ".join(repr(s) for s in STOP_SIGNALS)
     for s in value:
-        if not isinstance(s, str) or not s.startswith("SIG") or not hasattr(signal, s) or s in ("SIGKILL", "SIGSTOP"):
-            return f"{s!r} is not a signal that can be caught; use names such as 'SIGTERM', 'SIGUSR1', 'SIGINT'"
+        if isinstance(s, str) and s in STOP_SIGNALS and hasattr(signal, s):
+            continue
+        if isinstance(s, str) and s in _NOT_STOP:
+            why = _NOT_STOP[s]
+        elif isinstance(s, str) and hasattr(signal, s) and s.startswith("SIG"):
+            why = "does not ask a process to stop (the process relies on its usual meaning)"
+        else:
+            why = "is not a signal name"
+        return f"{s!r} {why}; preemption_signals takes signals that mean 'stop': {allowed}"
     return None
 
 

@@ -34,9 +34,9 @@ from .data import Window
 from .doctor import Doctor, LoopError, max_steps_override
 from .evaluation import check_metrics, evaluate, predict
 from .events import Event, Events, StepInfo, StopReason, Trace
-from .fit import Fit, prepare_fit, validation_source
+from .fit import Fit, check_resume_path, prepare_fit, validation_source
 from .guard import NonFiniteError
-from .module import LoopModule
+from .module import LoopModule, forward
 from .observability import run_info
 from .optim import parse_optimizers, phase_is_required
 from .parallel import Strategy, make_strategy
@@ -190,6 +190,7 @@ class Engine:
                 "fit needs max_epochs or max_steps (or both), e.g. Engine(max_epochs=10, ...); "
                 "max_time alone would train until the clock runs out"
             )
+        check_resume_path(self.config)  # (before the lock: a typo leaves no new run dir behind)
         rt = self._runtime()
         if self._fit is None and self.config.checkpoint.run_dir is not None:
             self._agree_on_run_dir(rt)
@@ -269,7 +270,7 @@ class Engine:
                         if outputs_of[i] is None:
                             # 2. forward (once per micro-batch: alternating phases share it)
                             emit(Event.FORWARD, i, phase, batch)
-                            outputs = model(inputs)
+                            outputs = forward(module, model, inputs)  # (= model(inputs); a dict batch's error named)
                             if run.phased:
                                 outputs_of[i] = outputs
                             emit(Event.AFTER_FORWARD, i, phase, real)

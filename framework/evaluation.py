@@ -34,7 +34,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .data import Source
 from .doctor.loss import split_loss
 from .events import Event, Events
-from .module import LoopModule
+from .module import LoopModule, forward
 from .parallel.runtime import Runtime, rng_preserved
 
 
@@ -142,7 +142,7 @@ def evaluate(
                 weight = 1.0 if i < len(real) and counts_here else 0.0
                 inputs, targets = module.split_batch(batch)
                 with rt.autocast():
-                    outputs = model(inputs)
+                    outputs = forward(module, model, inputs)  # (= model(inputs); a dict batch's error named)
                     if phases:
                         loss_fn: Any = module.compute_loss  # (its `phase` has no default: one loss per phase)
                         losses = [loss_fn(outputs, targets, phase=p) for p in phases]

@@ -21,6 +21,7 @@ import contextlib
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -467,10 +468,7 @@ class Fit:
                 return None
         else:
             path = Path(resume)
-            if not path.is_dir():
-                raise checkpoint.CheckpointError(
-                    f"resume={resume!r} does not exist; pass an existing checkpoint directory or resume='auto'"
-                )
+            check_resume_path(self.config)
             self.load(path)
         self._branch_from(path, root)
         self.saved_step = self.counters.step
@@ -509,11 +507,14 @@ class Fit:
 
     def load(self, path: Path) -> None:
         """Read, verify and check a checkpoint, then apply it (nothing changes if it is refused)."""
-        reader = checkpoint.CheckpointReader(path)
         train_state.load(
-            self.state, reader, strategy=self.strategy, rt=self.rt, fingerprint=self.fingerprint,
+            self.state,
+            path,
+            strategy=self.strategy,
+            rt=self.rt,
+            fingerprint=self.fingerprint,
             seed=self.config.seed,
-        )  # fmt: skip
+        )  # fmt: skip  (verified there: every rank agrees it can use it before any collective read)
         self.restored = path
 
     def preempt_exit(self) -> None:
@@ -664,6 +665,8 @@ def prepare_fit(
     source = source_for(config, rt, train_data, batching, config.data.shuffle, training=True)
     warn_one_item_batches(module, source, config.data.overfit_batches or config.data.limit_train_batches)
     val_source = validation_source(config, rt, val_data, batching.micro_batch_size) if val_data is not None else None
+    if val_source is not None and rt.is_main:
+        _warn_if_validation_may_never_run(config, source, max_steps)
     metric_objects = check_metrics(module.configure_metrics(), f"{owner}.configure_metrics", rt.world_size)
     phases = [o.name for o in optimizers] if phased else None
     defer, why_not = _decide_deferral(config.step.nan_check, optimizers, rt, strategy, phased)
@@ -740,10 +743,59 @@ def _registry(
     if rt.scaler is not None:
         registry.register("scaler", rt.scaler)
     registry.register("data", DataPosition(source))
-    registry.register("counters", counters)
+    registry.register("counters", counters, check=_position_check(source))
     registry.register("callbacks", train_state.CallbackStates(callbacks))
     registry.register("metrics", train_state.LoggedMetrics(metrics))
     return registry
+
+
+def _warn_if_validation_may_never_run(config: EngineConfig, source: Source, max_steps: int | None) -> None:
+    """Validation runs at epoch ends unless ``val_every_n_steps``: a stream without ``len()`` (an
+    IterableDataset) whose run is ended by ``max_steps`` or ``max_time`` may never end an epoch, and would
+    then validate 0 times. A finite stream is fine (its epoch ends where it does): hence a warning, not an
+    error."""
+    d = config.data
+    if config.val_every_n_steps or config.stop.max_epochs is not None or source.num_windows() is not None:
+        return
+    if d.limit_train_batches or d.overfit_batches:  # (epochs of n windows: they end)
+        return
+    ends = f"max_steps={max_steps}" if max_steps is not None else "max_time"
+    warnings.warn(
+        f"val_data is validated at epoch ends, and the training data has no len() (a stream): if it is endless, "
+        f"no epoch ends before {ends} stops the run and validation never runs. Pass val_every_n_steps=N to "
+        "validate every N optimizer steps",
+        stacklevel=4,
+    )
+
+
+def check_resume_path(config: EngineConfig) -> None:
+    """An explicit ``resume=`` path must be a directory: checked by ``fit`` before it takes the run dir's
+    lock, so a typo leaves nothing behind (not even a new run dir with its ``.lock``).
+
+    Example::
+
+        check_resume_path(engine.config)   # CheckpointError: resume='runs/x/step-9' does not exist; ...
+    """
+    resume = config.checkpoint.resume
+    if resume is not None and resume != "auto" and not Path(resume).is_dir():
+        raise checkpoint.CheckpointError(
+            f"resume={resume!r} does not exist; pass an existing checkpoint directory or resume='auto'"
+        )
+
+
+def _position_check(source: Source) -> Any:
+    """A checkpoint's position lies within an epoch of this data: a batch_in_epoch past the epoch's windows
+    (10**9, say) would end the epoch at once and silently skip the rest of it."""
+
+    def check(value: Any) -> None:
+        n, done = source.num_windows(), value["batch_in_epoch"]  # (types checked by the counters' schema)
+        if n is not None and done > n:
+            raise ValueError(
+                f"batch_in_epoch={done}, but an epoch of this data has {n} optimizer steps (windows); the "
+                "checkpoint's position does not fit this data"
+            )
+
+    return check
 
 
 def _open_logs(run: Fit, restored: Path | None, why_not: str | None, defer: bool, callbacks: list[Any]) -> None:

@@ -359,3 +359,27 @@ class LoopModule(nn.Module):
             def parallelize(self, mesh):
                 parallelize_module(self.blocks, mesh["tp"], {"*.up": ColwiseParallel(), "*.down": RowwiseParallel()})
         """
+
+
+def forward(module: LoopModule, model: Any, inputs: Any) -> Any:
+    """``model(inputs)``; a ``TypeError`` from a forward that was handed a whole dict batch by the default
+    :meth:`LoopModule.split_batch` (a dict with ``labels`` goes to ``forward`` as is, the HuggingFace
+    convention) is raised again naming ``split_batch`` and the fix: torch's own message (an embedding's
+    "argument 'input' must be Tensor, not dict") does not say where the dict came from.
+
+    Example::
+
+        outputs = forward(module, model, inputs)   # in the loop, in place of model(inputs)
+    """
+    try:
+        return model(inputs)
+    except TypeError as e:
+        if not isinstance(inputs, Mapping) or type(module).split_batch is not LoopModule.split_batch:
+            raise
+        owner = type(module).__name__
+        raise TypeError(
+            f"{owner}.forward failed on a dict batch ({type(e).__name__}: {e}). The default split_batch gives "
+            f"forward the whole dict (keys {sorted(map(str, inputs))[:8]}), for a forward that takes it "
+            f"(self.model(**inputs)). If {owner}.forward takes a tensor, define split_batch(self, batch) returning "
+            "(inputs, targets), e.g. return batch['input_ids'], batch['labels']"
+        ) from e

@@ -115,3 +115,33 @@ def test_a_validation_on_an_epoch_end_step_is_saved_once_with_its_monitor_value(
     assert kept == sorted({best, 6}), (kept, val)  # keep_best saw each checkpoint's val/loss
     manifest = json.loads((tmp_path / "checkpoints" / f"step-{best:08d}" / "manifest.json").read_text())
     assert manifest["monitor_value"] == val[best]
+
+
+class FiniteStream(IterableDataset):
+    """32 items, then the stream ends; no len()."""
+
+    def __iter__(self):
+        x, y = classification_data(32)
+        return iter(zip(x, y, strict=True))
+
+
+def _fit_stream(data, **kw) -> tuple[list[int], list[str]]:
+    import warnings
+
+    at = ValAt()
+    x, y = classification_data(32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Engine(batch_size=8, progress=False, callbacks=[at], **kw).fit(TinyClassifier(), data, (x, y))
+    return at.steps, [str(w.message) for w in caught if "val_every_n_steps" in str(w.message)]
+
+
+def test_a_stream_without_len_ended_by_max_steps_warns_naming_val_every_n_steps():
+    # Endless, ended by max_steps, validation at epoch ends: it would validate 0 times, silently.
+    steps, warned = _fit_stream(Endless(), max_steps=5)
+    assert steps == [] and len(warned) == 1, warned
+    assert "max_steps=5" in warned[0] and "Pass val_every_n_steps=N" in warned[0]
+    # With val_every_n_steps it validates, and says nothing.
+    assert _fit_stream(Endless(), max_steps=5, val_every_n_steps=2) == ([2, 4], [])
+    # A finite stream trained by epochs ends its epochs and validates there: no warning.
+    assert _fit_stream(FiniteStream(), max_epochs=2) == ([4, 8], [])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 import warnings
 from pathlib import Path
 
@@ -166,3 +167,53 @@ def test_prune_never_follows_or_removes_a_link(tmp_path, base_run):
         removed = prune(root, keep_last=1)
     assert removed == [root / "step-00000004"]
     assert os.path.islink(root / "step-00000002") and (elsewhere / "step-00000002" / "manifest.json").is_file()
+
+
+@pytest.fixture
+def fast_disk(tmp_path):
+    """A private tmpfs where the system allows one (saves then take milliseconds, so the reader races many
+    prunes), else plain tmp_path."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(disk)], capture_output=True)
+    try:
+        yield disk
+    finally:
+        if mounted.returncode == 0:
+            subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_a_reader_polling_a_run_dir_never_loses_to_pruning(fast_disk, tmp_path):
+    """A real run publishes a checkpoint every step with keep_last=1 (each prune deletes the checkpoint a
+    reader may be verifying); load_weights(run_dir) polled meanwhile, hundreds of times, never fails: a
+    reader that loses the race reads the newest complete checkpoint instead."""
+    import signal
+
+    from tests.procs import Run, script_cmd
+    from tests.scripts.keep_last_run import Wide
+
+    from .helpers import ROOT
+
+    run_dir = fast_disk / "run"
+    latest = run_dir / "checkpoints" / "latest"
+    polls, overlapped, failures = 0, 0, []
+    with Run(script_cmd(ROOT / "tests/scripts/keep_last_run.py", run_dir, 100_000, ddp=False), run_dir,
+             tmp_path / "train.log") as run:  # fmt: skip
+        run.wait_until(latest.exists, 120, "the first checkpoint")
+        deadline = time.monotonic() + 120
+        while polls < 600 and time.monotonic() < deadline:
+            newest = latest.read_text().strip()
+            try:
+                framework.load_weights(Wide(), run_dir)
+            except Exception as e:  # (any failure counts)
+                failures.append(f"{type(e).__name__}: {e}")
+            polls += 1
+            overlapped += not (run_dir / "checkpoints" / newest).exists()  # (pruned while this poll read)
+            assert run.proc.poll() is None, run.output()[-3000:]
+        os.kill(run.proc.pid, signal.SIGTERM)  # (a preemption: it checkpoints and exits 143)
+        assert run.wait(60) == 143, run.output()[-3000:]
+    assert failures == [], f"{len(failures)} of {polls} polls failed ({overlapped} raced a prune): {failures[:3]}"
+    assert polls >= 600, f"only {polls} polls in 120 s"
+    print(f"{polls} polls, {overlapped} of them raced a prune, no failure")

@@ -310,3 +310,100 @@ def test_load_weights_reads_a_verified_checkpoint(base_run):
     saved = CheckpointReader(base_run / "checkpoints" / "step-00000008").tensors("model.safetensors")
     for k, v in module.state_dict().items():
         assert torch.equal(v, saved[k])
+
+
+# ---------------------------------------------------------------- a full disk: room made, or the space named
+
+
+@pytest.fixture
+def disk(tmp_path, request):
+    """A real tmpfs of ``request.param`` (e.g. "6m")."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={request.param}", "tmpfs", str(mount)], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {proc.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def _wide_fit(run_dir: Path, module=None, **kw):
+    """tests/scripts/keep_last_run.py's model: a checkpoint of about 1.6 MB (weights and AdamW's moments)."""
+    from framework import Engine
+    from tests.scripts.keep_last_run import Wide
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2048, 128, generator=g)
+    module = module if module is not None else Wide()
+    args = dict(batch_size=16, checkpoint_every_n_steps=1, run_dir=str(run_dir), progress=False, doctor="off")
+    Engine(**{**args, **kw}).fit(module, (x, x.flip(-1)))
+    return module
+
+
+@pytest.mark.parametrize("disk", ["6m"], indirect=True)
+@pytest.mark.parametrize("background", [False, True], ids=["sync", "checkpoint_async"])
+def test_a_run_whose_disk_holds_three_checkpoints_continues_with_keep_last_1(disk, tmp_path, background):
+    """3 checkpoints of 1.6 MB fill a 6 MB disk; resumed with keep_last=1, the next save would need a whole
+    checkpoint of space before its prune. The checkpoints beyond keep_last go first, and the run goes on,
+    bitwise equal to one that never ran out of space."""
+    run = disk / "run"
+    _wide_fit(run, max_steps=3, keep_last=3, checkpoint_async=background)
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == [f"step-0000000{i}" for i in (1, 2, 3)]
+    assert shutil.disk_usage(disk).free < 1_600_000  # (too little for one more)
+    with pytest.warns(UserWarning, match=r"too little for the next checkpoint: removing step-00000001, step-00000002"):
+        resumed = _wide_fit(run, max_steps=6, keep_last=1, resume="auto", checkpoint_async=background)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-00000006"]
+    straight = _wide_fit(tmp_path / "straight", max_steps=6)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.parameters(), straight.parameters(), strict=True))
+    framework.load_weights(straight, run)  # (verified, and the same weights)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.parameters(), straight.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("disk", ["2500k"], indirect=True)
+def test_a_disk_too_small_for_one_more_checkpoint_stops_naming_the_space_needed_and_free(disk):
+    from framework.checkpoint.files import DiskFullError
+
+    run = disk / "run"
+    with pytest.raises(DiskFullError) as info:
+        _wide_fit(run, max_steps=4, keep_last=1)
+    message = str(info.value)
+    assert isinstance(info.value, CheckpointError) and info.value.errno == errno.ENOSPC
+    assert "no space left for checkpoint step-00000002: it needs about 1.6 MB" in message, message
+    assert "MB are free on the disk holding" in message and "lower keep_last" in message, message
+    # Nothing corrupt: the previous checkpoint verifies, and resume="auto" would take it.
+    assert newest_complete(run / "checkpoints") == run / "checkpoints" / "step-00000001"
+    assert CheckpointReader(run / "checkpoints" / "step-00000001").json("state.json")["state"]["counters"]["step"] == 1
+
+
+@pytest.mark.parametrize("disk", ["3m"], indirect=True)
+def test_a_write_that_runs_out_of_space_makes_room_and_is_retried_once(disk):
+    """The writer's own retry, without the check before the save: ENOSPC, the checkpoints beyond keep_last
+    removed, the same file written again."""
+    import functools
+    import warnings
+
+    from framework.checkpoint import store
+
+    root = disk / "checkpoints"
+    for step in (1, 2):
+        _save_kept(CheckpointWriter(root, f"step-0000000{step}"), float(step), 250_000)  # 1 MB each, all kept
+    writer = CheckpointWriter(root, "step-00000003")
+    writer.room = functools.partial(store.make_room, root, 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _save(writer, 3.0, 300_000)  # 1.2 MB: fits only once step 1 is gone (publish keeps 2)
+    assert any("removing step-00000001 (beyond keep_last=1)" in str(w.message) for w in caught)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000002", "step-00000003"]
+    assert torch.equal(CheckpointReader(root / "step-00000003").tensors("model.safetensors")["w"],
+                       torch.full((300_000,), 3.0))  # fmt: skip
+
+
+def _save_kept(writer, value: float, n: int) -> None:
+    writer.prepare()
+    writer.tensors("model.safetensors", {"w": torch.full((n,), value)})
+    writer.commit()
+    publish(writer, keep_last=None)

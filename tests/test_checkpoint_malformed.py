@@ -116,6 +116,42 @@ def rewrite_rng_tensors(change: Callable[[dict], None]) -> Callable[[Path], None
     return do
 
 
+def rewrite_state_tensors(change: Callable[[dict], None]) -> Callable[[Path], None]:
+    def do(ckpt: Path) -> None:
+        tensors = load_file(str(ckpt / "state.safetensors"))
+        change(tensors)
+        os.remove(ckpt / "state.safetensors")
+        save_file(tensors, str(ckpt / "state.safetensors"))
+        reseal(ckpt)
+
+    return do
+
+
+EXP_AVG = "optimizer/state/net.0.weight/exp_avg"  # (TinyClassifier's first weight is [32, 8]; AdamW's moment)
+
+
+def _nan_at(key: str, value: float) -> Callable[[dict], None]:
+    def change(tensors: dict) -> None:
+        tensors[key] = tensors[key].clone()
+        tensors[key][3, 4] = value
+
+    return change
+
+
+def drop_files(*names: str) -> Callable[[Path], None]:
+    """Remove files and their manifest entries, and reseal: what a careful tamperer (or a sloppy copy) leaves."""
+
+    def do(ckpt: Path) -> None:
+        manifest = json.loads((ckpt / "manifest.json").read_text())
+        for name in names:
+            os.remove(ckpt / name)
+            del manifest["files"][name]
+        (ckpt / "manifest.json").write_text(json.dumps(manifest))
+        reseal(ckpt)
+
+    return do
+
+
 def bad_aliases(ckpt: Path) -> None:
     tensors = load_file(str(ckpt / "model.safetensors"))
     os.remove(ckpt / "model.safetensors")
@@ -232,6 +268,21 @@ CASES = [
      "not a valid RNG state", False),
     ("rng an unknown state", rewrite_rng_tensors(_set(("evil",), torch.zeros(1))), "rng-rank0.safetensors",
      "evil", False),
+    # content checked for shape and range, not only type (issue 28)
+    ("optimizer moment of the wrong shape", rewrite_state_tensors(lambda t: t.update({EXP_AVG: t[EXP_AVG].T.contiguous()})),
+     "state.safetensors", f"{EXP_AVG}: has shape [8, 32], its parameter's is [32, 8]", False),
+    ("optimizer moment flattened", rewrite_state_tensors(lambda t: t.update({EXP_AVG: t[EXP_AVG].flatten()})),
+     "state.safetensors", f"{EXP_AVG}: has shape [256]", False),
+    ("optimizer moment with a NaN", rewrite_state_tensors(_nan_at(EXP_AVG, float("nan"))), "state.safetensors",
+     f"{EXP_AVG}: holds NaN or inf", False),
+    ("optimizer moment with an inf", rewrite_state_tensors(_nan_at(EXP_AVG, float("inf"))), "state.safetensors",
+     f"{EXP_AVG}: holds NaN or inf", False),
+    ("batch_in_epoch past the epoch", edit_json("state.json", _set(("state", "counters", "batch_in_epoch"), 10**9)),
+     "state.json", "batch_in_epoch=1000000000, but an epoch of this data has 4 optimizer steps", False),
+    ("rng files removed with their manifest entries", drop_files("rng-rank0.json", "rng-rank0.safetensors"),
+     "step-00000008", "says 1 process(es) wrote it, each with its RNG state", False),
+    ("state.json claims another world size", edit_json("state.json", _set(("world_size",), 2)), "step-00000008",
+     "missing ['rng-rank1.json', 'rng-rank1.safetensors']", False),
 ]  # fmt: skip
 
 

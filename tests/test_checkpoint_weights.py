@@ -157,3 +157,22 @@ def test_ema_without_ema_weights_is_a_clear_error(tmp_path, run):
     with pytest.raises(CheckpointError, match="ema=True needs a checkpoint"):
         framework.load_weights(bare(), tmp_path / "bare.safetensors", ema=True)
     assert _unchanged(model, before)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "says"),
+    [
+        ({"prefix": 123}, r"prefix=123 is a int; pass a str naming the submodule"),
+        ({"prefix": b"lm."}, r"prefix=b'lm\.' is a bytes; .*\(e\.g\. prefix='lm\.'\)"),
+        ({"strict": "False"}, r"strict='False' is a str; pass True or False"),
+        ({"strict": 0}, r"strict=0 is a int; pass True or False"),
+        ({"ema": "False"}, r"ema='False' is a str; pass True or False"),
+        ({"ema": None}, r"ema=None is a NoneType; pass True or False"),
+    ],
+)
+def test_load_weights_checks_its_own_arguments_before_reading_anything(run, kwargs, says):
+    model = bare()
+    before = _snapshot(model)
+    with pytest.raises(TypeError, match=says):
+        framework.load_weights(model, run, **{"prefix": "lm.", **kwargs})
+    assert _unchanged(model, before)

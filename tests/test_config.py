@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import signal
 
 import pytest
 
 from framework import Engine
-from framework.config import EngineConfig, describe, markdown_table
+from framework.config import STOP_SIGNALS, EngineConfig, describe, markdown_table
 
 from .helpers import ROOT
 
@@ -59,6 +61,23 @@ BAD = [
     ({"run_dir": ""}, "run_dir", "directory path"),
     ({"checkpoint_async": None}, "checkpoint_async", "True or False"),
     ({"keep_last": True}, "keep_last", "int >= 1"),  # a bool is not a count
+    # preemption_signals: only signals that mean "stop" (issue 28)
+    ({"preemption_signals": ("SIG_DFL",)}, "preemption_signals", "'SIG_DFL' is a signal handler constant"),
+    ({"preemption_signals": ("SIG_IGN",)}, "preemption_signals", "'SIG_IGN' is a signal handler constant"),
+    ({"preemption_signals": ("SIG_BLOCK",)}, "preemption_signals", "'SIG_BLOCK' is a signal-mask constant"),
+    ({"preemption_signals": ("SIGTERM", "SIGSEGV")}, "preemption_signals", "'SIGSEGV' reports a crash"),
+    ({"preemption_signals": ("SIGBUS",)}, "preemption_signals", "'SIGBUS' reports a crash"),
+    ({"preemption_signals": ("SIGFPE",)}, "preemption_signals", "'SIGFPE' reports a crash"),
+    ({"preemption_signals": ("SIGILL",)}, "preemption_signals", "'SIGILL' reports a crash"),
+    ({"preemption_signals": ("SIGABRT",)}, "preemption_signals", "'SIGABRT' reports a crash"),
+    ({"preemption_signals": ("SIGCHLD",)}, "preemption_signals", "'SIGCHLD' does not ask a process to stop"),
+    ({"preemption_signals": ("SIGPIPE",)}, "preemption_signals", "'SIGPIPE' does not ask a process to stop"),
+    ({"preemption_signals": ("SIGKILL",)}, "preemption_signals", "'SIGKILL' cannot be caught"),
+    ({"preemption_signals": ("SIGSTOP",)}, "preemption_signals", "'SIGSTOP' cannot be caught"),
+    ({"preemption_signals": (15,)}, "preemption_signals", "15 is not a signal name"),
+    # resume: 'AUTO' would be taken for a path (issue 28)
+    ({"resume": "AUTO"}, "resume", "use 'auto' (lowercase)"),
+    ({"resume": "Auto"}, "resume", "use 'auto' (lowercase)"),
 ]
 
 
@@ -149,3 +168,62 @@ def test_keep_best_with_a_monitor_validation_does_not_log_is_an_error_at_the_fir
         engine.fit(TinyClassifier(), (x, y), (x[:32], y[:32]))
     assert engine.step == 3  # the first epoch trained, its validation found the mistake, nothing was saved
     assert not list((tmp_path / "checkpoints").glob("step-*")) if (tmp_path / "checkpoints").exists() else True
+
+
+def test_every_stop_signal_is_accepted_and_the_refusal_lists_them():
+    for name in STOP_SIGNALS:
+        assert EngineConfig.from_options(preemption_signals=(name,)).distributed.preemption_signals == (name,)
+    with pytest.raises(ValueError) as err:
+        Engine(preemption_signals=("SIGSEGV",))
+    assert all(repr(name) in str(err.value) for name in STOP_SIGNALS)
+
+
+@pytest.mark.parametrize("name", ["SIGHUP", "SIGUSR2"])
+def test_a_newly_allowed_signal_really_preempts_a_fit(tmp_path, name):
+    """A real signal from inside the run (a callback kills its own process with it): a checkpoint at the agreed
+    step boundary, then exit 143."""
+    from framework import Callback
+
+    from .helpers import fit_tiny
+
+    class SignalAt(Callback):
+        def on_step_end(self, engine, module, metrics):
+            if engine.step == 2:
+                os.kill(os.getpid(), getattr(signal, name))
+
+    previous = signal.getsignal(getattr(signal, name))
+    try:
+        with pytest.raises(SystemExit) as info:
+            fit_tiny(tmp_path / "run", preemption_signals=(name,), callbacks=[SignalAt()])
+    finally:
+        signal.signal(getattr(signal, name), previous)  # (a preempted fit leaves its signals ignored)
+    assert info.value.code == 143
+    assert (tmp_path / "run" / "checkpoints" / "step-00000002" / "manifest.json").is_file()
+
+
+def test_run_dir_that_is_a_file_is_refused_at_construction_naming_the_fix(tmp_path):
+    afile = tmp_path / "notes.txt"
+    afile.write_text("not a run dir\n")
+    for given in (afile, afile / "sub"):
+        with pytest.raises(ValueError) as err:
+            Engine(max_steps=1, run_dir=str(given))
+        message = str(err.value)
+        assert message.startswith(f"run_dir={str(given)!r}; ") and "not a directory" in message, message
+        assert "pass a directory" in message
+    assert afile.read_text() == "not a run dir\n"
+
+
+def test_resume_AUTO_is_refused_before_anything_touches_the_disk(tmp_path):
+    run = tmp_path / "new-run"
+    with pytest.raises(ValueError, match=r"resume='AUTO'; use 'auto' \(lowercase\)"):
+        Engine(max_steps=1, run_dir=str(run), resume="AUTO")
+    assert not run.exists()  # (no run dir, no .lock)
+    # A resume path that does not exist: an error at fit, before the lock is taken.
+    from framework import CheckpointError
+
+    from .helpers import TinyClassifier, classification_data
+
+    engine = Engine(max_steps=1, run_dir=str(run), resume=str(tmp_path / "no-such-checkpoint"), progress=False)
+    with pytest.raises(CheckpointError, match="does not exist; pass an existing checkpoint directory"):
+        engine.fit(TinyClassifier(), classification_data(16))
+    assert not run.exists()

@@ -134,6 +134,7 @@ def test_data_wait_is_logged_and_a_slow_dataset_gets_the_fix_in_the_end_of_fit_l
     assert len(waits) == 3 and all(0.5 < w <= 1.0 for w in waits), waits
     err = capsys.readouterr().err
     assert "data: the step waited for input" in err and "set num_workers (now 0" in err
+
     # In-memory tensors: nothing to report (the line appears only when there is something to say). The step does
     # some work (20 ms): against a step of microseconds, an index op's share is the machine's load, not the data's.
     class Working(Net):

@@ -205,3 +205,119 @@ def test_hf_export_loads_with_from_pretrained_and_gives_the_trained_logits(tmp_p
         export_hf(run_dir, tmp_path / "out2")
     with pytest.raises(ExportError, match="prefix='lm'"):
         save_hf_artifacts(run_dir, module.lm, prefix="lm")
+
+
+# ---------------------------------------------------------------- RUN_DIR/hf/ as export reads it: checked, never followed out
+
+
+SECRET = "a file outside the run dir: must never land in an export\n"
+
+
+@pytest.fixture(scope="module")
+def hf_run(tmp_path_factory) -> Path:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    torch.manual_seed(0)
+    module = Wrapped()
+    run_dir = tmp_path_factory.mktemp("hf") / "run"
+    save_hf_artifacts(run_dir, module.lm, prefix="lm.")
+    x = torch.randint(0, 40, (32, 12))
+    Engine(max_steps=2, batch_size=16, run_dir=str(run_dir), progress=False).fit(
+        module, [{"input_ids": r, "labels": r} for r in x]
+    )
+    return run_dir
+
+
+def _with_tokenizer(hf: Path, *extra: str) -> Path:
+    """export.json says a tokenizer was saved; hf/tokenizer/ holds its (stand-in) files."""
+    meta = json.loads((hf / "export.json").read_text())
+    (hf / "export.json").write_text(json.dumps({**meta, "tokenizer": True}))
+    (hf / "tokenizer").mkdir()
+    (hf / "tokenizer" / "tokenizer_config.json").write_text('{"model_max_length": 12}')
+    return hf / "tokenizer"
+
+
+def _link_in_tokenizer(hf: Path, secret: Path) -> str:
+    os.symlink(secret, _with_tokenizer(hf) / "vocab.json")
+    return "vocab.json is a symbolic link"
+
+
+def _dir_in_tokenizer(hf: Path, secret: Path) -> str:
+    (_with_tokenizer(hf) / "nested").mkdir()
+    return "tokenizer/nested is a directory"
+
+
+def _link_as_config(hf: Path, secret: Path) -> str:
+    os.remove(hf / "config.json")
+    os.symlink(secret, hf / "config.json")
+    return "config.json is a symbolic link"
+
+
+def _hf_dir_a_link(hf: Path, secret: Path) -> str:
+    elsewhere = secret.parent / "elsewhere"
+    os.replace(hf, elsewhere)
+    os.symlink(elsewhere, hf)
+    return "hf is a symbolic link"
+
+
+def _write(name: str, text: str, says: str):
+    def do(hf: Path, secret: Path) -> str:
+        (hf / name).write_text(text)
+        return says
+
+    return do
+
+
+def _edit_export_json(key: str, value: object, says: str):
+    def do(hf: Path, secret: Path) -> str:
+        meta = json.loads((hf / "export.json").read_text())
+        (hf / "export.json").write_text(json.dumps({**meta, key: value}))
+        return says
+
+    return do
+
+
+HF_CASES = [
+    ("a symlink in hf/tokenizer", _link_in_tokenizer),
+    ("a sub-directory in hf/tokenizer", _dir_in_tokenizer),
+    ("hf/config.json a symlink", _link_as_config),
+    ("hf itself a symlink", _hf_dir_a_link),
+    ("export.json not JSON", _write("export.json", '{"format": 1, "prefix": ', "export.json is not valid JSON")),
+    ("export.json a list", _write("export.json", "[1, 2]", "export.json holds a JSON list, not an object")),
+    ("export.json prefix a number", _edit_export_json("prefix", 5, "export.json: prefix: expected a string")),
+    ("export.json tokenizer a string", _edit_export_json("tokenizer", "yes", "export.json: tokenizer: expected true")),
+    ("export.json names no model class", _edit_export_json("architecture", "AutoConfig", "does not have as a model")),
+    ("export.json an unknown key", _edit_export_json("cls", "os.system", "export.json: cls: unknown key")),
+    ("config.json not JSON", _write("config.json", "{'n_embd': 16", "config.json is not valid JSON")),
+    ("config.json of the wrong types", _write("config.json", '{"model_type": "gpt2", "n_embd": "wide", "n_head": 0}',
+                                               "config.json does not build a GPT2LMHeadModel")),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("change", [c[1] for c in HF_CASES], ids=[c[0] for c in HF_CASES])
+def test_export_hf_refuses_a_malformed_or_linked_hf_dir_with_exit_2_and_copies_nothing(
+    hf_run, tmp_path, capsys, change
+):
+    import shutil
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text(SECRET)
+    run_dir = tmp_path / "run"
+    shutil.copytree(hf_run, run_dir)
+    says = change(run_dir / "hf", secret)
+    out = tmp_path / "out"
+    assert cli(["export", str(run_dir), "--hf", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("export: error: ") and says in err and "Traceback" not in err, err
+    assert not out.exists()  # (refused before anything was written)
+    assert secret.read_text() == SECRET
+
+
+def test_export_hf_copies_the_tokenizers_regular_files(hf_run, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(hf_run, run_dir)
+    _with_tokenizer(run_dir / "hf")
+    assert cli(["export", str(run_dir), "--hf", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "tokenizer_config.json").read_text() == '{"model_max_length": 12}'
+    assert (tmp_path / "out" / "model.safetensors").is_file()

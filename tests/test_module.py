@@ -149,3 +149,34 @@ def test_count_items_tensor_weighs_micro_batches():
     Engine(max_steps=1, batch_size=16, shuffle=False, progress=False).fit(b, (x[:16], y[:16]))
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p, q, atol=1e-7, rtol=0)
+
+
+def test_a_dict_batch_into_a_tensor_forward_names_split_batch():
+    """The default split_batch hands a dict with 'labels' to forward whole (the HF convention); a forward that
+    takes a tensor fails inside torch (an embedding's TypeError). The error names split_batch and the fix."""
+
+    class Tokens(LoopModule):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+
+        def forward(self, input_ids):
+            return self.emb(input_ids).mean(1)
+
+        def compute_loss(self, outputs, targets):
+            return F.mse_loss(outputs.sum(-1), targets.float())
+
+    ids = torch.randint(0, 10, (16, 5))
+    batches = [{"input_ids": ids[i : i + 4], "labels": torch.zeros(4)} for i in range(0, 16, 4)]
+    module = Tokens()
+    before = [p.detach().clone() for p in module.parameters()]
+    engine = Engine(max_steps=2, progress=False)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+    with pytest.raises(TypeError, match=r"Tokens\.forward failed on a dict batch") as err:
+        engine.fit(module, loader)
+    message = str(err.value)
+    assert "define split_batch(self, batch)" in message and "['input_ids', 'labels']" in message, message
+    assert "Tensor" in message  # (torch's own message is kept)
+    assert all(torch.equal(a, b) for a, b in zip(module.parameters(), before, strict=True))
+    with pytest.raises(TypeError, match="split_batch"):
+        engine.validate(module, loader)

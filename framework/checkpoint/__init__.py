@@ -39,7 +39,7 @@ Example::
 from __future__ import annotations
 
 from .fileformat import MANIFEST, SUMS
-from .files import CheckpointError, CorruptCheckpointError
+from .files import CheckpointError, CorruptCheckpointError, DiskFullError
 from .io import CheckpointReader, CheckpointWriter, staging_dir, verify
 from .store import (
     ABANDONED,
@@ -50,6 +50,7 @@ from .store import (
     abandon_newer,
     list_checkpoints,
     load_newest,
+    make_room,
     newest_complete,
     prune,
     publish,
@@ -70,12 +71,14 @@ __all__ = [
     "CheckpointReader",
     "CheckpointWriter",
     "CorruptCheckpointError",
+    "DiskFullError",
     "Found",
     "abandon_newer",
     "dedup_shared",
     "list_checkpoints",
     "load_newest",
     "load_weights",
+    "make_room",
     "newest_complete",
     "prune",
     "publish",

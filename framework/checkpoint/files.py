@@ -54,6 +54,53 @@ class CorruptCheckpointError(CheckpointError):
     """
 
 
+class DiskFullError(OSError, CheckpointError):
+    """No space left for a checkpoint (errno ``ENOSPC``), after the checkpoints beyond ``keep_last`` were
+    removed to make room: the message names the space the checkpoint needs and the space free. The
+    previous checkpoints are intact. An ``OSError`` and a :class:`CheckpointError`.
+
+    Example::
+
+        except DiskFullError as e:
+            print(e)   # "... needs about 1.6 MB, 0.4 MB are free on the disk holding runs/x/checkpoints ..."
+    """
+
+
+def disk_full(root: Path, name: str, need: int) -> DiskFullError:
+    """The :class:`DiskFullError` of checkpoint ``name`` under ``root``: ``need`` bytes, against what is free.
+
+    Example::
+
+        raise disk_full(root, "step-00000120", need=1_600_000) from e
+    """
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        free = 0
+    return DiskFullError(
+        errno.ENOSPC,
+        f"no space left for checkpoint {name}: it needs about {_size(need)}, {_size(free)} are free on the disk "
+        f"holding {root} (the checkpoints beyond keep_last were removed to make room first). The previous "
+        "checkpoints are intact. Fix: free space on that disk, lower keep_last or keep_best, or use a run_dir "
+        "on a larger disk",
+    )
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n} bytes"
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether ``error`` is a full disk (``ENOSPC``; ``EDQUOT``, a quota, too).
+
+    Example::
+
+        except OSError as e:
+            if is_disk_full(e): ...
+    """
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
 # ---------------------------------------------------------------- files: Safe file writes for run dirs: never through a symbolic link, atomic where a file is replaced,
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)

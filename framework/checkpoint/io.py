@@ -29,9 +29,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -39,6 +41,8 @@ from . import fileformat, files
 from .fileformat import MANIFEST, RECORD_PREFIX, SUMS, Entry, Int, Keys, Manifest, MapOf, Str, expect
 from .files import CheckpointError, CorruptCheckpointError
 
+_T = TypeVar("_T")
+_STEP = re.compile(r"step-\d{8,}")  # (store.CHECKPOINT_RE: a run's checkpoints)
 STAGING_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 MAX_JSON_BYTES = 1 << 30  # (a JSON file of a checkpoint larger than this is not one we wrote)
@@ -100,6 +104,9 @@ class CheckpointWriter:
             raise ValueError(f"rank={rank} is not in range for world_size={world_size}")
         self.root, self.name = Path(root), name
         self.rank, self.world_size, self.is_main, self.timeout = rank, world_size, is_main, timeout
+        # Main process, a full disk: frees space (store.make_room: the checkpoints beyond keep_last) and returns
+        # what it removed; the write is then retried once. None: a full disk is a DiskFullError at once.
+        self.room: Callable[[], list[Path]] | None = None
         self.staging = staging_dir(self.root, name)
         self._files: dict[str, Entry] = {}
         self._hashing: dict[str, tuple[int, fileformat.Digest]] = {}  # (files whose hash still runs)
@@ -152,16 +159,7 @@ class CheckpointWriter:
 
             writer.json_bytes("state.json", b'{"step": 120}')
         """
-        path = self._path(filename)
-        fd = files.open_new(path)
-        try:
-            files.write_all(fd, [data])
-            os.fsync(fd)
-        except BaseException:
-            _discard(path)
-            raise
-        finally:
-            os.close(fd)
+        self._write(self._path(filename), lambda fd: files.write_all(fd, [data]))
         self._files[filename] = Entry(len(data), hashlib.sha256(data).hexdigest())
 
     def tensors(self, filename: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -172,17 +170,40 @@ class CheckpointWriter:
 
             writer.tensors("model.safetensors", model.state_dict(), {"aliases": "{}"})
         """
-        path = self._path(filename)
-        fd = files.open_new(path)
-        try:
-            size, digest = fileformat.write_tensors(fd, tensors, metadata)
-            os.fsync(fd)  # (the hash runs on meanwhile, and on while the next file is written)
-        except BaseException:
-            _discard(path)  # (a partial file on a full disk would keep it full)
-            raise
-        finally:
-            os.close(fd)
+        # (the hash runs on during the fsync, and on while the next file is written)
+        size, digest = self._write(self._path(filename), lambda fd: fileformat.write_tensors(fd, tensors, metadata))
         self._hashing[filename] = (size, digest)
+
+    def _write(self, path: Path, write: Callable[[int], _T]) -> _T:
+        """Create ``path``, ``write(fd)``, fsync. On a full disk the partial file goes (it would keep the disk
+        full), :attr:`room` frees space and the write runs once more; else a DiskFullError naming the space."""
+        for attempt in (1, 2):
+            fd = files.open_new(path)
+            try:
+                result = write(fd)
+                os.fsync(fd)
+            except BaseException as e:
+                os.close(fd)  # (closed and unlinked: its space is free again)
+                _discard(path)
+                if not files.is_disk_full(e):
+                    raise
+                if attempt == 2 or self.room is None or not self.room():
+                    raise files.disk_full(self.root, self.name, self.space_needed()) from e
+                continue
+            os.close(fd)
+            return result
+        raise AssertionError("unreachable")
+
+    def space_needed(self) -> int:
+        """About what this checkpoint needs on disk: the previous complete one's size (from its manifest), or
+        what is written so far if that is more.
+
+        Example::
+
+            writer.space_needed()   # 1_600_000
+        """
+        written = sum(os.lstat(p).st_size for p in self.staging.iterdir()) if self.staging.is_dir() else 0
+        return max(written, previous_size(self.root))
 
     def external(self, filename: str) -> None:
         """Take ``filename``, written into :attr:`staging` by something else (``torch.distributed.checkpoint``
@@ -264,8 +285,9 @@ class CheckpointWriter:
             )
         merged = self._merge(self._wait_for_records())
         data = fileformat.encode(Manifest(merged, fileformat.finite_or_none(monitor_value)))
-        files.write_new(self.staging / MANIFEST, data)
-        files.write_new(self.staging / SUMS, fileformat.encode_sums(merged, data))
+        sums = fileformat.encode_sums(merged, data)
+        self._write(self.staging / MANIFEST, lambda fd: files.write_all(fd, [data]))
+        self._write(self.staging / SUMS, lambda fd: files.write_all(fd, [sums]))
         files.fsync_dir(self.staging)
         final = self.root / self.name
         if os.path.lexists(final):  # re-saving a name (a manual save): swap, never a moment without one
@@ -335,6 +357,26 @@ class CheckpointWriter:
         for path in self.staging.glob(f"{RECORD_PREFIX}*"):
             os.unlink(path)  # (the writer's bookkeeping is no part of the checkpoint)
         return merged
+
+
+def previous_size(root: Path) -> int:
+    """The bytes of the newest checkpoint under ``root`` whose manifest reads (0 without one): what the next
+    save will need about as much of. Reads manifests only.
+
+    Example::
+
+        previous_size(Path("runs/x/checkpoints"))   # 1_600_000
+    """
+    if not root.is_dir():
+        return 0
+    steps = [e for e in os.scandir(root) if _STEP.match(e.name) and e.is_dir(follow_symlinks=False)]
+    for entry in sorted(steps, key=lambda e: int(e.name[5:]), reverse=True):
+        try:
+            parsed, _ = read_manifest(Path(entry.path))
+        except CheckpointError:
+            continue
+        return sum(e.size for e in parsed.files.values())
+    return 0
 
 
 def _discard(path: Path) -> None:

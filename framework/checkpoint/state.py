@@ -32,15 +32,17 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import random
 import re
 import warnings
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -48,7 +50,8 @@ from torch import nn
 from ..data.rng import seed_everything
 from .fileformat import JSON, AnyOf, Bool, Float, Int, Keys, ListOf, MapOf, Maybe, Str, TupleOf, expect
 from .files import CheckpointError, CorruptCheckpointError
-from .store import publish
+from .io import previous_size
+from .store import make_room, publish
 from .weights import dedup_shared, with_aliases
 
 if TYPE_CHECKING:
@@ -212,9 +215,54 @@ class OptimizerState:
         stray = sorted(set(state["state"]) - known)
         if stray:
             raise KeyError(f"state for parameters in no param group: {stray[:4]}")
+        params = dict(self.module.named_parameters())
+        for name, param_state in state["state"].items():
+            if not isinstance(param_state, dict):
+                raise TypeError(f"the state of parameter {name!r} must be an object")
+            for key, value in param_state.items():
+                if isinstance(value, torch.Tensor):
+                    check_state_tensor(self.optimizer, params[name], value, f"state/{name}/{key}")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.strategy.load_optimizer_state(self.module, self.optimizer, state)
+
+
+class BadTensor(ValueError):
+    """A state tensor that cannot be applied: ``key`` is where it sits in its entry's state (e.g.
+    ``state/net.0.weight/exp_avg``), ``why`` what is wrong.
+
+    Example::
+
+        raise BadTensor("state/net.0.weight/exp_avg", "holds NaN or inf")
+    """
+
+    def __init__(self, key: str, why: str) -> None:
+        super().__init__(f"{key}: {why}")
+        self.key, self.why = key, why
+
+
+def check_state_tensor(optimizer: torch.optim.Optimizer, param: torch.Tensor, t: torch.Tensor, key: str) -> None:
+    """Raise :class:`BadTensor` unless ``t``, the optimizer state ``key`` of ``param``, can be applied: finite
+    (NaN or inf there turns every later step non-finite, and the NaN guard would then blame a batch), and,
+    for torch's own optimizers, a scalar or of the parameter's shape (Adafactor's factored statistics: a 1
+    where the parameter has a dimension). A wrong shape is otherwise accepted by ``load_state_dict`` and
+    fails at the next step, after the weights were applied. Under FSDP, ``t`` and ``param`` are DTensors
+    (global shapes); the values checked are this rank's shard.
+
+    Example::
+
+        check_state_tensor(opt, model.net[0].weight, torch.zeros(32, 8), "state/net.0.weight/exp_avg")
+    """
+    local = t.to_local() if _is_dtensor(t) else t  # type: ignore[attr-defined]
+    if (local.is_floating_point() or local.is_complex()) and not bool(torch.isfinite(local).all()):
+        raise BadTensor(key, "holds NaN or inf; an optimizer state with them makes every later step non-finite")
+    kind = type(optimizer)
+    if not kind.__module__.startswith("torch.optim") or kind.__name__ == "LBFGS" or t.dim() == 0:
+        return  # (another optimizer's state may have any shape; LBFGS keeps flat vectors)
+    shape, want = tuple(t.shape), tuple(param.shape)
+    factored = kind.__name__ == "Adafactor" and len(shape) == len(want)
+    if shape != want and not (factored and all(a in (b, 1) for a, b in zip(shape, want, strict=True))):
+        raise BadTensor(key, f"has shape {list(shape)}, its parameter's is {list(want)}")
 
 
 class CallbackStates:
@@ -417,6 +465,10 @@ def save(
     """
     if rt.is_main:
         writer.prepare()
+        # A full disk: the checkpoints this save's prune would remove once it is complete go first, before it
+        # (where less is free than the last checkpoint took), then again on a write that fails for lack of space.
+        writer.room = functools.partial(make_room, root, keep_last, keep_best, mode)
+        make_room(root, keep_last, keep_best, mode, need=previous_size(root) * 21 // 20)
     rt.barrier()
     # Shards (DTensors: FSDP's parameters, their EMA and optimizer state) go to torch.distributed.checkpoint,
     # whole tensors to safetensors: decided by what each tensor is, whatever the strategy.
@@ -486,7 +538,7 @@ _TOP = Keys(
 
 def load(
     state: TrainState,
-    reader: Any,  # framework.checkpoint.CheckpointReader
+    reader: Any,  # framework.checkpoint.CheckpointReader, or the checkpoint's path (verified here)
     *,
     strategy: Strategy,
     rt: Runtime,
@@ -496,16 +548,21 @@ def load(
     """Restore every registered object from a checkpoint: read and check all of it, then apply.
     Returns ``{"world_size": ..., "strategy": ...}`` of the run that saved it.
 
+    With several processes the ranks agree twice, one small all-reduce each, before anything is applied:
+    after what each rank reads and checks on its own (the verification, ``state.json``, its own RNG state,
+    the shards' index), so that a checkpoint one rank refuses never starts the collective read of the
+    shards on the others; and after that read and the checks of what it gave (each rank its own shards).
+    A failure on any rank is raised on every rank (the rank's own error, a
+    :class:`CorruptCheckpointError` naming that rank on the others), so ``resume="auto"`` moves on to
+    the same older checkpoint everywhere.
+
     Example::
 
         load(state, CheckpointReader(path), strategy=s, rt=rt, fingerprint=fp, seed=0)
     """
-    meta = _read_meta(state, reader, fingerprint)
-    values = _read_values(state, reader, meta["state"])  # read and check everything first
-    rng = None
-    if meta["world_size"] == rt.world_size and reader.has(f"rng-rank{rt.rank}.json"):
-        rng = (reader.json(f"rng-rank{rt.rank}.json"), reader.tensors(f"rng-rank{rt.rank}.safetensors"))
-        check_rng_state(*rng, where=reader.path / f"rng-rank{rt.rank}.json")  # (a CorruptCheckpointError naming it)
+    where = Path(reader.path if hasattr(reader, "path") else reader)
+    reader, meta, tensors, index, rng = _agreed(rt, where, lambda: _read_local(state, reader, fingerprint, rt))
+    values = _agreed(rt, where, lambda: _read_values(state, reader, meta["state"], tensors, index))
     # Then apply (every state was checked: nothing below can fail half way on a well-formed checkpoint).
     for name, entry in state._entries.items():
         entry.obj.load_state_dict(values[name])
@@ -524,6 +581,81 @@ def load(
         step = state["counters"].step if "counters" in state.names else 0
         seed_everything((seed * 1_000_003 + step * 101 + rt.rank) % 2**63)
     return {"world_size": meta["world_size"], "strategy": meta["strategy"]}
+
+
+_T = TypeVar("_T")
+
+
+def _agreed(rt: Runtime, path: Path, read: Callable[[], _T]) -> _T:
+    """``read()`` on every rank, then one all-reduce: every rank read the same checkpoint, and without error.
+    Otherwise every rank raises (see :func:`load`): its own error, or one naming the rank(s) that failed."""
+    error: Exception | None = None
+    try:
+        result = read()
+    except Exception as e:  # (anything: a rank that stopped here alone would leave the others in a collective)
+        error = e
+    if rt.world_size > 1:
+        code = 0 if error is None else 1 if isinstance(error, CorruptCheckpointError) else 2
+        name = zlib.crc32(path.name.encode())  # (per-node disks could list other checkpoints: same one?)
+        flags = torch.zeros(rt.world_size + 2, dtype=torch.int64, device=rt.device)
+        flags[rt.rank], flags[-2], flags[-1] = code, name, -name
+        codes = rt.all_reduce_max(flags).tolist()
+        if codes[-2] != -codes[-1]:
+            raise CheckpointError(
+                f"the processes are loading different checkpoints (this one: {path}); each process must see the "
+                "same run dir. Pass resume= the path of one checkpoint that every process can read"
+            ) from error
+        failed = [r for r, c in enumerate(codes[:-2]) if c]
+        stop = max(codes[:-2]) == 2  # (a failure that is no damage, on some rank: every rank stops)
+        if error is None and failed:
+            kind = CheckpointError if stop else CorruptCheckpointError
+            raise kind(
+                f"{path}: rank(s) {failed} could not use this checkpoint (their own message says why); every rank "
+                + ("stops" if stop else "skips it")
+            )
+        if stop and isinstance(error, CorruptCheckpointError):
+            raise CheckpointError(f"{error} (and rank(s) {failed} could not load it either: every rank stops)")
+    if error is not None:
+        raise error
+    return result
+
+
+def _read_local(
+    state: TrainState, reader: Any, fingerprint: dict[str, Any], rt: Runtime
+) -> tuple[Any, dict[str, Any], dict[str, torch.Tensor], Any, tuple[Any, dict[str, torch.Tensor]] | None]:
+    """What this rank reads and checks on its own, no collective: the checkpoint verified, ``state.json``,
+    ``state.safetensors``, this rank's RNG state (None for an elastic resume), the shards' checked index."""
+    from . import shards as dcp
+    from .io import CheckpointReader
+
+    if not isinstance(reader, CheckpointReader):
+        reader = CheckpointReader(Path(reader))
+    meta = _read_meta(state, reader, fingerprint)
+    rng = _read_rng(reader, meta["world_size"], rt)
+    tensors = reader.tensors("state.safetensors")
+    index = None
+    if reader.has(dcp.METADATA):  # (the index checked against the verified files: nothing allocated yet)
+        index = dcp.open_index(reader.path, {n: e.size for n, e in reader.files.items()})
+    return reader, meta, tensors, index, rng
+
+
+def _read_rng(reader: Any, saved_world: int, rt: Runtime) -> tuple[Any, dict[str, torch.Tensor]] | None:
+    """This rank's RNG state, checked (None when the checkpoint comes from another world size: elastic).
+    Every process that wrote the checkpoint wrote its RNG state: a checkpoint that lost some is damaged,
+    not an elastic one (its state.json says how many processes wrote it)."""
+    listed = {f for f in reader.files if f.startswith("rng-rank")}
+    expected = {f"rng-rank{r}.{ext}" for r in range(saved_world) for ext in ("json", "safetensors")}
+    if listed != expected:
+        raise CorruptCheckpointError(
+            f"{reader.path}: its state.json says {saved_world} process(es) wrote it, each with its RNG state "
+            f"(rng-rank{{R}}.json and .safetensors), but its manifest lists missing {sorted(expected - listed)[:4]}, "
+            f"unexpected {sorted(listed - expected)[:4]}; {_CORRUPT}"
+        )
+    if saved_world != rt.world_size:
+        return None
+    rng = (reader.json(f"rng-rank{rt.rank}.json"), reader.tensors(f"rng-rank{rt.rank}.safetensors"))
+    check_rng_state(*rng, where=reader.path / f"rng-rank{rt.rank}.json")  # (a CorruptCheckpointError naming it)
+    return rng
 
 
 def _read_meta(state: TrainState, reader: Any, fingerprint: dict[str, Any]) -> dict[str, Any]:
@@ -564,11 +696,13 @@ def _read_meta(state: TrainState, reader: Any, fingerprint: dict[str, Any]) -> d
     return meta
 
 
-def _read_values(state: TrainState, reader: Any, tree: dict[str, Any]) -> dict[str, Any]:
-    """Every registered object's state, read (tensors, shards, JSON) and checked by its own check."""
+def _read_values(
+    state: TrainState, reader: Any, tree: dict[str, Any], tensors: dict[str, torch.Tensor], index: Any
+) -> dict[str, Any]:
+    """Every registered object's state, read (tensors, shards: the collective read, JSON) and checked by its
+    own check."""
     where = reader.path / "state.json"
-    tensors = reader.tensors("state.safetensors")
-    sharded = _read_shards(state, reader) if reader.has(".metadata") else {}
+    sharded = _read_shards(state, reader, index) if index is not None else {}
     values: dict[str, Any] = {}
     for name, entry in state._entries.items():
         try:
@@ -578,9 +712,20 @@ def _read_values(state: TrainState, reader: Any, tree: dict[str, Any]) -> dict[s
                 values[name] = unflatten(tree[name], {**tensors, **sharded})
             if entry.check is not None:
                 entry.check(values[name])
+        except BadTensor as e:  # (its values: named by the file that holds the tensor, and its key)
+            held = _holding(f"{name}/{e.key}", tensors, index)
+            raise CorruptCheckpointError(f"{reader.path / held}: {name}/{e.key}: {e.why}; {_CORRUPT}") from None
         except (KeyError, TypeError, ValueError, RecursionError, IndexError) as e:
             raise CorruptCheckpointError(f"{where}: state.{name}: a malformed entry ({e}); {_CORRUPT}") from None
     return values
+
+
+def _holding(key: str, tensors: dict[str, torch.Tensor], index: Any) -> str:
+    """The file(s) of a checkpoint that hold tensor ``key``: ``state.safetensors``, or its shards' files."""
+    if key in tensors or index is None:
+        return "state.safetensors"
+    shards = sorted({info.relative_path for i, info in index.storage_data.items() if i.fqn == key})
+    return ", ".join(shards) or "the shards"
 
 
 def _read_own_file(
@@ -612,10 +757,10 @@ def _read_own_file(
     return with_aliases(stored, metadata, reader.path / entry.file)
 
 
-def _read_shards(state: TrainState, reader: Any) -> dict[str, torch.Tensor]:
+def _read_shards(state: TrainState, reader: Any, index: Any) -> dict[str, torch.Tensor]:
     """The tensors written through torch.distributed.checkpoint: into this run's shards where this run holds
-    shards (resharding from any world size), else as whole tensors (a plain or DDP run resuming a sharded
-    checkpoint)."""
+    shards (resharding from any world size; collective), else as whole tensors (a plain or DDP run resuming
+    a sharded checkpoint). ``index``: the checked index (:func:`framework.checkpoint.shards.open_index`)."""
     from . import shards as dcp
 
     directory = reader.path  # (DCP's .metadata and __R_0.distcp files, verified with the rest)
@@ -631,15 +776,16 @@ def _read_shards(state: TrainState, reader: Any) -> dict[str, torch.Tensor]:
             flatten(current, whole, name, found)
             template.update({k: torch.empty_like(v) for k, v in found.items()})
     if not template:
-        return dcp.load_full(directory)
-    meta = dcp.read_metadata(directory / dcp.METADATA)
-    missing = sorted(set(template) - set(meta.state_dict_metadata))
+        return dcp.load_full(directory, meta=index)
+    missing = sorted(set(template) - set(index.state_dict_metadata))
     if missing:
         raise CorruptCheckpointError(f"{directory / dcp.METADATA}: no shards for {missing[:4]}; {_CORRUPT}")
     # Tensors this run holds whole but the checkpoint's layout sharded (a LayerNorm under FSDP x TP, resumed on
     # TP alone) are read whole from the shards.
-    template.update({k: torch.empty(v.shape, dtype=v.dtype) for k, v in whole.items() if k in meta.state_dict_metadata})
-    dcp.load(template, directory)
+    template.update(
+        {k: torch.empty(v.shape, dtype=v.dtype) for k, v in whole.items() if k in index.state_dict_metadata}
+    )
+    dcp.load(template, directory, index)
     return template
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import threading
 import warnings
 from collections.abc import Callable, Iterable
@@ -114,6 +115,9 @@ def _missing(path: Path, parsed: Manifest) -> str | None:
     return None
 
 
+_RESTARTS = 100  # (each restart means a newer checkpoint was published meanwhile: the run is progressing)
+
+
 def load_newest(root: Path, load: Callable[[Path], None] | None = None) -> Path | None:
     """The newest checkpoint under ``root`` that verifies (``load(path)`` then applies it and may raise
     :class:`CorruptCheckpointError` for malformed content, leaving nothing applied); older ones are
@@ -124,30 +128,58 @@ def load_newest(root: Path, load: Callable[[Path], None] | None = None) -> Path 
     ``load`` must verify what it reads (:class:`~framework.checkpoint_io.CheckpointReader` does); without
     it, each candidate is verified here.
 
+    A reader never loses to pruning: a candidate that disappears while it is read (a run training with
+    ``keep_last`` pruned it, after publishing a newer one) is not a damaged checkpoint; the listing is
+    read again and the newest complete checkpoint tried first.
+
     Example::
 
         path = load_newest(root, lambda p: load_engine(engine, fit, p))
     """
-    skipped: list[str] = []
-    for found in reversed(list_checkpoints(root)):
-        try:
-            (load or verify)(found.path)
-        except CorruptCheckpointError as e:
-            skipped.append(f"{found.path.name} ({e})")
-            continue
-        if skipped:
-            warnings.warn(
-                f"skipping checkpoint(s) under {root} that fail verification: {'; '.join(skipped)}. Using the older "
-                f"{found.path.name} instead",
-                stacklevel=2,
-            )
-        return found.path
-    if skipped:
+    skipped: dict[str, str] = {}  # name -> why (each damaged one verified once, whatever the restarts)
+    for _ in range(_RESTARTS):
+        pruned = False
+        for found in reversed(list_checkpoints(root)):
+            if found.path.name in skipped:
+                continue
+            try:
+                (load or verify)(found.path)
+            except CheckpointError as e:
+                if _vanished(found.path):  # (pruned or moved while read: a newer one is there now)
+                    pruned = True
+                    break
+                if not isinstance(e, CorruptCheckpointError):
+                    raise
+                skipped[found.path.name] = str(e)
+                continue
+            if skipped:
+                named = "; ".join(f"{name} ({why})" for name, why in skipped.items())
+                warnings.warn(
+                    f"skipping checkpoint(s) under {root} that fail verification: {named}. Using the older "
+                    f"{found.path.name} instead",
+                    stacklevel=2,
+                )
+            return found.path
+        if not pruned:
+            break
+    else:
         raise CheckpointError(
-            f"no checkpoint under {root} can be used: {'; '.join(skipped)}. resume='auto' will not start over on "
+            f"the checkpoints under {root} were pruned while being read, {_RESTARTS} times in a row: the run saves "
+            "faster than one checkpoint can be verified. Read one checkpoint dir (it is kept while you read it "
+            "only if keep_last allows), or raise keep_last"
+        )
+    if skipped:
+        named = "; ".join(f"{name} ({why})" for name, why in skipped.items())
+        raise CheckpointError(
+            f"no checkpoint under {root} can be used: {named}. resume='auto' will not start over on "
             "top of them. Fix: restore one from a backup, or move them away (or use a new run_dir) to start fresh"
         )
     return None
+
+
+def _vanished(path: Path) -> bool:
+    """``path`` is gone (a prune renames a checkpoint to ``.trash-*`` in one step before deleting it)."""
+    return not os.path.lexists(path)
 
 
 def newest_complete(root: Path) -> Path | None:
@@ -242,17 +274,63 @@ def prune(
         elif found.path not in kept:
             doomed.append(found.path)
             incomplete.append(f"{found.path.name} ({problem})")
+    kept |= _kept(complete, keep_last, keep_best, mode)
+    doomed += [f.path for f, _ in complete if f.path not in kept]
+    if incomplete:
+        warnings.warn(
+            f"removing incomplete checkpoint dir(s) under {root}, left by an interrupted save or prune: "
+            + "; ".join(incomplete),
+            stacklevel=2,
+        )
+    return _delete(root, doomed)
+
+
+def _kept(complete: list[tuple[Found, Manifest]], keep_last: int | None, keep_best: int, mode: str) -> set[Path]:
+    """The newest ``keep_last`` of ``complete`` (oldest first; None: all) and the ``keep_best`` best by the
+    manifests' ``monitor_value``."""
+    kept: set[Path] = set()
     if keep_last is None:
         kept |= {f.path for f, _ in complete}
     elif keep_last > 0:
         kept |= {f.path for f, _ in complete[-keep_last:]}
     if keep_best > 0:
         kept |= set(rank_by_monitor(complete, mode)[:keep_best])
-    doomed += [f.path for f, _ in complete if f.path not in kept]
-    if incomplete:
+    return kept
+
+
+def make_room(
+    root: Path, keep_last: int | None, keep_best: int = 0, mode: str = "min", need: int | None = None
+) -> list[Path]:
+    """Main process, for a save into ``root``: remove the complete checkpoints beyond the newest ``keep_last``
+    (and the ``keep_best`` best), the ones that save's own prune would remove once it is complete, so that
+    a disk holding ``keep_last`` + 1 checkpoints keeps training. With ``need`` (bytes) only where less is
+    free (before a save); None: at once (a write just failed for lack of space). Never a save in progress,
+    never one of the newest ``keep_last``: a complete checkpoint always remains. Returns what it removed
+    (and says so, once per call that removes something).
+
+    Example::
+
+        make_room(Path("runs/x/checkpoints"), keep_last=1, need=1_600_000)   # [.../step-00000002, ...]
+    """
+    if keep_last is None or not root.is_dir():
+        return []
+    free = shutil.disk_usage(root).free
+    if need is not None and free >= need:
+        return []
+    complete = []
+    for found in list_checkpoints(root):
+        try:
+            parsed, _ = read_manifest(found.path)
+        except CheckpointError:
+            continue  # (as prune: never removed unless provably incomplete)
+        if _missing(found.path, parsed) is None:
+            complete.append((found, parsed))
+    kept = _kept(complete, keep_last, keep_best, mode)
+    doomed = [f.path for f, _ in complete if f.path not in kept]
+    if doomed:
         warnings.warn(
-            f"removing incomplete checkpoint dir(s) under {root}, left by an interrupted save or prune: "
-            + "; ".join(incomplete),
+            f"the disk holding {root} has {free / 1e6:.1f} MB free, too little for the next checkpoint: removing "
+            f"{', '.join(p.name for p in doomed)} (beyond keep_last={keep_last}) before it is written, not after",
             stacklevel=2,
         )
     return _delete(root, doomed)
@@ -366,7 +444,13 @@ def publish(
     if isinstance(writer, DeferredWriter):
         return writer.finalize(keep_last=keep_last, keep_best=keep_best, mode=mode, monitor_value=monitor_value)
     final = writer.finalize(monitor_value=monitor_value)
-    write_latest(writer.root, writer.name)
+    try:
+        write_latest(writer.root, writer.name)
+    except OSError as e:
+        if not files.is_disk_full(e):
+            raise
+        prune(writer.root, keep_last, keep_best, mode, keep=[final])  # (it is complete: the old ones may go first)
+        write_latest(writer.root, writer.name)
     prune(writer.root, keep_last, keep_best, mode, keep=[final])
     return final
 
@@ -461,6 +545,15 @@ class DeferredWriter:
         self._owner, self._writer = owner, writer
         self._ops: list[Callable[[], Any]] = []
         self.staging = writer.staging
+
+    @property
+    def room(self) -> Callable[[], list[Path]] | None:
+        """The writer's :attr:`~framework.checkpoint.io.CheckpointWriter.room` (used by its background writes)."""
+        return self._writer.room
+
+    @room.setter
+    def room(self, room: Callable[[], list[Path]] | None) -> None:
+        self._writer.room = room
 
     def prepare(self) -> None:
         """Now, on the calling thread (the caller's barrier follows it)."""

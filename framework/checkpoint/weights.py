@@ -29,12 +29,14 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from . import fileformat, files
+from .fileformat import Bool, Int, Keys, Str, expect
 from .files import CheckpointError, CorruptCheckpointError
 from .io import STAGING_PREFIX, CheckpointReader
 from .store import CHECKPOINT_RE, best_of_run, list_checkpoints, load_newest, read_latest
@@ -84,6 +86,34 @@ def weights_source(path: str | os.PathLike[str]) -> CheckpointReader | Path:
         if reader.has(p.name):
             return reader
     return p
+
+
+_T = TypeVar("_T")
+_RETRIES = 20
+
+
+def read_newest(
+    path: str | os.PathLike[str], read: Callable[[CheckpointReader | Path], _T]
+) -> tuple[CheckpointReader | Path, _T]:
+    """``read(weights_source(path))``, and the source; where the checkpoint picked disappears while it is read
+    (a run training with ``keep_last`` pruned it after publishing a newer one), again from the newest
+    complete one: a reader polling a run dir never loses to pruning.
+
+    Example::
+
+        source, weights = read_newest("runs/digits", read_weights)
+    """
+    for _ in range(_RETRIES):
+        source = weights_source(path)
+        try:
+            return source, read(source)
+        except CheckpointError:
+            if not (isinstance(source, CheckpointReader) and not os.path.lexists(source.path)):
+                raise
+    raise CheckpointError(
+        f"the checkpoints of {path} were pruned while being read, {_RETRIES} times in a row: the run saves faster "
+        "than one checkpoint can be read. Pass one checkpoint dir, or raise the run's keep_last"
+    )
 
 
 def read_weights(source: CheckpointReader | Path, ema: bool = False) -> dict[str, torch.Tensor]:
@@ -143,7 +173,8 @@ def _read_sharded(source: CheckpointReader, ema: bool) -> tuple[dict[str, torch.
     from . import shards as dcp
 
     name = "ema" if ema else "model"
-    weights = dcp.load_full(source.path, prefix=f"{name}/")
+    meta = dcp.open_index(source.path, {n: e.size for n, e in source.files.items()})  # (checked against the files)
+    weights = dcp.load_full(source.path, prefix=f"{name}/", meta=meta)
     if ema and not weights:
         raise CheckpointError(
             f"{source.path} has no EMA weights; train with Engine(ema_decay=...) to keep them, or load with ema=False"
@@ -232,6 +263,20 @@ def check_fits(module: torch.nn.Module, weights: dict[str, torch.Tensor], strict
         )
 
 
+def _check_arguments(prefix: Any, strict: Any, ema: Any) -> None:
+    """``load_weights``' own arguments, checked before anything is read (a string "False" is truthy: it
+    would load strictly, or load the EMA weights, silently)."""
+    if prefix is not None and not isinstance(prefix, str):
+        hint = f"prefix={prefix.decode(errors='replace')!r}" if isinstance(prefix, bytes) else "prefix='lm.'"
+        raise TypeError(
+            f"load_weights: prefix={prefix!r} is a {type(prefix).__name__}; pass a str naming the submodule whose "
+            f"keys to load (e.g. {hint}), or None for all keys"
+        )
+    for name, value in (("strict", strict), ("ema", ema)):
+        if not isinstance(value, bool):
+            raise TypeError(f"load_weights: {name}={value!r} is a {type(value).__name__}; pass True or False")
+
+
 def load_weights(
     module: torch.nn.Module,
     path: str | os.PathLike[str],
@@ -261,11 +306,12 @@ def load_weights(
         framework.load_weights(hf_model, "runs/lm", prefix="lm.")
         framework.load_weights(model, "runs/digits", which="best")   # the best by val/loss (keep_best=1)
     """
+    _check_arguments(prefix, strict, ema)
     if which not in ("latest", "best"):
         raise ValueError(f"which={which!r}; use 'latest' (the newest checkpoint) or 'best' (ranked by monitor)")
-    source = weights_source(path if which == "latest" else best_of_run(Path(path)))
+    target = path if which == "latest" else best_of_run(Path(path))
+    source, (weights, ema_keys) = read_newest(target, lambda source: _read(source, ema))
     where = source.path / MODEL if isinstance(source, CheckpointReader) else source
-    weights, ema_keys = _read(source, ema)
     if prefix:
         prefix = prefix if prefix.endswith(".") else prefix + "."  # ("lm" must not also take "lm_head.*")
         weights = _select(weights, prefix, where)
@@ -477,6 +523,11 @@ def export_hf(path: str | os.PathLike[str] | CheckpointReader, out_dir: str | os
     must be new or empty: a stale file (say, a sharded index from an earlier export) would take
     precedence in ``from_pretrained``.
 
+    Everything under ``RUN_DIR/hf/`` is checked before anything is written: ``export.json`` and
+    ``config.json`` must be what ``save_hf_artifacts`` writes (an :class:`ExportError` naming the file
+    otherwise), and the tokenizer's files regular files of the run dir: a symbolic link there (or in
+    ``hf/`` itself) is refused, never followed, so no file from outside the run dir lands in the export.
+
     Example::
 
         export_hf("runs/hf_causal_lm", "exported")
@@ -495,24 +546,19 @@ def export_hf(path: str | os.PathLike[str] | CheckpointReader, out_dir: str | os
             "process (recipes/hf_causal_lm.py does); add that call and train again, or export the plain weights "
             "with -o model.safetensors"
         )
-    meta = json.loads(meta_file.read_text())
+    _no_link(hf_dir)
+    meta = _read_hf_json(meta_file)
     if meta.get("format") != FORMAT:
         raise ExportError(f"{meta_file} has format {meta.get('format')!r}; this framework reads format {FORMAT}")
+    expect(meta, _EXPORT_META, where=meta_file, hint=_REDO, error=ExportError)
+    _read_hf_json(hf_dir / "config.json")  # (a JSON object, a regular file: before transformers reads it)
+    tokenizer = _tokenizer_files(hf_dir / TOKENIZER_DIR) if meta["tokenizer"] else []
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"--hf {out}: the directory exists and is not empty; pass a new directory (or delete it)")
 
-    import transformers
-
-    cls = getattr(transformers, meta["architecture"], None)
-    if cls is None:
-        raise ExportError(
-            f"{meta_file} names the class {meta['architecture']!r}, which this transformers "
-            f"({transformers.__version__}) does not have; install the transformers version the run was trained with"
-        )
-    config = transformers.AutoConfig.from_pretrained(hf_dir)
+    model = _build_hf_model(hf_dir, meta)
     weights = select_prefix(full_weights(reader), meta["prefix"])
-    model = cls(config)
     # strict=False only to raise our own error, which names the prefix and the config as the suspects.
     missing, unexpected = (set(ks) for ks in model.load_state_dict(weights, strict=False))
     if missing or unexpected:
@@ -522,13 +568,10 @@ def export_hf(path: str | os.PathLike[str] | CheckpointReader, out_dir: str | os
             "the prefix passed to save_hf_artifacts (the attribute holding the HF model, plus a dot) and that the "
             "config was saved from the model that was trained"
         )
-    if (hf_dir / "generation_config.json").is_file():
-        model.generation_config = transformers.GenerationConfig.from_pretrained(hf_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    if meta.get("tokenizer"):
-        for f in sorted((hf_dir / TOKENIZER_DIR).iterdir()):
-            shutil.copy2(f, out / f.name)
+    for f in tokenizer:
+        _copy_regular(f, out / f.name)
     mode = usual_mode(out)  # (save_pretrained's safetensors are 0600; an export is for others to read)
     for f in out.iterdir():
         if f.is_file() and not f.is_symlink():
@@ -551,6 +594,96 @@ def usual_mode(directory: Path) -> int:
     finally:
         os.close(fd)
         os.unlink(probe)
+
+
+_REDO = "it is written by save_hf_artifacts(run_dir, hf_model, prefix=..., tokenizer=...): call it again, and export"
+_EXPORT_META = Keys(
+    {"format": Int(), "prefix": Str(max_len=1000), "architecture": Str(pattern=r"[A-Za-z_][A-Za-z0-9_]{0,199}"),
+     "tokenizer": Bool()}
+)  # fmt: skip
+
+
+def _no_link(path: Path) -> None:
+    if os.path.islink(path):
+        raise ExportError(
+            f"{path} is a symbolic link (to {os.readlink(path)!r}); export copies nothing from outside the run dir. "
+            f"Fix: replace the link with the file or directory itself; {_REDO}"
+        )
+
+
+def _read_hf_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a regular file of ``RUN_DIR/hf`` (never through a link), or an ExportError naming it."""
+    _no_link(path)
+    try:
+        obj = json.loads(files.read_regular(path, 64 << 20))
+    except FileNotFoundError:
+        raise ExportError(f"{path} is missing; {_REDO}") from None
+    except OSError as e:
+        raise ExportError(f"cannot read {path} ({e}); {_REDO}") from None
+    except (ValueError, RecursionError) as e:
+        raise ExportError(f"{path} is not valid JSON ({type(e).__name__}: {str(e)[:200]}); {_REDO}") from None
+    if not isinstance(obj, dict):
+        raise ExportError(f"{path} holds a JSON {type(obj).__name__}, not an object; {_REDO}")
+    return obj
+
+
+def _tokenizer_files(directory: Path) -> list[Path]:
+    """The tokenizer's files, checked before anything is written: regular files only (a link would copy a
+    file from outside the run dir into the export; save_pretrained writes no sub-directory)."""
+    _no_link(directory)
+    if not directory.is_dir():
+        raise ExportError(f"{directory} is missing, but {EXPORT_JSON} says a tokenizer was saved; {_REDO}")
+    found = []
+    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+        path = Path(entry.path)
+        if entry.is_symlink():
+            _no_link(path)
+        if entry.is_dir(follow_symlinks=False):
+            raise ExportError(
+                f"{path} is a directory; a tokenizer's save_pretrained writes files only, so the export does not "
+                f"guess what to do with it. Fix: remove it; {_REDO}"
+            )
+        if not entry.is_file(follow_symlinks=False):
+            raise ExportError(f"{path} is not a regular file (a FIFO, socket or device); remove it; {_REDO}")
+        found.append(path)
+    return found
+
+
+def _copy_regular(src: Path, dst: Path) -> None:
+    """Copy the regular file ``src`` (opened without following a link) to the new file ``dst``."""
+    fd = files.open_regular(src)
+    with os.fdopen(fd, "rb") as source, open(dst, "xb") as target:
+        shutil.copyfileobj(source, target)
+
+
+def _build_hf_model(hf_dir: Path, meta: dict[str, Any]) -> Any:
+    """The recorded class built from ``hf/config.json`` (and its generation config): an ExportError naming the
+    file for anything transformers cannot build."""
+    import transformers
+
+    cls = getattr(transformers, meta["architecture"], None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ExportError(
+            f"{hf_dir / EXPORT_JSON} names the class {meta['architecture']!r}, which this transformers "
+            f"({transformers.__version__}) does not have as a model; install the transformers version the run was "
+            "trained with"
+        )
+    config_file = hf_dir / "config.json"
+    try:
+        config = transformers.AutoConfig.from_pretrained(hf_dir)
+        model = cls(config)
+    except Exception as e:  # (whatever transformers raises for a config it cannot build: huggingface_hub's own too)
+        raise ExportError(
+            f"{config_file} does not build a {meta['architecture']} ({type(e).__name__}: {str(e)[:300]}); {_REDO}"
+        ) from None
+    generation = hf_dir / "generation_config.json"
+    if os.path.lexists(generation):
+        _read_hf_json(generation)
+        try:
+            model.generation_config = transformers.GenerationConfig.from_pretrained(hf_dir)
+        except Exception as e:  # (as above)
+            raise ExportError(f"{generation} is not a generation config ({type(e).__name__}: {e}); {_REDO}") from None
+    return model
 
 
 # ---------------------------------------------------------------- command line

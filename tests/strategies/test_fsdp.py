@@ -8,10 +8,13 @@ guard agreeing across ranks, and weights read back from a sharded run dir on one
 
 from __future__ import annotations
 
+import io
+import json
 import pickle
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +30,7 @@ from tests.scripts.exact_common import TokenModel, token_data
 from tests.scripts.fsdp_run import EVERY, STEPS, NanTokenModel, data
 
 from ..helpers import ACCELERATE, ROOT, launch, reseal
+from ..procs import Run
 
 SCRIPT = ROOT / "tests" / "scripts" / "fsdp_run.py"
 TOL = 1e-5
@@ -159,3 +163,72 @@ def test_a_planted_pickle_in_the_shard_index_is_refused_and_never_runs(tmp_path)
     with pytest.raises(UnsafeMetadata):
         framework.load_weights(TokenModel(), ckpt)
     assert not marker.exists()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> Path:
+    """A finished 2-process FSDP run (checkpoints at steps 4, 8, 12; each rank's shards in __R_0.distcp)."""
+    out = tmp_path_factory.mktemp("fsdp2")
+    launch(SCRIPT, out, config="launch/cpu_fsdp.yaml", timeout=240)
+    return out
+
+
+def _bad_rng_of_rank_1(ckpt: Path) -> None:
+    rng = json.loads((ckpt / "rng-rank1.json").read_text())
+    rng["numpy"][1] = 9999  # (only rank 1 reads its RNG state: the other rank's checks all pass)
+    (ckpt / "rng-rank1.json").write_text(json.dumps(rng))
+    reseal(ckpt)
+
+
+def _nan_in_rank_1s_optimizer_shard(ckpt: Path) -> None:
+    """A NaN in rank 1's half of an Adam moment (its own __1_0.distcp item, rewritten as DCP wrote it): only
+    rank 1 sees it, after the collective read."""
+    meta = read_metadata(ckpt / ".metadata")
+    key = "optimizer/state/emb.weight/exp_avg"
+    (info,) = [i for x, i in meta.storage_data.items() if x.fqn == key and i.relative_path == "__1_0.distcp"]
+    shard = bytearray((ckpt / "__1_0.distcp").read_bytes())
+    chunk = torch.load(io.BytesIO(bytes(shard[info.offset : info.offset + info.length])), weights_only=True)
+    chunk[0, 0] = float("nan")
+    buf = io.BytesIO()
+    torch.save(chunk, buf)
+    assert len(buf.getvalue()) == info.length
+    shard[info.offset : info.offset + info.length] = buf.getvalue()
+    (ckpt / "__1_0.distcp").write_bytes(bytes(shard))
+    reseal(ckpt)
+
+
+@pytest.mark.parametrize(
+    ("change", "rank_1_says"),
+    [
+        (_bad_rng_of_rank_1, "rng-rank1.json: numpy[1]"),
+        (_nan_in_rank_1s_optimizer_shard, "__1_0.distcp: optimizer/state/emb.weight/exp_avg: holds NaN or inf"),
+    ],
+    ids=["rng-rank1.json", "rank 1's shard"],
+)
+def test_a_checkpoint_only_one_rank_refuses_is_skipped_by_every_rank_without_a_hang(
+    two_ranks, tmp_path, change, rank_1_says
+):
+    """resume="auto" under FSDP: the ranks agree before the collective read (the RNG case: rank 1 alone would
+    fall back and wait in a collective the others never join, for the whole 300 s timeout) and after it
+    (the shard case), so every rank resumes the older checkpoint, and the run ends bitwise equal to the
+    uninterrupted one."""
+    out = tmp_path / "out"
+    shutil.copytree(two_ranks, out)
+    (out / "result.pt").unlink()
+    newest = out / "run" / "checkpoints" / f"step-{STEPS:08d}"
+    change(newest)
+    cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "launch/cpu_fsdp.yaml"), str(SCRIPT), str(out), "--resume"]
+    started = time.monotonic()
+    with Run(cmd, out / "run", tmp_path / "resume.log", world=2) as run:
+        rc = run.wait(120)
+        output = run.output()
+    assert rc == 0 and time.monotonic() - started < 60, output[-4000:]
+    skips = [line for line in output.splitlines() if "fail verification" in line]
+    assert len(skips) == 2 and all(f"Using the older step-{2 * EVERY:08d}" in line for line in skips), output[-4000:]
+    assert sum(rank_1_says in line for line in skips) == 1, skips
+    assert sum("rank(s) [1] could not use this checkpoint" in line for line in skips) == 1, skips
+    resumed, straight = result(out), result(two_ranks)
+    assert resumed["step"] == STEPS and all(
+        torch.equal(resumed["params"][k], straight["params"][k]) for k in straight["params"]
+    )
+    assert (out / "run" / "checkpoints" / "abandoned" / f"step-{STEPS:08d}").is_dir()
