@@ -232,3 +232,27 @@ def test_a_checkpoint_only_one_rank_refuses_is_skipped_by_every_rank_without_a_h
         torch.equal(resumed["params"][k], straight["params"][k]) for k in straight["params"]
     )
     assert (out / "run" / "checkpoints" / "abandoned" / f"step-{STEPS:08d}").is_dir()
+
+
+@pytest.mark.multiprocess
+def test_when_no_checkpoint_is_usable_on_one_rank_every_rank_stops_with_a_checkpoint_error_at_once(two_ranks, tmp_path):
+    # Every checkpoint fails rank 1's check only: resume="auto" must not start over on top of them, and must
+    # not hang either: every rank raises CheckpointError, well inside the collective timeout (300 s).
+    out = tmp_path / "out"
+    shutil.copytree(two_ranks, out)
+    (out / "result.pt").unlink()
+    checkpoints = sorted((out / "run" / "checkpoints").glob("step-*"))
+    assert len(checkpoints) == 3
+    for ckpt in checkpoints:
+        _bad_rng_of_rank_1(ckpt)
+    cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "launch/cpu_fsdp.yaml"), str(SCRIPT), str(out), "--resume"]
+    started = time.monotonic()
+    with Run(cmd, out / "run", tmp_path / "resume.log", world=2) as run:
+        rc = run.wait(120)
+        output = run.output()
+    assert rc != 0 and time.monotonic() - started < 60, output[-4000:]
+    for rank in (0, 1):
+        assert f"[rank{rank}]: framework.checkpoint.files.CheckpointError: no checkpoint under" in output, output[
+            -4000:
+        ]
+    assert not (out / "result.pt").exists()
