@@ -34,7 +34,7 @@ from .events import Event, Events, StepInfo, Trace
 from .fit import Fit, prepare_fit, validation_source
 from .guard import NonFiniteError
 from .module import LoopModule
-from .observability import run_info
+from .observability import observers, run_info
 from .optim import parse_optimizers, phase_is_required
 from .parallel import Strategy, make_strategy
 from .parallel.grads import zero_grad
@@ -93,10 +93,12 @@ class Engine:
         self.callbacks = list(callbacks)
         self.counters = Counters()
         self.doctor = Doctor(self.config.logging.doctor)
-        # The loop's one event stream, and who listens, in order: the trace, the doctor, the callbacks.
+        # The loop's one event stream, and who listens, in order: the profiler and throughput first (their ranges
+        # and FLOP count then hold the loop's own work, not the other subscribers'), the trace, the doctor, the
+        # callbacks.
         self.events = Events()
         self._trace = Trace(self.counters) if self.config.logging.trace else None
-        for subscriber in (self._trace, self.doctor, CallbackHooks(self, self.callbacks)):
+        for subscriber in (*observers(self.config), self._trace, self.doctor, CallbackHooks(self, self.callbacks)):
             if subscriber is not None:
                 self.events.subscribe(subscriber)
         # FRAMEWORK_MAX_STEPS caps it: `python -m framework doctor` runs a recipe for a few steps.
@@ -136,6 +138,7 @@ class Engine:
         with run_info.run_dir_lock(run_dir, rt):  # (one fit at a time writes a run dir)
             if self.config.checkpoint.resume is None and self._fit is None:  # (a later fit continues its run)
                 run_info.refuse_earlier_run(run_dir)
+            error: BaseException | None = None
             try:
                 self._fit = run = prepare_fit(
                     self.config, self.counters, self.events, rt, module, train_data, val_data,
@@ -143,11 +146,14 @@ class Engine:
                 )  # fmt: skip
                 self.fitting = True
                 self._fit_loop(run)
+            except BaseException as e:
+                error = e  # (close's payload: the profiler dumps the memory history on a CUDA OOM)
+                raise
             finally:
                 self.fitting = False
                 if self._fit is not None:
                     self._fit.close()
-                self.events.emit(Event.CLOSE)
+                self.events.emit(Event.CLOSE, error)
         return self
 
     def _fit_loop(self, run: Fit) -> None:
