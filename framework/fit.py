@@ -134,7 +134,12 @@ class Fit:
 
     def planned_steps(self) -> int | None:
         """The step count this fit ends at unless a stop comes first: ``max_steps``, or what ``max_epochs`` of
-        windows leaves from the current position (None: neither is known, a stream without a length)."""
+        windows leaves from the current position (None: neither is known, a stream without a length).
+
+        Example::
+
+            run.planned_steps()   # 8: max_epochs=2 of 4 windows, from step 0
+        """
         c, max_epochs, n = self.counters, self.config.stop.max_epochs, self._epoch_windows()
         by_epochs = c.step - c.batch_in_epoch + (max_epochs - c.epoch) * n if max_epochs and n is not None else None
         known = [v for v in (self.max_steps, by_epochs) if v is not None]

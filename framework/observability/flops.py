@@ -121,6 +121,7 @@ class StepFlops:
 
     @property
     def running(self) -> bool:
+        """Counting now (between :meth:`start` and :meth:`stop`)."""
         return self._mode is not None
 
     def start(self) -> None:

@@ -3,7 +3,8 @@
 :class:`Profiler` subscribes to the loop's events (only when asked: off, it is not subscribed and costs
 nothing) and runs ``torch.profiler`` over the optimizer steps ``start .. stop - 1`` (counted from 0, as
 ``range``); each profiled step runs from the end of the step before it, so what comes between steps
-(the wait for data, a validation, a checkpoint) is in the trace too. It writes
+(the wait for data, a validation, a checkpoint) is in the trace too (step 0 warms up and runs under the
+FLOP counter of :mod:`~framework.observability.throughput`: profile later steps). It writes
 ``RUN_DIR/profile/rank{R}.trace.json`` on every rank, a Chrome trace (Perfetto at https://ui.perfetto.dev,
 ``chrome://tracing``), with the steps as ``ProfilerStep#N`` and these ranges in them, opened and closed
 at the loop's events:
@@ -142,7 +143,11 @@ class Profiler:
 
     def on_close(self, error: BaseException | None) -> None:
         if self._prof is not None:  # (the fit raised: the trace of what ran, and the error goes on)
-            self._finish(note=f" (the fit raised {type(error).__name__} at step {self._step()})")
+            try:
+                self._finish(note=f" (the fit raised {type(error).__name__} at step {self._step()})")
+            except Exception as e:  # (the fit's own error is the one to raise; this one is said)
+                assert self._fit is not None
+                say(self._fit, f"profile: the trace of the steps before the error was not written: {e!r}")
         if self._history:
             if isinstance(error, torch.OutOfMemoryError):
                 self._dump("oom")

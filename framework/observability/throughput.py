@@ -91,7 +91,12 @@ def device_peak_tflops(device: torch.device, precision: str) -> float | None:
 
 def why_not_counted(fit: Fit) -> str | None:
     """Why this fit's FLOPs cannot be counted, or None: a compiled model runs kernels ``FlopCounterMode`` does
-    not see, and counting would run its first step eagerly (a different result)."""
+    not see, and counting would run its first step eagerly (a different result).
+
+    Example::
+
+        why_not_counted(fit)   # "the model is compiled (torch.compile)" with Engine(compile=True)
+    """
     compiled = fit.config.precision.compile or any(
         getattr(m, "_compiled_call_impl", None) is not None or type(m).__name__ == "OptimizedModule"
         for m in fit.model.modules()
