@@ -167,6 +167,17 @@ def test_a_compiled_model_is_not_counted_and_says_so_once(capsys):
     assert err.count("the model is compiled") == 1 and "train/tflops and train/mfu are left out" in err
 
 
+class Blocks(MLP):
+    def fsdp_blocks(self):
+        return [self.net[0], self.net[3]]
+
+
+def test_under_activation_checkpointing_the_recomputed_forwards_are_not_taken_for_model_flops(capsys):
+    engine = fit(Blocks(), log_every_n_steps=1, activation_checkpointing=True)
+    assert "train/tflops" not in engine.metrics and "train/step_time" in engine.metrics
+    assert capsys.readouterr().err.count("activation checkpointing recomputes") == 1
+
+
 @torch.library.custom_op("framework_tests::fused_matmul", mutates_args=())
 def fused_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a @ b

@@ -8,7 +8,8 @@ to each train record, before it is written (the ``train_record`` event):
 - ``train/tflops``: the model's FLOPs per optimizer step on this process (forward + backward, not the
   optimizer; counted once, on the fit's first step, by :class:`~framework.observability.flops.StepFlops`)
   over ``train/step_time``, in TFLOP/s. Left out, said once, where the count cannot be trusted: a compiled
-  model (counting would also run its first step eagerly, changing its result), an op without a formula;
+  model (counting would also run its first step eagerly, changing its result), activation checkpointing
+  (its recomputed forwards would count as the model's), an op without a formula;
 - ``train/mfu``: ``train/tflops`` over the device's peak (0-1): ``Engine(peak_tflops=...)``, else
   :data:`PEAK_TFLOPS` for known GPUs at the run's precision; left out where neither says (a CPU);
 - ``train/memory_mb``: on CUDA the peak memory allocated by tensors since the last record
@@ -91,7 +92,8 @@ def device_peak_tflops(device: torch.device, precision: str) -> float | None:
 
 def why_not_counted(fit: Fit) -> str | None:
     """Why this fit's FLOPs cannot be counted, or None: a compiled model runs kernels ``FlopCounterMode`` does
-    not see, and counting would run its first step eagerly (a different result).
+    not see, and counting would run its first step eagerly (a different result); under activation
+    checkpointing the forwards recomputed in backward would be counted as model FLOPs.
 
     Example::
 
@@ -101,7 +103,11 @@ def why_not_counted(fit: Fit) -> str | None:
         getattr(m, "_compiled_call_impl", None) is not None or type(m).__name__ == "OptimizedModule"
         for m in fit.model.modules()
     )
-    return "the model is compiled (torch.compile)" if compiled else None
+    if compiled:
+        return "the model is compiled (torch.compile)"
+    if fit.config.distributed.activation_checkpointing:  # (the recomputed forwards are not the model's FLOPs)
+        return "activation checkpointing recomputes the blocks' forwards in backward (counted, they would be too)"
+    return None
 
 
 def peak_rss_mb() -> float | None:
