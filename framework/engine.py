@@ -72,7 +72,8 @@ class Engine:
     them; the README's table is generated from it): when to stop (``max_epochs``, ``max_steps``,
     ``max_time``), global batches (``batch_size``, ``micro_batch_size``, ``shuffle``, ``drop_last``,
     data loading), precision and ``compile``, the optimizer step (clipping, ``nan_policy``,
-    ``nan_check``, ``ema_decay``), the run dir and checkpoints, logging, the doctor, the strategy
+    ``nan_check``, ``ema_decay``), the run dir and checkpoints, logging (with throughput and MFU:
+    ``peak_tflops``; the profiler: ``profile_steps``, ``profile_memory``), the doctor, the strategy
     (``"auto"`` | ``"ddp"`` | ``"fsdp"``) and preemption. ``callbacks`` is the one that is not config.
     """
 
