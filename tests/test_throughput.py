@@ -144,6 +144,27 @@ def test_the_doctors_probe_forwards_and_the_optimizer_are_not_counted():
     assert off == full == analytic_flops(sizes, 32)
 
 
+class GradientPenalty(MLP):
+    """A loss that runs the network on a leaf and takes the gradient with respect to it, as the GAN recipe's
+    R1 penalty does with its discriminator."""
+
+    def forward(self, inputs):
+        return inputs, self.net(inputs)
+
+    def compute_loss(self, outputs, targets):
+        inputs, logits = outputs
+        leaf = inputs.detach().requires_grad_(True)
+        (slope,) = torch.autograd.grad(self.net(leaf).sum(), leaf, create_graph=True)
+        return F.cross_entropy(logits, targets) + slope.square().mean()
+
+
+def test_a_loss_that_takes_the_gradient_of_a_leaf_trains_and_is_counted():
+    sizes = (8, 64, 32, 3)
+    engine = fit(GradientPenalty(sizes), log_every_n_steps=1)
+    # More than the plain MLP's count (the penalty's gradient and its backward are the model's work too).
+    assert throughput_of(engine).flops_per_step > analytic_flops(sizes, 32)
+
+
 def test_attention_on_cpu_is_counted_with_pytorchs_sdpa_formula():
     q = torch.randn(2, 4, 16, 8, requires_grad=True)
     flops = StepFlops()

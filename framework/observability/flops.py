@@ -87,12 +87,27 @@ def has_unknown_work(op: Any, registry: dict[Any, Any]) -> bool:
     return namespace == "aten" and _MATRIX_WORK.search(name) is not None
 
 
+class _Total:
+    """Stands in for FlopCounterMode's ``ModuleTracker``: the total is all that is needed, and the tracker's
+    gradient hooks on every module's inputs break ``torch.autograd.grad`` of a leaf inside the counted step
+    (a gradient penalty's: "A leaf node was passed to _will_engine_execute_node")."""
+
+    parents = ("Global",)  # (the one name FlopCounterMode adds every count under)
+
+    def __enter__(self) -> _Total:
+        return self
+
+    def __exit__(self, *args: Any) -> None:
+        return None
+
+
 class _Counter(flop_counter.FlopCounterMode):
-    """FlopCounterMode with the formulas above, noting the ops whose work it cannot count."""
+    """FlopCounterMode with the formulas above, without per-module hooks, noting the ops whose work it cannot count."""
 
     def __init__(self, unknown: set[str]) -> None:
         formulas = {**flop_counter.flop_registry, **_extra_formulas()}
         super().__init__(display=False, custom_mapping={op: _local(f) for op, f in formulas.items()})
+        self.mod_tracker = _Total()  # type: ignore[assignment]
         self.unknown = unknown
 
     def _count_flops(self, func_packet: Any, out: Any, args: Any, kwargs: Any) -> Any:
