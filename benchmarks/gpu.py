@@ -11,6 +11,10 @@ Workloads, both with AdamW(fused=True) for every loop and bf16 autocast:
 - a small GPT: the adder recipe's decoder-only transformer scaled up (8 layers, d_model 512,
   8 heads), batch 256 problems of 14 tokens (tokens/s).
 
+Each table also gives TFLOP/s and MFU: the model FLOPs of one step as the Engine counts them (``FlopCounterMode``
+over its first step) over each loop's time per step, against the GPU's dense bf16 peak
+(``framework.observability.throughput.PEAK_TFLOPS``).
+
 Loops: the hand-written Accelerate loop (``Accelerator(mixed_precision="bf16")``, ``prepare``,
 ``accelerator.backward``, as in Accelerate's examples); the Engine with defaults (the NaN guard
 reads its verdict a step late with the fused optimizer: ``nan_check="auto"``); the Engine
@@ -43,6 +47,7 @@ if str(ROOT) not in sys.path:
 from overhead import accelerate_steps, interleaved, new_accelerator  # noqa: E402  (benchmarks/overhead.py)
 
 from framework import Engine, LoopModule  # noqa: E402
+from framework.observability.throughput import Throughput, device_peak_tflops  # noqa: E402
 from framework.optim import fused_on_gpu  # noqa: E402
 
 
@@ -122,6 +127,13 @@ def run_engine(
     Engine(max_steps=n, batch_size=batch, seed=0, mixed_precision="bf16", **kw).fit(factory(), data)
 
 
+def flops_per_step(factory: Callable[[], LoopModule], data: tuple[torch.Tensor, ...], batch: int) -> int | None:
+    """The model FLOPs of one optimizer step, as the Engine counts them (FlopCounterMode over its first step)."""
+    engine = Engine(max_steps=1, batch_size=batch, seed=0, mixed_precision="bf16", progress=False, doctor="off")
+    engine.fit(factory(), data)
+    return next(s for s in engine.events.subscribers if isinstance(s, Throughput)).flops_per_step
+
+
 def loops_for(
     factory: Callable[[], LoopModule], data: tuple[torch.Tensor, ...], batch: int
 ) -> dict[str, Callable[[int], None]]:
@@ -155,14 +167,31 @@ def main() -> None:
         f"N1={n1}, N2={n2}, median of {args.reps} interleaved repetitions.",
         "",
     ]
+    # MFU: the model FLOPs per step (counted by the engine) over each loop's time per step, against the device's
+    # dense bf16 peak (framework.observability.throughput.PEAK_TFLOPS; none on a CPU or an unlisted GPU).
+    peak = device_peak_tflops(torch.device("cuda"), "bf16") if torch.cuda.is_available() else None
+    if peak:
+        lines += [f"MFU against a dense bf16 peak of {peak:g} TFLOP/s.", ""]
     for name, (factory, data, batch, tokens) in workloads(args.quick).items():
+        flops = flops_per_step(factory, data, batch)
         per_step = interleaved(loops_for(factory, data, batch), n1, n2, args.reps, warmup=2)
         base = statistics.median(per_step["hand-written Accelerate loop"])
         first = len(lines)
-        lines += [f"### {name}", "", "| loop | ms/step | tokens/s | vs Accelerate loop |", "|---|---|---|---|"]
+        lines += [
+            f"### {name}",
+            "",
+            f"Model FLOPs per step: {flops / 1e9:.2f} GFLOP (forward + backward)." if flops else "FLOPs: not counted.",
+            "",
+            "| loop | ms/step | tokens/s | vs Accelerate loop | TFLOP/s | MFU |",
+            "|---|---|---|---|---|---|",
+        ]
         for k, v in per_step.items():
             med = statistics.median(v)
-            lines.append(f"| {k} | {med * 1e3:.2f} | {batch * tokens / med:,.0f} | {base / med:.3f}x |")
+            tflops = flops / med / 1e12 if flops else None
+            shown = (f"{tflops:.3g}", f"{tflops / peak:.1%}" if peak else "–") if tflops is not None else ("–", "–")
+            lines.append(
+                f"| {k} | {med * 1e3:.2f} | {batch * tokens / med:,.0f} | {base / med:.3f}x | {' | '.join(shown)} |"
+            )
         lines.append("")
         print("\n".join(lines[first:]), flush=True)
     if args.out:

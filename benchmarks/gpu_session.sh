@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks (issues 9, 16, 21), as one device call (the device tool: `run` with this command,
+# The GPU checks (issues 9, 16, 21, 26), as one device call (the device tool: `run` with this command,
 # timeout_s=600). It needs nothing installed: the device image's python3 has torch, accelerate,
 # pytest, safetensors, pyyaml and tensorboard. Everything it prints also lands in $OUT.
 #
@@ -22,9 +22,12 @@ fi
 # The CUDA tests: fp16 GradScaler, bf16, the deferred NaN verdict, the fused default optimizer.
 timeout 240 $PY -m pytest -m cuda -q -p no:cacheprovider -o addopts="" tests 2>&1 | tee "$OUT/cuda_tests.txt"
 tests_rc=$?
-# Tokens/s vs a hand-written Accelerate loop in bf16 (medium MLP, GPT 8x512), and the per-step sync's price.
+# Tokens/s vs a hand-written Accelerate loop in bf16 (medium MLP, GPT 8x512), and the per-step sync's price;
+# TFLOP/s and MFU per loop (the model FLOPs the engine counts, against the GPU's dense bf16 peak), also as one
+# line per workload in $OUT/mfu.txt.
 timeout 300 $PY benchmarks/gpu.py "${bench_args[@]}" --out "$OUT/gpu_results.md" 2>&1 | tee "$OUT/gpu_bench.txt"
 bench_rc=$?
+grep -E "^(### |\| Engine, defaults)" "$OUT/gpu_bench.txt" | tee "$OUT/mfu.txt"
 # FSDP2 over nccl on this GPU, in bf16 (a world of one: NCCL refuses two ranks on one device): trains,
 # writes a sharded checkpoint with torch.distributed.checkpoint, validates and predicts through the shards.
 timeout 90 $PY tests/scripts/fsdp_run.py "$OUT/fsdp" --strategy fsdp --bf16 2>&1 | tail -20 | tee "$OUT/fsdp.txt"

@@ -242,6 +242,22 @@ def _hints(unknown: list[str], options: Mapping[str, Any]) -> str:
     return "; ".join(", ".join(names) + (f" ({text})" if text else "") for text, names in advice.items())
 
 
+def _step_range(name: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, (tuple, list)) or len(value) != 2 or not all(_int(v) for v in value):
+        return (
+            f"use a pair of optimizer steps (start, stop), e.g. {name}=(3, 5): steps 3 and 4, counted from 0, or None"
+        )
+    start, stop = value
+    if start < 0:
+        return f"optimizer steps count from 0: use a start >= 0, e.g. {name}=(0, {max(stop, 1)})"
+    if stop <= start:
+        low, high = min(start, stop), max(start, stop)
+        return f"stop comes after start, as in range(start, stop): use e.g. {name}=({low}, {high if high > low else low + 1})"
+    return None
+
+
 def _option(default: Any, check: Callable[[str, Any], str | None], doc: str) -> Any:
     """A config field: its default, its check and its one-line documentation."""
     return field(default=default, metadata={"check": check, "doc": doc})
@@ -373,6 +389,26 @@ class LoggingConfig:
         _choices("basic", "full", "off"),
         "the loop doctor: 'basic' (sparse checks), 'full' (every step, costly probes), 'off'",
     )
+    throughput: bool = _option(
+        True,
+        _flag,
+        "train/step_time, train/tflops, train/mfu and train/memory_mb on log steps (the model's FLOPs counted once, on the first step)",
+    )
+    peak_tflops: float | None = _option(
+        None,
+        _positive_number(989.0),
+        "peak TFLOP/s of one device at the run's precision, for train/mfu (default: a table of known GPUs; none on CPU)",
+    )
+    profile_steps: tuple[int, int] | None = _option(
+        None,
+        _step_range,
+        "torch.profiler over the optimizer steps start..stop-1 (from 0): RUN_DIR/profile/rank{R}.trace.json and a table of where the time went",
+    )
+    profile_memory: bool = _option(
+        False,
+        _flag,
+        "memory in the profile; on CUDA also the allocator's history from fit start (RUN_DIR/profile/rank{R}.memory.pickle; rank{R}.oom.pickle on an out-of-memory error)",
+    )
 
 
 @dataclass(frozen=True)
@@ -475,6 +511,20 @@ class EngineConfig:
         trackers = [self.logging.log_with] if isinstance(self.logging.log_with, str) else self.logging.log_with or []
         if "tensorboard" in list(trackers) and ck.run_dir is None:
             raise ValueError("log_with=['tensorboard'] writes its event files under run_dir; pass Engine(run_dir=...)")
+        self._check_profile()
+
+    def _check_profile(self) -> None:
+        log, max_steps = self.logging, self.stop.max_steps
+        if (log.profile_steps is not None or log.profile_memory) and self.checkpoint.run_dir is None:
+            what = "profile_steps" if log.profile_steps is not None else "profile_memory"
+            raise ValueError(f"{what} writes to RUN_DIR/profile/; pass Engine(run_dir=...)")
+        if log.profile_steps is not None and max_steps is not None and log.profile_steps[1] > max_steps:
+            start, stop = log.profile_steps
+            fix = f"e.g. profile_steps=({max(0, max_steps - (stop - start))}, {max_steps})"
+            raise ValueError(
+                f"profile_steps=({start}, {stop}) reaches past max_steps={max_steps}, where the fit ends; profile steps "
+                f"below it, {fix}, or raise max_steps"
+            )
 
     @property
     def checkpoint_every_epoch(self) -> bool:

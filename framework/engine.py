@@ -37,7 +37,7 @@ from .events import Event, Events, StepInfo, StopReason, Trace
 from .fit import Fit, check_resume_path, prepare_fit, validation_source
 from .guard import NonFiniteError
 from .module import LoopModule, forward
-from .observability import run_info
+from .observability import observers, run_info
 from .optim import parse_optimizers, phase_is_required
 from .parallel import Strategy, make_strategy
 from .parallel.grads import zero_grad
@@ -75,7 +75,8 @@ class Engine:
     them; the README's table is generated from it): when to stop (``max_epochs``, ``max_steps``,
     ``max_time``), global batches (``batch_size``, ``micro_batch_size``, ``shuffle``, ``drop_last``,
     data loading), precision and ``compile``, the optimizer step (clipping, ``nan_policy``,
-    ``nan_check``, ``ema_decay``), the run dir and checkpoints, logging, the doctor, the strategy
+    ``nan_check``, ``ema_decay``), the run dir and checkpoints, logging (with throughput and MFU:
+    ``peak_tflops``; the profiler: ``profile_steps``, ``profile_memory``), the doctor, the strategy
     (``"auto"`` | ``"ddp"`` | ``"fsdp"``) and preemption. ``callbacks`` is the one that is not config.
     """
 
@@ -96,11 +97,13 @@ class Engine:
         self.callbacks = list(callbacks)
         self.counters = Counters()
         self.doctor = Doctor(self.config.logging.doctor)
-        # The loop's one event stream, and who listens, in order: the trace, the doctor, the callbacks.
+        # The loop's one event stream, and who listens, in order: the profiler and throughput first (their ranges
+        # and FLOP count then hold the loop's own work, not the other subscribers'), the trace, the doctor, the
+        # callbacks.
         self.events = Events()
         self._trace = Trace(self.counters) if self.config.logging.trace else None
         self._hooks = CallbackHooks(self, self.callbacks)
-        for subscriber in (self._trace, self.doctor, self._hooks):
+        for subscriber in (*observers(self.config), self._trace, self.doctor, self._hooks):
             if subscriber is not None:
                 self.events.subscribe(subscriber)
         # The run dir: run_dir as given, or a fresh version of it (run_info.run_dir_for), decided here on every
@@ -198,6 +201,7 @@ class Engine:
         with run_info.run_dir_lock(run_dir, rt):  # (one fit at a time writes a run dir)
             if self.config.checkpoint.resume is None and self._fit is None:  # (a later fit continues its run)
                 run_info.refuse_earlier_run(run_dir)
+            error: BaseException | None = None
             try:
                 self._fit = run = prepare_fit(
                     self.config, self.counters, self.events, rt, module, train_data, val_data,
@@ -206,11 +210,14 @@ class Engine:
                 run.stop_cause = self._hooks.stop_cause  # (why a callback stopped the fit, for its stop reason)
                 self.fitting = True
                 self._fit_loop(run)
+            except BaseException as e:
+                error = e  # (close's payload: the profiler dumps the memory history on a CUDA OOM)
+                raise
             finally:
                 self.fitting = False
                 if self._fit is not None:
                     self._fit.close()
-                self.events.emit(Event.CLOSE)
+                self.events.emit(Event.CLOSE, error)
         return self
 
     def _agree_on_run_dir(self, rt: Runtime) -> None:

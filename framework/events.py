@@ -2,9 +2,9 @@
 
 The fit loop (:mod:`framework.engine`) and the optimizer step (:mod:`framework.step`) call
 :meth:`Events.emit` at fixed points; subscribers (the doctor, callbacks, the trace, throughput and the
-profiler) define ``on_<event>`` methods and are called in the order they subscribed. The loop itself
-never calls a subscriber, so adding an observer changes no line of the loop (Composer's ``Event`` and
-one dispatcher are the model).
+profiler: :mod:`framework.observability`) define ``on_<event>`` methods and are called in the order they
+subscribed. The loop itself never calls a subscriber, so adding an observer changes no line of the loop
+(Composer's ``Event`` and one dispatcher are the model).
 
 The events of one fit, in order (payloads in brackets; ``phase`` is the alternating phase or None,
 ``micro`` the micro-batch's index in the window)::
@@ -25,16 +25,21 @@ The events of one fit, in order (payloads in brackets; ``phase`` is the alternat
           scheduler_step (micro, label)      a per-step scheduler stepped
           nonfinite (loss, params, notes)    a bad step, before the NaN policy acts (notes: append text)
           after_optimizer_step (applied, phase)
+        train_record (record)                a log step's train record, before it is written and shown: a
+                                             subscriber may add keys (throughput: train/step_time, ...)
         step_end (record)                    counters advanced; record: the train record on log steps, else {}
         step_retracted (step)                a step taken as applied was skipped (a verdict read a step late)
         validation_start ()
           eval_forward (module)              after each validation forward
         validation_end (metrics)
-        checkpoint_save (path)
+        checkpoint_start ()                  the loop takes a checkpoint (the profiler's ``checkpoint`` range)
+        checkpoint_save (path)               a checkpoint is on disk (checkpoint_async: once its write is done)
+        checkpoint_end ()                    the loop goes on (checkpoint_async: the write goes on in the background)
       epoch_end (metrics)
     stop (reason: StopReason)                why the fit ends (max_steps, EarlyStopping, preemption, ...)
     fit_end ()
-    close ()                                 always, also when the fit raises: release what is held
+    close (error)                            always, also when the fit raises (error: that exception, else None):
+                                             release what is held (the profiler dumps the memory history on a CUDA OOM)
 
 Before them, while the fit is built: ``build (module, rt)`` (the module as built, before the layout wraps
 or shards it) and, when ``resume`` loaded a checkpoint, ``checkpoint_load (path)``.
@@ -87,12 +92,15 @@ class Event(enum.Enum):
     SCHEDULER_STEP = "scheduler_step"
     NONFINITE = "nonfinite"
     AFTER_OPTIMIZER_STEP = "after_optimizer_step"
+    TRAIN_RECORD = "train_record"
     STEP_END = "step_end"
     STEP_RETRACTED = "step_retracted"
     VALIDATION_START = "validation_start"
     EVAL_FORWARD = "eval_forward"
     VALIDATION_END = "validation_end"
+    CHECKPOINT_START = "checkpoint_start"
     CHECKPOINT_SAVE = "checkpoint_save"
+    CHECKPOINT_END = "checkpoint_end"
     EPOCH_END = "epoch_end"
     STOP = "stop"
     FIT_END = "fit_end"

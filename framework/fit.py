@@ -137,6 +137,19 @@ class Fit:
             return True
         return self.stops.requested or c.should_stop
 
+    def planned_steps(self) -> int | None:
+        """The step count this fit ends at unless a stop comes first: ``max_steps``, or what ``max_epochs`` of
+        windows leaves from the current position (None: neither is known, a stream without a length).
+
+        Example::
+
+            run.planned_steps()   # 8: max_epochs=2 of 4 windows, from step 0
+        """
+        c, max_epochs, n = self.counters, self.config.stop.max_epochs, self._epoch_windows()
+        by_epochs = c.step - c.batch_in_epoch + (max_epochs - c.epoch) * n if max_epochs and n is not None else None
+        known = [v for v in (self.max_steps, by_epochs) if v is not None]
+        return min(known) if known else None
+
     # ---- per epoch and per step
 
     @property
@@ -248,6 +261,7 @@ class Fit:
         record: dict[str, float] = {}
         if step % config.logging.log_every_n_steps == 0:
             record = self.train_record(step, c.epoch, c.skipped_steps)
+            self.events.emit(Event.TRAIN_RECORD, record)  # (subscribers add keys: train/step_time, ...)
             self.metrics.update({k: v for k, v in record.items() if k not in ("step", "epoch")})
             self.log.write(record)
         self.progress.update(1, record, step)
@@ -419,13 +433,16 @@ class Fit:
         return Path(self.config.checkpoint.run_dir or ".") / "checkpoints"
 
     def checkpoint(self, monitor_value: float | None = None) -> None:
-        """This step's checkpoint in the run dir (collective); ``checkpoint_save`` once it is on disk."""
+        """This step's checkpoint in the run dir (collective), between ``checkpoint_start`` and ``checkpoint_end``;
+        ``checkpoint_save`` once it is on disk."""
+        self.events.emit(Event.CHECKPOINT_START)
         self.wait_for_checkpoints()  # (checkpoint_async: one write in flight; its event fires once on disk)
         step = self.counters.step
         path = self.save(self.checkpoints, f"step-{step:08d}", monitor_value, prune=True)
         self.saved_step = step
         if self.saver is None:
             self.events.emit(Event.CHECKPOINT_SAVE, str(path))
+        self.events.emit(Event.CHECKPOINT_END)
 
     def save(self, root: Path, name: str, monitor_value: float | None, prune: bool) -> Path:
         """A complete checkpoint of this fit (collective): settled state, buffers agreed."""

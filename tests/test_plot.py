@@ -49,7 +49,7 @@ def test_plot_two_runs_overlays_them(runs, tmp_path):
     assert out.read_bytes()[:8] == PNG
     fig = plot_runs(runs)
     axes = {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
-    assert set(axes) == {"loss", "acc", "lr", "train/grad_norm"}
+    assert set(axes) == {"loss", "acc", "lr", "train/grad_norm", "train/step_time", "train/tflops", "train/memory_mb"}
     labels = [line.get_label() for line in axes["loss"].lines]
     assert labels == ["adam-3 train", "adam-3 val", "adam-2 train", "adam-2 val"]
     # The curves are the runs' own numbers, against steps.
@@ -107,3 +107,34 @@ def test_a_loss_over_decades_gets_a_log_axis_train_and_val_two_colours_and_marks
 def test_a_missing_run_dir_is_a_clear_error(tmp_path, capsys):
     assert main([str(tmp_path / "nope")]) == 2
     assert "metrics.jsonl does not exist" in capsys.readouterr().err
+
+
+def _write(run_dir, records):
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(run_dir)
+
+
+def test_the_cost_panels_show_step_time_tflops_with_mfu_where_the_peak_is_known_and_memory(runs, tmp_path):
+    # The real runs (CPU: no peak) have the panels, with their logged numbers and units, and no MFU axis.
+    fig = plot_runs(runs[:1])
+    axes = {ax.get_title(): ax for ax in fig.axes if ax.get_visible() and ax.get_title()}
+    logged = [r for r in read_metrics(runs[0]) if "train/loss" in r]
+    for key, unit in (("train/step_time", "s / step"), ("train/tflops", "TFLOP/s per process")):
+        assert list(axes[key].lines[0].get_ydata()) == [r[key] for r in logged]
+        assert axes[key].get_ylabel() == unit
+    assert axes["train/memory_mb"].get_ylim()[0] == 0 and not axes["train/tflops"].child_axes
+    # Runs that log train/mfu against one peak get MFU on the right of the TFLOP/s panel.
+    records = [
+        {"step": s, "epoch": 0, "train/loss": 1.0, "train/tflops": t, "train/mfu": t / 400.0}
+        for s, t in ((10, 120.0), (20, 160.0))
+    ]
+    same = [_write(tmp_path / "a", records), _write(tmp_path / "b", records)]
+    panel = next(ax for ax in plot_runs(same).axes if ax.get_title().startswith("train/tflops"))
+    assert panel.get_title() == "train/tflops (MFU of a 400 TFLOP/s peak)"
+    (mfu,) = panel.child_axes
+    assert mfu.get_ylabel() == "MFU"
+    other = [dict(r, **{"train/mfu": r["train/tflops"] / 300.0}) for r in records]  # another GPU
+    mixed = [same[0], _write(tmp_path / "c", other)]
+    panel = next(ax for ax in plot_runs(mixed).axes if ax.get_title().startswith("train/tflops"))
+    assert panel.get_title() == "train/tflops" and not panel.child_axes  # (one MFU axis cannot serve two peaks)

@@ -581,7 +581,7 @@ class Doctor:
     def on_fit_end(self) -> None:
         self.end_fit()
 
-    def on_close(self) -> None:
+    def on_close(self, error: BaseException | None) -> None:
         self._exit_watch()  # (the user's code raised inside a watch: its patches go)
 
 

@@ -1,8 +1,10 @@
 """``python -m framework plot RUN_DIR [RUN_DIR ...] [-o curves.png]``: curves from ``metrics.jsonl``.
 
 One panel for the loss (train solid, validation dashed with markers, in two
-colours), one per other validation metric, and one each for ``lr`` and
-``train/grad_norm``, all against optimizer steps. A panel whose values span
+colours), one per other validation metric, and one each for ``lr``,
+``train/grad_norm`` and the cost of a step: ``train/step_time``,
+``train/tflops`` (with MFU on its right axis where the peak is known) and
+``train/memory_mb``, all against optimizer steps. A panel whose values span
 more than a decade (a loss falling from 2.3 to 0.01, a warmup) has a log
 scale. A star marks the best validation value of the run's ``monitor`` (by its
 ``mode``, from ``config.json``; ``val/loss``, lowest, by default) and a dotted
@@ -30,7 +32,9 @@ import sys
 from typing import Any
 
 # Panels after "loss": these keys if present, then every other val/ metric.
-_EXTRA_PANELS = ("lr", "train/grad_norm")
+_EXTRA_PANELS = ("lr", "train/grad_norm", "train/step_time", "train/tflops", "train/memory_mb")
+# What the cost panels' numbers are (framework.observability.throughput).
+_UNITS = {"train/step_time": "s / step", "train/tflops": "TFLOP/s per process", "train/memory_mb": "peak MiB"}
 
 
 def read_metrics(run_dir: str) -> list[dict[str, Any]]:
@@ -162,10 +166,38 @@ def plot_runs(run_dirs: list[str]) -> Any:
             ax.set_yscale("log")  # a loss from 2.3 to 0.01, a warmup, grad norms: orders of magnitude
         if ax.lines:
             ax.legend(fontsize="small")
+    _label_cost_panels(dict(zip(panels, axes.flat, strict=False)), runs)
     for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
     fig.tight_layout()
     return fig
+
+
+def _label_cost_panels(axes: dict[str, Any], runs: list[list[dict[str, Any]]]) -> None:
+    """Units on the step time, TFLOP/s and memory panels; MFU as the TFLOP/s panel's right axis where every run
+    that logs ``train/mfu`` has the same peak (MFU = TFLOP/s / peak)."""
+    from matplotlib.ticker import PercentFormatter
+
+    for key, unit in _UNITS.items():
+        if key in axes:
+            axes[key].set_ylabel(unit)
+    memory = axes.get("train/memory_mb")
+    if memory is not None and memory.lines and memory.get_yscale() == "linear":
+        top = max(y for line in memory.lines for y in line.get_ydata())
+        memory.set_ylim(0, top * 1.15)  # (from 0: a change of 1 MiB in 300 is not a jump)
+    peaks = {
+        round(r["train/tflops"] / r["train/mfu"], 6)
+        for records in runs
+        for r in records
+        if r.get("train/mfu") and isinstance(r.get("train/tflops"), (int, float))
+    }
+    if "train/tflops" in axes and len(peaks) == 1:
+        peak = peaks.pop()
+        ax = axes["train/tflops"]
+        mfu = ax.secondary_yaxis("right", functions=(lambda t: t / peak, lambda m: m * peak))
+        mfu.yaxis.set_major_formatter(PercentFormatter(1.0))
+        mfu.set_ylabel("MFU")
+        ax.set_title(f"{ax.get_title()} (MFU of a {peak:g} TFLOP/s peak)")
 
 
 def _spans_decades(ax: Any) -> bool:

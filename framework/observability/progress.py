@@ -19,16 +19,24 @@ import time
 from collections.abc import Callable
 from typing import IO, Any
 
-_SHORT = {"train/loss": "loss", "val/loss": "val_loss", "lr": "lr", "train/items_per_sec": "items/s"}
+_SHORT = {
+    "train/loss": "loss",
+    "val/loss": "val_loss",
+    "lr": "lr",
+    "train/items_per_sec": "items/s",
+    "train/mfu": "mfu",
+}
 
 
 def _fmt(record: dict[str, Any]) -> str:
-    parts = [f"{short}={_num(record[key])}" for key, short in _SHORT.items() if key in record]
+    parts = [f"{short}={_num(record[key], short)}" for key, short in _SHORT.items() if key in record]
     parts += [f"{k}={_num(v)}" for k, v in record.items() if k.startswith("val/") and k != "val/loss"]
     return " ".join(parts)
 
 
-def _num(v: Any) -> str:
+def _num(v: Any, short: str = "") -> str:
+    if short == "mfu" and isinstance(v, float):
+        return f"{v * 100:.3g}%"  # mfu=41.2%
     if isinstance(v, float):
         if math.isfinite(v) and 1e3 <= abs(v) < 1e9:
             return f"{v:.0f}"  # throughputs: items/s=48194, not 4.819e+04
@@ -42,9 +50,9 @@ class Progress:
     """Rank-0 progress: a live tqdm bar per epoch on a terminal, one plain line per log step otherwise.
 
     On a terminal the bar shows steps, ETA, the loss of the latest window (optimizer step) and, from the
-    last log step, lr and items/s. Without one (CI, log files) the output is one line per log step (its
-    ``loss`` is the record's: the mean since the previous log step) and never contains a carriage return.
-    ``enabled=False`` prints nothing but :meth:`notice` lines.
+    last log step, lr, items/s and MFU (where the peak is known). Without one (CI, log files) the output is one
+    line per log step (its ``loss`` is the record's: the mean since the previous log step) and never contains a
+    carriage return. ``enabled=False`` prints nothing but :meth:`notice` lines.
 
     The latest window's loss is read without a host sync: ``latest`` (set by the fit) returns the window loss
     tensor still on the device; at most every :attr:`PEEK_EVERY` seconds it is copied to host memory without
