@@ -50,7 +50,7 @@ cat "$OUT"/layouts/*.json 2>/dev/null | tee -a "$OUT/layouts.txt"
 # engine runs on CUDA; tests that compare against a hand-written CPU loop may differ there.
 # (The multiprocess tests launch launch/cpu_ddp.yaml, which is for machines without a GPU.)
 timeout 120 $PY -m pytest -m "not multiprocess" -q -p no:cacheprovider -n 8 \
-  tests/test_nan_policy.py tests/test_checkpoint.py tests/test_logging.py tests/test_engine.py 2>&1 |
+  tests/test_nan_policy.py tests/checkpoint/test_resume.py tests/observability/test_metrics.py tests/test_engine.py 2>&1 |
   tee "$OUT/suite_on_gpu.txt" | tail -15
 echo "cuda tests exit $tests_rc, benchmark exit $bench_rc, fsdp exit $fsdp_rc" | tee -a "$OUT/machine.txt"
 [ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$fsdp_rc" -eq 0 ]

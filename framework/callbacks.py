@@ -29,15 +29,18 @@ files or prints should do so on one process only.
 There is no LearningRateMonitor: ``lr`` is in every train record of
 ``metrics.jsonl`` and in the trackers already.
 
-Example::
+Example:
 
-    from framework import Callback, EarlyStopping, Engine
-
-    class PrintValLoss(Callback):
-        def on_validation_end(self, engine, module, metrics):
-            print(engine.epoch, metrics["val/loss"])
-
-    Engine(max_epochs=50, batch_size=64, callbacks=[PrintValLoss(), EarlyStopping(patience=3)])
+    >>> from framework import Callback, EarlyStopping, Engine
+    >>> class PrintValLoss(Callback):
+    ...     def on_validation_end(self, engine, module, metrics):
+    ...         print("epoch", engine.epoch, "val/loss", round(metrics["val/loss"], 3))
+    >>> callbacks = [PrintValLoss(), EarlyStopping(patience=3)]
+    >>> engine = Engine(max_epochs=2, batch_size=32, progress=False, callbacks=callbacks)
+    >>> engine.fit(Classifier(), train_data, val_data).stop_reason.cause
+    epoch 0 val/loss 1.286
+    epoch 1 val/loss 1.28
+    'max_epochs'
 """
 
 from __future__ import annotations
@@ -61,50 +64,71 @@ class Callback:
     is stored in checkpoints (numbers, strings, lists, dicts and tensors) and handed back to
     ``load_state_dict`` on resume.
 
-    Example::
+    Example:
 
-        class PrintLoss(Callback):
-            def on_step_end(self, engine, module, metrics):
-                if metrics:  # a log step
-                    print(engine.step, metrics["train/loss"])
-
-        Engine(max_steps=100, batch_size=32, callbacks=[PrintLoss()])
+        >>> class PrintLoss(Callback):
+        ...     def on_step_end(self, engine, module, metrics):
+        ...         if metrics:  # a log step
+        ...             print(engine.step, round(metrics["train/loss"], 3))
+        >>> engine = framework.Engine(max_steps=4, batch_size=32, log_every_n_steps=2, progress=False,
+        ...                           callbacks=[PrintLoss()])
+        >>> engine = engine.fit(Classifier(), train_data)
+        2 1.161
+        4 1.264
     """
 
     def on_fit_start(self, engine: Engine, module: LoopModule) -> None:
         """Called once before the first step (after a resume, if any).
 
-        Example::
+        Example:
 
-            def on_fit_start(self, engine, module):
-                self.t0 = time.monotonic()
+            >>> class SaysWhere(Callback):
+            ...     def on_fit_start(self, engine, module):
+            ...         print("starting at step", engine.step, "in", "train" if module.training else "eval", "mode")
+            >>> engine = framework.Engine(max_steps=1, batch_size=32, progress=False, callbacks=[SaysWhere()])
+            >>> engine.fit(Classifier(), train_data).step
+            starting at step 0 in train mode
+            1
         """
 
     def on_fit_end(self, engine: Engine, module: LoopModule) -> None:
         """Called once after the last step (metrics.jsonl and trackers are closed by then).
 
-        Example::
+        Example:
 
-            def on_fit_end(self, engine, module):
-                print("done after", engine.step, "steps")
+            >>> class SaysDone(Callback):
+            ...     def on_fit_end(self, engine, module):
+            ...         print("done after", engine.step, "steps")
+            >>> engine = framework.Engine(max_steps=2, batch_size=32, progress=False, callbacks=[SaysDone()])
+            >>> engine = engine.fit(Classifier(), train_data)
+            done after 2 steps
         """
 
     def on_epoch_start(self, engine: Engine, module: LoopModule) -> None:
         """Called at the start of each epoch (also a resumed, partial one).
 
-        Example::
+        Example:
 
-            def on_epoch_start(self, engine, module):
-                print("epoch", engine.epoch)
+            >>> class SaysEpoch(Callback):
+            ...     def on_epoch_start(self, engine, module):
+            ...         print("epoch", engine.epoch, "from step", engine.step)
+            >>> engine = framework.Engine(max_epochs=2, batch_size=32, progress=False, callbacks=[SaysEpoch()])
+            >>> engine = engine.fit(Classifier(), train_data)
+            epoch 0 from step 0
+            epoch 1 from step 3
         """
 
     def on_epoch_end(self, engine: Engine, module: LoopModule, metrics: dict[str, float]) -> None:
         """Called after each complete epoch's validation; ``metrics`` holds ``epoch_time`` and ``val/...``.
 
-        Example::
+        Example:
 
-            def on_epoch_end(self, engine, module, metrics):
-                print(engine.epoch, metrics["epoch_time"])
+            >>> class SaysEpochEnd(Callback):
+            ...     def on_epoch_end(self, engine, module, metrics):
+            ...         print("epoch", engine.epoch, sorted(metrics))
+            >>> engine = framework.Engine(max_epochs=1, batch_size=32, progress=False, callbacks=[SaysEpochEnd()])
+            >>> engine = engine.fit(Classifier(), train_data, val_data)
+            epoch 0 ['epoch_time', 'val/acc', 'val/loss']
         """
 
     def on_step_end(self, engine: Engine, module: LoopModule, metrics: dict[str, float]) -> None:
@@ -116,48 +140,96 @@ class Callback:
         late: this can run for a step that is then undone, and ``engine.skipped_steps``
         counts it from the next step on.
 
-        Example::
+        Example:
 
-            def on_step_end(self, engine, module, metrics):
-                if metrics and metrics["train/loss"] < 0.01:
-                    engine.should_stop = True
+            >>> class StopAtLoss(Callback):
+            ...     def on_step_end(self, engine, module, metrics):
+            ...         if metrics and metrics["train/loss"] < 1.25:
+            ...             engine.should_stop = True
+            >>> engine = framework.Engine(max_steps=100, batch_size=32, log_every_n_steps=2, progress=False,
+            ...                           callbacks=[StopAtLoss()])
+            >>> engine.fit(Classifier(), train_data).step
+            2
+            >>> print(engine.stop_reason)
+            StopAtLoss.on_step_end set engine.should_stop at step 2
         """
 
     def on_step_retracted(self, engine: Engine, module: LoopModule, step: int) -> None:
         """Called when a step that ``on_step_end`` saw as applied turns out skipped: under
         ``nan_check="deferred"`` its NaN verdict comes a step late (the optimizer skipped it on the device).
+        ``step`` is the ``engine.step`` its ``on_step_end`` saw (the count of steps taken, that step
+        included). ``engine.skipped_steps`` counts it from then on.
 
-        Example::
+        Example:
 
-            def on_step_retracted(self, engine, module, step):
-                self.applied_steps.discard(step)
+            >>> class AppliedSteps(Callback):
+            ...     def __init__(self):
+            ...         self.applied = set()
+            ...
+            ...     def on_step_end(self, engine, module, metrics):
+            ...         if engine.last_step.applied:
+            ...             self.applied.add(engine.step)
+            ...
+            ...     def on_step_retracted(self, engine, module, step):
+            ...         self.applied.discard(step)
+            >>> steps = AppliedSteps()
+            >>> engine = framework.Engine(max_steps=3, batch_size=32, progress=False, callbacks=[steps])
+            >>> engine = engine.fit(Classifier(), train_data)
+            >>> sorted(steps.applied)
+            [1, 2, 3]
+            >>> steps.on_step_retracted(engine, None, 3)  # as the engine calls it when step 3 turns out NaN
+            >>> sorted(steps.applied)
+            [1, 2]
         """
 
     def on_validation_end(self, engine: Engine, module: LoopModule, metrics: dict[str, float]) -> None:
         """Called after each validation with ``{"val/loss": ..., "val/<metric>": ...}`` (global means).
 
-        Example::
+        Example:
 
-            def on_validation_end(self, engine, module, metrics):
-                self.history.append(metrics["val/loss"])
+            >>> class History(Callback):
+            ...     def __init__(self):
+            ...         self.history = []
+            ...
+            ...     def on_validation_end(self, engine, module, metrics):
+            ...         self.history.append(round(metrics["val/loss"], 3))
+            >>> history = History()
+            >>> engine = framework.Engine(max_epochs=2, batch_size=32, progress=False, callbacks=[history])
+            >>> engine.fit(Classifier(), train_data, val_data).step, history.history
+            (6, [1.286, 1.28])
         """
 
     def on_checkpoint_save(self, engine: Engine, path: str) -> None:
         """Called after a checkpoint was written completely to ``path``.
 
-        Example::
+        Example:
 
-            def on_checkpoint_save(self, engine, path):
-                print("saved", path)
+            >>> class SaysSaved(Callback):
+            ...     def on_checkpoint_save(self, engine, path):
+            ...         print("saved", path)
+            >>> engine = framework.Engine(max_epochs=2, batch_size=32, run_dir="runs/a", progress=False,
+            ...                           callbacks=[SaysSaved()])
+            >>> engine = engine.fit(Classifier(), train_data)  # a checkpoint at each epoch's end
+            saved runs/a/checkpoints/step-00000003
+            saved runs/a/checkpoints/step-00000006
         """
 
     def on_checkpoint_load(self, engine: Engine, path: str) -> None:
         """Called after a checkpoint was loaded from ``path``.
 
-        Example::
+        Example:
 
-            def on_checkpoint_load(self, engine, path):
-                print("resumed from", path, "at step", engine.step)
+            >>> class SaysResumed(Callback):
+            ...     def on_checkpoint_load(self, engine, path):
+            ...         print("resumed from", path, "at step", engine.step)
+            >>> engine = framework.Engine(max_epochs=1, batch_size=32, run_dir="runs/a", progress=False)
+            >>> engine.fit(Classifier(), train_data).step
+            3
+            >>> engine = framework.Engine(max_epochs=2, batch_size=32, run_dir="runs/a", resume="auto",
+            ...                           progress=False, callbacks=[SaysResumed()])
+            >>> engine.fit(Classifier(), train_data).step
+            resumed from runs/a/checkpoints/step-00000003 at step 3
+            6
         """
 
     def stop_reason(self) -> str | None:
@@ -165,30 +237,68 @@ class Callback:
         stopped, or nothing to add). The fit's last line, ``engine.stop_reason`` and the stop record of
         ``metrics.jsonl`` say it; without it they name the callback and the event that set the flag.
 
-        Example::
+        Example:
 
-            def stop_reason(self):
-                return f"train/loss fell below {self.threshold}" if self.stopped else None
+            >>> class StopAtLoss(Callback):
+            ...     def __init__(self, threshold):
+            ...         self.threshold, self.stopped = threshold, False
+            ...
+            ...     def on_step_end(self, engine, module, metrics):
+            ...         if metrics and metrics["train/loss"] < self.threshold:
+            ...             engine.should_stop = self.stopped = True
+            ...
+            ...     def stop_reason(self):
+            ...         return f"train/loss fell below {self.threshold}" if self.stopped else None
+            >>> engine = framework.Engine(max_steps=100, batch_size=32, log_every_n_steps=2, progress=False,
+            ...                           callbacks=[StopAtLoss(1.25)])
+            >>> engine.fit(Classifier(), train_data).stop_reason
+            StopReason(cause='callback', text='train/loss fell below 1.25', step=2, epoch=0)
         """
         return None
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state to keep in checkpoints; ``{}`` (the default) stores nothing.
 
-        Example::
+        Example:
 
-            def state_dict(self):
-                return {"history": self.history}
+            >>> Callback().state_dict()
+            {}
+            >>> class History(Callback):
+            ...     def __init__(self):
+            ...         self.history = [1.29, 1.28]
+            ...
+            ...     def state_dict(self):
+            ...         return {"history": self.history}
+            >>> History().state_dict()  # what a checkpoint stores for it
+            {'history': [1.29, 1.28]}
         """
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned.
 
-        Example::
+        Example:
 
-            def load_state_dict(self, state):
-                self.history = list(state["history"])
+            >>> class History(Callback):
+            ...     def __init__(self):
+            ...         self.history = []
+            ...
+            ...     def on_validation_end(self, engine, module, metrics):
+            ...         self.history.append(round(metrics["val/loss"], 3))
+            ...
+            ...     def state_dict(self):
+            ...         return {"history": self.history}
+            ...
+            ...     def load_state_dict(self, state):
+            ...         self.history = list(state["history"])
+            >>> run = dict(batch_size=32, run_dir="runs/a", progress=False)
+            >>> engine = framework.Engine(max_epochs=1, **run, callbacks=[History()])
+            >>> engine.fit(Classifier(), train_data, val_data).step
+            3
+            >>> resumed = History()
+            >>> engine = framework.Engine(max_epochs=2, resume="auto", **run, callbacks=[resumed])
+            >>> engine.fit(Classifier(), train_data, val_data).step, resumed.history  # epoch 0's value came back
+            (6, [1.286, 1.28])
         """
 
 
@@ -204,10 +314,15 @@ class EarlyStopping(Callback):
     count are stored in checkpoints, so a resumed run stops where an
     uninterrupted one would.
 
-    Example::
+    Example:
 
-        Engine(max_epochs=100, batch_size=64,
-               callbacks=[EarlyStopping(monitor="val/acc", mode="max", patience=5)])
+        >>> from framework import EarlyStopping, Engine
+        >>> stopper = EarlyStopping(monitor="val/loss", patience=1, min_delta=0.5)
+        >>> engine = Engine(max_epochs=20, batch_size=32, progress=False, callbacks=[stopper])
+        >>> engine.fit(Classifier(), train_data, val_data).stop_reason.cause, engine.epoch
+        ('early_stopping', 2)
+
+        ``EarlyStopping(monitor="val/acc", mode="max", patience=5)`` watches a metric that should rise.
     """
 
     def __init__(self, monitor: str = "val/loss", patience: int = 3, mode: str = "min", min_delta: float = 0.0):
@@ -230,7 +345,18 @@ class EarlyStopping(Callback):
 
     def on_validation_end(self, engine: Engine, module: LoopModule, metrics: dict[str, float]) -> None:
         """Compare ``metrics[monitor]`` with the best so far; ask the engine to stop after ``patience`` misses.
-        A standalone ``engine.validate`` (outside fit) does not count."""
+        A standalone ``engine.validate`` (outside fit) does not count.
+
+        Example:
+
+            >>> from types import SimpleNamespace
+            >>> stopper = EarlyStopping(patience=2)
+            >>> engine = SimpleNamespace(fitting=True, step=0, epoch=0, should_stop=False)  # stands in for an Engine
+            >>> for loss in (0.5, 0.6, 0.7):
+            ...     stopper.on_validation_end(engine, None, {"val/loss": loss})
+            >>> stopper.best, stopper.bad_epochs, engine.should_stop
+            (0.5, 2, True)
+        """
         if not getattr(engine, "fitting", True):
             return
         value = self._value(metrics)
@@ -243,15 +369,30 @@ class EarlyStopping(Callback):
                 engine.should_stop = True
 
     def on_epoch_end(self, engine: Engine, module: LoopModule, metrics: dict[str, float]) -> None:
-        """Fail loudly, not never stop, when the run has no validation to monitor."""
+        """Fail loudly, not never stop, when the run has no validation to monitor.
+
+        Example:
+
+            >>> engine = framework.Engine(max_epochs=2, batch_size=32, progress=False, callbacks=[EarlyStopping()])
+            >>> engine.fit(Classifier(), train_data)  # no val_data
+            Traceback (most recent call last):
+            ...
+            KeyError: "EarlyStopping(monitor='val/loss') but validation logged []; pass val_data to fit(...): ..."
+        """
         self._value(metrics)
 
     def stop_reason(self) -> str | None:
         """Once it stopped the run: the monitor, its best value and that validation's step, and the patience.
 
-        Example::
+        Example:
 
-            es.stop_reason()   # "EarlyStopping: val/loss did not improve for 3 validations (patience=3); best val/loss=0.4132 at step 120"
+            >>> stopper = EarlyStopping(patience=1, min_delta=0.5)
+            >>> stopper.stop_reason() is None  # not stopped
+            True
+            >>> engine = framework.Engine(max_epochs=20, batch_size=32, progress=False, callbacks=[stopper])
+            >>> print(engine.fit(Classifier(), train_data, val_data).stop_reason)
+            EarlyStopping: val/loss did not improve by more than min_delta=0.5 for 1 validation(s) (patience=1);
+            best val/loss=1.286 at step 3
         """
         if self.stopped_epoch is None:
             return None
@@ -272,9 +413,10 @@ class EarlyStopping(Callback):
     def state_dict(self) -> dict[str, Any]:
         """``{"best", "bad_epochs", "stopped_epoch"}``.
 
-        Example::
+        Example:
 
-            EarlyStopping().state_dict()   # {"best": inf, "bad_epochs": 0, "stopped_epoch": None, "best_step": None}
+            >>> EarlyStopping().state_dict()
+            {'best': inf, 'bad_epochs': 0, 'stopped_epoch': None, 'best_step': None}
         """
         return {
             "best": self.best, "bad_epochs": self.bad_epochs, "stopped_epoch": self.stopped_epoch,
@@ -284,9 +426,12 @@ class EarlyStopping(Callback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict``'s values (``stopped_epoch`` and ``best_step`` are optional, for older checkpoints).
 
-        Example::
+        Example:
 
-            es.load_state_dict({"best": 0.31, "bad_epochs": 1})
+            >>> stopper = EarlyStopping()
+            >>> stopper.load_state_dict({"best": 0.31, "bad_epochs": 1})  # a checkpoint from before best_step
+            >>> stopper.best, stopper.bad_epochs, stopper.best_step
+            (0.31, 1, None)
         """
         self.best, self.bad_epochs = float(state["best"]), int(state["bad_epochs"])
         self.stopped_epoch = state.get("stopped_epoch")
@@ -296,11 +441,8 @@ class EarlyStopping(Callback):
 class CallbackHooks:
     """The callbacks as one subscriber of the loop's events (:mod:`framework.events`): each event calls the
     callbacks' method of the same name, in list order, with the engine and the fit's module. It notes which
-    callback, in which event, first set ``engine.should_stop`` (:meth:`stop_cause`: why the fit stopped).
-
-    Example::
-
-        events.subscribe(CallbackHooks(engine, [EarlyStopping(patience=3)]))
+    callback, in which event, first set ``engine.should_stop`` (:meth:`stop_cause`: why the fit stopped). The
+    engine subscribes one to its events (``engine.events``) at construction.
     """
 
     def __init__(self, engine: Engine, callbacks: list[Callback]) -> None:
@@ -320,11 +462,8 @@ class CallbackHooks:
         """``(cause, text)`` for a fit that a callback stopped: ``"early_stopping"`` for EarlyStopping, else
         ``"callback"``; the callback's :meth:`Callback.stop_reason`, or which callback set the flag in which
         event at which step. A resumed run that had stopped asks its callbacks' restored state. None if no
-        callback says it stopped the fit.
-
-        Example::
-
-            hooks.stop_cause()   # ("callback", "StopAtLoss.on_step_end set engine.should_stop at step 37")
+        callback says it stopped the fit, e.g. ``("callback", "StopAtLoss.on_step_end set engine.should_stop at
+        step 37")``.
         """
         if self._stopper is not None:
             cb, event, step = self._stopper
@@ -351,7 +490,9 @@ class CallbackHooks:
         self._each("on_step_end", self.module, record)
 
     def on_step_retracted(self, step: int) -> None:
-        self._each("on_step_retracted", self.module, step)
+        # The event carries the step's index (from 0); a callback gets the count its on_step_end saw as
+        # engine.step, so the two name a step the same way.
+        self._each("on_step_retracted", self.module, step + 1)
 
     def on_validation_end(self, module: LoopModule, metrics: dict[str, float]) -> None:
         self._each("on_validation_end", module, metrics)

@@ -7,11 +7,15 @@ reads the config: the loop, ``config.json`` (:meth:`EngineConfig.to_json`) and t
 fingerprint. Each field's documentation lives once, in its ``doc`` metadata;
 :func:`describe` renders it (the README's argument table is tested against it).
 
-Example::
+Example:
 
-    config = EngineConfig.from_options(max_epochs=10, batch_size=64, run_dir="runs/a")
-    config.stop.max_epochs, config.data.batch_size, config.checkpoint.keep_last   # 10, 64, 3
-    EngineConfig.from_options(keep_last=0)   # ValueError: keep_last=0; use an int >= 1, e.g. keep_last=3
+    >>> config = EngineConfig.from_options(max_epochs=10, batch_size=64, run_dir="runs/a")
+    >>> config.stop.max_epochs, config.data.batch_size, config.checkpoint.keep_last
+    (10, 64, 3)
+    >>> framework.Engine(keep_last=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: keep_last=0; use an int >= 1, e.g. keep_last=3
 """
 
 from __future__ import annotations
@@ -268,7 +272,13 @@ def _option(default: Any, check: Callable[[str, Any], str | None], doc: str) -> 
 
 @dataclass(frozen=True)
 class StopConfig:
-    """When training stops (set ``max_epochs`` or ``max_steps`` for ``fit``)."""
+    """When training stops (set ``max_epochs`` or ``max_steps`` for ``fit``).
+
+    Example:
+
+        >>> EngineConfig.from_options(max_steps=100).stop
+        StopConfig(max_epochs=None, max_steps=100, max_time=None)
+    """
 
     max_epochs: int | None = _option(None, _positive_int(10), "epochs to train")
     max_steps: int | None = _option(None, _positive_int(1000), "optimizer steps to train")
@@ -279,7 +289,18 @@ class StopConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Global batches and how Dataset inputs are read."""
+    """Global batches and how Dataset inputs are read.
+
+    Example:
+
+        >>> data = EngineConfig.from_options(batch_size=64, micro_batch_size=16).data  # 4 micro-batches per step
+        >>> data.batch_size, data.micro_batch_size, data.shuffle, data.drop_last
+        (64, 16, True, False)
+        >>> EngineConfig.from_options(batch_size=64.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: batch_size=64.0; use an int, e.g. batch_size=64
+    """
 
     batch_size: int | None = _option(
         None, _positive_int(64), "global items per optimizer step, over all processes (Dataset and tensor inputs)"
@@ -313,7 +334,17 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class PrecisionConfig:
-    """Numerics of the step: precision, compilation."""
+    """Numerics of the step: precision, compilation.
+
+    Example:
+
+        >>> EngineConfig.from_options(mixed_precision="bf16").precision
+        PrecisionConfig(mixed_precision='bf16', compile=False)
+        >>> EngineConfig.from_options(precision="bf16-mixed")  # Lightning's name: the message translates it
+        Traceback (most recent call last):
+        ...
+        TypeError: Engine got unknown argument(s) 'precision' (use mixed_precision='bf16' ...
+    """
 
     mixed_precision: str | None = _option(
         None,
@@ -325,7 +356,14 @@ class PrecisionConfig:
 
 @dataclass(frozen=True)
 class StepConfig:
-    """The optimizer step: clipping, the NaN guard, EMA."""
+    """The optimizer step: clipping, the NaN guard, EMA.
+
+    Example:
+
+        >>> EngineConfig.from_options(clip_grad_norm=1.0, ema_decay=0.999).step
+        StepConfig(clip_grad_norm=1.0, clip_grad_value=None, nan_policy='raise', max_consecutive_skips=10,
+                   nan_check='auto', ema_decay=0.999)
+    """
 
     clip_grad_norm: float | None = _option(None, _positive_number(1.0), "clip the global gradient norm")
     clip_grad_value: float | None = _option(None, _positive_number(1.0), "clip each gradient element")
@@ -347,7 +385,18 @@ class StepConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    """Where a run writes and what it keeps."""
+    """Where a run writes and what it keeps.
+
+    Example:
+
+        >>> ck = EngineConfig.from_options(run_dir="runs/a", keep_best=1).checkpoint
+        >>> ck.run_dir, ck.keep_last, ck.keep_best, ck.monitor, ck.mode
+        ('runs/a', 3, 1, 'val/loss', 'min')
+        >>> EngineConfig.from_options(keep_best=1)
+        Traceback (most recent call last):
+        ...
+        ValueError: checkpointing and resume need a run_dir, e.g. Engine(run_dir='runs/exp1', ...)
+    """
 
     run_dir: str | None = _option(
         None,
@@ -378,7 +427,18 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class LoggingConfig:
-    """What the run reports, and how often."""
+    """What the run reports, and how often.
+
+    Example:
+
+        >>> log = EngineConfig.from_options(log_every_n_steps=10, progress=False).logging
+        >>> log.log_every_n_steps, log.progress, log.doctor
+        (10, False, 'basic')
+        >>> EngineConfig.from_options(doctor="ful")
+        Traceback (most recent call last):
+        ...
+        ValueError: doctor='ful'; use "basic", "full" or "off" (did you mean 'full'?)
+    """
 
     log_every_n_steps: int = _option(50, _count_at_least(1, 50), "train records every n steps")
     progress: bool = _option(True, _flag, "progress bar / lines on rank 0")
@@ -413,7 +473,14 @@ class LoggingConfig:
 
 @dataclass(frozen=True)
 class DistributedConfig:
-    """Several processes: the strategy, and how stops and failures are agreed."""
+    """Several processes: the strategy, and how stops and failures are agreed.
+
+    Example:
+
+        >>> dist = EngineConfig.from_options(strategy="fsdp").distributed
+        >>> dist.strategy, dist.preemption_signals
+        ('fsdp', ('SIGTERM', 'SIGUSR1'))
+    """
 
     strategy: str = _option(
         "auto",
@@ -453,10 +520,13 @@ class DistributedConfig:
 class EngineConfig:
     """Every Engine argument, validated; build it with :meth:`from_options`.
 
-    Example::
+    Example:
 
-        config = EngineConfig.from_options(max_steps=100, batch_size=32)
-        config.to_json()["batch_size"]   # 32
+        >>> config = EngineConfig.from_options(max_steps=100, batch_size=32)
+        >>> config.stop.max_steps, config.data.batch_size, config.seed
+        (100, 32, 0)
+        >>> framework.Engine(max_steps=100, batch_size=32).config == config  # what the Engine holds
+        True
     """
 
     stop: StopConfig = field(default_factory=StopConfig)
@@ -479,9 +549,15 @@ class EngineConfig:
     def from_options(cls, **options: Any) -> EngineConfig:
         """Build and check the config from ``Engine``'s flat keyword arguments.
 
-        Example::
+        Example:
 
-            EngineConfig.from_options(max_epochs=2, batch_size=8).stop.max_epochs   # 2
+            >>> EngineConfig.from_options(max_epochs=2, batch_size=8).stop.max_epochs
+            2
+            >>> EngineConfig.from_options(lr=1e-3)  # a habit from another trainer: the message says where it goes
+            Traceback (most recent call last):
+            ...
+            TypeError: Engine got unknown argument(s) 'lr' (the optimizer is the module's: return it from
+            configure_optimizers, e.g. torch.optim.AdamW(self.parameters(), lr=0.001) (default: AdamW, lr=1e-3)); ...
         """
         groups = _group_fields()
         unknown = [k for k in options if k not in _FLAT]
@@ -528,16 +604,26 @@ class EngineConfig:
 
     @property
     def checkpoint_every_epoch(self) -> bool:
-        """``checkpoint_every_epoch`` resolved: on by default when there is a run_dir."""
+        """``checkpoint_every_epoch`` resolved: on by default when there is a run_dir.
+
+        Example:
+
+            >>> EngineConfig.from_options(run_dir="runs/a").checkpoint_every_epoch
+            True
+            >>> EngineConfig.from_options().checkpoint_every_epoch
+            False
+        """
         ck = self.checkpoint
         return ck.run_dir is not None if ck.checkpoint_every_epoch is None else ck.checkpoint_every_epoch
 
     def flat(self) -> dict[str, Any]:
         """Every argument by its Engine keyword.
 
-        Example::
+        Example:
 
-            EngineConfig.from_options(seed=3).flat()["seed"]   # 3
+            >>> flat = EngineConfig.from_options(seed=3, max_steps=10).flat()
+            >>> flat["seed"], flat["max_steps"], flat["keep_last"]
+            (3, 10, 3)
         """
         out: dict[str, Any] = {}
         for group in _GROUP_TYPES:
@@ -548,9 +634,11 @@ class EngineConfig:
     def to_json(self) -> dict[str, Any]:
         """:meth:`flat` with JSON-friendly values (objects by name): what ``config.json`` records.
 
-        Example::
+        Example:
 
-            json.dumps(EngineConfig.from_options(max_steps=5).to_json())
+            >>> config = EngineConfig.from_options(max_steps=5, collate_fn=torch.stack)
+            >>> config.to_json()["max_steps"], config.to_json()["collate_fn"]
+            (5, 'stack')
         """
         return {k: jsonable(v) for k, v in self.flat().items()}
 
@@ -580,10 +668,15 @@ _FLAT: dict[str, dataclasses.Field[Any]] = {
 def describe() -> list[tuple[str, str, Any, str]]:
     """One row per Engine argument: ``(name, group, default, doc)``, in declaration order.
 
-    Example::
+    Example:
 
-        for name, group, default, doc in describe():
-            print(f"{name:<24} {default!r:<12} {doc}")
+        >>> describe()[0]
+        ('max_epochs', 'stop', None, 'epochs to train')
+        >>> for name, group, default, doc in describe()[:3]:
+        ...     print(f"{name:<10} {default!r:<5} {doc}")
+        max_epochs None  epochs to train
+        max_steps  None  optimizer steps to train
+        max_time   None  seconds of training, then stop at a step boundary
     """
     rows = []
     for group, t in _GROUP_TYPES.items():
@@ -595,9 +688,14 @@ def describe() -> list[tuple[str, str, Any, str]]:
 def markdown_table() -> str:
     """The README's table of Engine arguments, generated from the fields' docs (the one place they are written).
 
-    Example::
+    Example:
 
-        print(markdown_table())   # | group | argument | default | meaning |
+        >>> for line in markdown_table().splitlines()[:4]:
+        ...     print(line)
+        | group | argument | default | meaning |
+        |---|---|---|---|
+        | stop | `max_epochs` | – | epochs to train |
+        | stop | `max_steps` | – | optimizer steps to train |
     """
     lines = ["| group | argument | default | meaning |", "|---|---|---|---|"]
     for name, group, default, doc in describe():
@@ -609,7 +707,7 @@ def markdown_table() -> str:
 def jsonable(value: Any) -> Any:
     """A JSON-friendly stand-in for a config value (callables and objects by name).
 
-    Example::
+    Example:
 
         >>> jsonable(("SIGTERM",)), jsonable(len)
         (['SIGTERM'], 'len')

@@ -63,12 +63,16 @@ class _Counter:
 class Engine:
     """Runs ``fit``, ``validate`` and ``predict`` for a :class:`LoopModule`.
 
-    Example::
+    Example:
 
-        engine = Engine(max_epochs=10, batch_size=64, seed=0, run_dir="runs/digits")
-        engine.fit(Classifier(), train_data, val_data)
-        metrics = engine.validate(module, val_data)   # {"loss": ..., "acc": ...}
-        probs = engine.predict(module, test_inputs)   # one row per item, in data order
+        >>> engine = Engine(max_epochs=1, batch_size=32, seed=0, progress=False)
+        >>> model = Classifier()
+        >>> engine.fit(model, train_data, val_data).stop_reason.cause
+        'max_epochs'
+        >>> sorted(engine.validate(model, val_data))  # exact means over the set
+        ['acc', 'loss']
+        >>> engine.predict(model, val_data).shape  # one row per item, in data order
+        torch.Size([32, 3])
 
     Every argument is keyword-only and optional; each is checked at construction, with a message that
     names it and the fix. They are documented once, in :mod:`framework.config` (``describe()`` lists
@@ -132,10 +136,15 @@ class Engine:
         construction (every rank agrees on rank 0's at fit start), printed by ``fit`` on rank 0. None without
         a run_dir.
 
-        Example::
+        Example:
 
-            engine = Engine(max_epochs=3, batch_size=64, run_dir="runs/digits")
-            engine.run_dir   # "runs/digits" the first time, "runs/digits-2" the next
+            >>> engine = Engine(max_epochs=1, batch_size=32, run_dir="runs/digits", progress=False)
+            >>> engine.run_dir
+            'runs/digits'
+            >>> engine.fit(Classifier(), train_data).run_dir
+            'runs/digits'
+            >>> Engine(max_epochs=1, batch_size=32, run_dir="runs/digits").run_dir  # it holds a run now
+            'runs/digits-2'
         """
         return self.config.checkpoint.run_dir
 
@@ -144,11 +153,14 @@ class Engine:
         """The path of the best checkpoint kept (``keep_best``), ranked by ``monitor``/``mode`` as ``keep_best``
         ranks them (their manifests' ``monitor_value``); None without ``keep_best`` or before one is kept.
 
-        Example::
+        Example:
 
-            engine = Engine(max_epochs=20, batch_size=64, run_dir="runs/digits", keep_best=1)
-            engine.fit(model, train_data, val_data)
-            framework.load_weights(Classifier(), engine.best_checkpoint)
+            >>> engine = Engine(max_epochs=2, batch_size=32, run_dir="runs/digits", keep_best=1, progress=False)
+            >>> engine.best_checkpoint is None  # before a fit
+            True
+            >>> engine.fit(Classifier(), train_data, val_data).best_checkpoint  # the epoch with the lowest val/loss
+            'runs/digits/checkpoints/step-00000006'
+            >>> model = framework.load_weights(Classifier(), engine.best_checkpoint)
         """
         ck = self.config.checkpoint
         if ck.run_dir is None or ck.keep_best == 0:
@@ -161,17 +173,38 @@ class Engine:
         """Why the last fit stopped (:class:`framework.events.StopReason`: ``cause``, ``text``, ``step``, ``epoch``),
         or None before a fit ended. Also the fit's last line and the last record of ``metrics.jsonl``.
 
-        Example::
+        Example:
 
-            engine.fit(model, data)
-            print(engine.stop_reason)          # "max_epochs=10 reached"
-            engine.stop_reason.cause           # "max_epochs"
+            >>> engine = Engine(max_epochs=2, batch_size=32, progress=False)
+            >>> engine.stop_reason is None  # before a fit
+            True
+            >>> print(engine.fit(Classifier(), train_data).stop_reason)
+            max_epochs=2 reached
+            >>> engine.stop_reason
+            StopReason(cause='max_epochs', text='max_epochs=2 reached', step=6, epoch=2)
         """
         return self._fit.stop if self._fit is not None else None
 
     @property
     def trace(self) -> list[tuple[Any, ...]] | None:
-        """With ``trace=True``: the step events ``(name, optimizer_step, micro[, phase])`` (:class:`framework.events.Trace`)."""
+        """With ``trace=True``: the step events ``(name, optimizer_step, micro[, phase])``
+        (:class:`framework.events.Trace`); None without it. ``optimizer_step`` counts from 0; ``micro`` is the
+        micro-batch's index in the window (for ``optimizer_step``, the window's micro-batch count).
+
+        Example:
+
+            >>> engine = Engine(max_steps=1, batch_size=32, micro_batch_size=16, trace=True, progress=False)
+            >>> for event in engine.fit(Classifier(), train_data).trace:  # 2 micro-batches of 16 per step
+            ...     print(event)
+            ('zero_grad', 0, 0)
+            ('forward', 0, 0)
+            ('loss', 0, 0)
+            ('backward', 0, 0)
+            ('forward', 0, 1)
+            ('loss', 0, 1)
+            ('backward', 0, 1)
+            ('optimizer_step', 0, 2)
+        """
         return self._trace.events if self._trace is not None else None
 
     # ------------------------------------------------------------------ public API
@@ -181,11 +214,17 @@ class Engine:
 
         Validates on ``val_data`` at each epoch end (or every ``val_every_n_steps``). Returns the engine.
 
-        Example::
+        Example:
 
-            engine = Engine(max_epochs=5, batch_size=64)
-            engine.fit(model, train_ds, val_ds)
-            print(engine.metrics["val/loss"])
+            >>> engine = Engine(max_epochs=2, batch_size=32, progress=False)
+            >>> engine.fit(Classifier(), train_data, val_data) is engine
+            True
+            >>> engine.step, engine.epoch  # 96 items in batches of 32: 3 optimizer steps per epoch
+            (6, 2)
+            >>> sorted(engine.metrics)  # the last logged values
+            ['epoch_time', 'lr', 'train/data_wait', 'train/items_per_sec', 'train/loss', 'val/acc', 'val/loss']
+            >>> round(engine.metrics["val/loss"], 3)
+            1.28
         """
         _check_module(module)
         if self.config.stop.max_epochs is None and self.max_steps is None:
@@ -324,11 +363,15 @@ class Engine:
 
         Call it during or after ``fit`` (e.g. from a callback); every process must call it.
 
-        Example::
+        Example:
 
-            engine.fit(model, train_ds)
-            engine.save_checkpoint("exports/final")
-            framework.load_weights(Classifier(), "exports/final")
+            >>> model = Classifier()
+            >>> engine = Engine(max_steps=2, batch_size=32, progress=False).fit(model, train_data)
+            >>> engine.save_checkpoint("exports/final")  # returns the absolute path
+            '.../exports/final'
+            >>> restored = framework.load_weights(Classifier(), "exports/final")
+            >>> torch.equal(restored.net.weight, model.net.weight)
+            True
         """
         if self._fit is None:
             raise RuntimeError("save_checkpoint needs a fit in progress or finished; call engine.fit(...) first")
@@ -349,10 +392,11 @@ class Engine:
         model (EMA weights if ``ema_decay`` is set; ranks' buffers agreed). ``Engine(batch_size=...)`` is
         enough. Emits ``validation_end`` (callbacks' ``on_validation_end``). The module's mode is restored.
 
-        Example::
+        Example:
 
-            metrics = Engine(batch_size=64).validate(model, val_ds)
-            print(metrics["loss"], metrics["acc"])
+            >>> metrics = Engine(batch_size=32).validate(Classifier(), val_data)
+            >>> {name: round(value, 2) for name, value in sorted(metrics.items())}
+            {'acc': 0.28, 'loss': 1.29}
         """
         _check_module(module)
         run, model, strategy = self._for_inference(module)
@@ -379,9 +423,13 @@ class Engine:
         ``Engine(batch_size=...)`` is enough. During or after a fit of ``module`` it uses that fit's model
         (EMA weights if ``ema_decay`` is set).
 
-        Example::
+        Example:
 
-            probs = Engine(batch_size=256).predict(model, test_x)   # shape [len(test_x), n_classes]
+            >>> engine = Engine(batch_size=32)
+            >>> engine.predict(Classifier(), val_data).shape  # [len(val_data), n_classes]
+            torch.Size([32, 3])
+            >>> engine.predict(Classifier(), torch.randn(5, 8)).shape  # bare inputs, no targets
+            torch.Size([5, 3])
         """
         _check_module(module, need_loss=False)
         run, model, strategy = self._for_inference(module)
@@ -412,15 +460,36 @@ class Engine:
 
     @property
     def world_size(self) -> int:
-        """How many processes train (1 before the first fit/validate/predict)."""
+        """How many processes train (1 before the first fit/validate/predict). Under ``accelerate launch`` with
+        several processes it is their number once the engine has run.
+
+        Example:
+
+            >>> Engine(max_steps=1, batch_size=32, progress=False).fit(Classifier(), train_data).world_size
+            1
+        """
         return self._rt.world_size if self._rt is not None else 1
 
     @property
     def rank(self) -> int:
+        """This process's rank, from 0 (0 before the first fit/validate/predict, and in a plain process).
+
+        Example:
+
+            >>> Engine(batch_size=32).rank
+            0
+        """
         return self._rt.rank if self._rt is not None else 0
 
     @property
     def is_main(self) -> bool:
+        """True on rank 0: the process that prints, and the one a callback should write files from.
+
+        Example:
+
+            >>> Engine(batch_size=32).is_main
+            True
+        """
         return self.rank == 0
 
 

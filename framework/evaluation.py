@@ -14,11 +14,7 @@ order (each micro-batch knows its place in the global order), so the result has 
 no zero-weight filler, no duplicate and nothing missing, at any world size. Outputs are tensors,
 or dicts/tuples/lists of tensors, concatenated leaf by leaf along dim 0.
 
-Example::
-
-    metrics = evaluate(module, module, source, runtime, stateful=module.configure_metrics())
-    metrics["loss"], metrics["acc"], metrics["f1"]
-    rows = predict(module, module, source, runtime)   # e.g. a tensor of shape [len(data), n_classes]
+Users reach both through :meth:`framework.Engine.validate` and :meth:`framework.Engine.predict`.
 """
 
 from __future__ import annotations
@@ -40,11 +36,8 @@ from .parallel.runtime import Runtime, rng_preserved
 
 def check_metrics(metrics: Any, owner: str, world_size: int) -> dict[str, Any]:
     """What ``configure_metrics`` returned, checked: a dict of objects with update/compute/reset; under several
-    processes each must sync itself across them in ``compute`` (torchmetrics' ``Metric`` does).
-
-    Example::
-
-        check_metrics({"f1": torchmetrics.F1Score("binary")}, "Net.configure_metrics", world_size=2)
+    processes each must sync itself across them in ``compute`` (torchmetrics' ``Metric`` does). Returns a
+    copy of the dict; an object without ``update``/``compute``/``reset`` is a ``TypeError`` naming it.
     """
     if metrics is None:
         return {}
@@ -111,11 +104,6 @@ def evaluate(
     training writes later). ``phases``: alternating phases whose ``compute_loss`` requires a phase: each phase's loss on the
     same outputs, as ``loss/<phase>`` (a ``phase`` with a default gives one ``loss``). The module's mode is
     restored.
-
-    Example::
-
-        metrics = evaluate(module, module, source, runtime)
-        metrics["loss"], metrics["acc"]
     """
     was_training = module.training
     module.eval()
@@ -218,12 +206,8 @@ def predict(
     forwards: Any = None,
     no_grad: Callable[[], contextlib.AbstractContextManager[Any]] = torch.inference_mode,
 ) -> Any:
-    """Run ``module.predict_step`` over ``source`` and return every item's output in data order.
-
-    Example::
-
-        probs = predict(module, module, source, runtime)
-    """
+    """Run ``module.predict_step`` over ``source`` and return every item's output in data order (e.g. a tensor
+    of shape ``[len(data), n_classes]``)."""
     owner = type(module).__name__
     was_training = module.training
     module.eval()

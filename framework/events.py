@@ -47,15 +47,20 @@ or shards it) and, when ``resume`` loaded a checkpoint, ``checkpoint_load (path)
 Observation never steers: a subscriber reads state; it must not draw on the global RNG streams,
 reorder data or touch gradients (the doctor and the trace keep to that; tests prove it bitwise).
 
-Example::
+Example:
 
-    class StepTimer:
-        def on_step_start(self, step): self.t0 = time.perf_counter()
-        def on_step_end(self, record): print(time.perf_counter() - self.t0)
-
-    events = Events()
-    events.subscribe(StepTimer())
-    events.emit(Event.STEP_START, StepInfo(0, log_now=False))
+    >>> class StepCounter:  # a subscriber: any object with on_<event> methods
+    ...     def __init__(self):
+    ...         self.steps = 0
+    ...
+    ...     def on_step_end(self, record):
+    ...         self.steps += 1
+    >>> engine = framework.Engine(max_steps=2, batch_size=32, progress=False)
+    >>> counter = StepCounter()
+    >>> engine.events.subscribe(counter)
+    >>> engine = engine.fit(Classifier(), train_data)
+    >>> counter.steps
+    2
 """
 
 from __future__ import annotations
@@ -67,11 +72,13 @@ from typing import Any
 
 
 class Event(enum.Enum):
-    """The loop's events (see the module docstring for their order and payloads).
+    """The loop's events (see the module docstring for their order and payloads); a subscriber's method for one
+    is ``"on_" + event.value``.
 
-    Example::
+    Example:
 
-        events.emit(Event.AFTER_BACKWARD, None)
+        >>> Event.AFTER_BACKWARD.value, Event("zero_grad")
+        ('after_backward', <Event.ZERO_GRAD: 'zero_grad'>)
     """
 
     BUILD = "build"
@@ -115,10 +122,12 @@ class StepInfo:
     ``read_now``: a subscriber needs this step's NaN verdict at once, not a step late (the doctor's checked
     steps set it; ``nan_check="deferred"`` then reads it at once for this step).
 
-    Example::
+    Example:
 
-        def on_step_start(self, step):
-            if step.step < 2: step.read_now = True
+        >>> info = StepInfo(0, log_now=False)
+        >>> info.read_now = info.step < 2  # a subscriber's on_step_start: read steps 0 and 1 at once
+        >>> info
+        StepInfo(step=0, log_now=False, read_now=True)
     """
 
     step: int
@@ -136,11 +145,14 @@ class StopReason:
     ``text`` says it in a sentence (with the numbers: the limit, the best value and its step, ...); ``step`` and
     ``epoch`` are where the fit stopped.
 
-    Example::
+    Example:
 
-        engine.fit(model, data)
-        if engine.stop_reason.cause == "max_time":
-            print(engine.stop_reason)   # "max_time=270s ran out after 151 of max_steps=750 steps"
+        >>> engine = framework.Engine(max_steps=2, batch_size=32, progress=False).fit(Classifier(), train_data)
+        >>> reason = engine.stop_reason
+        >>> reason.cause, reason.step, reason.epoch
+        ('max_steps', 2, 0)
+        >>> print(reason)  # e.g. "max_time=270s ran out after 151 of max_steps=750 steps" for cause="max_time"
+        max_steps=2 reached
     """
 
     cause: str
@@ -154,9 +166,10 @@ class StopReason:
     def record(self) -> dict[str, Any]:
         """The ``metrics.jsonl`` record: ``{"step", "epoch", "stop": cause, "stop_reason": text}``.
 
-        Example::
+        Example:
 
-            StopReason("max_steps", "max_steps=5 reached", 5, 1).record()["stop"]   # "max_steps"
+            >>> StopReason("max_steps", "max_steps=5 reached", 5, 1).record()
+            {'step': 5, 'epoch': 1, 'stop': 'max_steps', 'stop_reason': 'max_steps=5 reached'}
         """
         return {"step": self.step, "epoch": self.epoch, "stop": self.cause, "stop_reason": self.text}
 
@@ -167,11 +180,17 @@ class Events:
     Emitting an event nobody subscribed to costs one list lookup, so the per-micro-batch events are free
     when no observer wants them.
 
-    Example::
+    Example:
 
-        events = Events()
-        events.subscribe(doctor)
-        events.emit(Event.FORWARD, 0, None)   # calls doctor.on_forward(0, None)
+        >>> class SaysForward:
+        ...     def on_forward(self, micro, phase, batch):
+        ...         print("forward of micro-batch", micro)
+        >>> events = Events()
+        >>> events.subscribe(SaysForward())
+        >>> events.wants(Event.FORWARD), events.wants(Event.BACKWARD)
+        (True, False)
+        >>> events.emit(Event.FORWARD, 0, None, "batch")  # calls on_forward(0, None, "batch")
+        forward of micro-batch 0
     """
 
     def __init__(self) -> None:
@@ -207,13 +226,8 @@ class Events:
 class Trace:
     """``Engine(trace=True)``: the step events as ``(name, optimizer_step, micro)`` tuples, with a fourth
     element, the phase or optimizer name, where a fit has phases or several optimizers. An optimizer step
-    the NaN guard skipped has no ``optimizer_step`` event; a retracted one loses its events.
-
-    Example::
-
-        engine = Engine(max_steps=1, batch_size=8, trace=True)
-        engine.fit(model, data)
-        engine.trace[:3]   # [("zero_grad", 0, 0), ("forward", 0, 0), ("loss", 0, 0)]
+    the NaN guard skipped has no ``optimizer_step`` event; a retracted one loses its events. Read it as
+    ``engine.trace`` (:attr:`framework.Engine.trace`), e.g. ``[("zero_grad", 0, 0), ("forward", 0, 0), ...]``.
     """
 
     def __init__(self, counters: Any) -> None:

@@ -7,12 +7,9 @@ the :class:`~framework.engine.Engine`. It holds the strategy and the model it pr
 and one :class:`~framework.step.OptimizerStep` per group that steps together (all of them, or one per
 alternating phase), the data sources, the train state registry, the EMA, the stateful metrics, the
 logs and the stop flags. The engine's loop (:mod:`framework.engine`) runs the five steps; everything
-between them (counters, records, validation, checkpoints, stops) is here.
-
-Example::
-
-    run = prepare_fit(config, counters, events, runtime, module, train_data, val_data, callbacks=[], metrics={})
-    for window in run.epoch(): ...
+between them (counters, records, validation, checkpoints, stops) is here: the engine builds one with
+``prepare_fit(config, counters, events, runtime, module, train_data, val_data, callbacks=..., metrics=...)``
+and iterates ``run.epoch()`` for its windows.
 """
 
 from __future__ import annotations
@@ -53,10 +50,7 @@ from .step import OptimizerStep
 
 class DataPosition:
     """The data side of the train position that the counters do not hold: a user DataLoader's shuffling RNG.
-
-    Example::
-
-        state.register("data", DataPosition(source))
+    Registered in the train state as ``"data"``.
     """
 
     def __init__(self, source: Source) -> None:
@@ -139,11 +133,8 @@ class Fit:
 
     def planned_steps(self) -> int | None:
         """The step count this fit ends at unless a stop comes first: ``max_steps``, or what ``max_epochs`` of
-        windows leaves from the current position (None: neither is known, a stream without a length).
-
-        Example::
-
-            run.planned_steps()   # 8: max_epochs=2 of 4 windows, from step 0
+        windows leaves from the current position (None: neither is known, a stream without a length); e.g. 8
+        for max_epochs=2 of 4 windows, from step 0.
         """
         c, max_epochs, n = self.counters, self.config.stop.max_epochs, self._epoch_windows()
         by_epochs = c.step - c.batch_in_epoch + (max_epochs - c.epoch) * n if max_epochs and n is not None else None
@@ -580,7 +571,7 @@ class Fit:
 def fmt_metrics(metrics: dict[str, float]) -> str:
     """``key=value`` pairs for a progress line (4 significant digits).
 
-    Example::
+    Example:
 
         >>> fmt_metrics({"val/loss": 0.123456, "epoch_time": 2.0})
         'val/loss=0.1235 epoch_time=2'
@@ -647,12 +638,7 @@ def prepare_fit(
     metrics: dict[str, float],
     max_steps: int | None = None,
 ) -> Fit:
-    """Build the :class:`Fit` of ``engine.fit(module, train_data, val_data)``, apply ``resume`` and open the logs.
-
-    Example::
-
-        run = prepare_fit(config, counters, events, runtime, module, train, val, callbacks=[], metrics={})
-    """
+    """Build the :class:`Fit` of ``engine.fit(module, train_data, val_data)``, apply ``resume`` and open the logs."""
     owner = type(module).__name__
     phased = takes_phase(module.compute_loss)
     layout = rt.layout
@@ -787,11 +773,8 @@ def _warn_if_validation_may_never_run(config: EngineConfig, source: Source, max_
 
 def check_resume_path(config: EngineConfig) -> None:
     """An explicit ``resume=`` path must be a directory: checked by ``fit`` before it takes the run dir's
-    lock, so a typo leaves nothing behind (not even a new run dir with its ``.lock``).
-
-    Example::
-
-        check_resume_path(engine.config)   # CheckpointError: resume='runs/x/step-9' does not exist; ...
+    lock, so a typo leaves nothing behind (not even a new run dir with its ``.lock``): a
+    :class:`~framework.CheckpointError` such as ``resume='runs/x/step-9' does not exist; ...``.
     """
     resume = config.checkpoint.resume
     if resume is not None and resume != "auto" and not Path(resume).is_dir():

@@ -16,9 +16,7 @@ lets the engine defer the read instead:
    at once. Callbacks saw that step end as if applied; the error cannot name the parameters
    whose gradients went bad (``nan_check="step"`` does).
 
-Example::
-
-    reason = why_not_deferred(optimizer, scheduler, "step")   # None: the optimizer can skip on the device
+:func:`why_not_deferred` says whether an optimizer and its scheduler allow the deferred read.
 """
 
 from __future__ import annotations
@@ -38,22 +36,25 @@ NAN_CHECKS = ("auto", "step", "deferred")
 class NonFiniteError(FloatingPointError):
     """A non-finite loss or gradient norm under ``nan_policy="raise"``; parameters are left untouched.
 
-    Example::
+    Example:
 
-        try:
-            engine.fit(model, data)
-        except NonFiniteError as e:
-            print(e)   # names the optimizer step, epoch and batch, and the fix
+        >>> class Diverges(Classifier):
+        ...     def compute_loss(self, outputs, targets):
+        ...         return F.cross_entropy(outputs, targets) * float("nan")
+        >>> model = Diverges()
+        >>> before = model.net.weight.clone()
+        >>> framework.Engine(max_steps=2, batch_size=32, progress=False).fit(model, train_data)
+        Traceback (most recent call last):
+        ...
+        framework.guard.NonFiniteError: non-finite loss or gradient norm at optimizer step 0 (epoch 0, batch 0): ...
+        >>> torch.equal(model.net.weight, before)  # parameters untouched
+        True
     """
 
 
 def why_not_deferred(optimizer: torch.optim.Optimizer, scheduler: Any, interval: str) -> str | None:
     """None if steps with this optimizer and scheduler can be skipped on the device and undone on
-    the host, else why not, in the user's terms.
-
-    Example::
-
-        why_not_deferred(torch.optim.AdamW(params, fused=True), None, "step")   # None
+    the host, else why not, in the user's terms (a fused AdamW: None; a plain SGD: why not, and the fix).
     """
     if not getattr(optimizer, "_step_supports_amp_scaling", False):
         return (
@@ -70,11 +71,6 @@ class Verdict:
     """What the one host read of an optimizer step found: ``bad`` (a non-finite loss or gradient, NaN
     policy's business), ``overflow`` (fp16: the GradScaler will skip the step) and ``stop`` (every rank's
     stop flags, where they travelled with the read; else None).
-
-    Example::
-
-        verdict = read_verdict(window_loss, grad_norm, None, stop=None, world_size=1, scaler=None, optimizers=[])
-        verdict.bad   # False for a finite loss and norm
     """
 
     bad: bool
@@ -103,10 +99,6 @@ def read_verdict(
     - fp16: the GradScaler owns overflowing gradients, so only the loss is checked here; the overflow flag
       its ``unscale_`` just computed joins the same read, so telling a skipped step needs no
       ``GradScaler.get_scale()`` (a host sync each, before and after).
-
-    Example::
-
-        verdict = read_verdict(loss, norm, None, stop=flags, world_size=2, scaler=None, optimizers=opts)
     """
     device = window_loss.device
     overflow: list[torch.Tensor] = []
@@ -131,13 +123,8 @@ def read_verdict(
 
 def read_later(flags: torch.Tensor) -> Callable[[], list[float]]:
     """Start copying ``flags`` to the host without waiting; the returned function waits for that copy
-    only (not for the work queued after it) and returns the values.
-
-    Example::
-
-        read = read_later(flag)    # now: queue the copy
-        ...                        # queue the next step's forward and backward
-        bad, = read()              # waits for the copy, not for them
+    only (not for the work queued after it) and returns the values: call it now, queue the next step's
+    forward and backward, then call the function it returned.
     """
     if flags.device.type == "cuda":
         host = flags.to("cpu", non_blocking=True)  # pinned memory, filled in stream order
@@ -157,10 +144,6 @@ def step_unless_found(optimizer: torch.optim.Optimizer, found: torch.Tensor) -> 
     """``optimizer.step()``, which the optimizer itself turns into a no-op (parameters, state and step
     counts untouched) where the 0-dim float tensor ``found`` is non-zero: GradScaler's protocol for
     fused optimizers, with no scale.
-
-    Example::
-
-        step_unless_found(torch.optim.AdamW(params, fused=True), flag.reshape(()))
     """
     holder: Any = optimizer
     holder.found_inf, holder.grad_scale = found, None
@@ -209,12 +192,9 @@ class NanPolicy:
     (``nan_policy="skip"``, raising after ``max_consecutive_skips`` in a row), or it raises
     :class:`NonFiniteError` (``"raise"``). Either way the bad gradients go first, so nothing can step on them.
 
-    ``counters`` holds ``skipped_steps`` and ``consecutive_skips`` (the engine's, checkpointed).
-
-    Example::
-
-        policy = NanPolicy("skip", 10, counters)
-        policy.bad(optimizers, (12, 1, 3))     # counts it; raises after 10 in a row
+    ``counters`` holds ``skipped_steps`` and ``consecutive_skips`` (the engine's, checkpointed). Under
+    ``"skip"``, :meth:`bad` counts a bad step at ``(optimizer step, epoch, batch)`` and raises after
+    ``max_consecutive`` in a row.
     """
 
     def __init__(self, policy: str, max_consecutive: int, counters: Any) -> None:

@@ -38,29 +38,38 @@ class LoopModule(nn.Module):
     ``init_weights``, ``tp_plan`` and ``parallelize``. Inside ``forward``/``compute_loss``, :meth:`log`
     records extra training scalars (``train/<name>``).
 
-    Example::
+    Example:
 
-        class Classifier(LoopModule):
-            def __init__(self):
-                super().__init__()
-                self.net = nn.Linear(64, 10)
-
-            def forward(self, inputs):
-                return self.net(inputs)
-
-            def compute_loss(self, outputs, targets):
-                return F.cross_entropy(outputs, targets)
-
-        Engine(max_epochs=3, batch_size=64).fit(Classifier(), train_data)
+        >>> from framework import Engine, LoopModule
+        >>> class Classifier(LoopModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.net = nn.Linear(8, 3)
+        ...
+        ...     def forward(self, inputs):
+        ...         return self.net(inputs)
+        ...
+        ...     def compute_loss(self, outputs, targets):
+        ...         return F.cross_entropy(outputs, targets)
+        >>> engine = Engine(max_epochs=1, batch_size=32, progress=False).fit(Classifier(), train_data)
+        >>> engine.step, engine.stop_reason.cause
+        (3, 'max_epochs')
     """
 
     def forward(self, inputs: Any) -> Any:  # pragma: no cover - users override
         """Plain ``nn.Module`` forward: ``outputs = module(inputs)``.
 
-        Example::
+        Example:
 
-            def forward(self, inputs):
-                return self.net(inputs)
+            >>> class Classifier(LoopModule):
+            ...     def __init__(self):
+            ...         super().__init__()
+            ...         self.net = nn.Linear(8, 3)
+            ...
+            ...     def forward(self, inputs):
+            ...         return self.net(inputs)
+            >>> Classifier()(torch.zeros(4, 8)).shape
+            torch.Size([4, 3])
         """
         raise NotImplementedError(
             f"{type(self).__name__}.forward is missing; define forward(self, inputs) returning the outputs"
@@ -75,14 +84,16 @@ class LoopModule(nn.Module):
         as ``self.log(name, value)`` would (``train/<name>``), only ``"loss"`` is
         backpropagated (validation reports ``"loss"`` alone).
 
-        Example::
+        Example:
 
-            def compute_loss(self, outputs, targets):
-                return F.cross_entropy(outputs, targets)
-
-            def compute_loss(self, outputs, targets):   # with an extra training scalar
-                ce = F.cross_entropy(outputs, targets)
-                return {"loss": ce + 0.01 * self.penalty, "ce": ce}
+            >>> class Penalised(Classifier):  # Classifier's own: F.cross_entropy(outputs, targets)
+            ...     def compute_loss(self, outputs, targets):  # with an extra training scalar
+            ...         ce = F.cross_entropy(outputs, targets)
+            ...         return {"loss": ce + 0.01 * outputs.pow(2).mean(), "ce": ce}
+            >>> engine = framework.Engine(max_steps=2, batch_size=32, log_every_n_steps=1, progress=False)
+            >>> metrics = engine.fit(Penalised(), train_data).metrics
+            >>> round(metrics["train/ce"], 3), round(metrics["train/loss"], 3)
+            (1.122, 1.126)
         """
         raise NotImplementedError(
             f"{type(self).__name__}.compute_loss is missing; define compute_loss(self, outputs, targets) "
@@ -100,12 +111,19 @@ class LoopModule(nn.Module):
         logs another set is a :class:`~framework.doctor.LoopError`. In eval mode (validation, prediction)
         it does nothing.
 
-        Example::
+        Example:
 
-            def compute_loss(self, outputs, targets):
-                loss = F.cross_entropy(outputs, targets)
-                self.log("acc", (outputs.argmax(-1) == targets).float().mean())
-                return loss
+            >>> class LogsAccuracy(Classifier):
+            ...     def compute_loss(self, outputs, targets):
+            ...         self.log("acc", (outputs.argmax(-1) == targets).float().mean())
+            ...         return F.cross_entropy(outputs, targets)
+            >>> engine = framework.Engine(max_steps=3, batch_size=32, log_every_n_steps=3, progress=False)
+            >>> round(engine.fit(LogsAccuracy(), train_data).metrics["train/acc"], 4)  # over the 96 items
+            0.3021
+            >>> LogsAccuracy().log("loss", 1.0)
+            Traceback (most recent call last):
+            ...
+            ValueError: self.log(name='loss', ...): use a non-empty str that is not one of the engine's own ...
         """
         if not isinstance(name, str) or not name or name in RESERVED or name.split("/")[0] in ("loss", "grad_norm"):
             raise ValueError(
@@ -143,13 +161,18 @@ class LoopModule(nn.Module):
         (``Engine(nan_check="auto")``). For your own optimizer, ``fused=fused_on_gpu(...)``
         (:func:`framework.optim.fused_on_gpu`) does the same.
 
-        Example::
+        Example:
 
-            def configure_optimizers(self):
-                opt = torch.optim.SGD(self.parameters(), lr=0.1)
-                return {"optimizer": opt,
-                        "scheduler": torch.optim.lr_scheduler.StepLR(opt, 1),
-                        "interval": "epoch"}
+            >>> type(Classifier().configure_optimizers()).__name__  # the default
+            'AdamW'
+            >>> class HalvedEachEpoch(Classifier):
+            ...     def configure_optimizers(self):
+            ...         opt = torch.optim.SGD(self.parameters(), lr=0.1)
+            ...         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+            ...         return {"optimizer": opt, "scheduler": sched, "interval": "epoch"}
+            >>> engine = framework.Engine(max_epochs=2, batch_size=32, progress=False)
+            >>> engine.fit(HalvedEachEpoch(), train_data).metrics["lr"]  # 0.1, halved at each epoch's end
+            0.025
         """
         return torch.optim.AdamW(self.parameters(), lr=1e-3, fused=fused_on_gpu(self.parameters()))
 
@@ -161,11 +184,24 @@ class LoopModule(nn.Module):
         ``(x, y)``. Anything else (a dict without ``"labels"``, a tuple of three) is an error that
         asks you to define ``split_batch``: guessing would train on the wrong tensor.
 
-        Example::
+        Example:
 
-            def split_batch(self, batch):
-                x, mask, y = batch
-                return (x, mask), y
+            >>> x, y = torch.zeros(4, 8), torch.tensor([0, 1, 2, 0])
+            >>> Classifier().split_batch((x, y))[1]
+            tensor([0, 1, 2, 0])
+            >>> inputs, targets = Classifier().split_batch({"x": x, "labels": y})  # forward gets the whole dict
+            >>> sorted(inputs), targets.shape
+            (['labels', 'x'], torch.Size([4]))
+            >>> Classifier().split_batch((x, torch.ones(4, 8), y))
+            Traceback (most recent call last):
+            ...
+            TypeError: Classifier got a batch of 3 parts; the default split_batch takes (inputs, targets) pairs ...
+
+            A batch of three parts needs its own::
+
+                def split_batch(self, batch):
+                    x, mask, y = batch
+                    return (x, mask), y
         """
         if isinstance(batch, Mapping):
             if "labels" not in batch:
@@ -195,10 +231,16 @@ class LoopModule(nn.Module):
         Token-level losses return the number of counted tokens; a tensor is fine
         (it stays on the device, so counting never forces a host sync).
 
-        Example::
+        Example:
 
-            def count_items(self, batch):
-                return (batch[1] != -100).sum()
+            >>> x, y = torch.zeros(4, 8), torch.tensor([0, -100, 2, -100])  # -100: padding, not counted
+            >>> Classifier().count_items((x, y))  # the default: len(targets)
+            4
+            >>> class IgnoresPadding(Classifier):
+            ...     def count_items(self, batch):
+            ...         return (batch[1] != -100).sum()
+            >>> IgnoresPadding().count_items((x, y))
+            tensor(2)
         """
         return len(self.split_batch(batch)[1])
 
@@ -216,18 +258,26 @@ class LoopModule(nn.Module):
         mean over every counted token of the set (a long sequence weighs more than a short one);
         a per-sequence metric returns one value per sequence, and each sequence weighs the same.
 
-        Example::
+        Example:
 
-            def compute_metrics(self, outputs, targets):
-                return {"acc": (outputs.argmax(-1) == targets).float()}
+            >>> class PerItem(Classifier):
+            ...     def compute_metrics(self, outputs, targets):
+            ...         return {"acc": (outputs.argmax(-1) == targets).float()}  # one value per item
+            >>> model = PerItem()
+            >>> acc = framework.Engine(batch_size=20).validate(model, val_data)["acc"]  # batches of 20 and 12
+            >>> x, y = val_data.tensors
+            >>> acc == (model(x).argmax(-1) == y).float().mean().item()  # the mean over all 32 items
+            True
 
-            def compute_metrics(self, logits, labels):   # token-level: labels [batch, seq], -100 = padding
-                counted = labels != -100                  # the tokens count_items counts
-                right = logits.argmax(-1) == labels
-                return {
-                    "token_acc": right[counted].float(),                                     # one per token
-                    "exact_match": (right | ~counted).all(-1).float(),                       # one per sequence
-                }
+            A token-level one (``labels`` of shape [batch, seq], -100 = padding)::
+
+                def compute_metrics(self, logits, labels):
+                    counted = labels != -100                  # the tokens count_items counts
+                    right = logits.argmax(-1) == labels
+                    return {
+                        "token_acc": right[counted].float(),                # one per token
+                        "exact_match": (right | ~counted).all(-1).float(),  # one per sequence
+                    }
         """
         return {}
 
@@ -239,23 +289,37 @@ class LoopModule(nn.Module):
         rank's filler or a duplicate) through :meth:`update_metrics`, and computes them with their own
         cross-rank sync: ``val/<name>`` is exact over the set at any world size (F1, AUROC, ...).
 
-        Example::
+        Example:
 
-            def configure_metrics(self):
-                return {"f1": torchmetrics.classification.BinaryF1Score(),
-                        "auroc": torchmetrics.classification.BinaryAUROC()}
+            >>> class Seen:  # a torchmetrics Metric in practice, e.g. BinaryF1Score()
+            ...     def reset(self): self.n = 0
+            ...     def update(self, outputs, targets): self.n += len(targets)
+            ...     def compute(self): return self.n
+            >>> class Counted(Classifier):
+            ...     def configure_metrics(self):
+            ...         return {"seen": Seen()}
+            >>> framework.Engine(batch_size=20).validate(Counted(), val_data)["seen"]  # every item once
+            32.0
         """
         return {}
 
     def update_metrics(self, metrics: dict[str, Any], outputs: Any, targets: Any) -> None:
         """Feed one validation batch to the metrics of :meth:`configure_metrics`. Default: ``m.update(outputs, targets)``.
 
-        Example::
+        Example:
 
-            def update_metrics(self, metrics, outputs, targets):
-                probs = outputs.softmax(-1)[:, 1]
-                metrics["f1"].update(probs, targets)
-                metrics["auroc"].update(probs, targets)
+            >>> class Mean:  # a torchmetrics.MeanMetric in practice
+            ...     def reset(self): self.total, self.n = 0.0, 0
+            ...     def update(self, values): self.total, self.n = self.total + values.sum(), self.n + len(values)
+            ...     def compute(self): return float(self.total / self.n)
+            >>> class Confidence(Classifier):
+            ...     def configure_metrics(self):
+            ...         return {"confidence": Mean()}
+            ...
+            ...     def update_metrics(self, metrics, outputs, targets):
+            ...         metrics["confidence"].update(outputs.softmax(-1).max(-1).values)
+            >>> round(framework.Engine(batch_size=32).validate(Confidence(), val_data)["confidence"], 3)
+            0.493
         """
         for metric in metrics.values():
             metric.update(outputs, targets)
@@ -265,10 +329,14 @@ class LoopModule(nn.Module):
         of them). Default: the forward of the batch's inputs (:meth:`prediction_inputs`); batches without
         targets are fine.
 
-        Example::
+        Example:
 
-            def predict_step(self, batch):
-                return self(batch[0]).softmax(-1)
+            >>> class Probabilities(Classifier):
+            ...     def predict_step(self, batch):
+            ...         return self(batch[0]).softmax(-1)
+            >>> probs = framework.Engine(batch_size=32).predict(Probabilities(), val_data)
+            >>> probs.shape, torch.allclose(probs.sum(-1), torch.ones(32))
+            (torch.Size([32, 3]), True)
         """
         return self(self.prediction_inputs(batch))
 
@@ -276,9 +344,13 @@ class LoopModule(nn.Module):
         """The inputs of a prediction batch: :meth:`split_batch`'s if you overrode it; else a dict batch without
         ``labels``, the first part of a tuple/list, or the batch itself.
 
-        Example::
+        Example:
 
-            module.prediction_inputs((x, y))   # x
+            >>> x, y = torch.zeros(4, 8), torch.zeros(4, dtype=torch.long)
+            >>> Classifier().prediction_inputs((x, y)) is x
+            True
+            >>> sorted(Classifier().prediction_inputs({"x": x, "labels": y}))
+            ['x']
         """
         if type(self).split_batch is not LoopModule.split_batch:
             return self.split_batch(batch)[0]
@@ -293,10 +365,19 @@ class LoopModule(nn.Module):
         the default policy (:func:`framework.strategies.default_blocks`: large elements of ModuleLists and
         Sequentials, e.g. a transformer's blocks). Used only with ``strategy="fsdp"``.
 
-        Example::
+        Example:
 
-            def fsdp_blocks(self):
-                return list(self.transformer.h)
+            >>> Classifier().fsdp_blocks() is None  # the default policy
+            True
+            >>> class Deep(Classifier):
+            ...     def __init__(self):
+            ...         super().__init__()
+            ...         self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))
+            ...
+            ...     def fsdp_blocks(self):
+            ...         return list(self.blocks)
+            >>> len(Deep().fsdp_blocks())
+            4
         """
         return None
 
@@ -309,10 +390,24 @@ class LoopModule(nn.Module):
         shards are materialised after the layout applies), elsewhere on the real device. Their initial values
         then come from :meth:`init_weights`, seeded so they are bitwise the same at every layout.
 
-        Example::
+        Example:
 
-            def configure_model(self):
-                self.blocks = nn.ModuleList(Block(4096) for _ in range(32))
+            >>> class Built(LoopModule):
+            ...     def configure_model(self):  # e.g. nn.ModuleList(Block(4096) for _ in range(32))
+            ...         self.net = nn.Linear(8, 3)
+            ...
+            ...     def forward(self, inputs):
+            ...         return self.net(inputs)
+            ...
+            ...     def compute_loss(self, outputs, targets):
+            ...         return F.cross_entropy(outputs, targets)
+            >>> model = Built()
+            >>> hasattr(model, "net")
+            False
+            >>> framework.Engine(max_steps=1, batch_size=32, progress=False).fit(model, train_data).step
+            1
+            >>> model.net
+            Linear(in_features=8, out_features=3, bias=True)
         """
 
     def init_weights(self) -> None:
@@ -322,13 +417,27 @@ class LoopModule(nn.Module):
         randomness), with the RNG seeded from ``(Engine seed, submodule path)``: so write it as if the whole
         model were here, and initialise each parameter from its own shape only.
 
-        Example::
+        Example:
 
-            def init_weights(self):
-                for m in self.modules():
-                    if isinstance(m, nn.Linear):
-                        nn.init.normal_(m.weight, std=0.02)
-                        nn.init.zeros_(m.bias)
+            >>> class SmallInit(LoopModule):
+            ...     def configure_model(self):
+            ...         self.net = nn.Linear(8, 3)
+            ...
+            ...     def init_weights(self):
+            ...         for m in self.modules():
+            ...             if isinstance(m, nn.Linear):
+            ...                 nn.init.normal_(m.weight, std=0.02)
+            ...                 nn.init.zeros_(m.bias)
+            ...
+            ...     def forward(self, inputs):
+            ...         return self.net(inputs)
+            ...
+            ...     def compute_loss(self, outputs, targets):
+            ...         return F.cross_entropy(outputs, targets)
+            >>> model = SmallInit()
+            >>> engine = framework.Engine(max_steps=1, batch_size=32, progress=False).fit(model, train_data)
+            >>> round(model.net.bias.abs().max().item(), 4)  # zeros, then one AdamW step of lr=1e-3
+            0.001
         """
         for m in self.modules():
             reset = getattr(m, "reset_parameters", None)
@@ -340,10 +449,21 @@ class LoopModule(nn.Module):
         ``tp_size > 1``; styles ``"colwise"`` (split the output features), ``"rowwise"`` (the input features) or
         a torch ``ParallelStyle`` (:mod:`framework.parallel.tp`). Default: None (no tensor parallelism).
 
-        Example::
+        Example:
 
-            def tp_plan(self):
-                return {"blocks.*.up": "colwise", "blocks.*.down": "rowwise"}
+            >>> Classifier().tp_plan() is None  # the default
+            True
+            >>> class Split(Classifier):
+            ...     def tp_plan(self):
+            ...         return {"net": "colwise"}  # e.g. {"blocks.*.up": "colwise", "blocks.*.down": "rowwise"}
+            >>> framework.Engine(max_steps=1, batch_size=32).fit(Split(), train_data)  # one plain process
+            Traceback (most recent call last):
+            ...
+            ValueError: Split.tp_plan() returns a tensor-parallel plan, but the layout has tp_size=1, ...
+
+            With ``Engine(tp_size=2)``, launched on as many processes as the layout's product (e.g.
+            ``accelerate launch --config_file launch/cpu_2d.yaml script.py``), ``net``'s output features are
+            split over the 2 ranks of a TP group.
         """
         return None
 
@@ -354,10 +474,18 @@ class LoopModule(nn.Module):
         :meth:`tp_plan`. The engine still applies activation checkpointing and FSDP over the data-parallel dims
         afterwards.
 
-        Example::
+        Example:
 
-            def parallelize(self, mesh):
-                parallelize_module(self.blocks, mesh["tp"], {"*.up": ColwiseParallel(), "*.down": RowwiseParallel()})
+            >>> Classifier().parallelize(mesh=None) is None  # the default does nothing (tp_plan applies, if any)
+            True
+
+            An override, used under a launch with ``tp_size > 1``:
+
+            .. code-block:: python
+
+                def parallelize(self, mesh):
+                    plan = {"*.up": ColwiseParallel(), "*.down": RowwiseParallel()}
+                    parallelize_module(self.blocks, mesh["tp"], plan)
         """
 
 
@@ -365,11 +493,8 @@ def forward(module: LoopModule, model: Any, inputs: Any) -> Any:
     """``model(inputs)``; a ``TypeError`` from a forward that was handed a whole dict batch by the default
     :meth:`LoopModule.split_batch` (a dict with ``labels`` goes to ``forward`` as is, the HuggingFace
     convention) is raised again naming ``split_batch`` and the fix: torch's own message (an embedding's
-    "argument 'input' must be Tensor, not dict") does not say where the dict came from.
-
-    Example::
-
-        outputs = forward(module, model, inputs)   # in the loop, in place of model(inputs)
+    "argument 'input' must be Tensor, not dict") does not say where the dict came from. The loop calls it in
+    place of ``model(inputs)``.
     """
     try:
         return model(inputs)

@@ -11,10 +11,12 @@ Several optimizers step *jointly* (one backward, then each steps on its own para
 scheduler), or, when ``compute_loss`` takes a ``phase`` argument, as alternating *phases* in the
 dict's order (:mod:`framework.step`).
 
-Example::
+Example:
 
-    opts = parse_optimizers({"d": torch.optim.Adam(d.parameters()), "g": torch.optim.Adam(g.parameters())})
-    [o.name for o in opts]   # ["d", "g"]
+    >>> d, g = nn.Linear(4, 1), nn.Linear(2, 4)
+    >>> opts = parse_optimizers({"d": torch.optim.Adam(d.parameters()), "g": torch.optim.Adam(g.parameters())})
+    >>> [o.name for o in opts], opts.named
+    (['d', 'g'], True)
 """
 
 from __future__ import annotations
@@ -57,10 +59,11 @@ class Optimizers:
     ``named`` is False for the single-optimizer forms (checkpoints and logs then use the plain names
     ``optimizer``, ``lr``), True for a dict of named optimizers.
 
-    Example::
+    Example:
 
-        opts = parse_optimizers(torch.optim.SGD(model.parameters(), lr=0.1))
-        opts.first.optimizer, len(opts), opts.named   # (SGD, 1, False)
+        >>> opts = parse_optimizers(torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1))
+        >>> type(opts.first.optimizer).__name__, len(opts), opts.named, opts.lrs()
+        ('SGD', 1, False, {'lr': 0.1})
     """
 
     def __init__(self, items: list[Optimization], named: bool) -> None:
@@ -99,9 +102,12 @@ def fused_on_gpu(params: Iterable[torch.Tensor]) -> bool | None:
     else None (torch's default). A fused optimizer can skip a non-finite step on the device, so the
     engine's NaN guard needs no host sync per step (``Engine(nan_check="auto")``).
 
-    Example::
+    Example:
 
-        torch.optim.AdamW(self.parameters(), lr=3e-4, fused=fused_on_gpu(self.parameters()))
+        >>> model = nn.Linear(2, 2)  # on the CPU: torch's default
+        >>> print(fused_on_gpu(model.parameters()))
+        None
+        >>> optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=fused_on_gpu(model.parameters()))
     """
     params = list(params)
     return True if params and all(p.is_cuda and p.is_floating_point() for p in params) else None
@@ -110,9 +116,11 @@ def fused_on_gpu(params: Iterable[torch.Tensor]) -> bool | None:
 def takes_phase(compute_loss: Any) -> bool:
     """Does ``compute_loss`` take a ``phase`` argument (alternating phases, one per optimizer)?
 
-    Example::
+    Example:
 
-        takes_phase(GAN().compute_loss)   # True for def compute_loss(self, outputs, targets, phase)
+        >>> def compute_loss(outputs, targets, phase): ...
+        >>> takes_phase(compute_loss), takes_phase(F.cross_entropy)
+        (True, False)
     """
     try:
         return "phase" in inspect.signature(compute_loss).parameters
@@ -123,9 +131,12 @@ def takes_phase(compute_loss: Any) -> bool:
 def phase_is_required(compute_loss: Any) -> bool:
     """Does ``compute_loss``'s ``phase`` have no default (so validation must name each phase)?
 
-    Example::
+    Example:
 
-        phase_is_required(GAN().compute_loss)   # True for def compute_loss(self, outputs, targets, phase)
+        >>> def compute_loss(outputs, targets, phase): ...
+        >>> def compute_loss_with_default(outputs, targets, phase="generator"): ...
+        >>> phase_is_required(compute_loss), phase_is_required(compute_loss_with_default)
+        (True, False)
     """
     try:
         param = inspect.signature(compute_loss).parameters.get("phase")
@@ -192,10 +203,16 @@ def parse_optimizers(returned: Any, owner: str = "configure_optimizers", shared_
     """Accept every form of the module docstring; refuse a parameter held by two optimizers that step jointly
     (``shared_ok``: alternating phases, where a shared part trained in two phases can be intended).
 
-    Example::
+    Example:
 
+        >>> model = nn.Linear(2, 2)
         >>> parse_optimizers(torch.optim.SGD(model.parameters(), lr=0.1)).first.interval
         'step'
+        >>> shared = {"a": torch.optim.SGD(model.parameters(), lr=0.1), "b": torch.optim.Adam(model.parameters())}
+        >>> parse_optimizers(shared)
+        Traceback (most recent call last):
+        ...
+        ValueError: configure_optimizers: a parameter of shape [2, 2] is in both optimizers 'a' and 'b'; ...
     """
     if isinstance(returned, dict) and returned and not _is_single_dict(returned):
         for name in returned:
@@ -236,12 +253,18 @@ class EMA:
     rank holds the same average of the same parameters; under FSDP each rank averages its own shards.
     Under ``nan_check="deferred"`` the update is skipped on the device together with the step.
 
-    Example::
+    Example:
 
-        ema = EMA(module, decay=0.999)
-        optimizer.step(); ema.update()
-        with ema.applied():
-            evaluate(module)
+        >>> model = nn.Linear(1, 1, bias=False)
+        >>> _ = nn.init.zeros_(model.weight)
+        >>> ema = EMA(model, decay=0.75)  # starts from the weights it is given: 0
+        >>> _ = nn.init.ones_(model.weight)  # as an optimizer step would: the weight is 1 now
+        >>> ema.update()
+        >>> with ema.applied():
+        ...     print(model.weight.item())  # 0.75 * 0 + 0.25 * 1
+        0.25
+        >>> model.weight.item()  # the trained weight is back
+        1.0
     """
 
     def __init__(self, module: nn.Module, decay: float) -> None:

@@ -5,14 +5,16 @@ The engine steps a per-step scheduler exactly once per *applied* optimizer step
 GradScaler), at any world size. So a schedule written in optimizer steps means
 the same thing with 1 or 8 processes and with or without gradient accumulation.
 
-Example::
+Example:
 
-    from framework.schedules import warmup_cosine
-
-    class Classifier(LoopModule):
-        def configure_optimizers(self):
-            opt = torch.optim.AdamW(self.parameters(), lr=3e-4)
-            return opt, warmup_cosine(opt, warmup_steps=100, total_steps=2_000)
+    >>> from framework.schedules import warmup_cosine
+    >>> class Warmed(Classifier):
+    ...     def configure_optimizers(self):
+    ...         opt = torch.optim.AdamW(self.parameters(), lr=3e-4)
+    ...         return opt, warmup_cosine(opt, warmup_steps=2, total_steps=6)  # e.g. 100 and 2_000
+    >>> engine = framework.Engine(max_steps=1, batch_size=32, log_every_n_steps=1, progress=False)
+    >>> engine.fit(Warmed(), train_data).metrics["lr"]  # after 1 step: the full lr (2 warmup steps)
+    0.0003
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ class WarmupCosine:
     A class rather than a closure so that ``LambdaLR.state_dict()`` records its
     settings (LambdaLR saves the ``__dict__`` of callable objects, not of functions).
 
-    Example::
+    Example:
 
         >>> f = WarmupCosine(warmup_steps=2, total_steps=6)
         >>> [round(f(s), 3) for s in range(7)]
@@ -71,13 +73,19 @@ def warmup_cosine(
     ``s = total_steps``, and stays there if training runs longer. Return it from
     ``configure_optimizers`` with the default ``interval="step"``.
 
-    Example::
+    For an epoch-based run, ``total_steps = max_epochs * ceil(len(train_data) / batch_size)``.
 
-        def configure_optimizers(self):
-            opt = torch.optim.AdamW(self.parameters(), lr=3e-4)
-            return opt, warmup_cosine(opt, warmup_steps=100, total_steps=2_000)
+    Example:
 
-        # total_steps for an epoch-based run: max_epochs * ceil(len(train_data) / batch_size)
+        >>> optimizer = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=1.0)
+        >>> scheduler = warmup_cosine(optimizer, warmup_steps=2, total_steps=6)
+        >>> lrs = []
+        >>> for _ in range(7):  # what the engine does after each applied optimizer step
+        ...     lrs.append(round(scheduler.get_last_lr()[0], 3))
+        ...     optimizer.step()
+        ...     scheduler.step()
+        >>> lrs
+        [0.5, 1.0, 1.0, 0.854, 0.5, 0.146, 0.0]
     """
     for name, value in (("warmup_steps", warmup_steps), ("total_steps", total_steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -19,13 +19,8 @@ It returns a :class:`StepResult`; every rank's stop flags, read with the verdict
 :class:`~framework.parallel.preemption.Stops`. The variants of the one host read (several processes,
 fp16, the fused check) are the guard's (:func:`framework.guard.read_verdict`); what the step does is
 announced on the loop's events (``applied``, ``scheduler_step``, ``nonfinite``, ``step_retracted``).
-
-Example::
-
-    step = OptimizerStep(list(optimizers), strategy=strategy, rt=rt, config=config.step, policy=policy,
-                         events=events, stops=stops)
-    result = step(window_loss, log_now=False, read_now=False, stop=None, position=(step, epoch, 0))
-    result.applied, result.skipped, result.grad_norm
+The engine calls it as ``step(window_loss, log_now=..., read_now=..., stop=..., position=(step, epoch,
+batch))`` and keeps the result as ``engine.last_step``.
 """
 
 from __future__ import annotations
@@ -57,9 +52,16 @@ class StepResult:
     ``on_step_retracted`` callback). ``skipped``: dropped by the NaN policy or a GradScaler overflow.
     ``grad_norm``: the global norm before clipping, where it was measured.
 
-    Example::
+    Example:
 
-        if engine.last_step.skipped: print("step", engine.step, "was dropped")
+        >>> class Diverges(Classifier):
+        ...     def compute_loss(self, outputs, targets):
+        ...         return F.cross_entropy(outputs, targets) * float("nan")
+        >>> engine = framework.Engine(max_steps=2, batch_size=32, nan_policy="skip", progress=False)
+        >>> engine.fit(Diverges(), train_data).last_step
+        StepResult(applied=False, skipped=True, pending=False, grad_norm=None)
+        >>> engine.step, engine.skipped_steps  # skipped steps count as steps
+        (2, 2)
     """
 
     applied: bool
@@ -76,12 +78,6 @@ class OptimizerStep:
     verdict turned into a skipped one (``step_retracted``). ``stops`` receives every rank's stop flags
     whenever they are read (with the verdict: at once, or a step late). ``ema`` (if any) is updated after
     each applied step, skipped on the device with the step under a deferred verdict.
-
-    Example::
-
-        step = OptimizerStep(group, strategy=strategy, rt=rt, config=config, policy=policy, events=events,
-                             stops=stops)
-        result = step(window_loss, log_now=True, read_now=False, stop=None, position=(0, 0, 0))
     """
 
     def __init__(
@@ -236,11 +232,8 @@ class OptimizerStep:
 
     def settle(self) -> None:
         """Read the verdict of a step taken with it pending; undo the host's part of it if it was bad. The
-        stop flags that came with it (several processes) go to the stops.
-
-        Example::
-
-            step.settle()   # before a checkpoint: it holds settled state only
+        stop flags that came with it (several processes) go to the stops. Called before a checkpoint, so that
+        it holds settled state only.
         """
         pending, self._pending = self._pending, None
         if pending is None:

@@ -7,16 +7,19 @@ loss on one batch close to zero. Both leave the module as they found it
 (parameters, buffers, gradients, modes, device) and do not disturb the
 global RNG.
 
-Example::
+Example:
 
-    # tests/test_my_model.py
-    from framework.testing import assert_overfits, check_loop
+    >>> from framework.testing import assert_overfits, check_loop
+    >>> batch = train_data[:8]  # (inputs, targets): one collated batch
+    >>> doctor = check_loop(Classifier(), batch)  # raises LoopError if the doctor finds anything
+    >>> class FastClassifier(Classifier):
+    ...     def configure_optimizers(self):
+    ...         return torch.optim.AdamW(self.parameters(), lr=0.1)
+    >>> assert_overfits(FastClassifier(), batch, steps=40) <= 0.05
+    True
 
-    def test_loop_is_sound():
-        check_loop(Classifier(), (torch.randn(32, 64), torch.randint(0, 10, (32,))))
-
-    def test_can_memorise_one_batch():
-        assert_overfits(Classifier(), (torch.randn(16, 64), torch.randint(0, 10, (16,))), steps=200)
+In your own suite they are plain tests, e.g. ``def test_loop_is_sound(): check_loop(MyModel(), batch)`` in
+``tests/test_my_model.py``.
 """
 
 from __future__ import annotations
@@ -50,12 +53,21 @@ def check_loop(module: LoopModule, batch: Any, *, steps: int = 2, ignore: Iterab
     ``ignore`` lists check ids (see ``framework.doctor.CHECKS``) whose findings you accept.
     Returns the :class:`~framework.doctor.Doctor` (its ``format_report()`` is the table).
 
-    Example::
+    Example:
 
-        def test_classifier_loop():
-            batch = (torch.randn(32, 64), torch.randint(0, 10, (32,)))
-            check_loop(Classifier(), batch)                      # raises LoopError naming the fix
-            check_loop(WithFrozenStem(), batch, ignore={"updates"})
+        >>> batch = train_data[:16]  # (inputs, targets): one collated batch
+        >>> print(check_loop(Classifier(), batch).format_report().splitlines()[-1])
+        15 ok, 0 warning, 0 error, 1 not run
+        >>> class Summed(Classifier):
+        ...     def compute_loss(self, outputs, targets):
+        ...         return F.cross_entropy(outputs, targets, reduction="sum")
+        >>> check_loop(Summed(), batch)
+        Traceback (most recent call last):
+        ...
+        framework.doctor.findings.LoopError: check_loop found 1 problem(s) in Summed's loop:
+        - [warning] Summed.compute_loss scales with the batch size, like a sum: ...
+
+        ``check_loop(module, batch, ignore={"updates"})`` accepts what one check finds (e.g. a frozen stem).
     """
     if steps < 1:
         raise ValueError(f"steps={steps}; use at least 1 (2 lets the doctor check parameter updates)")
@@ -98,12 +110,18 @@ def assert_overfits(
     and after. The module is restored afterwards and the global RNG untouched (``seed`` seeds the run).
     For a loss with a floor above zero (label smoothing, a KL term), pass a ``threshold`` above it.
 
-    Example::
+    Example:
 
-        def test_classifier_can_overfit_one_batch():
-            batch = (torch.randn(16, 64), torch.randint(0, 10, (16,)))
-            final = assert_overfits(Classifier(), batch, steps=200, threshold=0.05)
-            assert final < 0.05
+        >>> batch = train_data[:8]  # (inputs, targets) of 8 items
+        >>> assert_overfits(Classifier(), batch, steps=5)  # AdamW's lr=1e-3 needs far more than 5 steps
+        Traceback (most recent call last):
+        ...
+        AssertionError: Classifier did not overfit one batch: its loss fell from ... in 5 optimizer steps; ...
+        >>> class FastClassifier(Classifier):
+        ...     def configure_optimizers(self):
+        ...         return torch.optim.AdamW(self.parameters(), lr=0.1)
+        >>> assert_overfits(FastClassifier(), batch, steps=40) <= 0.05
+        True
     """
     if steps < 1:
         raise ValueError(f"steps={steps}; use a positive number of optimizer steps")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import inspect
 import re
 from pathlib import Path
 from typing import Any
@@ -273,6 +274,13 @@ def _private_reach_ins(path: Path) -> list[str]:
     return found
 
 
+def test_the_tests_mirror_the_packages_of_framework():
+    packages = sorted(p.parent.name for p in FRAMEWORK.glob("*/__init__.py"))
+    assert packages, "framework/ has no packages"
+    missing = [name for name in packages if not list((ROOT / "tests" / name).glob("test_*.py"))]
+    assert not missing, f"framework/ packages without a tests/<package>/ folder of tests: {missing}"
+
+
 def test_nothing_outside_engine_py_touches_an_engine_private_member():
     reach_ins = [r for p in FRAMEWORK.rglob("*.py") if p.name != "engine.py" for r in _private_reach_ins(p)]
     assert reach_ins == [], reach_ins
@@ -380,3 +388,51 @@ def test_every_name_in_the_architecture_page_exists():
         except (ModuleNotFoundError, AttributeError):
             missing.append(name)
     assert not missing, f"docs/ARCHITECTURE.md names things that do not exist: {missing}"
+
+
+# ---------------------------------------------------------------- examples that run
+
+# The packages whose __all__ is public, and the classes whose public methods are the user's API.
+PUBLIC_MODULES = ("framework", "framework.config", "framework.engine", "framework.schedules", "framework.doctor",
+                  "framework.parallel", "framework.data", "framework.checkpoint")  # fmt: skip
+API_CLASSES = ("Engine", "LoopModule", "Callback", "EarlyStopping")
+
+
+def _public_callables() -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for module_name in PUBLIC_MODULES:
+        module = importlib.import_module(module_name)
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if inspect.isclass(obj) or inspect.isfunction(obj):
+                found[f"{module_name}.{name}"] = obj
+    import framework
+
+    for cls_name in API_CLASSES:
+        cls = getattr(framework, cls_name)
+        for name, member in vars(cls).items():
+            if name.startswith("_"):
+                continue
+            if isinstance(member, property):
+                member = member.fget
+            if inspect.isfunction(member):
+                found[f"framework.{cls_name}.{name}"] = member
+    return found
+
+
+def test_every_public_name_has_an_example_that_runs_as_a_doctest():
+    # pytest --doctest-modules (pyproject.toml) runs every `>>>` line under framework/; an example that is not
+    # written as `>>>` would never run and could go stale, as the old `Example::` blocks did.
+    public = _public_callables()
+    assert len(public) > 60
+    without = sorted(name for name, obj in public.items() if ">>>" not in (inspect.getdoc(obj) or ""))
+    assert not without, f"public names whose docstring has no runnable `>>>` example: {without}"
+    literal = [f"{path.relative_to(ROOT)}:{n}" for path in sorted(FRAMEWORK.rglob("*.py"))
+               for n, line in enumerate(path.read_text().splitlines(), 1) if "Example::" in line]  # fmt: skip
+    assert not literal, f"examples written as literal blocks never run; write them as `>>>` doctests: {literal}"
+
+
+def test_the_doctests_are_collected(pytestconfig):
+    # The check above is only worth something while pytest really runs the examples.
+    assert pytestconfig.getini("addopts") and "--doctest-modules" in " ".join(pytestconfig.getini("addopts"))
+    assert "framework" in pytestconfig.getini("testpaths")

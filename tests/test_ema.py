@@ -1,4 +1,4 @@
-"""framework/ema.py and Engine(ema_decay=...): the moving average of the parameters, kept exactly."""
+"""framework/optim.py (EMA) and Engine(ema_decay=...): the moving average of the parameters, kept exactly."""
 
 from __future__ import annotations
 

@@ -243,3 +243,34 @@ def test_logged_train_loss_leaves_out_skipped_steps(tmp_path, nan_check):
     assert per_step[3][3]["train/loss"] == pytest.approx((single[1] + single[2]) / 2, rel=1e-12)
     assert per_step[3][6]["train/loss"] == pytest.approx((single[5] + single[6]) / 2, rel=1e-12)
     assert per_step[3][6]["train/skipped_steps"] == 2
+
+
+class Applied(Callback):
+    """The steps a callback believes applied: added at on_step_end, removed at on_step_retracted."""
+
+    def __init__(self) -> None:
+        self.applied: set[int] = set()
+        self.retracted: list[int] = []
+
+    def on_step_end(self, engine, module, metrics):
+        if engine.last_step.applied:
+            self.applied.add(engine.step)
+
+    def on_step_retracted(self, engine, module, step):
+        self.retracted.append(step)
+        self.applied.discard(step)
+
+
+def test_a_retracted_step_is_named_as_its_on_step_end_saw_it():
+    # Under deferred checking a bad step looks applied at its on_step_end; its retraction must name the same
+    # step, so that a callback keeping per-step state ends with exactly the steps reading at once applies.
+    x, y = data(8 * BATCH, nan_items=[w * BATCH + 3 for w in (2, 5)])
+    kw = dict(batch_size=BATCH, shuffle=False, progress=False, doctor="off", nan_policy="skip", max_epochs=1)
+    seen = {}
+    for check in ("step", "deferred"):
+        callback = Applied()
+        Engine(nan_check=check, callbacks=[callback], **kw).fit(Net(optimizer="adamw", fused=True), (x, y))
+        seen[check] = callback
+    assert seen["step"].applied == {1, 2, 4, 5, 7, 8} and seen["step"].retracted == []
+    assert seen["deferred"].retracted == [3, 6]
+    assert seen["deferred"].applied == seen["step"].applied

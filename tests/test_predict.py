@@ -1,4 +1,4 @@
-"""framework/predict.py and Engine.predict: one row per item, in data order, the same on every rank."""
+"""framework/evaluation.py and Engine.predict: one row per item, in data order, the same on every rank."""
 
 from __future__ import annotations
 

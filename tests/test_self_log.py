@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from framework import Callback, Engine
 from framework.doctor import LoopError
 from tests.helpers import ROOT, TinyClassifier, classification_data, launch
-from tests.test_logging import LOGGED, VALIDATED, SGDClassifier, count_reads, per_step, reading_engine
+from tests.observability.test_metrics import LOGGED, VALIDATED, SGDClassifier, count_reads, per_step, reading_engine
 
 SCRIPT = ROOT / "tests" / "scripts" / "self_log_run.py"
 

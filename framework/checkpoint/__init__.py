@@ -29,11 +29,20 @@ The package, bottom up:
 Nothing is ever unpickled except DCP's index, through an allow-list: tensors come from safetensors and
 everything else from JSON, so a planted pickle cannot run code.
 
-Example::
+Example:
 
-    from framework.checkpoint import CheckpointReader, newest_complete
-    path = newest_complete(Path("runs/digits/checkpoints"))
-    weights = CheckpointReader(path).tensors("model.safetensors")   # verified first
+    >>> from pathlib import Path
+    >>> from framework.checkpoint import CheckpointReader, newest_complete
+    >>> engine = framework.Engine(max_steps=2, batch_size=32, checkpoint_every_n_steps=1, run_dir="runs/digits",
+    ...                           progress=False)
+    >>> module = Classifier()
+    >>> _ = engine.fit(module, train_data)
+    >>> path = newest_complete(Path("runs/digits/checkpoints"))
+    >>> path.as_posix()
+    'runs/digits/checkpoints/step-00000002'
+    >>> weights = CheckpointReader(path).tensors("model.safetensors")  # verified first
+    >>> sorted(weights), torch.equal(weights["net.weight"], module.net.weight)
+    (['net.bias', 'net.weight'], True)
 """
 
 from __future__ import annotations

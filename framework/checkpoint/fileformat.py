@@ -14,12 +14,19 @@
   :class:`~framework.checkpoint.files.CorruptCheckpointError` naming the file and the key path
   (``state.json: counters.step: expected an int >= 0, got '12' (str)``).
 
-Example::
+Example:
 
-    COUNTERS = Keys({"step": Int(min=0), "should_stop": bool})
-    expect(state["counters"], COUNTERS, where="step-00000010/state.json", path="counters")
-    m = decode(data, where=ckpt / "manifest.json"); m.files["model.safetensors"].sha256
-    size, digest = write_tensors(fd, {"weight": torch.zeros(3)}, {"aliases": "{}"})
+    >>> from framework.checkpoint.fileformat import Entry, Int, Keys, Manifest, decode, encode, expect
+    >>> COUNTERS = Keys({"step": Int(min=0), "should_stop": bool})
+    >>> expect({"step": 12, "should_stop": False}, COUNTERS, where="state.json", path="counters")
+    {'step': 12, 'should_stop': False}
+    >>> expect({"step": "12", "should_stop": False}, COUNTERS, where="state.json", path="counters")
+    Traceback (most recent call last):
+    ...
+    framework.checkpoint.files.CorruptCheckpointError: state.json: counters.step: expected an int >= 0, got '12' (str)
+    >>> data = encode(Manifest({"state.json": Entry(size=2, sha256="0" * 64)}, monitor_value=0.41))
+    >>> decode(data, where="manifest.json").files["state.json"].size
+    2
 """
 
 from __future__ import annotations
@@ -57,12 +64,8 @@ def _show(value: Any) -> str:
 class Schema:
     """Base class: ``check(value, path)`` raises on a mismatch; ``describe()`` says what is expected.
 
-    Example::
-
-        class Even(Schema):
-            def describe(self): return "an even int"
-            def check(self, value, path):
-                if not (isinstance(value, int) and value % 2 == 0): self.fail(value, path)
+    A new kind (an even int, say) defines ``describe()`` (``"an even int"``) and a ``check`` that calls
+    ``self.fail(value, path)`` for a value that is not one.
     """
 
     def describe(self) -> str:
@@ -98,9 +101,10 @@ def _coerce(schema: Any) -> Schema:
 class Int(Schema):
     """An int (not a bool) in ``[min, max]``.
 
-    Example::
+    Example:
 
-        Int(min=0)   # a step count
+        >>> Int(min=0).describe()  # a step count
+        'an int >= 0'
     """
 
     def __init__(self, min: int | None = None, max: int | None = None) -> None:
@@ -123,9 +127,10 @@ class Int(Schema):
 class Float(Schema):
     """A number (int or float, not a bool) in ``[min, max]``; finite unless ``finite=False``.
 
-    Example::
+    Example:
 
-        Float(finite=False)   # a logged loss, which may be NaN
+        >>> Float(finite=False).describe(), Float(min=0).describe()  # a logged loss (may be NaN); a learning rate
+        ('a number', 'a finite number >= 0')
     """
 
     def __init__(self, min: float | None = None, max: float | None = None, finite: bool = True) -> None:
@@ -151,9 +156,10 @@ class Float(Schema):
 class Str(Schema):
     """A string, optionally matching ``pattern`` (whole string), one of ``choices``, at most ``max_len``.
 
-    Example::
+    Example:
 
-        Str(pattern=r"[0-9a-f]{64}")   # a SHA-256
+        >>> Str(pattern=r"[0-9a-f]{64}").describe()  # a SHA-256
+        "a string matching '[0-9a-f]{64}'"
     """
 
     def __init__(
@@ -181,11 +187,14 @@ class Str(Schema):
 
 
 class Bool(Schema):
-    """``true`` or ``false``.
+    """``true`` or ``false`` (``bool`` in a schema means this).
 
-    Example::
+    Example:
 
-        Keys({"should_stop": Bool()})
+        >>> expect(1, Bool(), where="state.json", path="should_stop")
+        Traceback (most recent call last):
+        ...
+        framework.checkpoint.files.CorruptCheckpointError: state.json: should_stop: expected true or false, got 1 (int)
     """
 
     def describe(self) -> str:
@@ -197,11 +206,12 @@ class Bool(Schema):
 
 
 class Null(Schema):
-    """``null`` (None).
+    """``null`` (None; ``None`` in a schema means this).
 
-    Example::
+    Example:
 
-        AnyOf(Null(), Float())
+        >>> AnyOf(Null(), Float()).describe()
+        'null or a finite number'
     """
 
     def describe(self) -> str:
@@ -215,9 +225,10 @@ class Null(Schema):
 class Maybe(Schema):
     """``null`` or ``inner``.
 
-    Example::
+    Example:
 
-        Maybe(Float())   # a monitored value, or none
+        >>> Maybe(Float()).describe()  # a monitored value, or none
+        'null or a finite number'
     """
 
     def __init__(self, inner: Any) -> None:
@@ -240,9 +251,10 @@ class Maybe(Schema):
 class AnyOf(Schema):
     """The first of ``options`` that matches.
 
-    Example::
+    Example:
 
-        AnyOf(Int(), Str())
+        >>> expect("12", AnyOf(Int(), Str()), where="state.json")
+        '12'
     """
 
     def __init__(self, *options: Any) -> None:
@@ -264,9 +276,13 @@ class AnyOf(Schema):
 class ListOf(Schema):
     """A list of ``item``, with ``min_len`` to ``max_len`` entries.
 
-    Example::
+    Example:
 
-        ListOf(Int(0, 2**32 - 1), min_len=625, max_len=625)   # python's MT state
+        >>> expect([1, 2], ListOf(Int(0, 2**32 - 1), min_len=625, max_len=625), where="rng.json")  # python's MT state
+        Traceback (most recent call last):
+        ...
+        framework.checkpoint.files.CorruptCheckpointError: rng.json: (top level): expected a list of 625 entries,
+        got 2
     """
 
     def __init__(self, item: Any, min_len: int = 0, max_len: int | None = None) -> None:
@@ -295,9 +311,10 @@ class ListOf(Schema):
 class TupleOf(Schema):
     """A list with exactly one entry per schema in ``items``, position by position.
 
-    Example::
+    Example:
 
-        TupleOf(Str(), Int(min=0))   # ["MT19937", 624]
+        >>> TupleOf(Str(), Int(min=0)).describe()  # ["MT19937", 624]
+        '[a string, an int >= 0]'
     """
 
     def __init__(self, *items: Any) -> None:
@@ -318,9 +335,13 @@ class Keys(Schema):
 
     Unknown keys are errors, not ignored: a crafted file cannot smuggle values in.
 
-    Example::
+    Example:
 
-        Keys({"size": Int(min=0), "sha256": Str(pattern="[0-9a-f]{64}")})
+        >>> expect({"size": 2, "owner": "me"}, Keys({"size": Int(min=0)}, {"sha256": str}), where="manifest.json")
+        Traceback (most recent call last):
+        ...
+        framework.checkpoint.files.CorruptCheckpointError: manifest.json: owner: unknown key
+        (expected only 'size', 'sha256')
     """
 
     def __init__(self, required: Mapping[str, Any], optional: Mapping[str, Any] | None = None) -> None:
@@ -349,9 +370,10 @@ class Keys(Schema):
 class MapOf(Schema):
     """An object whose keys match ``key`` (a :class:`Str`) and whose values all match ``value``.
 
-    Example::
+    Example:
 
-        MapOf(Float(finite=False))   # {"val/loss": 0.41, "lr": 0.001}
+        >>> expect({"val/loss": 0.41, "lr": 0.001}, MapOf(Float(finite=False)), where="state.json")
+        {'val/loss': 0.41, 'lr': 0.001}
     """
 
     def __init__(self, value: Any, key: Str | None = None, max_len: int | None = None) -> None:
@@ -378,9 +400,12 @@ class JSON(Schema):
     most ``max_depth`` levels: for opaque state that another layer checks, bounded so that nothing
     that walks it later can hit Python's recursion limit.
 
-    Example::
+    Example:
 
-        Keys({"optimizer": JSON(max_depth=32)})
+        >>> expect({"optimizer": [[1]]}, JSON(max_depth=2), where="state.json")
+        Traceback (most recent call last):
+        ...
+        framework.checkpoint.files.CorruptCheckpointError: state.json: optimizer[0]: nested deeper than 2 levels
     """
 
     def __init__(self, max_depth: int = 64) -> None:
@@ -408,7 +433,7 @@ class JSON(Schema):
 def key_path(path: tuple[str | int, ...]) -> str:
     """``("counters", "step")`` -> ``counters.step``; ``("files", "a/b")`` -> ``files['a/b']``.
 
-    Example::
+    Example:
 
         >>> key_path(("optimizer", "state", 0, "exp_avg"))
         'optimizer.state[0].exp_avg'
@@ -439,9 +464,13 @@ def expect(
 
     ``path`` is where ``obj`` sits inside the file (``"counters"``, or a tuple of keys).
 
-    Example::
+    Example:
 
-        expect(json.loads(data), {"format": Int(2, 2), "files": MapOf(ENTRY)}, where=ckpt / "manifest.json")
+        >>> expect({"format": 3}, {"format": Int(2, 2)}, where="manifest.json", hint="use another checkpoint")
+        Traceback (most recent call last):
+        ...
+        framework.checkpoint.files.CorruptCheckpointError: manifest.json: format: expected an int in [2, 2],
+        got 3 (int); use another checkpoint
     """
     start: tuple[str | int, ...] = (path,) if isinstance(path, str) else tuple(path)
     try:
@@ -477,12 +506,8 @@ _SCHEMA = Keys(
 
 @dataclass(frozen=True)
 class Entry:
-    """One file of a checkpoint: its size in bytes and SHA-256 (hex).
-
-    Example::
-
-        Entry(size=4, sha256=hashlib.sha256(b"data").hexdigest())
-    """
+    """One file of a checkpoint: its size in bytes and SHA-256 (hex), e.g.
+    ``Entry(size=4, sha256=hashlib.sha256(b"data").hexdigest())``."""
 
     size: int
     sha256: str
@@ -490,12 +515,7 @@ class Entry:
 
 @dataclass(frozen=True)
 class Manifest:
-    """A parsed ``manifest.json``.
-
-    Example::
-
-        Manifest(files={"state.json": Entry(2, "...")}, monitor_value=None)
-    """
+    """A parsed ``manifest.json``: each file's :class:`Entry` by name, and the ``monitor_value`` (or None)."""
 
     files: dict[str, Entry]
     monitor_value: float | None
@@ -504,9 +524,14 @@ class Manifest:
 def check_file_name(name: str) -> None:
     """Raise ValueError unless ``name`` may be a file of a checkpoint (one safe path component, not reserved).
 
-    Example::
+    Example:
 
-        check_file_name("rng-rank0.json")   # fine; "../x", "a/b", "manifest.json" raise
+        >>> check_file_name("rng-rank0.json")  # fine; "../x", "a/b", "manifest.json" raise
+        >>> check_file_name("../x")
+        Traceback (most recent call last):
+        ...
+        ValueError: '../x' cannot be a checkpoint file name: use one path component of letters, digits, '.', '_' and
+        '-' (no '/', not '.' or '..')
     """
     if not isinstance(name, str) or not re.fullmatch(FILE_NAME, name):
         raise ValueError(
@@ -520,9 +545,10 @@ def check_file_name(name: str) -> None:
 def finite_or_none(value: float | None) -> float | None:
     """A monitored value as the manifest keeps it: a finite float, or None (NaN/inf never rank as best).
 
-    Example::
+    Example:
 
-        finite_or_none(float("nan"))   # None
+        >>> finite_or_none(float("nan")), finite_or_none(0.41)
+        (None, 0.41)
     """
     if value is None:
         return None
@@ -533,9 +559,20 @@ def finite_or_none(value: float | None) -> float | None:
 def encode(manifest: Manifest) -> bytes:
     """The bytes of ``manifest.json`` (keys sorted, one file per line: easy to read and to diff).
 
-    Example::
+    Example:
 
-        data = encode(Manifest({"state.json": Entry(2, sha)}, 0.41))
+        >>> print(encode(Manifest({"state.json": Entry(2, "0" * 64)}, 0.41)).decode())
+        {
+         "format": 2,
+         "files": {
+          "state.json": {
+           "size": 2,
+           "sha256": "000...000"
+          }
+         },
+         "monitor_value": 0.41
+        }
+        <BLANKLINE>
     """
     files = {name: {"size": e.size, "sha256": e.sha256} for name, e in sorted(manifest.files.items())}
     body = {"format": FORMAT, "files": files, "monitor_value": finite_or_none(manifest.monitor_value)}
@@ -546,9 +583,13 @@ def decode(data: bytes, where: object) -> Manifest:
     """Parse and check ``manifest.json``; a :class:`CorruptCheckpointError` naming ``where`` and the key
     for anything malformed, a :class:`CheckpointError` for another format.
 
-    Example::
+    Example:
 
-        manifest = decode((ckpt / "manifest.json").read_bytes(), where=ckpt / "manifest.json")
+        >>> decode(b'{"format": 2, "files": {}}', where="manifest.json")
+        Traceback (most recent call last):
+        ...
+        framework.checkpoint.files.CorruptCheckpointError: manifest.json: monitor_value: missing; the checkpoint is
+        damaged or was edited; resume from another checkpoint
     """
     hint = "the checkpoint is damaged or was edited; resume from another checkpoint"
     try:
@@ -574,9 +615,12 @@ def decode(data: bytes, where: object) -> Manifest:
 def encode_sums(files: dict[str, Entry], manifest_bytes: bytes) -> bytes:
     """``SHA256SUMS``: one ``<sha256>  <name>`` line per file and for ``manifest.json`` (``sha256sum -c`` reads it).
 
-    Example::
+    Example:
 
-        data = encode_sums(manifest.files, encode(manifest))
+        >>> print(encode_sums({"state.json": Entry(2, "0" * 64)}, b"{}").decode())
+        000...000  state.json
+        44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a  manifest.json
+        <BLANKLINE>
     """
     lines = [f"{e.sha256}  {name}\n" for name, e in sorted(files.items())]
     lines.append(f"{hashlib.sha256(manifest_bytes).hexdigest()}  {MANIFEST}\n")
@@ -586,10 +630,6 @@ def encode_sums(files: dict[str, Entry], manifest_bytes: bytes) -> bytes:
 def check_sums(data: bytes, files: dict[str, Entry], manifest_bytes: bytes, where: object) -> None:
     """Raise :class:`CorruptCheckpointError` naming ``where`` unless ``SHA256SUMS`` says exactly what the
     manifest says (and hashes the manifest as it is).
-
-    Example::
-
-        check_sums(sums_bytes, manifest.files, manifest_bytes, where=ckpt / "SHA256SUMS")
     """
     if data != encode_sums(files, manifest_bytes):
         hint = "the checkpoint is damaged or was edited; resume from another checkpoint"
@@ -635,9 +675,13 @@ def layout(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = N
     """The buffers of a safetensors file for ``tensors``, in file order: header, then each tensor's
     raw bytes (views of the tensors' memory, no copies).
 
-    Example::
+    Example:
 
-        size = sum(len(b) for b in layout({"w": torch.ones(2)}))
+        >>> header, data = layout({"w": torch.ones(2)})
+        >>> header[8:].decode()
+        '{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}      '
+        >>> data.nbytes
+        8
     """
     if sys.byteorder != "little":  # (safetensors is little-endian; raw memory would be wrong here)
         raise RuntimeError("writing safetensors files from raw tensor memory needs a little-endian machine")
@@ -662,14 +706,12 @@ def layout(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = N
 class Digest:
     """The SHA-256 of a list of buffers, computed in a thread for large data (hashlib releases the GIL),
     so that the caller can write, fsync, and even write the next file meanwhile; :meth:`result` waits.
-    The buffers must not change until then.
+    The buffers must not change until then (the caller writes them and fsyncs meanwhile).
 
-    Example::
+    Example:
 
-        digest = Digest(buffers)
-        files.write_all(fd, buffers)
-        os.fsync(fd)
-        sha256 = digest.result()
+        >>> Digest([b"da", b"ta"]).result() == hashlib.sha256(b"data").hexdigest()
+        True
     """
 
     def __init__(self, buffers: Sequence[bytes | memoryview]) -> None:
@@ -711,12 +753,15 @@ def write_tensors(
     (size, :class:`Digest` of the file, which may still be computing: the tensors must not change
     until its ``result()``).
 
-    Example::
+    Example:
 
-        fd = files.open_new(staging / "model.safetensors")
-        size, digest = write_tensors(fd, model.state_dict())
-        os.fsync(fd)                  # (the hash runs on meanwhile)
-        sha256 = digest.result()
+        >>> import os
+        >>> from pathlib import Path
+        >>> fd = files.open_new(Path("model.safetensors"))
+        >>> size, digest = write_tensors(fd, {"w": torch.ones(2)})
+        >>> os.fsync(fd); os.close(fd)  # (the hash runs on meanwhile)
+        >>> size, digest.result() == hashlib.sha256(Path("model.safetensors").read_bytes()).hexdigest()
+        (72, True)
     """
     buffers = layout(tensors, metadata)
     digest = Digest(buffers)
@@ -734,9 +779,16 @@ def parse_tensors(data: bytes, where: object) -> tuple[dict[str, torch.Tensor], 
     """The tensors and metadata of the safetensors file ``data``; anything else (a truncated file, a
     planted pickle) is a :class:`CorruptCheckpointError` naming ``where``, never executed.
 
-    Example::
+    Example:
 
-        tensors, metadata = parse_tensors(path.read_bytes(), where=path)
+        >>> parse_tensors(b"".join(layout({"w": torch.ones(2)}, {"step": "3"})), where="model.safetensors")
+        ({'w': tensor([1., 1.])}, {'step': '3'})
+        >>> parse_tensors(b"\\x80\\x04K\\x01.", where="model.safetensors")  # a pickle
+        Traceback (most recent call last):
+        ...
+        framework.checkpoint.files.CorruptCheckpointError: model.safetensors is not a valid safetensors file (5 bytes,
+        too short for a header); the checkpoint is corrupt or was replaced. Nothing was loaded and nothing was executed;
+        resume from another checkpoint
     """
     if len(data) < 8:
         raise _corrupt(where, f"{len(data)} bytes, too short for a header")

@@ -14,10 +14,20 @@ file outside the run, so each write refuses a link (``O_NOFOLLOW``, or a check f
 directories above it, may be links. Files are opened with ``O_NONBLOCK`` and must be regular files:
 a planted FIFO cannot hang the engine.
 
-Example::
+Example:
 
-    write_atomic(Path("runs/x/config.json"), b"{}")     # temp file, fsync, rename
-    fd = open_new(Path("runs/x/checkpoints/.tmp-step-00000010/model.safetensors"))
+    >>> from pathlib import Path
+    >>> from framework.checkpoint import files
+    >>> files.ensure_dir(Path("runs/x"))
+    >>> files.write_atomic(Path("runs/x/config.json"), b"{}")  # temp file, fsync, rename
+    >>> Path("runs/x/config.json").read_text()
+    '{}'
+    >>> Path("runs/x/metrics.jsonl").symlink_to("/tmp/elsewhere.jsonl")
+    >>> files.write_atomic(Path("runs/x/metrics.jsonl"), b"")
+    Traceback (most recent call last):
+    ...
+    framework.checkpoint.files.SymlinkError: [Errno ...] runs/x/metrics.jsonl is a symbolic link
+    (pointing to '/tmp/elsewhere.jsonl'); the framework never follows a link inside a run dir (...). Fix: ...
 """
 
 from __future__ import annotations
@@ -36,10 +46,15 @@ from typing import IO
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used, with what is wrong and what to do.
 
-    Example::
+    Example:
 
-        with pytest.raises(framework.CheckpointError, match="manifest.json"):
-            Engine(resume="runs/x/checkpoints/step-00000010", ...).fit(...)
+        >>> framework.load_weights(Classifier(), "runs/nowhere")
+        Traceback (most recent call last):
+        ...
+        framework.checkpoint.files.CheckpointError: runs/nowhere does not exist; pass a run dir, a checkpoint dir
+        (e.g. runs/x/checkpoints/step-00000120) or a .safetensors file
+        >>> framework.CheckpointError is framework.checkpoint.CheckpointError
+        True
     """
 
 
@@ -47,10 +62,22 @@ class CorruptCheckpointError(CheckpointError):
     """A checkpoint whose files are damaged, incomplete or malformed; the message names the file
     (and the key). Nothing of it was applied, so ``resume="auto"`` may fall back to an older one.
 
-    Example::
+    Example:
 
-        except CorruptCheckpointError as e:
-            warnings.warn(f"skipping: {e}")
+        >>> from pathlib import Path
+        >>> from framework.checkpoint import CorruptCheckpointError, verify
+        >>> engine = framework.Engine(max_steps=1, batch_size=32, run_dir="runs/x", progress=False).fit(
+        ...     Classifier(), train_data)
+        >>> ckpt = Path("runs/x/checkpoints/step-00000001")
+        >>> _ = (ckpt / "state.json").write_text("{}")  # damaged after it was written
+        >>> try:
+        ...     verify(ckpt)
+        ... except CorruptCheckpointError as e:
+        ...     print(f"skipping: {e}")
+        skipping: runs/x/checkpoints/step-00000001/state.json has 2 bytes, the manifest says ...; the checkpoint
+        is damaged or was replaced; resume from another checkpoint
+        >>> issubclass(CorruptCheckpointError, framework.CheckpointError)
+        True
     """
 
 
@@ -59,20 +86,25 @@ class DiskFullError(OSError, CheckpointError):
     removed to make room: the message names the space the checkpoint needs and the space free. The
     previous checkpoints are intact. An ``OSError`` and a :class:`CheckpointError`.
 
-    Example::
+    Example:
 
-        except DiskFullError as e:
-            print(e)   # "... needs about 1.6 MB, 0.4 MB are free on the disk holding runs/x/checkpoints ..."
+        >>> from pathlib import Path
+        >>> from framework.checkpoint import DiskFullError
+        >>> from framework.checkpoint.files import disk_full
+        >>> error = disk_full(Path("runs/x/checkpoints"), "step-00000120", need=1_600_000)  # what a save raises
+        >>> isinstance(error, DiskFullError), isinstance(error, OSError), isinstance(error, framework.CheckpointError)
+        (True, True, True)
+        >>> print(error)
+        [Errno ...] no space left for checkpoint step-00000120: it needs about 1.6 MB, 0 bytes are free on the disk
+        holding runs/x/checkpoints (the checkpoints beyond keep_last were removed to make room first). The previous
+        checkpoints are intact. Fix: free space on that disk, lower keep_last or keep_best, or use a run_dir on a
+        larger disk
     """
 
 
 def disk_full(root: Path, name: str, need: int) -> DiskFullError:
-    """The :class:`DiskFullError` of checkpoint ``name`` under ``root``: ``need`` bytes, against what is free.
-
-    Example::
-
-        raise disk_full(root, "step-00000120", need=1_600_000) from e
-    """
+    """The :class:`DiskFullError` of checkpoint ``name`` under ``root``: ``need`` bytes, against what is free
+    (the caller raises it, ``from`` the ``OSError`` of the failed write)."""
     try:
         free = shutil.disk_usage(root).free
     except OSError:
@@ -93,10 +125,11 @@ def _size(n: int) -> str:
 def is_disk_full(error: BaseException) -> bool:
     """Whether ``error`` is a full disk (``ENOSPC``; ``EDQUOT``, a quota, too).
 
-    Example::
+    Example:
 
-        except OSError as e:
-            if is_disk_full(e): ...
+        >>> import errno
+        >>> is_disk_full(OSError(errno.ENOSPC, "No space left on device")), is_disk_full(ValueError("full"))
+        (True, False)
     """
     return isinstance(error, OSError) and error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 
@@ -112,14 +145,9 @@ _CHUNK = 1 << 30  # (one write() call moves at most this much: some kernels cap 
 class SymlinkError(OSError):
     """A path the framework would write is a symbolic link (or not a regular file), so it refuses.
 
-    An ``OSError`` (errno ``ELOOP``), so code that handles a failed write handles this too.
-
-    Example::
-
-        try:
-            files.write_atomic(Path("runs/x/config.json"), b"{}")
-        except files.SymlinkError as e:
-            print(e)   # names the link, where it points, and the fix
+    An ``OSError`` (errno ``ELOOP``; ``EINVAL`` for a directory, FIFO, socket or device where a file goes),
+    so code that handles a failed write handles this too. Its message names the link, where it points, and the
+    fix (the module's example shows one).
     """
 
 
@@ -145,12 +173,7 @@ def _not_regular(path: Path, mode: int) -> SymlinkError:
 
 
 def refuse_symlink(path: Path) -> None:
-    """Raise :class:`SymlinkError` if ``path`` is a symbolic link (dangling or not).
-
-    Example::
-
-        files.refuse_symlink(Path("runs/x/metrics.jsonl"))
-    """
+    """Raise :class:`SymlinkError` if ``path`` is a symbolic link (dangling or not)."""
     if os.path.islink(path):
         raise _link_error(path)
 
@@ -179,17 +202,8 @@ def _open(path: Path, flags: int, mode: int = 0o644) -> int:
 
 
 def open_new(path: Path) -> int:
-    """Create ``path`` (which must not exist, not even as a link) for writing; returns the fd.
-
-    Example::
-
-        fd = files.open_new(staging / "model.safetensors")
-        try:
-            files.write_all(fd, [b"..."])
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    """
+    """Create ``path`` (which must not exist, not even as a link) for writing; returns the fd, which the
+    caller writes (:func:`write_all`), fsyncs and closes."""
     try:
         return _open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     except FileExistsError:
@@ -202,11 +216,7 @@ def open_new(path: Path) -> int:
 
 def write_all(fd: int, buffers: Iterable[bytes | memoryview]) -> int:
     """Write every buffer to ``fd`` completely (os.write may write less than asked); returns the bytes written.
-
-    Example::
-
-        n = files.write_all(fd, [header, memoryview(array)])
-    """
+    Buffers may be bytes or memoryviews (of a tensor's memory, say: nothing is copied)."""
     total = 0
     for buf in buffers:
         view = memoryview(buf).cast("B")
@@ -218,12 +228,7 @@ def write_all(fd: int, buffers: Iterable[bytes | memoryview]) -> int:
 
 
 def write_new(path: Path, data: bytes) -> None:
-    """Create ``path`` (it must not exist), write ``data``, fsync.
-
-    Example::
-
-        files.write_new(staging / "state.json", b"{...}")
-    """
+    """Create ``path`` (it must not exist), write ``data``, fsync."""
     fd = open_new(path)
     try:
         write_all(fd, [data])
@@ -248,9 +253,11 @@ def _clear_leftover(path: Path) -> None:
 def temp_name(path: Path) -> Path:
     """The temporary file that :func:`write_atomic` and friends write before renaming onto ``path``.
 
-    Example::
+    Example:
 
-        files.temp_name(Path("runs/x/checkpoints/latest"))   # runs/x/checkpoints/.latest.tmp
+        >>> from pathlib import Path
+        >>> temp_name(Path("runs/x/checkpoints/latest")).as_posix()
+        'runs/x/checkpoints/.latest.tmp'
     """
     return path.with_name(f".{path.name}.tmp")
 
@@ -259,11 +266,8 @@ def write_atomic(path: Path, data: bytes, *, tmp: Path | None = None, fsync: boo
     """Replace ``path`` with ``data`` atomically: a reader sees the old file or the new one, never half.
 
     The data goes to ``tmp`` (default :func:`temp_name`), is fsync'ed, then renamed onto ``path``
-    and the directory fsync'ed. Neither ``path`` nor the temp file may be a symlink.
-
-    Example::
-
-        files.write_atomic(Path("runs/x/checkpoints/latest"), b"step-00000120\\n")
+    and the directory fsync'ed. Neither ``path`` nor the temp file may be a symlink (the module's example
+    shows both).
     """
     tmp = temp_name(path) if tmp is None else tmp
     refuse_symlink(path)
@@ -282,48 +286,29 @@ def write_atomic(path: Path, data: bytes, *, tmp: Path | None = None, fsync: boo
 
 def replace(src: Path, dst: Path) -> None:
     """``os.replace(src, dst)``, refusing a ``dst`` that is a symlink (rename would swap the link away
-    silently; a link there means something is wrong).
-
-    Example::
-
-        files.replace(staging, root / "step-00000120")
+    silently; a link there means something is wrong): how a staging dir becomes ``root/step-00000120``.
     """
     refuse_symlink(dst)
     os.replace(src, dst)
 
 
 def open_append(path: Path) -> IO[str]:
-    """Open ``path`` to append text (created if missing), never through a link.
-
-    Example::
-
-        with files.open_append(Path("runs/x/metrics.jsonl")) as f:
-            f.write('{"step": 1}\\n')
-    """
+    """Open ``path`` to append text (created if missing), never through a link (``metrics.jsonl``)."""
     fd = _open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     return os.fdopen(fd, "a")
 
 
 def open_rewrite(path: Path) -> IO[str]:
     """Create the temporary file ``path`` for a rewrite (a leftover regular file is replaced; a link is
-    refused); text mode.
-
-    Example::
-
-        with files.open_rewrite(files.temp_name(log)) as dst:
-            dst.write(...)
+    refused); text mode. ``path`` is the :func:`temp_name` of the file being rewritten.
     """
     _clear_leftover(path)
     return os.fdopen(open_new(path), "w")
 
 
 def open_lock(path: Path) -> int:
-    """Open (or create) the lock file ``path`` read-write, never through a link; returns the fd.
-
-    Example::
-
-        fd = files.open_lock(Path("runs/x/.lock"))
-    """
+    """Open (or create) the lock file ``path`` (``RUN_DIR/.lock``) read-write, never through a link; returns
+    the fd."""
     return _open(path, os.O_RDWR | os.O_CREAT)
 
 
@@ -332,10 +317,6 @@ def read_regular(path: Path, max_bytes: int) -> bytes:
 
     Raises ``OSError`` (:class:`SymlinkError` for a link or a non-regular file, ``EFBIG`` for a
     larger file).
-
-    Example::
-
-        data = files.read_regular(ckpt / "manifest.json", max_bytes=16 << 20)
     """
     fd = _open(path, os.O_RDONLY)
     try:
@@ -354,22 +335,12 @@ def read_regular(path: Path, max_bytes: int) -> bytes:
 
 
 def open_regular(path: Path) -> int:
-    """Open the regular file ``path`` for reading, never through a link; returns the fd.
-
-    Example::
-
-        fd = files.open_regular(ckpt / "model.safetensors")
-    """
+    """Open the regular file ``path`` for reading, never through a link; returns the fd."""
     return _open(path, os.O_RDONLY)
 
 
 def ensure_dir(path: Path) -> None:
-    """Create directory ``path`` (and its parents) if missing; refuse it if it is a link or not a directory.
-
-    Example::
-
-        files.ensure_dir(Path("runs/x/checkpoints"))
-    """
+    """Create directory ``path`` (and its parents) if missing; refuse it if it is a link or not a directory."""
     refuse_symlink(path)
     path.mkdir(parents=True, exist_ok=True)
     refuse_symlink(path)  # (a link planted between the check and mkdir: mkdir(exist_ok) accepts it)
@@ -378,12 +349,7 @@ def ensure_dir(path: Path) -> None:
 
 
 def fresh_dir(path: Path) -> None:
-    """Make ``path`` an empty new directory: a leftover one (a killed save's) is removed first.
-
-    Example::
-
-        files.fresh_dir(root / ".tmp-step-00000120")
-    """
+    """Make ``path`` an empty new directory: a leftover one (a killed save's ``.tmp-step-*``) is removed first."""
     if os.path.lexists(path):
         remove_tree(path)
     os.mkdir(path)  # (mkdir never follows a link: a link planted since would make it fail)
@@ -392,22 +358,13 @@ def fresh_dir(path: Path) -> None:
 def remove_tree(path: Path) -> None:
     """Delete the directory ``path`` and everything in it, without following any link (a link
     inside is removed, never what it points to); refuse ``path`` itself being a link.
-
-    Example::
-
-        files.remove_tree(root / ".trash-step-00000040")
     """
     refuse_symlink(path)
     shutil.rmtree(path)  # (on Linux rmtree walks by fd and never follows links)
 
 
 def fsync_dir(path: Path) -> None:
-    """Flush a directory's entries (a rename or a new file in it) to disk.
-
-    Example::
-
-        files.fsync_dir(root)
-    """
+    """Flush a directory's entries (a rename or a new file in it) to disk."""
     fd = os.open(path, os.O_RDONLY | _CLOEXEC)
     try:
         os.fsync(fd)

@@ -5,23 +5,26 @@ it writes it; each rank records what it wrote (``.writer-rank{R}.json``, written
 the main process then merges the records into ``manifest.json`` and ``SHA256SUMS``, fsyncs,
 renames the dir into place in one step, points ``latest`` at it and prunes. Ranks never run a
 collective inside the writer (the main process waits for the records on disk, bounded), so the
-same code runs in a background thread (:mod:`framework.async_checkpoint`).
+same code runs in a background thread (:class:`~framework.checkpoint.store.AsyncCheckpointer`).
 
 :class:`CheckpointReader` verifies a checkpoint before anything reads it: the manifest's schema,
 ``SHA256SUMS``, and every file's size and SHA-256. Nothing is ever unpickled.
 
-Example::
+Example (one process; with several, every rank writes its files and commits, and the main process
+prepares and finalizes):
 
-    w = CheckpointWriter(root, "step-00000120", rank=rank, world_size=world, is_main=is_main)
-    w.prepare()                      # main process; then a barrier
-    w.tensors("model.safetensors", model.state_dict())
-    w.json("state.json", {"step": 120})
-    w.commit()                       # every rank
-    if is_main:
-        w.finalize(keep_last=3)
-
-    r = CheckpointReader(root / "step-00000120")   # raises CorruptCheckpointError if anything is off
-    weights = r.tensors("model.safetensors")
+    >>> from pathlib import Path
+    >>> from framework.checkpoint import CheckpointReader, CheckpointWriter
+    >>> root = Path("runs/x/checkpoints")
+    >>> w = CheckpointWriter(root, "step-00000120", rank=0, world_size=1, is_main=True)
+    >>> w.prepare()  # main process; then a barrier
+    >>> w.tensors("model.safetensors", nn.Linear(8, 3).state_dict())
+    >>> w.json("state.json", {"step": 120})
+    >>> w.commit()  # every rank
+    >>> path = w.finalize()  # main process (publish() also points latest at it and prunes)
+    >>> r = CheckpointReader(path)  # raises CorruptCheckpointError if anything is off
+    >>> sorted(r.tensors("model.safetensors")), r.json("state.json")
+    (['bias', 'weight'], {'step': 120})
 """
 
 from __future__ import annotations
@@ -59,9 +62,12 @@ _RECORD = Keys(
 def staging_dir(root: Path, name: str) -> Path:
     """Where a checkpoint ``name`` under ``root`` is written before it is renamed into place.
 
-    Example::
+    Example:
 
-        staging_dir(Path("runs/x/checkpoints"), "step-00000120")   # runs/x/checkpoints/.tmp-step-00000120
+        >>> from pathlib import Path
+        >>> from framework.checkpoint import staging_dir
+        >>> staging_dir(Path("runs/x/checkpoints"), "step-00000120").as_posix()
+        'runs/x/checkpoints/.tmp-step-00000120'
     """
     return root / f"{STAGING_PREFIX}{name}"
 
@@ -87,13 +93,17 @@ class CheckpointWriter:
 
     ``timeout`` bounds how long :meth:`finalize` waits for the other ranks' records.
 
-    Example::
+    Example:
 
-        w = CheckpointWriter(Path("runs/x/checkpoints"), "step-00000120", rank=0, world_size=1, is_main=True)
-        w.prepare()
-        w.json("state.json", {"step": 120})
-        w.commit()
-        path = w.finalize(keep_last=3)
+        >>> from pathlib import Path
+        >>> from framework.checkpoint import CheckpointWriter
+        >>> w = CheckpointWriter(Path("runs/x/checkpoints"), "step-00000120", rank=0, world_size=1, is_main=True)
+        >>> w.prepare()
+        >>> w.json("state.json", {"step": 120})
+        >>> w.commit()
+        >>> path = w.finalize()
+        >>> path.as_posix(), sorted(p.name for p in path.iterdir())
+        ('runs/x/checkpoints/step-00000120', ['SHA256SUMS', 'manifest.json', 'state.json'])
     """
 
     def __init__(
@@ -121,9 +131,15 @@ class CheckpointWriter:
 
         One writer at a time per ``root`` (the run dir's lock, and one async write in flight, see to it).
 
-        Example::
+        Example:
 
-            writer.prepare(); runtime.barrier()
+            >>> from pathlib import Path
+            >>> from framework.checkpoint import CheckpointWriter
+            >>> Path("ckpt/.tmp-step-00000001").mkdir(parents=True)  # a killed save's leftover
+            >>> w = CheckpointWriter(Path("ckpt"), "step-00000002")
+            >>> w.prepare()  # then, with several processes, a barrier
+            >>> sorted(p.name for p in Path("ckpt").iterdir())
+            ['.tmp-step-00000002']
         """
         if self.is_main:
             files.ensure_dir(self.root)
@@ -146,18 +162,32 @@ class CheckpointWriter:
     def json(self, filename: str, obj: Any) -> None:
         """Write ``obj`` as JSON to ``filename`` (NaN and inf as Python's json writes them), fsync'ed.
 
-        Example::
+        Example:
 
-            writer.json("state.json", {"step": 120, "metrics": {"val/loss": 0.41}})
+            >>> from pathlib import Path
+            >>> from framework.checkpoint import CheckpointWriter
+            >>> w = CheckpointWriter(Path("ckpt"), "step-00000120")
+            >>> w.prepare()
+            >>> w.json("state.json", {"step": 120, "metrics": {"val/loss": float("nan")}})
+            >>> (w.staging / "state.json").read_text()
+            '{"step": 120, "metrics": {"val/loss": NaN}}'
         """
         self.json_bytes(filename, json.dumps(obj).encode())
 
     def json_bytes(self, filename: str, data: bytes) -> None:
         """Write already serialized JSON ``data`` to ``filename`` (what :meth:`json` does after dumps).
 
-        Example::
+        Example:
 
-            writer.json_bytes("state.json", b'{"step": 120}')
+            >>> from pathlib import Path
+            >>> from framework.checkpoint import CheckpointWriter
+            >>> w = CheckpointWriter(Path("ckpt"), "step-00000120")
+            >>> w.prepare()
+            >>> w.json_bytes("state.json", b'{"step": 120}')
+            >>> w.json_bytes("state.json", b'{"step": 121}')  # each file is written once
+            Traceback (most recent call last):
+            ...
+            ValueError: step-00000120: state.json was already written by this rank
         """
         self._write(self._path(filename), lambda fd: files.write_all(fd, [data]))
         self._files[filename] = Entry(len(data), hashlib.sha256(data).hexdigest())
@@ -166,9 +196,17 @@ class CheckpointWriter:
         """Write ``tensors`` (CPU; others are copied) as a safetensors file, fsync'ed. It is hashed in a
         thread meanwhile, which :meth:`commit` waits for: the tensors must not change before it.
 
-        Example::
+        Example:
 
-            writer.tensors("model.safetensors", model.state_dict(), {"aliases": "{}"})
+            >>> from pathlib import Path
+            >>> from framework.checkpoint import CheckpointReader, CheckpointWriter
+            >>> w = CheckpointWriter(Path("ckpt"), "step-00000120")
+            >>> w.prepare()
+            >>> w.tensors("model.safetensors", nn.Linear(8, 3).state_dict(), {"aliases": "{}"})
+            >>> w.commit()
+            >>> weights, metadata = CheckpointReader(w.finalize()).tensors_and_metadata("model.safetensors")
+            >>> {name: list(t.shape) for name, t in sorted(weights.items())}, metadata
+            ({'bias': [3], 'weight': [3, 8]}, {'aliases': '{}'})
         """
         # (the hash runs on during the fsync, and on while the next file is written)
         size, digest = self._write(self._path(filename), lambda fd: fileformat.write_tensors(fd, tensors, metadata))
@@ -198,21 +236,35 @@ class CheckpointWriter:
         """About what this checkpoint needs on disk: the previous complete one's size (from its manifest), or
         what is written so far if that is more.
 
-        Example::
+        Example:
 
-            writer.space_needed()   # 1_600_000
+            >>> from pathlib import Path
+            >>> from framework.checkpoint import CheckpointWriter
+            >>> first = CheckpointWriter(Path("ckpt"), "step-00000001")
+            >>> first.prepare(); first.json_bytes("state.json", b'{"step": 1}'); first.commit()
+            >>> _ = first.finalize()
+            >>> CheckpointWriter(Path("ckpt"), "step-00000002").space_needed()  # bytes: about what step 1 took
+            11
         """
         written = sum(os.lstat(p).st_size for p in self.staging.iterdir()) if self.staging.is_dir() else 0
         return max(written, previous_size(self.root))
 
     def external(self, filename: str) -> None:
         """Take ``filename``, written into :attr:`staging` by something else (``torch.distributed.checkpoint``
-        shards, say), into the checkpoint: fsync and hash it.
+        shards, say), into the checkpoint: fsync and hash it. A file in the staging dir that no rank
+        took in this way fails :meth:`finalize`.
 
-        Example::
+        Example:
 
-            dcp.save(state, checkpoint_id=writer.staging)   # writes __0_0.distcp, .metadata
-            for name in ("__0_0.distcp", ".metadata"): writer.external(name)
+            >>> from pathlib import Path
+            >>> from framework.checkpoint import CheckpointReader, CheckpointWriter
+            >>> w = CheckpointWriter(Path("ckpt"), "step-00000120")
+            >>> w.prepare()
+            >>> _ = (w.staging / "__0_0.distcp").write_bytes(b"shard")  # written by torch.distributed.checkpoint
+            >>> w.external("__0_0.distcp")
+            >>> w.commit()
+            >>> CheckpointReader(w.finalize()).files["__0_0.distcp"].size
+            5
         """
         path = self._path(filename)
         fd = files.open_regular(path)
@@ -228,11 +280,20 @@ class CheckpointWriter:
 
     def commit(self) -> None:
         """This rank's files are written: record their names, sizes and SHA-256 in its record file
-        (atomically), for :meth:`finalize` on the main process.
+        (atomically), for :meth:`finalize` on the main process. Nothing can be written after it.
 
-        Example::
+        Example:
 
-            writer.commit()
+            >>> from pathlib import Path
+            >>> from framework.checkpoint import CheckpointWriter
+            >>> w = CheckpointWriter(Path("ckpt"), "step-00000120")
+            >>> w.prepare()
+            >>> w.json("state.json", {"step": 120})
+            >>> w.commit()
+            >>> w.json("late.json", {})
+            Traceback (most recent call last):
+            ...
+            RuntimeError: step-00000120: rank 0 already committed; write every file before commit()
         """
         for name, (size, digest) in list(self._hashing.items()):
             self._files[name] = Entry(size, digest.result())
@@ -248,10 +309,20 @@ class CheckpointWriter:
         """This rank failed to write its part: record why, so the main process stops waiting and raises
         naming this rank (instead of waiting out the timeout). Best effort.
 
-        Example::
+        Example (both ranks of a 2-process save, in one process):
 
-            except OSError as e:
-                writer.abort(str(e)); raise
+            >>> from pathlib import Path
+            >>> from framework.checkpoint import CheckpointWriter
+            >>> main = CheckpointWriter(Path("ckpt"), "step-00000120", rank=0, world_size=2, is_main=True)
+            >>> other = CheckpointWriter(Path("ckpt"), "step-00000120", rank=1, world_size=2, is_main=False)
+            >>> main.prepare()
+            >>> other.abort("OSError: [Errno 5] Input/output error")  # rank 1 failed to write its part
+            >>> main.commit()
+            >>> main.finalize()
+            Traceback (most recent call last):
+            ...
+            framework.checkpoint.files.CheckpointError: rank 1 failed to write its part of checkpoint step-00000120:
+            OSError: [Errno 5] Input/output error; the previous checkpoint is intact
         """
         try:
             self._record({}, reason or "unknown error")
@@ -273,9 +344,17 @@ class CheckpointWriter:
         its path. (:func:`framework.checkpoint.store.publish` does this, then points ``latest`` at it and
         prunes.)
 
-        Example::
+        Example:
 
-            path = writer.finalize(monitor_value=0.41)
+            >>> from pathlib import Path
+            >>> from framework.checkpoint import CheckpointReader, CheckpointWriter
+            >>> w = CheckpointWriter(Path("ckpt"), "step-00000120")
+            >>> w.prepare()
+            >>> w.json("state.json", {"step": 120})
+            >>> w.commit()
+            >>> path = w.finalize(monitor_value=0.41)
+            >>> path.name, CheckpointReader(path).monitor_value
+            ('step-00000120', 0.41)
         """
         if not self.is_main:
             raise RuntimeError("CheckpointWriter.finalize runs on the main process only")
@@ -361,11 +440,7 @@ class CheckpointWriter:
 
 def previous_size(root: Path) -> int:
     """The bytes of the newest checkpoint under ``root`` whose manifest reads (0 without one): what the next
-    save will need about as much of. Reads manifests only.
-
-    Example::
-
-        previous_size(Path("runs/x/checkpoints"))   # 1_600_000
+    save will need about as much of. Reads manifests only (:meth:`CheckpointWriter.space_needed` shows it).
     """
     if not root.is_dir():
         return 0
@@ -404,16 +479,24 @@ def _read_record(path: Path, rank: int, world_size: int) -> dict[str, Any]:
 
 class CheckpointReader:
     """A verified checkpoint: the manifest, ``SHA256SUMS`` and every file's size and SHA-256 are
-    checked when it is opened (a :class:`~framework.errors.CorruptCheckpointError` naming the file
+    checked when it is opened (a :class:`~framework.checkpoint.files.CorruptCheckpointError` naming the file
     otherwise); reads then return exactly what was verified.
 
-    Example::
+    Example:
 
-        r = CheckpointReader(Path("runs/x/checkpoints/step-00000120"))
-        r.files                      # {"model.safetensors": Entry(size, sha256), ...}
-        state = r.json("state.json")
-        weights = r.tensors("model.safetensors")
-        r.has("ema.safetensors")
+        >>> from pathlib import Path
+        >>> from framework.checkpoint import CheckpointReader
+        >>> engine = framework.Engine(max_steps=1, batch_size=32, run_dir="runs/x", progress=False)
+        >>> _ = engine.fit(Classifier(), train_data)  # writes runs/x/checkpoints/step-00000001
+        >>> r = CheckpointReader(Path("runs/x/checkpoints/step-00000001"))
+        >>> sorted(r.files)
+        ['model.safetensors', 'rng-rank0.json', 'rng-rank0.safetensors', 'state.json', 'state.safetensors']
+        >>> r.json("state.json")["state"]["counters"]["step"]
+        1
+        >>> {name: list(t.shape) for name, t in sorted(r.tensors("model.safetensors").items())}
+        {'net.bias': [3], 'net.weight': [3, 8]}
+        >>> r.has("ema.safetensors")  # written with Engine(ema_decay=...)
+        False
     """
 
     def __init__(self, path: Path) -> None:
@@ -422,29 +505,70 @@ class CheckpointReader:
 
     @property
     def files(self) -> dict[str, Entry]:
-        """Every file of the checkpoint, with its size and SHA-256."""
+        """Every file of the checkpoint, with its size and SHA-256 (``manifest.json`` and ``SHA256SUMS``
+        themselves are not listed).
+
+        Example:
+
+            >>> from pathlib import Path
+            >>> from framework.checkpoint import CheckpointReader
+            >>> engine = framework.Engine(max_steps=1, batch_size=32, run_dir="runs/x", progress=False)
+            >>> _ = engine.fit(Classifier(), train_data)
+            >>> CheckpointReader(Path("runs/x/checkpoints/step-00000001")).files["model.safetensors"]
+            Entry(size=284, sha256='...')
+        """
         return dict(self._manifest.files)
 
     @property
     def monitor_value(self) -> float | None:
-        """The value that ranks this checkpoint for ``keep_best`` (None: unranked)."""
+        """The value that ranks this checkpoint for ``keep_best`` (None: unranked).
+
+        The engine's checkpoints have the ``monitor`` value (``val/loss`` by default) of the validation
+        before them, if any.
+
+        Example:
+
+            >>> from pathlib import Path
+            >>> from framework.checkpoint import CheckpointReader, CheckpointWriter
+            >>> w = CheckpointWriter(Path("ckpt"), "step-00000120")
+            >>> w.prepare(); w.json("state.json", {"step": 120}); w.commit()
+            >>> CheckpointReader(w.finalize(monitor_value=0.41)).monitor_value
+            0.41
+        """
         return self._manifest.monitor_value
 
     def has(self, filename: str) -> bool:
         """Whether the checkpoint holds ``filename``.
 
-        Example::
+        Example:
 
-            if reader.has("ema.safetensors"): ...
+            >>> from pathlib import Path
+            >>> from framework.checkpoint import CheckpointReader
+            >>> engine = framework.Engine(max_steps=1, batch_size=32, run_dir="runs/x", progress=False)
+            >>> _ = engine.fit(Classifier(), train_data)
+            >>> reader = CheckpointReader(Path("runs/x/checkpoints/step-00000001"))
+            >>> reader.has("model.safetensors"), reader.has("ema.safetensors")
+            (True, False)
         """
         return filename in self._manifest.files
 
     def file(self, filename: str) -> Path:
         """The path of the verified file ``filename`` (for a library that reads files itself, e.g. DCP).
 
-        Example::
+        Example:
 
-            dcp.load(state, checkpoint_id=reader.path)   # after checking reader.has(".metadata")
+            >>> from pathlib import Path
+            >>> from framework.checkpoint import CheckpointReader
+            >>> engine = framework.Engine(max_steps=1, batch_size=32, run_dir="runs/x", progress=False)
+            >>> _ = engine.fit(Classifier(), train_data)
+            >>> reader = CheckpointReader(Path("runs/x/checkpoints/step-00000001"))
+            >>> reader.file("state.json").as_posix()
+            'runs/x/checkpoints/step-00000001/state.json'
+            >>> reader.file(".metadata")  # a sharded checkpoint has one
+            Traceback (most recent call last):
+            ...
+            framework.checkpoint.files.CorruptCheckpointError: runs/x/checkpoints/step-00000001 has no .metadata
+            (its manifest lists ['model.safetensors', ...])
         """
         if not self.has(filename):
             raise CorruptCheckpointError(f"{self.path} has no {filename} (its manifest lists {sorted(self.files)})")
@@ -453,9 +577,21 @@ class CheckpointReader:
     def read_bytes(self, filename: str) -> bytes:
         """The contents of ``filename``, as verified (hashed again if the file changed since).
 
-        Example::
+        Example:
 
-            data = reader.read_bytes("state.json")
+            >>> from pathlib import Path
+            >>> from framework.checkpoint import CheckpointReader
+            >>> engine = framework.Engine(max_steps=1, batch_size=32, run_dir="runs/x", progress=False)
+            >>> _ = engine.fit(Classifier(), train_data)
+            >>> reader = CheckpointReader(Path("runs/x/checkpoints/step-00000001"))
+            >>> reader.read_bytes("state.json")[:30]
+            b'{"format": 2, "world_size": 1,'
+            >>> _ = (reader.path / "state.json").write_text("{}")  # changed since it was verified
+            >>> reader.read_bytes("state.json")
+            Traceback (most recent call last):
+            ...
+            framework.checkpoint.files.CorruptCheckpointError: runs/x/checkpoints/step-00000001/state.json has 2 bytes,
+            the manifest says ...; the checkpoint is damaged or was replaced; resume from another checkpoint
         """
         path, entry = self.file(filename), self._manifest.files[filename]
         try:
@@ -474,27 +610,46 @@ class CheckpointReader:
     def json(self, filename: str) -> Any:
         """The parsed JSON file ``filename`` (a :class:`CorruptCheckpointError` naming it if malformed).
 
-        Example::
+        Example:
 
-            state = reader.json("state.json")
+            >>> from pathlib import Path
+            >>> from framework.checkpoint import CheckpointReader
+            >>> engine = framework.Engine(max_steps=1, batch_size=32, run_dir="runs/x", progress=False)
+            >>> _ = engine.fit(Classifier(), train_data)
+            >>> state = CheckpointReader(Path("runs/x/checkpoints/step-00000001")).json("state.json")
+            >>> state["format"], state["strategy"], sorted(state["state"])
+            (2, 'single', ['callbacks', 'counters', 'data', 'metrics', 'model', 'optimizer'])
         """
         return parse_json(self.read_bytes(filename), self.path / filename)
 
     def tensors(self, filename: str) -> dict[str, torch.Tensor]:
         """The tensors of the safetensors file ``filename``.
 
-        Example::
+        Example:
 
-            weights = reader.tensors("model.safetensors")
+            >>> from pathlib import Path
+            >>> from framework.checkpoint import CheckpointReader
+            >>> engine = framework.Engine(max_steps=1, batch_size=32, run_dir="runs/x", progress=False)
+            >>> _ = engine.fit(Classifier(), train_data)
+            >>> weights = CheckpointReader(Path("runs/x/checkpoints/step-00000001")).tensors("model.safetensors")
+            >>> {name: list(t.shape) for name, t in sorted(weights.items())}
+            {'net.bias': [3], 'net.weight': [3, 8]}
         """
         return self.tensors_and_metadata(filename)[0]
 
     def tensors_and_metadata(self, filename: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """The tensors and the metadata of the safetensors file ``filename``.
 
-        Example::
+        Example:
 
-            weights, meta = reader.tensors_and_metadata("model.safetensors")
+            >>> from pathlib import Path
+            >>> from framework.checkpoint import CheckpointReader
+            >>> engine = framework.Engine(max_steps=1, batch_size=32, run_dir="runs/x", progress=False)
+            >>> _ = engine.fit(Classifier(), train_data)
+            >>> reader = CheckpointReader(Path("runs/x/checkpoints/step-00000001"))
+            >>> weights, meta = reader.tensors_and_metadata("model.safetensors")
+            >>> sorted(weights), meta  # aliases: tied weights, stored once
+            (['net.bias', 'net.weight'], {'aliases': '{}'})
         """
         return fileformat.parse_tensors(self.read_bytes(filename), self.path / filename)
 
@@ -502,10 +657,6 @@ class CheckpointReader:
 def parse_json(data: bytes, where: object) -> Any:
     """``json.loads`` that names ``where`` in a :class:`CorruptCheckpointError` (bad UTF-8, a truncated
     file, nesting deeper than Python can parse).
-
-    Example::
-
-        state = parse_json(data, where=ckpt / "state.json")
     """
     try:
         return json.loads(data)
@@ -538,13 +689,8 @@ def _check_entry(path: Path, data: bytes, entry: Entry) -> None:
 
 
 def read_manifest(path: Path) -> tuple[Manifest, bytes]:
-    """The parsed ``manifest.json`` of checkpoint ``path`` and its bytes (checked, not the files).
-
-    Example::
-
-        m, _ = read_manifest(ckpt)
-        m.monitor_value
-    """
+    """The parsed ``manifest.json`` of checkpoint ``path`` and its bytes (checked, not the files): cheap, for
+    its ``monitor_value`` or its list of files."""
     where = path / MANIFEST
     try:
         data = files.read_regular(where, fileformat.MAX_MANIFEST_BYTES)
@@ -562,9 +708,21 @@ def verify(path: Path) -> tuple[Manifest, dict[str, tuple[int, ...]]]:
     returns the manifest and each file's identity as verified. Raises
     :class:`CorruptCheckpointError` naming the file.
 
-    Example::
+    Example:
 
-        verify(Path("runs/x/checkpoints/step-00000120"))
+        >>> from pathlib import Path
+        >>> from framework.checkpoint import verify
+        >>> engine = framework.Engine(max_steps=1, batch_size=32, run_dir="runs/x", progress=False)
+        >>> _ = engine.fit(Classifier(), train_data)
+        >>> manifest, _ = verify(Path("runs/x/checkpoints/step-00000001"))
+        >>> sorted(manifest.files)
+        ['model.safetensors', 'rng-rank0.json', 'rng-rank0.safetensors', 'state.json', 'state.safetensors']
+        >>> _ = Path("runs/x/checkpoints/step-00000001/rng-rank0.json").write_text("{}")
+        >>> verify(Path("runs/x/checkpoints/step-00000001"))
+        Traceback (most recent call last):
+        ...
+        framework.checkpoint.files.CorruptCheckpointError: runs/x/checkpoints/step-00000001/rng-rank0.json has 2 bytes,
+        the manifest says ...; the checkpoint is damaged or was replaced; resume from another checkpoint
     """
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a checkpoint directory (it does not exist or is a file)")

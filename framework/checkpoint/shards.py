@@ -22,11 +22,20 @@ What is read and how:
   :class:`~framework.checkpoint.files.CorruptCheckpointError` naming the file (``resume="auto"`` then
   tries the older checkpoint).
 
-Example::
+Example (one process, so whole tensors; under FSDP every rank calls :func:`save` and :func:`load` with
+its own DTensor shards):
 
-    files = save({"model/w": shard}, Path("ckpt/model_shards"))   # collective
-    load(template, Path("ckpt/model_shards"))                     # fills template's shards in place
-    full = load_full(Path("ckpt/model_shards"), prefix="model/")  # one plain process: whole tensors
+    >>> import warnings
+    >>> from pathlib import Path
+    >>> from framework.checkpoint import shards
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("ignore")  # (DCP says that it runs without a process group)
+    ...     written = shards.save({"model/w": torch.ones(2, 3), "model/b": torch.zeros(2)}, Path("ckpt"))
+    ...     template = {"model/w": torch.empty(2, 3)}
+    ...     shards.load(template, Path("ckpt"))  # fills the template's tensors (shards) in place
+    ...     full = shards.load_full(Path("ckpt"), prefix="model/")  # no process group: whole tensors
+    >>> written, template["model/w"].sum().item(), sorted(full)
+    (['__0_0.distcp', '.metadata'], 6.0, ['b', 'w'])
 """
 
 from __future__ import annotations
@@ -75,10 +84,18 @@ class UnsafeMetadata(CorruptCheckpointError, pickle.UnpicklingError):
     outside its checkpoint: a :class:`~framework.checkpoint.files.CorruptCheckpointError` (so
     ``resume="auto"`` skips the checkpoint), and an ``UnpicklingError``.
 
-    Example::
+    Example:
 
-        with pytest.raises(UnsafeMetadata, match="refusing posix.system"):
-            read_metadata(Path("ckpt/.metadata"))
+        >>> import os, pickle
+        >>> from pathlib import Path
+        >>> Path("ckpt").mkdir()
+        >>> _ = Path("ckpt/.metadata").write_bytes(pickle.dumps(os.system))  # a planted pickle
+        >>> read_metadata(Path("ckpt/.metadata"))
+        Traceback (most recent call last):
+        ...
+        framework.checkpoint.shards.UnsafeMetadata: ckpt/.metadata: refusing ...system: a torch.distributed.checkpoint
+        .metadata file holds only DCP's metadata classes; this one was crafted or is not DCP's; the checkpoint is
+        damaged or was crafted; nothing was loaded. Resume from another checkpoint
     """
 
 
@@ -98,12 +115,8 @@ def read_metadata(path: Path, sizes: Mapping[str, int] | None = None) -> Any:
     """Unpickle a DCP ``.metadata`` file with the allow-list above, then check it against the files beside
     it (``sizes``: the checkpoint's verified files and their sizes; default: what is in the directory):
     see :func:`check_metadata`. Raises :class:`~framework.checkpoint.files.CorruptCheckpointError` (an
-    :class:`UnsafeMetadata` for a refused class) naming the file.
-
-    Example::
-
-        meta = read_metadata(Path("ckpt/model_shards/.metadata"))
-        list(meta.state_dict_metadata)[:3]
+    :class:`UnsafeMetadata` for a refused class) naming the file (:class:`UnsafeMetadata` shows one). The
+    index's ``state_dict_metadata`` maps each tensor's key to its global shape, dtype and chunks.
     """
     try:
         data = files.read_regular(path, MAX_METADATA_BYTES)  # (never through a link, never a FIFO)
@@ -131,11 +144,8 @@ def check_metadata(meta: Any, path: Path, sizes: Mapping[str, int]) -> None:
     """Raise :class:`UnsafeMetadata` naming ``path`` unless DCP index ``meta`` describes only tensors stored in
     the ``.distcp`` files of ``sizes`` (name -> bytes), within them: each storage item inside its file, each
     chunk inside its tensor and no larger than its item, each tensor no larger than all the shard files
-    together. Nothing is allocated or read from the shards before this passes.
-
-    Example::
-
-        check_metadata(meta, ckpt / ".metadata", {"__0_0.distcp": 4096, "__1_0.distcp": 4096})
+    together (``sizes`` e.g. ``{"__0_0.distcp": 4096, "__1_0.distcp": 4096}``). Nothing is allocated or read
+    from the shards before this passes.
     """
     from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
@@ -219,11 +229,7 @@ def _ints(value: Any) -> tuple[int, ...]:
 def check_items(directory: Path, meta: Any) -> None:
     """Raise :class:`~framework.checkpoint.files.CorruptCheckpointError` naming the file unless every storage
     item of checked ``meta`` starts as a ``torch.save`` archive does (a planted pickle does not): read 4
-    bytes per item, without following a link.
-
-    Example::
-
-        check_items(ckpt, read_metadata(ckpt / ".metadata"))
+    bytes per item, without following a link. ``meta`` comes from :func:`read_metadata`.
     """
     by_file: dict[str, list[int]] = {}
     for info in meta.storage_data.values():
@@ -281,11 +287,8 @@ def _read(directory: Path, load: Callable[[], None]) -> None:
 
 def save(tensors: dict[str, torch.Tensor], directory: Path) -> list[str]:
     """Write this rank's shards of ``tensors`` (collective: every rank calls it with its own shards) into
-    ``directory``; returns the names of the files this rank wrote.
-
-    Example::
-
-        save({"model/w": model.w}, staging / "shards")
+    ``directory``; returns the names of the files this rank wrote (rank 0 also the index, ``.metadata``).
+    The module's example shows it.
     """
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.filesystem import FileSystemWriter
@@ -309,11 +312,9 @@ def save(tensors: dict[str, torch.Tensor], directory: Path) -> list[str]:
 
 def open_index(directory: Path, sizes: Mapping[str, int] | None = None) -> Any:
     """The checked index of the shards in ``directory`` (:func:`read_metadata`, then :func:`check_items`):
-    what :func:`load` and :func:`load_full` read by. ``sizes``: the checkpoint's verified files.
-
-    Example::
-
-        meta = open_index(ckpt, {name: e.size for name, e in reader.files.items()})
+    what :func:`load` and :func:`load_full` read by. ``sizes``: the checkpoint's verified files and their
+    sizes (``{name: e.size for name, e in reader.files.items()}`` of its
+    :class:`~framework.checkpoint.io.CheckpointReader`).
     """
     meta = read_metadata(directory / METADATA, sizes)
     check_items(directory, meta)
@@ -323,11 +324,7 @@ def open_index(directory: Path, sizes: Mapping[str, int] | None = None) -> Any:
 def load(template: dict[str, torch.Tensor], directory: Path, meta: Any = None) -> None:
     """Fill ``template`` (tensors or DTensor shards of the right global shapes) in place from ``directory``,
     resharding from whatever world size wrote it (collective under several processes). ``meta``: its
-    index from :func:`open_index` (read here if None).
-
-    Example::
-
-        load({"model/w": model.w}, ckpt / "shards")
+    index from :func:`open_index` (read here if None). The module's example shows it.
     """
     from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
@@ -346,11 +343,8 @@ def load_full(directory: Path, prefix: str = "", meta: Any = None) -> dict[str, 
     """Every tensor under ``prefix`` as one whole tensor, in this process, with no process group: what
     ``framework.load_weights`` and ``python -m framework export`` read from a sharded checkpoint. The
     sizes come from the checked index (:func:`open_index`; ``meta``, or read here), so they are bounded by
-    what the shard files hold.
-
-    Example::
-
-        weights = load_full(ckpt / "shards", prefix="model/")   # {"net.0.weight": tensor, ...}
+    what the shard files hold. The keys come back with ``prefix`` stripped (``model/net.0.weight`` ->
+    ``net.0.weight``); the module's example shows it.
     """
     from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 

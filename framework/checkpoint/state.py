@@ -9,7 +9,8 @@ On disk (one checkpoint, written by :class:`framework.checkpoint.CheckpointWrite
 
 - entries registered with a ``file`` (the model, the EMA) go to their own safetensors file with
   clean parameter names (what ``framework.load_weights`` reads), or, under FSDP, to the shards that
-  torch.distributed.checkpoint writes beside them (``.metadata``, ``__R_0.distcp``: :mod:`framework.dcp`);
+  torch.distributed.checkpoint writes beside them (``.metadata``, ``__R_0.distcp``:
+  :mod:`framework.checkpoint.shards`);
 - every other tensor goes to ``state.safetensors`` (a shard to the shards), and everything else to
   ``state.json``, which refers to the tensors by key;
 - each rank's RNG states to ``rng-rank{R}.json`` / ``.safetensors``.
@@ -19,14 +20,20 @@ run's fingerprint), then applies: a bad checkpoint leaves the module, optimizers
 were. Nothing read can set an attribute by name or reach a path: counters are the fields of
 :class:`Counters`, checked one by one.
 
-Example::
+The engine's fit registers its objects (``state.register("model", ModelWeights(strategy, module),
+file="model.safetensors")``, ``state.register("optimizer", OptimizerState(strategy, module, optimizer))``,
+``state.register("counters", counters)``, ...), then saves with ``save(state, writer, root, name,
+strategy=..., rt=..., fingerprint=..., ...)`` (collective) and resumes with ``load(state,
+CheckpointReader(path), strategy=..., rt=..., fingerprint=..., seed=...)``.
 
-    state = TrainState()
-    state.register("model", ModelWeights(strategy, module), file="model.safetensors")
-    state.register("optimizer", OptimizerState(strategy, module, optimizer))
-    state.register("counters", counters)
-    save(state, writer, strategy=strategy, rt=rt, fingerprint=fp)   # collective
-    load(state, CheckpointReader(path), strategy=strategy, rt=rt, fingerprint=fp)
+Example:
+
+    >>> from framework.checkpoint.state import Counters, LoggedMetrics, TrainState
+    >>> state = TrainState()
+    >>> state.register("counters", Counters(step=120))
+    >>> state.register("metrics", LoggedMetrics({"val/loss": 0.41}))
+    >>> {name: state[name].state_dict() for name in state.names}  # what a checkpoint keeps of each
+    {'counters': {'step': 120, 'epoch': 0, ...}, 'metrics': {'val/loss': 0.41}}
 """
 
 from __future__ import annotations
@@ -82,17 +89,22 @@ class _Entry:
     obj: Any
     file: str | None  # its own safetensors file (tensor-only state: model weights, EMA), else state.json
     check: Callable[[Any], None] | None  # raises ValueError/TypeError/KeyError for a malformed state
-    schema: Any  # framework.schema: what its JSON in state.json must look like (checked before anything else)
+    schema: Any  # a fileformat schema: what its JSON in state.json must look like (checked before anything else)
 
 
 class TrainState:
     """The named stateful objects of a fit, in registration order.
 
-    Example::
+    Example:
 
-        state = TrainState()
-        state.register("counters", Counters())
-        state.names   # ["counters"]
+        >>> state = TrainState()
+        >>> state.register("counters", Counters())
+        >>> state.names, state["counters"].step
+        (['counters'], 0)
+        >>> state.register("counters", Counters())
+        Traceback (most recent call last):
+        ...
+        ValueError: a stateful object named 'counters' is registered already
     """
 
     def __init__(self) -> None:
@@ -124,10 +136,16 @@ class TrainState:
 class Counters:
     """The train position and tallies (checkpointed; ``Engine.step`` etc. read and write these).
 
-    Example::
+    Example:
 
-        c = Counters(); c.step += 1
-        c.state_dict()["step"]   # 1
+        >>> c = Counters()
+        >>> c.step += 1
+        >>> c.state_dict()["step"]
+        1
+        >>> c.load_state_dict({**c.state_dict(), "run_dir": "/etc"})  # a counter that is no counter: refused
+        Traceback (most recent call last):
+        ...
+        framework.checkpoint.files.CorruptCheckpointError: counters: run_dir: unknown key (expected only 'step', ...)
     """
 
     step: int = 0  # optimizer steps taken (windows done), skipped ones included
@@ -159,10 +177,8 @@ class Counters:
 
 class ModelWeights:
     """The module's weights, as the strategy saves and loads them (full tensors; DTensor shards under FSDP).
-
-    Example::
-
-        state.register("model", ModelWeights(strategy, module), file="model.safetensors")
+    Registered with a file of its own: ``state.register("model", ModelWeights(strategy, module),
+    file="model.safetensors")``.
     """
 
     def __init__(self, strategy: Strategy, module: nn.Module) -> None:
@@ -180,10 +196,7 @@ class ModelWeights:
 
 class OptimizerState:
     """One optimizer's state, keyed by parameter name (so it resumes under another strategy or world size).
-
-    Example::
-
-        state.register("optimizer", OptimizerState(strategy, module, optimizer))
+    Registered as ``state.register("optimizer", OptimizerState(strategy, module, optimizer))``.
     """
 
     def __init__(self, strategy: Strategy, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -231,9 +244,11 @@ class BadTensor(ValueError):
     """A state tensor that cannot be applied: ``key`` is where it sits in its entry's state (e.g.
     ``state/net.0.weight/exp_avg``), ``why`` what is wrong.
 
-    Example::
+    Example:
 
-        raise BadTensor("state/net.0.weight/exp_avg", "holds NaN or inf")
+        >>> error = BadTensor("state/net.0.weight/exp_avg", "holds NaN or inf")
+        >>> print(error)
+        state/net.0.weight/exp_avg: holds NaN or inf
     """
 
     def __init__(self, key: str, why: str) -> None:
@@ -249,9 +264,15 @@ def check_state_tensor(optimizer: torch.optim.Optimizer, param: torch.Tensor, t:
     fails at the next step, after the weights were applied. Under FSDP, ``t`` and ``param`` are DTensors
     (global shapes); the values checked are this rank's shard.
 
-    Example::
+    Example:
 
-        check_state_tensor(opt, model.net[0].weight, torch.zeros(32, 8), "state/net.0.weight/exp_avg")
+        >>> model = nn.Linear(8, 3)
+        >>> opt = torch.optim.AdamW(model.parameters())
+        >>> check_state_tensor(opt, model.weight, torch.zeros(3, 8), "state/weight/exp_avg")  # fits
+        >>> check_state_tensor(opt, model.weight, torch.zeros(32, 8), "state/weight/exp_avg")
+        Traceback (most recent call last):
+        ...
+        framework.checkpoint.state.BadTensor: state/weight/exp_avg: has shape [32, 8], its parameter's is [3, 8]
     """
     local = t.to_local() if _is_dtensor(t) else t  # type: ignore[attr-defined]
     if (local.is_floating_point() or local.is_complex()) and not bool(torch.isfinite(local).all()):
@@ -266,11 +287,8 @@ def check_state_tensor(optimizer: torch.optim.Optimizer, param: torch.Tensor, t:
 
 
 class CallbackStates:
-    """The callbacks' ``state_dict()`` s (tensors allowed), matched back by class, in order.
-
-    Example::
-
-        state.register("callbacks", CallbackStates(engine.callbacks))
+    """The callbacks' ``state_dict()`` s (tensors allowed), matched back by class, in order. Registered as
+    ``state.register("callbacks", CallbackStates(engine.callbacks))``.
     """
 
     def __init__(self, callbacks: list[Any]) -> None:
@@ -305,11 +323,14 @@ class CallbackStates:
 
 class LoggedMetrics:
     """The last logged values (``engine.metrics``; NaN allowed): a resumed run shows them until it logs
-    again. Loaded in place, so whoever holds the dict keeps it.
+    again. Loaded in place, so whoever holds the dict keeps it (``LoggedMetrics(engine.metrics)``).
 
-    Example::
+    Example:
 
-        state.register("metrics", LoggedMetrics(engine.metrics))
+        >>> metrics = {"train/loss": 2.3}
+        >>> LoggedMetrics(metrics).load_state_dict({"val/loss": 0.41})
+        >>> metrics
+        {'val/loss': 0.41}
     """
 
     def __init__(self, metrics: dict[str, float]) -> None:
@@ -360,10 +381,13 @@ def flatten(
 
     Handles what state dicts hold: dicts (any key type), lists, tuples, numbers, strings, None, tensors.
 
-    Example::
+    Example:
 
-        tensors = {}
-        flatten({"w": torch.ones(2), "lr": 0.1}, tensors, "opt")   # {"w": {"__tensor__": "opt/w"}, "lr": 0.1}
+        >>> tensors = {}
+        >>> flatten({"w": torch.ones(2), "lr": 0.1, "betas": (0.9, 0.99)}, tensors, "opt")
+        {'w': {'__tensor__': 'opt/w'}, 'lr': 0.1, 'betas': {'__tuple__': [0.9, 0.99]}}
+        >>> tensors
+        {'opt/w': tensor([1., 1.])}
     """
     if isinstance(obj, torch.Tensor):
         if shards is not None and _is_dtensor(obj):
@@ -405,9 +429,10 @@ def unflatten(obj: Any, tensors: dict[str, torch.Tensor], depth: int = 0) -> Any
     """Inverse of :func:`flatten`; a reference to a missing tensor, or a malformed node, is a KeyError/TypeError
     (the caller names the file).
 
-    Example::
+    Example:
 
-        unflatten({"__tensor__": "opt/w"}, {"opt/w": torch.ones(2)})   # tensor([1., 1.])
+        >>> unflatten({"w": {"__tensor__": "opt/w"}, "betas": {"__tuple__": [0.9, 0.99]}}, {"opt/w": torch.ones(2)})
+        {'w': tensor([1., 1.]), 'betas': (0.9, 0.99)}
     """
     if depth > 64:
         raise ValueError("nested deeper than any state dict (64 levels)")
@@ -455,13 +480,10 @@ def save(
     keep_best: int,
     mode: str,
 ) -> Path:
-    """Write every registered object into a new checkpoint. Collective: every rank calls it.
-
-    Example::
-
-        writer = CheckpointWriter(root, "step-00000120", rank=0, world_size=1, is_main=True)
-        save(state, writer, root, "step-00000120", strategy=s, rt=rt, fingerprint=fp, monitor_value=None,
-             keep_last=3, keep_best=0, mode="min")
+    """Write every registered object into a new checkpoint. Collective: every rank calls it, with its own
+    ``writer`` for ``root/name`` (a :class:`~framework.checkpoint.io.CheckpointWriter`, or an
+    :class:`~framework.checkpoint.store.AsyncCheckpointer`'s); the main process then publishes it (``latest``,
+    pruning by ``keep_last``, ``keep_best`` and ``mode``).
     """
     if rt.is_main:
         writer.prepare()
@@ -554,11 +576,7 @@ def load(
     shards on the others; and after that read and the checks of what it gave (each rank its own shards).
     A failure on any rank is raised on every rank (the rank's own error, a
     :class:`CorruptCheckpointError` naming that rank on the others), so ``resume="auto"`` moves on to
-    the same older checkpoint everywhere.
-
-    Example::
-
-        load(state, CheckpointReader(path), strategy=s, rt=rt, fingerprint=fp, seed=0)
+    the same older checkpoint everywhere. ``seed`` re-seeds the per-rank RNG streams of an elastic resume.
     """
     where = Path(reader.path if hasattr(reader, "path") else reader)
     reader, meta, tensors, index, rng = _agreed(rt, where, lambda: _read_local(state, reader, fingerprint, rt))
@@ -798,10 +816,8 @@ def fingerprint(
     config: EngineConfig, module: nn.Module, optimizers: Optimizers, batch_size: int | None, scaler: bool = False
 ) -> dict[str, Any]:
     """What a checkpoint depends on, from the validated config: resuming with any of it changed is an error.
-
-    Example::
-
-        fp = fingerprint(engine.config, module, optimizers, batching.batch_size)
+    Kept in ``state.json`` (``fingerprint``): the batch size, seed, shuffle, drop_last, EMA decay, every
+    parameter's shape, each optimizer's class, settings and scheduler, and whether a GradScaler runs.
     """
     tensors: dict[str, torch.Tensor] = {}
     opts = {}
@@ -849,9 +865,11 @@ def _differences(saved: Any, now: dict[str, Any]) -> list[str]:
 def rng_state() -> tuple[Any, dict[str, torch.Tensor]]:
     """This process's RNG states (torch CPU, CUDA, numpy, python) as (JSON part, tensors).
 
-    Example::
+    Example:
 
-        meta, tensors = rng_state()
+        >>> meta, tensors = rng_state()
+        >>> sorted(meta), tensors["torch"].dtype, tensors["numpy"].shape  # (and "cuda/0", ... where CUDA runs)
+        (['numpy', 'python'], torch.uint8, torch.Size([624]))
     """
     import numpy as np
 
@@ -880,9 +898,17 @@ def check_rng_state(meta: Any, tensors: dict[str, torch.Tensor], where: Path) ->
     shapes first, then each state applied to a scratch generator (a state of the right size can
     still be invalid), so that a bad one fails before anything of the run changes.
 
-    Example::
+    Example:
 
-        check_rng_state(reader.json("rng-rank0.json"), reader.tensors("rng-rank0.safetensors"), where=ckpt)
+        >>> from pathlib import Path
+        >>> meta, tensors = rng_state()
+        >>> check_rng_state(meta, tensors, where=Path("rng-rank0.json"))  # fine
+        >>> meta["numpy"][0] = "PCG64"
+        >>> check_rng_state(meta, tensors, where=Path("rng-rank0.json"))
+        Traceback (most recent call last):
+        ...
+        framework.checkpoint.files.CorruptCheckpointError: rng-rank0.json: numpy[0]: expected one of 'MT19937', got
+        'PCG64' (str); the checkpoint is damaged or was edited; nothing was applied. Resume from another checkpoint
     """
     import numpy as np
 
@@ -917,9 +943,13 @@ def check_rng_state(meta: Any, tensors: dict[str, torch.Tensor], where: Path) ->
 def set_rng_state(meta: Any, tensors: dict[str, torch.Tensor]) -> None:
     """Restore what :func:`rng_state` returned (check a saved one with :func:`check_rng_state` first).
 
-    Example::
+    Example:
 
-        set_rng_state(*rng_state())
+        >>> saved = rng_state()
+        >>> first = torch.rand(2)
+        >>> set_rng_state(*saved)
+        >>> torch.equal(torch.rand(2), first)  # the same draw again
+        True
     """
     import numpy as np
 

@@ -13,10 +13,20 @@ an older checkpoint.
 - :func:`abandon_newer`: resuming from step 4 of a run that has 8 and 12 moves those aside, so
   ``resume="auto"`` continues the new branch and never returns to the old one.
 
-Example::
+Example:
 
-    path = newest_complete(Path("runs/x/checkpoints"))
-    prune(Path("runs/x/checkpoints"), keep_last=3, keep_best=1, mode="min")
+    >>> from pathlib import Path
+    >>> from framework.checkpoint import list_checkpoints, newest_complete, prune
+    >>> engine = framework.Engine(max_steps=3, batch_size=32, checkpoint_every_n_steps=1, run_dir="runs/x",
+    ...                           progress=False)
+    >>> _ = engine.fit(Classifier(), train_data)  # step-00000001, -2, -3
+    >>> root = Path("runs/x/checkpoints")
+    >>> newest_complete(root).name
+    'step-00000003'
+    >>> [path.name for path in prune(root, keep_last=1)]
+    ['step-00000001', 'step-00000002']
+    >>> [found.step for found in list_checkpoints(root)]
+    [3]
 
 Background writes (:class:`AsyncCheckpointer`, ``checkpoint_async=True``): the training thread pays
 only for a copy of the state into host buffers that are reused from one save to the next; serialising,
@@ -60,11 +70,17 @@ def _warn_once(key: str, message: str) -> None:
 
 @dataclass
 class Found:
-    """A ``step-*`` checkpoint directory (complete or not) and its step.
+    """A ``step-*`` checkpoint directory (complete or not) and its step, as :func:`list_checkpoints` finds it.
 
-    Example::
+    Example:
 
-        Found(Path("runs/x/checkpoints/step-00000120"), 120)
+        >>> from pathlib import Path
+        >>> from framework.checkpoint import list_checkpoints
+        >>> engine = framework.Engine(max_steps=1, batch_size=32, run_dir="runs/x", progress=False)
+        >>> _ = engine.fit(Classifier(), train_data)
+        >>> found = list_checkpoints(Path("runs/x/checkpoints"))[-1]
+        >>> found.path.as_posix(), found.step
+        ('runs/x/checkpoints/step-00000001', 1)
     """
 
     path: Path
@@ -75,9 +91,17 @@ def list_checkpoints(root: Path) -> list[Found]:
     """Every ``step-*`` directory directly under ``root`` (complete or not; links are not
     checkpoints), oldest first.
 
-    Example::
+    Example:
 
-        [f.step for f in list_checkpoints(Path("runs/x/checkpoints"))]   # [40, 80, 120]
+        >>> from pathlib import Path
+        >>> from framework.checkpoint import list_checkpoints
+        >>> engine = framework.Engine(max_steps=3, batch_size=32, checkpoint_every_n_steps=1, run_dir="runs/x",
+        ...                           progress=False)
+        >>> _ = engine.fit(Classifier(), train_data)
+        >>> [found.step for found in list_checkpoints(Path("runs/x/checkpoints"))]
+        [1, 2, 3]
+        >>> list_checkpoints(Path("runs/none/checkpoints"))
+        []
     """
     if not root.is_dir():
         return []
@@ -93,9 +117,18 @@ def validate(path: Path) -> str | None:
     """None if checkpoint ``path`` looks complete (a valid manifest, ``SHA256SUMS``, every listed file
     present with its size), else why not. Cheap: hashes nothing (:func:`verify` does).
 
-    Example::
+    Example:
 
-        validate(Path("runs/x/checkpoints/step-00000120"))   # None, or "... has no manifest.json ..."
+        >>> from pathlib import Path
+        >>> from framework.checkpoint import validate
+        >>> engine = framework.Engine(max_steps=1, batch_size=32, run_dir="runs/x", progress=False)
+        >>> _ = engine.fit(Classifier(), train_data)
+        >>> ckpt = Path("runs/x/checkpoints/step-00000001")
+        >>> print(validate(ckpt))
+        None
+        >>> (ckpt / "model.safetensors").unlink()
+        >>> print(validate(ckpt))
+        runs/x/checkpoints/step-00000001/model.safetensors is missing
     """
     try:
         parsed, _ = read_manifest(path)
@@ -125,16 +158,32 @@ def load_newest(root: Path, load: Callable[[Path], None] | None = None) -> Path 
 
     Returns None where ``root`` holds no ``step-*`` dir at all; raises :class:`CheckpointError` where
     it holds some but none is usable (starting over on top of them would be a silent fresh start).
-    ``load`` must verify what it reads (:class:`~framework.checkpoint_io.CheckpointReader` does); without
+    ``load`` must verify what it reads (:class:`~framework.checkpoint.io.CheckpointReader` does); without
     it, each candidate is verified here.
 
     A reader never loses to pruning: a candidate that disappears while it is read (a run training with
     ``keep_last`` pruned it, after publishing a newer one) is not a damaged checkpoint; the listing is
     read again and the newest complete checkpoint tried first.
 
-    Example::
+    Example:
 
-        path = load_newest(root, lambda p: load_engine(engine, fit, p))
+        >>> import warnings
+        >>> from pathlib import Path
+        >>> from framework.checkpoint import load_newest
+        >>> engine = framework.Engine(max_steps=3, batch_size=32, checkpoint_every_n_steps=1, run_dir="runs/x",
+        ...                           progress=False)
+        >>> _ = engine.fit(Classifier(), train_data)
+        >>> _ = Path("runs/x/checkpoints/step-00000003/model.safetensors").write_bytes(b"damaged")
+        >>> model = Classifier()
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     path = load_newest(Path("runs/x/checkpoints"), lambda p: framework.load_weights(model, p))
+        >>> path.name
+        'step-00000002'
+        >>> print(caught[0].message)
+        skipping checkpoint(s) under runs/x/checkpoints that fail verification: step-00000003
+        (runs/x/checkpoints/step-00000003/model.safetensors has 7 bytes, the manifest says 284; the checkpoint is
+        damaged or was replaced; resume from another checkpoint). Using the older step-00000002 instead
     """
     skipped: dict[str, str] = {}  # name -> why (each damaged one verified once, whatever the restarts)
     for _ in range(_RESTARTS):
@@ -185,9 +234,17 @@ def _vanished(path: Path) -> bool:
 def newest_complete(root: Path) -> Path | None:
     """The newest checkpoint under ``root`` that verifies (sizes and SHA-256); see :func:`load_newest`.
 
-    Example::
+    Example:
 
-        newest_complete(Path("runs/x/checkpoints"))   # runs/x/checkpoints/step-00000120, or None
+        >>> from pathlib import Path
+        >>> from framework.checkpoint import newest_complete
+        >>> engine = framework.Engine(max_steps=3, batch_size=32, checkpoint_every_n_steps=1, run_dir="runs/x",
+        ...                           progress=False)
+        >>> _ = engine.fit(Classifier(), train_data)
+        >>> newest_complete(Path("runs/x/checkpoints")).as_posix()
+        'runs/x/checkpoints/step-00000003'
+        >>> print(newest_complete(Path("runs/fresh/checkpoints")))  # no checkpoint yet
+        None
     """
     return load_newest(root)
 
@@ -199,9 +256,21 @@ def read_latest(root: Path) -> str | None:
     ``resume="auto"`` does not trust it (it checks the ``step-*`` dirs themselves); it is the pointer
     for people and tools, rewritten atomically by every save.
 
-    Example::
+    Example:
 
-        read_latest(Path("runs/x/checkpoints"))   # "step-00000120"
+        >>> from pathlib import Path
+        >>> from framework.checkpoint import read_latest
+        >>> engine = framework.Engine(max_steps=1, batch_size=32, run_dir="runs/x", progress=False)
+        >>> _ = engine.fit(Classifier(), train_data)
+        >>> read_latest(Path("runs/x/checkpoints"))
+        'step-00000001'
+        >>> _ = Path("runs/x/checkpoints/latest").write_text("../../elsewhere")
+        >>> read_latest(Path("runs/x/checkpoints"))
+        Traceback (most recent call last):
+        ...
+        framework.checkpoint.files.CorruptCheckpointError: runs/x/checkpoints/latest does not name a checkpoint
+        ('../../elsewhere'); it should hold one line like 'step-00000120'; the next save rewrites it, or pass a
+        checkpoint dir
     """
     path = root / LATEST
     if not os.path.lexists(path):
@@ -220,9 +289,14 @@ def read_latest(root: Path) -> str | None:
 def write_latest(root: Path, name: str) -> None:
     """Point ``root/latest`` at checkpoint ``name``, atomically (via ``.latest.tmp``).
 
-    Example::
+    Example:
 
-        write_latest(Path("runs/x/checkpoints"), "step-00000120")
+        >>> from pathlib import Path
+        >>> from framework.checkpoint import read_latest, write_latest
+        >>> Path("runs/x/checkpoints").mkdir(parents=True)
+        >>> write_latest(Path("runs/x/checkpoints"), "step-00000120")
+        >>> Path("runs/x/checkpoints/latest").read_text(), read_latest(Path("runs/x/checkpoints"))
+        ('step-00000120\\n', 'step-00000120')
     """
     files.write_atomic(root / LATEST, f"{name}\n".encode())
 
@@ -240,9 +314,19 @@ def prune(
     never deleted (it may be another version's): it is skipped and named once. Links are never
     followed nor removed. Called after a new checkpoint is complete, so there is always one left.
 
-    Example::
+    Example:
 
-        prune(Path("runs/x/checkpoints"), keep_last=3, keep_best=1, mode="min", keep=[just_written])
+        >>> from pathlib import Path
+        >>> from framework.checkpoint import CheckpointWriter, list_checkpoints, prune
+        >>> root = Path("runs/x/checkpoints")
+        >>> for step, val_loss in [(1, 0.5), (2, 0.3), (3, 0.4), (4, 0.6)]:
+        ...     w = CheckpointWriter(root, f"step-{step:08d}")
+        ...     w.prepare(); w.json("state.json", {"step": step}); w.commit()
+        ...     _ = w.finalize(monitor_value=val_loss)
+        >>> [path.name for path in prune(root, keep_last=1, keep_best=1, mode="min")]
+        ['step-00000001', 'step-00000003']
+        >>> [found.step for found in list_checkpoints(root)]  # the newest, and the best (lowest val_loss)
+        [2, 4]
     """
     if mode not in ("min", "max"):
         raise ValueError(f'mode={mode!r}; use "min" or "max"')
@@ -308,9 +392,25 @@ def make_room(
     never one of the newest ``keep_last``: a complete checkpoint always remains. Returns what it removed
     (and says so, once per call that removes something).
 
-    Example::
+    Example:
 
-        make_room(Path("runs/x/checkpoints"), keep_last=1, need=1_600_000)   # [.../step-00000002, ...]
+        >>> import warnings
+        >>> from pathlib import Path
+        >>> from framework.checkpoint import make_room
+        >>> engine = framework.Engine(max_steps=3, batch_size=32, checkpoint_every_n_steps=1, run_dir="runs/x",
+        ...                           progress=False)
+        >>> _ = engine.fit(Classifier(), train_data)
+        >>> root = Path("runs/x/checkpoints")
+        >>> make_room(root, keep_last=1, need=1)  # enough space: nothing goes
+        []
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     removed = make_room(root, keep_last=1)  # need=None: a write just failed for lack of space
+        >>> [path.name for path in removed]
+        ['step-00000001', 'step-00000002']
+        >>> print(caught[0].message)
+        the disk holding runs/x/checkpoints has ... MB free, too little for the next checkpoint: removing
+        step-00000001, step-00000002 (beyond keep_last=1) before it is written, not after
     """
     if keep_last is None or not root.is_dir():
         return []
@@ -339,10 +439,7 @@ def make_room(
 def rank_by_monitor(complete: list[tuple[Found, Manifest]], mode: str) -> list[Path]:
     """The checkpoints that have a ``monitor_value``, best first (lowest for ``mode="min"``, highest for
     ``"max"``; of equal values the earlier step first): how ``keep_best`` keeps them and ``best`` picks one.
-
-    Example::
-
-        rank_by_monitor([(found, manifest), ...], "min")[0]   # the best
+    ``complete`` pairs each checkpoint with its manifest; the first path returned is the best.
     """
     sign = 1.0 if mode == "min" else -1.0
     scored = sorted((sign * m.monitor_value, f.step, f.path) for f, m in complete if m.monitor_value is not None)
@@ -353,10 +450,6 @@ def best_checkpoint(root: Path, mode: str) -> Path | None:
     """The best complete checkpoint under ``root`` (``RUN_DIR/checkpoints``) by its manifest's ``monitor_value``
     (:func:`rank_by_monitor`: as ``keep_best`` ranks them), or None where none has one. Cheap: nothing is
     hashed (a reader verifies what it opens).
-
-    Example::
-
-        best_checkpoint(Path("runs/digits/checkpoints"), "min")   # Path(".../step-00000120")
     """
     if mode not in ("min", "max"):
         raise ValueError(f'mode={mode!r}; use "min" or "max"')
@@ -375,11 +468,8 @@ def best_checkpoint(root: Path, mode: str) -> Path | None:
 def best_of_run(run_dir: Path) -> Path:
     """The best checkpoint of a run dir, ranked by the ``monitor``/``mode`` its ``config.json`` records, as
     ``keep_best`` kept it: what ``load_weights(..., which="best")`` and ``export --best`` read. A
-    :class:`CheckpointError` names ``keep_best`` where the run kept none.
-
-    Example::
-
-        best_of_run(Path("runs/digits"))   # Path("runs/digits/checkpoints/step-00000120")
+    :class:`CheckpointError` names ``keep_best`` where the run kept none. ``run_dir`` is the run dir itself
+    (``runs/digits``), not its ``checkpoints/``.
     """
     if not (run_dir / "checkpoints").is_dir():
         raise CheckpointError(
@@ -437,9 +527,17 @@ def publish(
     ``keep_last=None`` keeps every complete checkpoint). Returns its path. A background writer
     (:class:`AsyncCheckpointer`) queues all of it and returns the path the checkpoint will have.
 
-    Example::
+    Example:
 
-        path = publish(writer, keep_last=3, keep_best=1, mode="min", monitor_value=0.41)
+        >>> from pathlib import Path
+        >>> from framework.checkpoint import CheckpointWriter, list_checkpoints, publish, read_latest
+        >>> root = Path("runs/x/checkpoints")
+        >>> for step in (1, 2, 3):
+        ...     w = CheckpointWriter(root, f"step-{step:08d}")
+        ...     w.prepare(); w.json("state.json", {"step": step}); w.commit()
+        ...     path = publish(w, keep_last=2, monitor_value=0.41)
+        >>> path.name, read_latest(root), [found.step for found in list_checkpoints(root)]
+        ('step-00000003', 'step-00000003', [2, 3])
     """
     if isinstance(writer, DeferredWriter):
         return writer.finalize(keep_last=keep_last, keep_best=keep_best, mode=mode, monitor_value=monitor_value)
@@ -461,9 +559,18 @@ def abandon_newer(root: Path, step: int) -> list[Path]:
     can never pick the old timeline's later checkpoints, and pruning never mixes them in. ``latest`` is
     pointed back at ``step-{step}`` (or the newest remaining). Returns the new paths of what moved.
 
-    Example::
+    Example:
 
-        abandon_newer(Path("runs/x/checkpoints"), 4)   # [.../abandoned/step-00000008, .../abandoned/step-00000012]
+        >>> from pathlib import Path
+        >>> from framework.checkpoint import abandon_newer, read_latest
+        >>> engine = framework.Engine(max_steps=3, batch_size=32, checkpoint_every_n_steps=1, run_dir="runs/x",
+        ...                           progress=False)
+        >>> _ = engine.fit(Classifier(), train_data)
+        >>> root = Path("runs/x/checkpoints")
+        >>> [path.relative_to(root).as_posix() for path in abandon_newer(root, 1)]  # resuming from step 1
+        ['abandoned/step-00000002', 'abandoned/step-00000003']
+        >>> read_latest(root)
+        'step-00000001'
     """
     newer = [f for f in list_checkpoints(root) if f.step > step]
     if not newer:
@@ -492,13 +599,8 @@ def abandon_newer(root: Path, step: int) -> list[Path]:
 
 
 class SnapshotPool:
-    """Host buffers for copies of tensors, kept per (file, name) and reused while shape and dtype match.
-
-    Example::
-
-        pool = SnapshotPool()
-        copy = pool.copy(("model.safetensors", "net.0.weight"), weight)
-    """
+    """Host buffers for copies of tensors, kept per (file, name) (``("model.safetensors", "net.0.weight")``)
+    and reused while shape and dtype match."""
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[str, str], torch.Tensor] = {}
@@ -533,12 +635,8 @@ class SnapshotPool:
 
 
 class DeferredWriter:
-    """A :class:`~framework.checkpoint_io.CheckpointWriter` whose writes run in the background; made by
+    """A :class:`~framework.checkpoint.io.CheckpointWriter` whose writes run in the background; made by
     :meth:`AsyncCheckpointer.writer`. Same methods; ``finalize`` returns the checkpoint's path at once.
-
-    Example::
-
-        w = saver.writer(root, "step-00000120", rank=0, world_size=1, is_main=True)
     """
 
     def __init__(self, owner: AsyncCheckpointer, writer: CheckpointWriter) -> None:
@@ -614,14 +712,21 @@ class DeferredWriter:
 
 
 class AsyncCheckpointer:
-    """Writes checkpoints in a background thread, one at a time.
+    """Writes checkpoints in a background thread, one at a time (``Engine(checkpoint_async=True)``).
 
-    Example::
+    Example:
 
-        saver = AsyncCheckpointer()
-        w = saver.writer(root, name, rank=rank, world_size=world, is_main=is_main)
-        ...                         # as with CheckpointWriter
-        done = saver.wait()         # the path of the checkpoint just completed, or None
+        >>> from pathlib import Path
+        >>> from framework.checkpoint import AsyncCheckpointer, publish
+        >>> saver = AsyncCheckpointer()
+        >>> w = saver.writer(Path("runs/x/checkpoints"), "step-00000001", rank=0, world_size=1, is_main=True)
+        >>> w.prepare()  # as with CheckpointWriter
+        >>> w.tensors("model.safetensors", nn.Linear(8, 3).state_dict())  # copied now, written in the background
+        >>> w.commit()
+        >>> publish(w, keep_last=3).name  # queued: the path the checkpoint will have
+        'step-00000001'
+        >>> saver.wait().as_posix()  # the path of the checkpoint just completed, or None
+        'runs/x/checkpoints/step-00000001'
     """
 
     def __init__(self) -> None:
@@ -633,7 +738,15 @@ class AsyncCheckpointer:
 
     @property
     def in_flight(self) -> bool:
-        """Whether a write is still running."""
+        """Whether a write is still running.
+
+        Example:
+
+            >>> from framework.checkpoint import AsyncCheckpointer
+            >>> saver = AsyncCheckpointer()
+            >>> saver.in_flight  # (True between a publish() and the end of its background write)
+            False
+        """
         return self._thread is not None and self._thread.is_alive()
 
     def writer(
@@ -641,9 +754,17 @@ class AsyncCheckpointer:
     ) -> DeferredWriter:
         """A writer for checkpoint ``root/name``, after the previous write finished (its error raised here).
 
-        Example::
+        Example:
 
-            w = saver.writer(Path("runs/x/checkpoints"), "step-00000120", rank=0, world_size=1, is_main=True)
+            >>> from pathlib import Path
+            >>> from framework.checkpoint import AsyncCheckpointer, CheckpointReader, publish
+            >>> saver = AsyncCheckpointer()
+            >>> for step in (1, 2):  # the second writer waits for the first write
+            ...     w = saver.writer(Path("ckpt"), f"step-{step:08d}", rank=0, world_size=1, is_main=True)
+            ...     w.prepare(); w.json("state.json", {"step": step}); w.commit()
+            ...     path = publish(w)
+            >>> CheckpointReader(saver.wait()).json("state.json")
+            {'step': 2}
         """
         self.wait()  # (also: the pool's buffers are free again only once the previous write is done)
         return DeferredWriter(self, CheckpointWriter(root, name, rank=rank, world_size=world_size,
@@ -671,11 +792,21 @@ class AsyncCheckpointer:
     def wait(self) -> Path | None:
         """Block until the write in flight (if any) is done; returns that checkpoint's path (on the main
         process it is complete; on the others, their part is written), or None with none in flight.
-        An error of that write is raised here.
+        An error of that write is raised here. The engine waits before exiting on preemption, and at the end
+        of a fit.
 
-        Example::
+        Example:
 
-            saver.wait()   # before exiting on preemption, and at the end of a fit
+            >>> from pathlib import Path
+            >>> from framework.checkpoint import AsyncCheckpointer, publish
+            >>> saver = AsyncCheckpointer()
+            >>> print(saver.wait())  # nothing in flight
+            None
+            >>> w = saver.writer(Path("ckpt"), "step-00000001")
+            >>> w.prepare(); w.json("state.json", {"step": 1}); w.commit()
+            >>> _ = publish(w)
+            >>> saver.wait().name
+            'step-00000001'
         """
         thread, self._thread = self._thread, None
         if thread is None:

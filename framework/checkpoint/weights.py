@@ -12,13 +12,25 @@
 
 Nothing is unpickled: tensors come from safetensors, everything else from JSON.
 
-Example::
+For the HuggingFace export, the recipe calls ``save_hf_artifacts(run_dir, module.lm, prefix="lm.",
+tokenizer=tok)`` once, on the main process; then:
 
-    framework.load_weights(model, "runs/digits")                       # the run's newest checkpoint
-    framework.load_weights(hf_model, "runs/lm", prefix="lm.")          # a wrapper's lm.* keys, stripped
-    framework.load_weights(model, "runs/digits", ema=True)             # the EMA weights
-    save_hf_artifacts(run_dir, module.lm, prefix="lm.", tokenizer=tok)  # in the recipe, then:
-    #   python -m framework export runs/hf_causal_lm --hf exported/
+.. code-block:: bash
+
+    python -m framework export runs/hf_causal_lm --hf exported/
+
+Example:
+
+    >>> engine = framework.Engine(max_steps=1, batch_size=32, run_dir="runs/digits", ema_decay=0.9, progress=False)
+    >>> _ = engine.fit(Classifier(), train_data)
+    >>> model = framework.load_weights(Classifier(), "runs/digits")  # the run's newest checkpoint
+    >>> averaged = framework.load_weights(Classifier(), "runs/digits", ema=True)  # the EMA weights
+    >>> framework.load_weights(nn.Linear(8, 3), "runs/digits", prefix="net.")  # a wrapper's net.* keys, stripped
+    Linear(in_features=8, out_features=3, bias=True)
+    >>> from framework.checkpoint.weights import main
+    >>> main(["runs/digits", "-o", "model.safetensors"])  # python -m framework export runs/digits -o model.safetensors
+    wrote model.safetensors (weights of runs/digits/checkpoints/step-00000001)
+    0
 """
 
 from __future__ import annotations
@@ -44,7 +56,7 @@ from .store import CHECKPOINT_RE, best_of_run, list_checkpoints, load_newest, re
 # ---------------------------------------------------------------- weights: Model weights out of checkpoints: ``framework.load_weights`` and the one function that reads them.
 
 MODEL = "model.safetensors"
-SHARD_INDEX = ".metadata"  # torch.distributed.checkpoint's index of a sharded checkpoint (framework.dcp)
+SHARD_INDEX = ".metadata"  # torch.distributed.checkpoint's index of a sharded checkpoint (framework.checkpoint.shards)
 EMA = "ema.safetensors"
 _WHAT = "pass a run dir, a checkpoint dir (e.g. runs/x/checkpoints/step-00000120) or a .safetensors file"
 _NOT_WEIGHTS = ("state.safetensors", "rng-rank")  # (safetensors files of a checkpoint that are not the model)
@@ -53,11 +65,8 @@ _NOT_WEIGHTS = ("state.safetensors", "rng-rank")  # (safetensors files of a chec
 def weights_source(path: str | os.PathLike[str]) -> CheckpointReader | Path:
     """Where ``path`` keeps weights: a verified checkpoint (a checkpoint dir; a run dir or its
     ``checkpoints/``: the newest; a ``latest`` pointer: what it names) or a bare ``.safetensors``
-    file. Anything else is a :class:`CheckpointError` saying what to pass.
-
-    Example::
-
-        weights_source("runs/digits")   # CheckpointReader of runs/digits/checkpoints/step-...
+    file. Anything else is a :class:`CheckpointError` saying what to pass. A run dir gives the
+    :class:`CheckpointReader` of its newest checkpoint (``runs/digits/checkpoints/step-...``).
     """
     p = Path(path)
     if p.is_dir():
@@ -97,11 +106,8 @@ def read_newest(
 ) -> tuple[CheckpointReader | Path, _T]:
     """``read(weights_source(path))``, and the source; where the checkpoint picked disappears while it is read
     (a run training with ``keep_last`` pruned it after publishing a newer one), again from the newest
-    complete one: a reader polling a run dir never loses to pruning.
-
-    Example::
-
-        source, weights = read_newest("runs/digits", read_weights)
+    complete one: a reader polling a run dir never loses to pruning. (``read_newest("runs/digits",
+    read_weights)`` gives the source and its weights.)
     """
     for _ in range(_RETRIES):
         source = weights_source(path)
@@ -122,9 +128,20 @@ def read_weights(source: CheckpointReader | Path, ema: bool = False) -> dict[str
 
     The one place weights are read: a sharded format goes here.
 
-    Example::
+    Example:
 
-        state = read_weights(CheckpointReader(ckpt))
+        >>> from pathlib import Path
+        >>> from framework.checkpoint import CheckpointReader, read_weights
+        >>> engine = framework.Engine(max_steps=1, batch_size=32, run_dir="runs/x", progress=False)
+        >>> _ = engine.fit(Classifier(), train_data)
+        >>> reader = CheckpointReader(Path("runs/x/checkpoints/step-00000001"))
+        >>> {name: list(t.shape) for name, t in sorted(read_weights(reader).items())}
+        {'net.bias': [3], 'net.weight': [3, 8]}
+        >>> read_weights(reader, ema=True)
+        Traceback (most recent call last):
+        ...
+        framework.checkpoint.files.CheckpointError: runs/x/checkpoints/step-00000001 has no EMA weights
+        (ema.safetensors); train with Engine(ema_decay=...) to keep them, or load with ema=False
     """
     return _read(source, ema)[0]
 
@@ -187,7 +204,19 @@ def _read_sharded(source: CheckpointReader, ema: bool) -> tuple[dict[str, torch.
 
 
 def dedup_shared(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """safetensors refuses tensors that share memory (tied weights): keep one, record the aliases."""
+    """safetensors refuses tensors that share memory (tied weights): keep one, record the aliases.
+
+    Returns the tensors to store (CPU, contiguous) and the aliases (each other name -> the stored name).
+
+    Example:
+
+        >>> from framework.checkpoint import dedup_shared
+        >>> model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False))
+        >>> model[1].weight = model[0].weight  # tied
+        >>> unique, aliases = dedup_shared(model.state_dict())
+        >>> sorted(unique), aliases
+        (['0.weight'], {'1.weight': '0.weight'})
+    """
     seen: dict[tuple[Any, ...], str] = {}
     unique: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
@@ -238,10 +267,7 @@ def check_fits(module: torch.nn.Module, weights: dict[str, torch.Tensor], strict
     """Raise a :class:`CheckpointError` naming ``where`` unless ``weights`` load into ``module`` completely
     (shapes match; with ``strict``, the same keys; without, at least one): checked before anything is
     copied, because ``load_state_dict`` copies what fits before it raises about what does not.
-
-    Example::
-
-        check_fits(model, weights, strict=True, where="runs/x/checkpoints/step-00000120/model.safetensors")
+    (:func:`load_weights` shows its messages.)
     """
     own = module.state_dict()
     wrong = [f"{k}: {list(weights[k].shape)} vs {list(v.shape)}" for k, v in own.items()
@@ -298,13 +324,22 @@ def load_weights(
     loads the EMA parameters (``Engine(ema_decay=...)``) with the saved buffers. Any mismatch is a
     :class:`CheckpointError` raised before a single parameter changes.
 
-    Example::
+    Example:
 
-        model = Classifier()
-        framework.load_weights(model, "runs/digits")          # newest checkpoint of the run
-        framework.load_weights(model, "runs/digits/checkpoints/step-00000120", ema=True)
-        framework.load_weights(hf_model, "runs/lm", prefix="lm.")
-        framework.load_weights(model, "runs/digits", which="best")   # the best by val/loss (keep_best=1)
+        >>> trained = Classifier()
+        >>> engine = framework.Engine(max_epochs=1, batch_size=32, run_dir="runs/digits", keep_best=1, progress=False)
+        >>> _ = engine.fit(trained, train_data, val_data)
+        >>> model = framework.load_weights(Classifier(), "runs/digits")  # the newest checkpoint of the run
+        >>> torch.equal(model.net.weight, trained.net.weight)
+        True
+        >>> best = framework.load_weights(Classifier(), "runs/digits", which="best")  # the best by val/loss
+        >>> framework.load_weights(nn.Linear(8, 3), "runs/digits/checkpoints/step-00000003")
+        Traceback (most recent call last):
+        ...
+        framework.checkpoint.files.CheckpointError: runs/digits/checkpoints/step-00000003/model.safetensors does not
+        match Linear: missing ['bias', 'weight'], unexpected ['net.bias', 'net.weight'] (the checkpoint's net.* keys
+        match this module: pass prefix='net.'); pass prefix=... to load a submodule's keys, or strict=False to load
+        only the keys both have
     """
     _check_arguments(prefix, strict, ema)
     if which not in ("latest", "best"):
@@ -338,12 +373,13 @@ FORMAT = 1
 class ExportError(RuntimeError):
     """A run dir that cannot be exported, with what is wrong and what to do.
 
-    Example::
+    Example:
 
-        try:
-            export_safetensors("runs/typo", "model.safetensors")
-        except ExportError as e:
-            print(e)   # names the missing dir and how to make one
+        >>> export_safetensors("runs/typo", "model.safetensors")
+        Traceback (most recent call last):
+        ...
+        framework.checkpoint.weights.ExportError: runs/typo does not exist; pass a run dir (the --run-dir of a
+        training run) or a checkpoint
     """
 
 
@@ -361,13 +397,9 @@ def save_hf_artifacts(
     weights sit in the LoopModule's state dict (``"lm."`` for ``self.lm = LlamaForCausalLM(...)``;
     ``""`` if the LoopModule *is* the HF model's parent with no prefix). No weights are written
     here: they come from the checkpoints. Returns the ``hf/`` path. Replaces an earlier ``hf/``
-    (a resumed run writes the same files again).
-
-    Example::
-
-        module = CausalLM(cfg)   # a LoopModule with self.lm = LlamaForCausalLM(config)
-        if is_main:
-            save_hf_artifacts(run_dir, module.lm, prefix="lm.", tokenizer=tokenizer)
+    (a resumed run writes the same files again). For a LoopModule with ``self.lm = LlamaForCausalLM(config)``
+    the recipe calls ``save_hf_artifacts(run_dir, module.lm, prefix="lm.", tokenizer=tokenizer)`` on the main
+    process.
     """
     config = getattr(hf_model, "config", None)
     if config is None or not hasattr(config, "save_pretrained"):
@@ -412,11 +444,7 @@ def save_hf_artifacts(
 
 def find_checkpoint(path: str | os.PathLike[str]) -> Path:
     """The checkpoint ``path`` names: a run dir's newest complete one, or ``path`` itself if it is one
-    (verified: sizes and SHA-256 of every file).
-
-    Example::
-
-        find_checkpoint("runs/hf_causal_lm")   # Path("runs/hf_causal_lm/checkpoints/step-00000300")
+    (verified: sizes and SHA-256 of every file), e.g. ``runs/hf_causal_lm/checkpoints/step-00000300``.
     """
     return _open(path).path
 
@@ -444,13 +472,9 @@ def full_weights(path: str | os.PathLike[str] | CheckpointReader) -> dict[str, t
 
     ``path`` is a run dir (its newest complete checkpoint) or a checkpoint directory; a sharded
     (FSDP) checkpoint is assembled into whole tensors. The reading is
-    :func:`framework.weights.read_weights`, the one reader of weights that ``load_weights`` uses too;
-    tied weights come back as the same tensor under each name, as ``module.state_dict()`` has them.
-
-    Example::
-
-        weights = full_weights("runs/hf_causal_lm")
-        module.load_state_dict(weights)
+    :func:`read_weights`, the one reader of weights that ``load_weights`` uses too;
+    tied weights come back as the same tensor under each name, as ``module.state_dict()`` has them, so
+    ``module.load_state_dict(full_weights("runs/hf_causal_lm"))`` works.
     """
     return read_weights(_open(path))
 
@@ -458,9 +482,10 @@ def full_weights(path: str | os.PathLike[str] | CheckpointReader) -> dict[str, t
 def select_prefix(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The weights whose names start with ``prefix``, with it stripped (``""`` keeps them all).
 
-    Example::
+    Example:
 
-        select_prefix({"lm.model.norm.weight": w, "head.bias": b}, "lm.")   # {"model.norm.weight": w}
+        >>> select_prefix({"lm.model.norm.weight": torch.ones(2), "head.bias": torch.zeros(1)}, "lm.")
+        {'model.norm.weight': tensor([1., 1.])}
     """
     if not prefix:
         return dict(weights)
@@ -484,12 +509,18 @@ def export_safetensors(
 
     Every name of the state dict is written, tied weights included (as copies: safetensors
     stores no shared memory), so ``module.load_state_dict(safetensors.torch.load_file(out))``
-    works without this framework. The file's metadata names the checkpoint's step.
+    works without this framework. The file's metadata names the checkpoint's step. With
+    ``prefix="lm."``, the bare HF model loads the file (``model.load_state_dict(load_file("lm.safetensors"))``).
 
-    Example::
+    Example:
 
-        export_safetensors("runs/hf_causal_lm", "lm.safetensors", prefix="lm.")
-        model.load_state_dict(safetensors.torch.load_file("lm.safetensors"))   # model: the bare HF model
+        >>> from safetensors.torch import load_file
+        >>> engine = framework.Engine(max_steps=1, batch_size=32, run_dir="runs/x", progress=False)
+        >>> _ = engine.fit(Classifier(), train_data)
+        >>> export_safetensors("runs/x", "net.safetensors", prefix="net.").name
+        'net.safetensors'
+        >>> nn.Linear(8, 3).load_state_dict(load_file("net.safetensors"))
+        <All keys matched successfully>
     """
     from safetensors.torch import save_file
 
@@ -521,18 +552,13 @@ def export_hf(path: str | os.PathLike[str] | CheckpointReader, out_dir: str | os
     newest checkpoint's weights under the recorded prefix (strictly: every HF weight must be there,
     and nothing else), and writes it with ``save_pretrained``, plus the tokenizer's files. ``OUT_DIR``
     must be new or empty: a stale file (say, a sharded index from an earlier export) would take
-    precedence in ``from_pretrained``.
+    precedence in ``from_pretrained``. The result loads with ``AutoModelForCausalLM.from_pretrained(out_dir)``
+    and ``AutoTokenizer.from_pretrained(out_dir)``.
 
     Everything under ``RUN_DIR/hf/`` is checked before anything is written: ``export.json`` and
     ``config.json`` must be what ``save_hf_artifacts`` writes (an :class:`ExportError` naming the file
     otherwise), and the tokenizer's files regular files of the run dir: a symbolic link there (or in
     ``hf/`` itself) is refused, never followed, so no file from outside the run dir lands in the export.
-
-    Example::
-
-        export_hf("runs/hf_causal_lm", "exported")
-        model = AutoModelForCausalLM.from_pretrained("exported")
-        tokenizer = AutoTokenizer.from_pretrained("exported")
     """
     reader = _open(path)
     checkpoint = reader.path
@@ -542,7 +568,7 @@ def export_hf(path: str | os.PathLike[str] | CheckpointReader, out_dir: str | os
     if not meta_file.is_file():
         raise ExportError(
             f"{run_dir} has no {HF_DIR}/{EXPORT_JSON}, so there is no HF config to export with. The recipe writes it "
-            "with framework.export.save_hf_artifacts(run_dir, hf_model, prefix='lm.', tokenizer=tok) on the main "
+            "with framework.checkpoint.weights.save_hf_artifacts(run_dir, hf_model, prefix='lm.', tokenizer=tok) on the main "
             "process (recipes/hf_causal_lm.py does); add that call and train again, or export the plain weights "
             "with -o model.safetensors"
         )
@@ -582,10 +608,6 @@ def export_hf(path: str | os.PathLike[str] | CheckpointReader, out_dir: str | os
 def usual_mode(directory: Path) -> int:
     """The mode a new file gets in ``directory`` (0644 under the usual umask 022), read from one created the
     ordinary way: what exported files get (safetensors writes its files 0600).
-
-    Example::
-
-        os.chmod(exported, usual_mode(exported.parent))
     """
     probe = directory / f".mode-{os.getpid()}.tmp"
     fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0), 0o666)
@@ -690,12 +712,24 @@ def _build_hf_model(hf_dir: Path, meta: dict[str, Any]) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m framework export``; returns the exit status.
+    """Entry point of ``python -m framework export``; returns the exit status (0 on success, 2 for a run dir
+    that cannot be exported).
 
-    Example::
+    .. code-block:: bash
 
-        main(["runs/hf_causal_lm", "--hf", "exported"])            # 0 on success
-        main(["runs/hf_causal_lm", "-o", "lm.safetensors", "--prefix", "lm."])
+        python -m framework export runs/hf_causal_lm --hf exported
+        python -m framework export runs/digits -o model.safetensors
+
+    Example (the second command, in this process):
+
+        >>> engine = framework.Engine(max_steps=1, batch_size=32, run_dir="runs/digits", progress=False)
+        >>> _ = engine.fit(Classifier(), train_data)
+        >>> main(["runs/digits", "-o", "model.safetensors"])
+        wrote model.safetensors (weights of runs/digits/checkpoints/step-00000001)
+        0
+        >>> main(["runs/digits", "-o", "net.safetensors", "--prefix", "net."])  # one submodule's weights
+        wrote net.safetensors (weights of runs/digits/checkpoints/step-00000001)
+        0
     """
     parser = argparse.ArgumentParser(
         prog="python -m framework export",

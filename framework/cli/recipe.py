@@ -8,25 +8,25 @@ YAML is read with ``yaml.safe_load`` and flags are parsed by type, never with
 ``eval``. Config builds objects in the recipe; it is not threaded through the
 framework (the Engine only sees plain keyword arguments).
 
-Example::
+``parse_config(Config)`` reads ``sys.argv``, e.g. ``python recipe.py --config my.yaml --lr 3e-4 --smoke``;
+the example gives the arguments as a list.
 
-    from dataclasses import dataclass
-    from typing import Literal
-    from framework.recipe_config import parse_config
+Example:
 
-    @dataclass
-    class Config:
-        lr: float = 1e-3
-        batch_size: int = 64
-        micro_batch_size: int | None = None   # "none" on the command line
-        model: Literal["mlp", "cnn"] = "mlp"  # choices are checked
-        smoke: bool = False                    # "--smoke" alone means True
-
-    cfg = parse_config(Config)   # python recipe.py --config my.yaml --lr 3e-4 --smoke
-
-    # my.yaml (keys are field names; dashes or underscores both work):
-    #   lr: 0.0003
-    #   batch_size: 128
+    >>> from dataclasses import dataclass
+    >>> from pathlib import Path
+    >>> from typing import Literal
+    >>> from framework.cli.recipe import parse_config
+    >>> @dataclass
+    ... class Config:
+    ...     lr: float = 1e-3
+    ...     batch_size: int = 64
+    ...     micro_batch_size: int | None = None   # "none" on the command line
+    ...     model: Literal["mlp", "cnn"] = "mlp"  # choices are checked
+    ...     smoke: bool = False                    # "--smoke" alone means True
+    >>> _ = Path("my.yaml").write_text("lr: 0.0003\\nbatch-size: 128\\n")   # keys: field names, - or _
+    >>> parse_config(Config, ["--config", "my.yaml", "--model", "cnn", "--smoke"])
+    Config(lr=0.0003, batch_size=128, micro_batch_size=None, model='cnn', smoke=True)
 
 Supported field types: ``int``, ``float``, ``str``, ``bool``, ``Literal[...]``,
 and ``X | None`` of those. Unknown keys (in the file or on the command line)
@@ -71,10 +71,15 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 def convert(value: Any, tp: Any, name: str) -> Any:
     """Convert ``value`` (a string from the command line or a YAML scalar) to the field type ``tp``.
 
-    Example::
+    Example:
 
-        >>> convert("3e-4", float, "lr"), convert("none", int | None, "micro_batch_size")
-        (0.0003, None)
+        >>> from framework.cli.recipe import convert
+        >>> convert("3e-4", float, "lr"), convert("none", int | None, "micro_batch_size"), convert("1e5", int, "steps")
+        (0.0003, None, 100000)
+        >>> convert("2.5", int, "batch_size")
+        Traceback (most recent call last):
+        ...
+        framework.cli.recipe.ConfigError: batch_size='2.5': expected an integer
     """
     base, optional = _unwrap_optional(tp)
     if optional and (value is None or (isinstance(value, str) and value.strip().lower() in _NONE)):
@@ -171,9 +176,17 @@ def _fields(cls: type) -> dict[str, Any]:
 def load_yaml(path: str | os.PathLike[str], cls: type) -> dict[str, Any]:
     """Read a YAML mapping of field values (``yaml.safe_load``: data only, no code), typed from ``cls``.
 
-    Example::
+    Example:
 
-        >>> load_yaml("configs/fast.yaml", Config)
+        >>> from dataclasses import dataclass
+        >>> from pathlib import Path
+        >>> from framework.cli.recipe import load_yaml
+        >>> @dataclass
+        ... class Config:
+        ...     lr: float = 1e-3
+        ...     batch_size: int = 64
+        >>> _ = Path("fast.yaml").write_text("lr: 3e-3\\nbatch-size: 128\\n")
+        >>> load_yaml("fast.yaml", Config)
         {'lr': 0.003, 'batch_size': 128}
     """
     import yaml
@@ -202,9 +215,24 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
     ``X | None`` fields take ``none``. ``--help`` lists every field with its type
     and default.
 
-    Example::
+    A wrong flag or value exits (status 2) with the message and the flags, as ``argparse`` does; the
+    Engine arguments among the fields (see :func:`engine_options`) are checked by the Engine's own rules.
 
-        cfg = parse_config(Config, ["--config", "fast.yaml", "--lr", "3e-4", "--smoke"])
+    Example:
+
+        >>> from dataclasses import dataclass
+        >>> from framework.cli.recipe import parse_config
+        >>> @dataclass
+        ... class Config:
+        ...     lr: float = 1e-3
+        ...     batch_size: int = 64
+        ...     smoke: bool = False
+        >>> parse_config(Config, ["--lr", "3e-4", "--batch-size", "32", "--smoke"])
+        Config(lr=0.0003, batch_size=32, smoke=True)
+        >>> parse_config(Config, ["--batch_size", "none"])   # stderr: ... --batch-size='none': expected an integer
+        Traceback (most recent call last):
+        ...
+        SystemExit: 2
     """
     fields = _fields(cls)
     dc: Any = cls  # a dataclass (checked by _fields)
@@ -266,9 +294,19 @@ def engine_options(cfg: Any, **overrides: Any) -> dict[str, Any]:
     declares which Engine arguments it exposes and their defaults, and the Engine's config
     (:class:`framework.config.EngineConfig`) checks and documents them; ``overrides`` wins.
 
-    Example::
+    Example:
 
-        engine = Engine(**engine_options(cfg, run_dir=run_dir))
+        >>> from dataclasses import dataclass
+        >>> from framework import Engine
+        >>> from framework.cli.recipe import engine_options
+        >>> @dataclass
+        ... class Config:
+        ...     lr: float = 1e-3   # the recipe's own (not an Engine argument)
+        ...     batch_size: int = 32
+        ...     max_epochs: int = 1
+        >>> engine_options(Config(), progress=False)
+        {'batch_size': 32, 'max_epochs': 1, 'progress': False}
+        >>> engine = Engine(**engine_options(Config(), progress=False))
     """
     from ..config import describe
 
@@ -284,7 +322,19 @@ def _engine_docs() -> dict[str, str]:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """The config as a plain dict (for logging, or saving next to the run's metrics)."""
+    """The config as a plain dict (for logging, or saving next to the run's metrics).
+
+    Example:
+
+        >>> from dataclasses import dataclass
+        >>> from framework.cli.recipe import to_dict
+        >>> @dataclass
+        ... class Config:
+        ...     lr: float = 1e-3
+        ...     model: str = "mlp"
+        >>> to_dict(Config(model="cnn"))
+        {'lr': 0.001, 'model': 'cnn'}
+    """
     return dataclasses.asdict(cfg)
 
 
@@ -293,11 +343,21 @@ def save_recipe_config(cfg: Any, run_dir: str) -> str:
     (``engine.run_dir``: a fresh ``runs/x-2`` where ``runs/x`` held an earlier run); returns the file's path.
     Call it on the main process.
 
-    Example::
+    Example:
 
-        engine = Engine(**engine_options(cfg, run_dir=cfg.run_dir or "runs/adder"))
-        if is_main:
-            save_recipe_config(cfg, engine.run_dir)   # rerun: --config runs/adder-2/recipe_config.yaml
+        >>> from dataclasses import dataclass
+        >>> from pathlib import Path
+        >>> from framework.cli.recipe import parse_config, save_recipe_config
+        >>> @dataclass
+        ... class Config:
+        ...     lr: float = 1e-3
+        ...     run_dir: str | None = None
+        >>> path = save_recipe_config(Config(lr=3e-4), "runs/adder-2")   # e.g. engine.run_dir, on the main process
+        >>> print(Path(path).read_text(), end="")
+        lr: 0.0003
+        run_dir: runs/adder-2
+        >>> parse_config(Config, ["--config", path])   # the rerun: --config runs/adder-2/recipe_config.yaml
+        Config(lr=0.0003, run_dir='runs/adder-2')
     """
     names = {f.name for f in dataclasses.fields(cfg)}
     used = dataclasses.replace(cfg, run_dir=run_dir) if "run_dir" in names else cfg
@@ -311,11 +371,18 @@ def target_line(engine: Any, reached: bool, target: str) -> str:
     the run short (a slower or busier machine than the target assumes), it says so and how much time to give
     (``--max-time``, scaled from the steps done to the steps planned).
 
-    Example::
+    Where ``max_time`` ran out, the line reads e.g. ``target val/acc >= 0.99: NOT reached, because time ran
+    out (...); ... Give it more time: --max-time 1500 (or --max-time none)``.
 
-        print(target_line(engine, result["exact_match"] >= 0.99, "val/exact_match >= 0.99"))
-        # target val/exact_match >= 0.99: NOT reached, because time ran out (max_time=270s ran out at step 151,
-        # epoch 0 (before max_steps=750)); give it more time: --max-time 1500 (or --max-time none)
+    Example:
+
+        >>> from framework import Engine
+        >>> from framework.cli.recipe import target_line
+        >>> engine = Engine(max_steps=2, batch_size=32, progress=False).fit(Classifier(), train_data)
+        >>> print(target_line(engine, True, "val/acc >= 0.5"))
+        target val/acc >= 0.5: reached
+        >>> print(target_line(engine, False, "val/acc >= 0.99"))
+        target val/acc >= 0.99: not reached (max_steps=2 reached)
     """
     if reached:
         return f"target {target}: reached"
@@ -334,9 +401,19 @@ def target_line(engine: Any, reached: bool, target: str) -> str:
 def save_yaml(cfg: Any, path: str | os.PathLike[str]) -> None:
     """Write ``cfg`` as YAML that ``--config`` reads back to the same values.
 
-    Example::
+    Example:
 
-        save_yaml(cfg, "runs/digits/recipe_config.yaml")   # rerun: --config runs/digits/recipe_config.yaml
+        >>> from dataclasses import dataclass
+        >>> from pathlib import Path
+        >>> from framework.cli.recipe import save_yaml
+        >>> @dataclass
+        ... class Config:
+        ...     lr: float = 1e-3
+        ...     model: str = "mlp"
+        >>> save_yaml(Config(), "runs/digits/recipe_config.yaml")   # rerun: --config runs/digits/recipe_config.yaml
+        >>> print(Path("runs/digits/recipe_config.yaml").read_text(), end="")
+        lr: 0.001
+        model: mlp
     """
     import yaml
 

@@ -35,14 +35,26 @@ workers). **Randomness**: every item fetched is keyed by ``(seed, epoch, index)`
 :func:`item_generator` gives its generator, and a dataset drawing from the global RNGs has them
 seeded per item. So final parameters are the same for any ``num_workers`` and ``prefetch``.
 
-Example::
+Example:
 
-    from framework.data import item_generator
-
-    class Jitter(torch.utils.data.Dataset):
-        def __getitem__(self, i):
-            noise = torch.randn(self.x[i].shape, generator=item_generator())
-            return self.x[i] + 0.1 * noise, self.y[i]
+    >>> from torch.utils.data import Dataset
+    >>> from framework.data import item_generator
+    >>> class Jitter(Dataset):
+    ...     def __init__(self, x, y):
+    ...         self.x, self.y = x, y
+    ...     def __len__(self):
+    ...         return len(self.x)
+    ...     def __getitem__(self, i):
+    ...         noise = torch.randn(self.x[i].shape, generator=item_generator())
+    ...         return self.x[i] + 0.1 * noise, self.y[i]
+    >>> def train(prefetch):
+    ...     framework.seed_everything(0)
+    ...     module = Classifier()
+    ...     engine = framework.Engine(max_epochs=1, batch_size=32, prefetch=prefetch, progress=False)
+    ...     engine.fit(module, Jitter(*train_data.tensors))
+    ...     return module.net.weight
+    >>> torch.equal(train(prefetch=0), train(prefetch=2))
+    True
 """
 
 from .batching import (

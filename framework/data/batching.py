@@ -29,11 +29,24 @@ class Window:
     ``filler`` is then a real batch that the engine runs with zero weight, so
     the rank still joins the gradient all-reduce (no hang, no duplicate sample).
 
-    Example::
+    Example:
 
-        window = next(source.windows(epoch=0))
-        for batch in window.micro_batches or [window.filler]:
-            inputs, targets = module.split_batch(batch)
+        >>> from framework.data import Batching, make_source
+        >>> source = make_source(train_data, Batching(32, 16, 2, 1), rank=0, seed=0, shuffle=False,
+        ...                      to_device=lambda b: b)
+        >>> window = next(source.windows(epoch=0))
+        >>> window.index, len(window.micro_batches), list(window.order)
+        (0, 2, [0, 16])
+        >>> source.close()
+
+        33 items on 2 processes: the last window's 1 item goes to rank 1, and rank 0 runs a filler:
+
+        >>> x, y = train_data.tensors
+        >>> source = make_source((x[:33], y[:33]), Batching(32, 16, 1, 2), rank=0, seed=0, shuffle=False,
+        ...                      to_device=lambda b: b)
+        >>> last = list(source.windows(epoch=0))[-1]
+        >>> last.micro_batches, last.filler[0].shape
+        ([], torch.Size([1, 8]))
     """
 
     index: int
@@ -47,12 +60,14 @@ class Window:
 
 @dataclass
 class Batching:
-    """Resolved sizes: global items per step, per-forward items, accumulation steps.
+    """Resolved sizes: global items per step, per-forward items, accumulation steps (:func:`resolve_batching`
+    works them out from the Engine's arguments).
 
-    Example::
+    Example:
 
-        >>> Batching(batch_size=64, micro_batch_size=16, accumulation=2, world_size=2).accumulation
-        2
+        >>> b = Batching(batch_size=64, micro_batch_size=16, accumulation=2, world_size=2)
+        >>> b.micro_batch_size * b.accumulation * b.world_size == b.batch_size
+        True
     """
 
     batch_size: int | None  # global items per optimizer step (None for a DataLoader without batch_size)
@@ -64,10 +79,15 @@ class Batching:
 def resolve_batching(data: Any, batch_size: int | None, micro_batch_size: int | None, world_size: int) -> Batching:
     """Work out the accumulation steps, with an error that names values that would work.
 
-    Example::
+    Example:
 
-        >>> resolve_batching(dataset, batch_size=64, micro_batch_size=16, world_size=2).accumulation
-        2
+        >>> resolve_batching(train_data, batch_size=64, micro_batch_size=16, world_size=2)
+        Batching(batch_size=64, micro_batch_size=16, accumulation=2, world_size=2)
+        >>> resolve_batching(train_data, batch_size=64, micro_batch_size=24, world_size=2)
+        Traceback (most recent call last):
+        ...
+        ValueError: batch_size=64 is not a whole number of micro_batch_size=24 x 2 process(es) = 48; ...
+        Use batch_size=96 or a micro_batch_size in [1, 2, 4, 8, 16, 32]
     """
     if isinstance(data, DataLoader):
         micro = data.batch_size
@@ -123,10 +143,12 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
 
     It uses its own generator, so it never consumes (or depends on) the global RNG.
 
-    Example::
+    Example:
 
         >>> epoch_order(5, seed=0, epoch=0, shuffle=False)
         tensor([0, 1, 2, 3, 4])
+        >>> torch.equal(epoch_order(5, seed=0, epoch=1, shuffle=True), epoch_order(5, seed=0, epoch=1, shuffle=True))
+        True
     """
     if not shuffle:
         return torch.arange(n)
@@ -139,7 +161,7 @@ def rank_share(n_items: int, world_size: int, rank: int) -> tuple[int, int]:
 
     Shares differ by at most one item, so the last, partial window is balanced.
 
-    Example::
+    Example:
 
         >>> rank_share(5, world_size=2, rank=1)
         (2, 5)
@@ -150,7 +172,7 @@ def rank_share(n_items: int, world_size: int, rank: int) -> tuple[int, int]:
 def most_chunks(n_items: int, world_size: int, size: int) -> int:
     """The most micro-batches of ``size`` items any rank gets from a window of ``n_items`` (see :func:`rank_share`).
 
-    Example::
+    Example:
 
         >>> most_chunks(5, world_size=2, size=2)
         2
@@ -165,7 +187,7 @@ def split_window(
     """Window ``w`` of a contiguous split (:func:`rank_share`): ``first`` is the global position of the
     window's first item, which gives each micro-batch its place in the epoch's order.
 
-    Example::
+    Example:
 
         >>> list(split_window(0, ["a", "b"], None, 8, 0, Batching(8, 2, 2, 2), rank=1).order)
         [4, 6]
@@ -181,7 +203,7 @@ def split_window(
 def windows_per_epoch(n_items: int, batch_size: int, drop_last: bool) -> int:
     """Global batches in an epoch of ``n_items``; ``drop_last`` leaves out a partial last one.
 
-    Example::
+    Example:
 
         >>> windows_per_epoch(1000, 64, drop_last=False), windows_per_epoch(1000, 64, drop_last=True)
         (16, 15)
@@ -192,7 +214,7 @@ def windows_per_epoch(n_items: int, batch_size: int, drop_last: bool) -> int:
 def chunks(seq: Any, size: int) -> list[Any]:
     """``seq`` cut into pieces of at most ``size`` (one piece, uncopied, when it fits).
 
-    Example::
+    Example:
 
         >>> chunks([1, 2, 3], 2)
         [[1, 2], [3]]
@@ -208,7 +230,7 @@ def plan_windows(
     """(window index, this rank's micro-batch indices, the whole window's indices) per window of an epoch
     of map-style data, from window ``start`` on.
 
-    Example::
+    Example:
 
         >>> w, micro, window = next(plan_windows(10, Batching(4, 2, 1, 2), rank=1, seed=0, epoch=0,
         ...                                      shuffle=False, drop_last=False))
@@ -227,7 +249,7 @@ def plan_windows(
 def micro_batch_sizes(n_items: int, batching: Batching, drop_last: bool, windows: int | None = None) -> set[int]:
     """Every micro-batch size any rank gets in an epoch of ``n_items`` (over its first ``windows``).
 
-    Example::
+    Example:
 
         >>> sorted(micro_batch_sizes(129, Batching(64, 32, 1, 2), drop_last=False))
         [0, 1, 32]

@@ -16,9 +16,19 @@ def one_item_batchnorm(module: nn.Module, source: Source, windows: int | None = 
     when training"), or None. Only where the sizes are known before training (map-style data, tensors,
     a stream with a length); ``windows`` limits the epoch to its first windows (debug limits).
 
-    Example::
+    Example:
 
-        message = one_item_batchnorm(module, source)   # e.g. 129 items, batch_size=64 -> a warning
+        >>> from framework.data import Batching, make_source, one_item_batchnorm
+        >>> x, y = train_data.tensors
+        >>> source = make_source((x[:65], y[:65]), Batching(64, 64, 1, 1), rank=0, seed=0, shuffle=True,
+        ...                      to_device=lambda b: b)
+        >>> module = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4))
+        >>> print(one_item_batchnorm(module, source))
+        Sequential has BatchNorm layer(s) in train mode (1), which fail on a 1-item micro-batch (...), and the
+        last global batch of each epoch has 1 item(s) (65 items, batch_size=64, 1 process(es)), ... Fix:
+        Engine(drop_last=True) to leave out the partial last batch, or a batch_size / micro_batch_size ...
+        >>> print(one_item_batchnorm(module.eval(), source))
+        None
     """
     from .batching import micro_batch_sizes
 
@@ -49,9 +59,18 @@ def one_item_batchnorm(module: nn.Module, source: Source, windows: int | None = 
 def warn_one_item_batches(module: nn.Module, source: Source, windows: int | None = None) -> None:
     """Warn (once per call) with :func:`one_item_batchnorm`'s message, if it has one.
 
-    Example::
+    Example:
 
-        warn_one_item_batches(module, source, windows=engine.limit_train_batches)
+        >>> import warnings
+        >>> from framework.data import Batching, make_source, warn_one_item_batches
+        >>> x, y = train_data.tensors
+        >>> source = make_source((x[:65], y[:65]), Batching(64, 64, 1, 1), rank=0, seed=0, shuffle=True,
+        ...                      to_device=lambda b: b)
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     warn_one_item_batches(nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4)), source)
+        >>> str(caught[0].message)[:60]
+        'Sequential has BatchNorm layer(s) in train mode (1), which f'
     """
     message = one_item_batchnorm(module, source, windows)
     if message is not None:

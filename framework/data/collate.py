@@ -1,4 +1,15 @@
-"""Collation: samples -> one batch, ``default_collate`` with fast paths for the common samples."""
+"""Collation: samples -> one batch, ``default_collate`` with fast paths for the common samples.
+
+``default_collate`` is torch's own (``torch.utils.data.default_collate``), typed: what worker processes
+use, and what :func:`collate` falls back to.
+
+Example:
+
+    >>> from framework.data import default_collate
+    >>> xs, ys = default_collate([(torch.zeros(2), 0), (torch.ones(2), 1)])
+    >>> xs.shape, ys
+    (torch.Size([2, 2]), tensor([0, 1]))
+"""
 
 from __future__ import annotations
 
@@ -17,7 +28,7 @@ def collate(samples: list[Any]) -> Any:
     ``torch.stack`` per field, a list out) and a dict of plain tensors (one stack per key, a dict out) —
     without default_collate's per-call type dispatch. The result is the same as default_collate's.
 
-    Example::
+    Example:
 
         >>> xs, ys = collate([(torch.zeros(2), torch.tensor(0)), (torch.ones(2), torch.tensor(1))])
         >>> xs.shape, ys

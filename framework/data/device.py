@@ -28,13 +28,8 @@ from .batching import Window
 
 class DeviceCopier:
     """Moves windows to one CUDA device on its own stream; ``start`` in any thread, ``finish`` in the
-    training thread before the window is used.
-
-    Example::
-
-        copier = DeviceCopier(torch.device("cuda"))
-        pending = copier.start(window)        # copies queued on the side stream
-        window = copier.finish(pending)       # the training stream waits for them, tensors marked
+    training thread before the window is used: ``finish(start(window))`` is the window on the device, its
+    copies queued on the side stream and waited for by the training stream, its tensors marked. Needs CUDA.
     """
 
     def __init__(self, device: torch.device, fallback: Callable[[Any], Any]) -> None:

@@ -38,11 +38,15 @@ class WaitMeter:
     the time since its previous call that was spent waiting (``train/data_wait`` on log steps), and
     ``fraction`` the same over the whole fit. Time between epochs (validation) is not counted.
 
-    Example::
+    Example:
 
-        meter = WaitMeter()
-        ...                      # the source records every window it hands out
-        meter.take()             # e.g. 0.03: 3% of the step time was spent waiting for input
+        >>> from framework.data import WaitMeter
+        >>> meter = WaitMeter()
+        >>> meter.record(asked=0.0, got=1.0)   # the first window: 1 s of waiting
+        >>> meter.record(asked=3.0, got=3.5)   # 2 s of step, then 0.5 s of waiting
+        >>> meter.pause(now=4.0)               # 0.5 s of step, then the epoch ends
+        >>> meter.take()                       # 1.5 s of waiting in 4 s
+        0.375
     """
 
     def __init__(self) -> None:
@@ -51,20 +55,48 @@ class WaitMeter:
         self._out_since: float | None = None  # when the last window was handed out (None: between epochs)
 
     def record(self, asked: float, got: float) -> None:
-        """A window was asked for at ``asked`` and handed out at ``got`` (``time.perf_counter``)."""
+        """A window was asked for at ``asked`` and handed out at ``got`` (``time.perf_counter``).
+
+        Example:
+
+            >>> meter = WaitMeter()
+            >>> meter.record(asked=0.0, got=0.25)
+            >>> meter.record(asked=1.0, got=1.5)   # 0.75 s of step in between
+            >>> meter.waited, meter.busy
+            (0.75, 0.75)
+        """
         if self._out_since is not None:
             self.busy += asked - self._out_since
         self.waited += got - asked
         self._out_since = got
 
     def pause(self, now: float) -> None:
-        """The epoch's windows ended at ``now``: the time until the next epoch's first request is not a step's."""
+        """The epoch's windows ended at ``now``: the time until the next epoch's first request is not a step's.
+
+        Example:
+
+            >>> meter = WaitMeter()
+            >>> meter.record(asked=0.0, got=1.0)
+            >>> meter.pause(now=3.0)               # the last step took 2 s
+            >>> meter.record(asked=10.0, got=10.5)  # the next epoch: validation time in between is not counted
+            >>> meter.waited, meter.busy
+            (1.5, 2.0)
+        """
         if self._out_since is not None:
             self.busy += now - self._out_since
         self._out_since = None
 
     def take(self) -> float:
-        """The fraction of time spent waiting for input since the previous ``take()`` (0.0 if none passed)."""
+        """The fraction of time spent waiting for input since the previous ``take()`` (0.0 if none passed).
+
+        Example:
+
+            >>> meter = WaitMeter()
+            >>> meter.record(asked=0.0, got=1.0)
+            >>> meter.pause(now=4.0)
+            >>> meter.take(), meter.take()
+            (0.25, 0.0)
+        """
         if self._out_since is not None:
             now = time.perf_counter()
             self.busy += now - self._out_since
@@ -77,7 +109,16 @@ class WaitMeter:
 
     @property
     def fraction(self) -> float:
-        """The fraction of time spent waiting for input over everything recorded so far."""
+        """The fraction of time spent waiting for input over everything recorded so far.
+
+        Example:
+
+            >>> meter = WaitMeter()
+            >>> meter.record(asked=0.0, got=1.0)
+            >>> meter.pause(now=4.0)
+            >>> meter.take(), meter.fraction           # take() starts afresh; fraction keeps the whole fit
+            (0.25, 0.25)
+        """
         waited = self.total_waited + self.waited
         total = waited + self.total_busy + self.busy
         return waited / total if total > 0 else 0.0
@@ -88,16 +129,8 @@ class Stage:
 
     ``first`` is a window already taken from ``produce`` (the source makes the first window of a fit
     itself, to learn how its data draws randomness); it is handed out first. ``move`` puts a host
-    window on the device where no ``copier`` does it (the identity on CPU).
-
-    Example::
-
-        stage = Background(produce, first=next(produce), depth=2)
-        try:
-            for window in stage:
-                ...
-        finally:
-            stage.close()
+    window on the device where no ``copier`` does it (the identity on CPU). Iterate a stage inside
+    ``try``/``finally: stage.close()``: a :class:`Background` stage's thread starts when it is built.
     """
 
     def __init__(
@@ -139,13 +172,7 @@ class Stage:
 
 
 class Plain(Stage):
-    """The window is made when asked for, in the training thread.
-
-    Example::
-
-        for window in Plain(produce, move=source._move):
-            ...
-    """
+    """The window is made when asked for, in the training thread."""
 
     def __next__(self) -> Window:
         window = self._next_host()
@@ -157,13 +184,8 @@ class Plain(Stage):
 
 
 class Lookahead(Stage):
-    """One window ahead in the training thread, its GPU copy queued on the copier's side stream.
-
-    Example::
-
-        for window in Lookahead(produce, first=None, copier=DeviceCopier(torch.device("cuda"), to_device)):
-            ...   # window k's tensors are on the GPU; window k+1's copy is already under way
-    """
+    """One window ahead in the training thread, its GPU copy queued on the copier's side stream: while the step
+    computes on window k, window k+1's copy is already under way."""
 
     def __init__(self, produce: Iterator[Window], first: Window | None, copier: DeviceCopier) -> None:
         super().__init__(produce, first, copier=copier)
@@ -196,13 +218,8 @@ class Background(Stage):
 
     The queue is bounded, so at most ``depth`` finished windows wait, plus the one the thread is
     making. ``close()`` asks the thread to stop (it checks between items), drains the queue, joins
-    it, and then closes ``produce``.
-
-    Example::
-
-        stage = Background(produce, first=None, depth=2)   # the thread starts at once
-        window = next(stage)                                # waits only if the thread is behind
-        stage.close()
+    it, and then closes ``produce``. The thread starts when the stage is built; ``next(stage)`` waits only
+    if the thread is behind.
     """
 
     def __init__(

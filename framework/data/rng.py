@@ -58,11 +58,17 @@ def seed_everything(seed: int) -> None:
     weights; ``Engine(seed=...)`` seeds again at fit start (per rank, for dropout and augmentation),
     after the weights exist.
 
-    Example::
+    Example:
 
-        import framework
-        framework.seed_everything(0)
-        model = Classifier()
+        >>> framework.seed_everything(0)
+        >>> first = Classifier()
+        >>> framework.seed_everything(0)
+        >>> torch.equal(Classifier().net.weight, first.net.weight)
+        True
+        >>> framework.seed_everything(-1)
+        Traceback (most recent call last):
+        ...
+        ValueError: seed_everything(seed=-1); use a non-negative int, e.g. seed_everything(0)
     """
     import numpy as np
 
@@ -79,11 +85,22 @@ def item_seed(index: int | None = None) -> int:
     ``__getitems__`` pass the item's ``index``; outside an engine fetch it is drawn from torch's global
     RNG (like any dataset's randomness).
 
-    Example::
+    Example:
 
-        def __getitem__(self, i):
-            rng = np.random.default_rng(item_seed())
-            return self.x[i] * rng.uniform(0.9, 1.1), self.y[i]
+        >>> import numpy as np
+        >>> from torch.utils.data import Dataset
+        >>> from framework.data import Batching, item_seed, make_source, mix_seed
+        >>> class Scaled(Dataset):
+        ...     def __len__(self):
+        ...         return 4
+        ...     def __getitem__(self, i):
+        ...         rng = np.random.default_rng(item_seed())
+        ...         return torch.tensor([float(i), rng.uniform(0.9, 1.1)]), torch.tensor(item_seed())
+        >>> source = make_source(Scaled(), Batching(4, 4, 1, 1), rank=0, seed=0, shuffle=False, to_device=lambda b: b)
+        >>> values, seeds = next(source.windows(epoch=0)).micro_batches[0]
+        >>> source.close()
+        >>> seeds[2].item() == mix_seed(0, 0, 2)      # seed 0, epoch 0, item 2
+        True
     """
     ctx = _ctx
     if ctx.seed is None:
@@ -95,7 +112,7 @@ def mix_seed(seed: int, epoch: int, index: int) -> int:
     """The seed of item ``index`` in ``epoch`` of a run seeded ``seed``: a 63-bit splitmix64 mix (under
     a microsecond, well spread for neighbouring indices). What :func:`item_seed` returns during a fetch.
 
-    Example::
+    Example:
 
         >>> mix_seed(0, 0, 1) != mix_seed(0, 0, 2) != mix_seed(0, 1, 1)
         True
@@ -114,14 +131,29 @@ def item_generator(index: int | None = None) -> torch.Generator:
     so results do not change with ``num_workers`` or ``prefetch``, and a resumed run redraws them
     exactly. Calls for the same item return the same generator (its draws continue). Inside a
     batched ``__getitems__``, pass each item's ``index``. Outside an engine fetch it returns torch's
-    global generator, so the dataset still works when indexed by hand.
+    global generator, so the dataset still works when indexed by hand. An item's draws do not depend on the
+    window it lands in (below: the batch size).
 
-    Example::
+    Example:
 
-        def __getitem__(self, i):
-            g = item_generator()
-            flip = torch.rand((), generator=g) < 0.5
-            return (self.x[i].flip(-1) if flip else self.x[i]), self.y[i]
+        >>> from torch.utils.data import Dataset
+        >>> from framework.data import Batching, item_generator, make_source
+        >>> class Noisy(Dataset):
+        ...     def __len__(self):
+        ...         return 4
+        ...     def __getitem__(self, i):
+        ...         return torch.randn(2, generator=item_generator())
+        >>> def items(batch_size):
+        ...     source = make_source(Noisy(), Batching(batch_size, batch_size, 1, 1), rank=0, seed=0,
+        ...                          shuffle=False, to_device=lambda b: b)
+        ...     try:
+        ...         return torch.cat([w.micro_batches[0] for w in source.windows(epoch=0)])
+        ...     finally:
+        ...         source.close()
+        >>> torch.equal(items(batch_size=4), items(batch_size=2))
+        True
+        >>> Noisy()[0].shape                          # indexed by hand: torch's global generator
+        torch.Size([2])
     """
     ctx = _ctx
     if ctx.seed is None:
@@ -160,15 +192,8 @@ def _current_index(index: int | None, name: str) -> int:
 
 
 class Cancelled(Exception):
-    """Raised between items when the thread fetching them was asked to stop (the source closed).
-
-    Example::
-
-        try:
-            fetcher.items(epoch, ids, dataset.__getitem__)
-        except Cancelled:
-            return   # (the prefetch thread ends quietly)
-    """
+    """Raised between items when the thread fetching them was asked to stop (the source closed); the
+    prefetch thread catches it and ends quietly."""
 
 
 class ItemFetcher:
@@ -182,12 +207,13 @@ class ItemFetcher:
     caller's own RNG streams (the training thread's dropout) as they were around each call; worker
     processes, whose RNGs serve nothing else, skip it.
 
-    Example::
+    Example:
 
-        fetcher = ItemFetcher(seed=0)
-        samples = fetcher.items(epoch=0, ids=[3, 1, 4], get=dataset.__getitem__)
-        fetcher.decide()
-        fetcher.uses   # 0: the dataset draws from no global RNG
+        >>> fetcher = ItemFetcher(seed=0)
+        >>> fetcher.items(epoch=0, ids=[3, 1, 4], get=lambda i: 10 * i)
+        [30, 10, 40]
+        >>> fetcher.decide()                          # 0: the items drew from no global RNG
+        0
     """
 
     def __init__(self, seed: int, restore: bool = True, probe_items: int | None = None) -> None:
@@ -315,7 +341,7 @@ def _changed(before: tuple[Any, Any, Any]) -> int:
 def describe_uses(uses: int) -> str:
     """``"torch and numpy"``: the global RNGs named by the bits of ``uses``.
 
-    Example::
+    Example:
 
         >>> describe_uses(TORCH | PYTHON)
         'torch and random'

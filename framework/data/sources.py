@@ -58,13 +58,16 @@ class Source:
     the time the step waited for input (``train/data_wait``). ``close()`` ends the threads and
     worker processes of every window iteration still open.
 
-    Example::
+    Example:
 
-        source = make_source(dataset, batching, rank=0, seed=0, shuffle=True, to_device=lambda b: b)
-        for window in source.windows(epoch=0):
-            ...
-        source.wait.take()   # fraction of the time spent waiting for input
-        source.close()
+        >>> from framework.data import Batching, make_source
+        >>> source = make_source(train_data, Batching(32, 32, 1, 1), rank=0, seed=0, shuffle=True,
+        ...                      to_device=lambda b: b)
+        >>> [len(w.micro_batches[0][0]) for w in source.windows(epoch=0)]   # inputs per window
+        [32, 32, 32]
+        >>> type(source).__name__, source.num_windows()
+        ('TensorSource', 3)
+        >>> source.close()
     """
 
     batching: Batching
@@ -106,7 +109,15 @@ class Source:
         return True
 
     def num_windows(self) -> int | None:
-        """Windows per epoch, or None for a stream without a length."""
+        """Windows per epoch, or None for a stream without a length.
+
+        Example:
+
+            >>> from framework.data import Batching, make_source
+            >>> make_source(train_data, Batching(64, 64, 1, 1), rank=0, seed=0, shuffle=True,
+            ...             to_device=lambda b: b).num_windows()   # 96 items: a full window and a partial one
+            2
+        """
         return None
 
     # ---------------------------------------------------------------- the iteration
@@ -115,10 +126,13 @@ class Source:
         """This rank's windows of ``epoch`` from window ``start`` (``items_read``: stream items consumed
         before it, for a resume), prepared ahead as ``prefetch`` and the data kind say.
 
-        Example::
+        Example:
 
-            for window in source.windows(epoch=2, start=5):
-                ...
+            >>> from framework.data import Batching, make_source
+            >>> source = make_source(train_data, Batching(16, 16, 1, 1), rank=0, seed=0, shuffle=True,
+            ...                      to_device=lambda b: b)
+            >>> [w.index for w in source.windows(epoch=2, start=4)]   # a resume at window 4 of 6
+            [4, 5]
         """
         iteration = self._iterate(epoch, start, items_read)
         self._open.add(iteration)
@@ -159,7 +173,15 @@ class Source:
 
     @property
     def in_training_thread(self) -> bool:
-        """Whether the data's own code (``__getitem__``, a stream, a loader) runs in the training thread."""
+        """Whether the data's own code (``__getitem__``, a stream, a loader) runs in the training thread.
+
+        Example:
+
+            >>> from framework.data import Batching, make_source
+            >>> make_source(train_data, Batching(32, 32, 1, 1), rank=0, seed=0, shuffle=True,
+            ...             to_device=lambda b: b).in_training_thread   # in-memory tensors: always
+            True
+        """
         return self.stage != "thread" and not self._in_workers()
 
     def _in_workers(self) -> bool:
@@ -167,7 +189,15 @@ class Source:
 
     @property
     def where(self) -> str:
-        """Where windows are made, in words (the end-of-fit line says it)."""
+        """Where windows are made, in words (the end-of-fit line says it).
+
+        Example:
+
+            >>> from framework.data import Batching, make_source
+            >>> make_source(train_data, Batching(32, 32, 1, 1), rank=0, seed=0, shuffle=True,
+            ...             to_device=lambda b: b).where
+            'the training thread'
+        """
         if self.stage == "thread":
             return f"a background thread, {self.prefetch} window(s) ahead"
         where = self._where()
@@ -196,13 +226,16 @@ class Source:
         """End the threads and worker processes of every window iteration still open (idempotent; the
         source stays usable: a later ``windows()`` starts afresh).
 
-        Example::
+        Example:
 
-            try:
-                for window in source.windows(epoch=0):
-                    ...
-            finally:
-                source.close()
+            >>> from framework.data import Batching, make_source
+            >>> source = make_source(train_data, Batching(32, 32, 1, 1), rank=0, seed=0, shuffle=True,
+            ...                      to_device=lambda b: b)
+            >>> first = next(source.windows(epoch=0))   # an iteration left open (a fit that raised, say)
+            >>> source.close()                           # ends it, and whatever thread or workers it had
+            >>> next(source.windows(epoch=0)).index     # still usable
+            0
+            >>> source.close()
         """
         for iteration in list(self._open):
             try:
@@ -253,9 +286,18 @@ class Source:
         """The end-of-fit line about input, or None when there is nothing to say: where windows were
         made, and, when the step waited for input more than 10% of the time, what to do about it.
 
-        Example::
+        Example:
 
-            note = source.report()   # e.g. "data: the step waited for input 34% of the time ..."
+            >>> from framework.data import Batching, make_source
+            >>> source = make_source(train_data, Batching(32, 32, 1, 1), rank=0, seed=0, shuffle=True,
+            ...                      to_device=lambda b: b)
+            >>> print(source.report())
+            None
+            >>> source.wait.record(asked=0.0, got=1.0)   # 1 s of waiting, then 0.5 s of step
+            >>> source.wait.pause(now=1.5)
+            >>> print(source.report())
+            data: the step waited for input 67% of the time (windows made in the training thread); fix: in-memory
+            tensors are one index op per step: the step itself is tiny; a larger batch_size helps
         """
         lines = []
         if self.global_rngs:
@@ -293,11 +335,16 @@ class TensorSource(Source):
     """In-memory tensors (a tuple, a TensorDataset or a dict of equal-length tensors): a micro-batch is
     one index op per tensor, no per-sample collate; a dict gives dict batches.
 
-    Example::
+    Example:
 
-        source = TensorSource({"input_ids": ids, "labels": labels}, batching=batching, rank=0, seed=0,
-                              shuffle=True)
-        next(source.windows(0)).micro_batches[0]["labels"].shape
+        >>> from framework.data import Batching, TensorSource
+        >>> x, y = train_data.tensors
+        >>> source = TensorSource({"inputs": x, "labels": y}, batching=Batching(32, 16, 2, 1), rank=0, seed=0,
+        ...                       shuffle=True)
+        >>> batch = next(source.windows(epoch=0)).micro_batches[0]
+        >>> sorted(batch), batch["labels"].shape
+        (['inputs', 'labels'], torch.Size([16]))
+        >>> source.close()
     """
 
     def __init__(self, tensors: tuple[torch.Tensor, ...] | dict[str, torch.Tensor], **kw: Any) -> None:
@@ -313,7 +360,17 @@ class TensorSource(Source):
         return windows_per_epoch(self.length, self.batching.batch_size, self.drop_last)
 
     def fetch(self, idx: torch.Tensor) -> Any:
-        """The batch of items ``idx``: a tuple of tensors (a dict for dict data)."""
+        """The batch of items ``idx``: a tuple of tensors (a dict for dict data).
+
+        Example:
+
+            >>> from framework.data import Batching, TensorSource
+            >>> source = TensorSource(train_data.tensors, batching=Batching(32, 32, 1, 1), rank=0, seed=0,
+            ...                       shuffle=False)
+            >>> inputs, targets = source.fetch(torch.tensor([0, 5]))
+            >>> inputs.shape, targets.shape
+            (torch.Size([2, 8]), torch.Size([2]))
+        """
         if self._select:
             parts = [t.index_select(0, idx) for t in self.tensors]
         else:
@@ -335,10 +392,14 @@ class TensorSource(Source):
 class MapSource(Source):
     """A generic map-style Dataset: in a background thread, the training thread or worker processes.
 
-    Example::
+    Example:
 
-        source = MapSource(dataset, collate_fn=None, num_workers=2, pin_memory=False, batching=batching,
-                           rank=0, seed=0, shuffle=True)
+        >>> from framework.data import Batching, MapSource
+        >>> samples = [{"x": torch.full((2,), float(i)), "labels": torch.tensor(i % 3)} for i in range(10)]
+        >>> source = MapSource(samples, collate_fn=None, num_workers=0, pin_memory=False,
+        ...                    batching=Batching(4, 4, 1, 1), rank=0, seed=0, shuffle=False)
+        >>> [w.micro_batches[0]["labels"].tolist() for w in source.windows(epoch=0)]
+        [[0, 1, 2, 0], [1, 2, 0, 1], [2, 0]]
     """
 
     def __init__(
@@ -365,7 +426,18 @@ class MapSource(Source):
         return windows_per_epoch(self.length, self.batching.batch_size, self.drop_last)
 
     def fetch(self, idx: torch.Tensor, epoch: int = 0) -> Any:
-        """The collated batch of items ``idx`` of ``epoch``, fetched in this thread with per-item seeds."""
+        """The collated batch of items ``idx`` of ``epoch``, fetched in this thread with per-item seeds.
+
+        Example:
+
+            >>> from framework.data import Batching, MapSource
+            >>> samples = [{"x": torch.full((2,), float(i))} for i in range(10)]
+            >>> source = MapSource(samples, collate_fn=None, num_workers=0, pin_memory=False,
+            ...                    batching=Batching(4, 4, 1, 1), rank=0, seed=0, shuffle=False)
+            >>> source.fetch(torch.tensor([3, 4]))["x"]
+            tensor([[3., 3.],
+                    [4., 4.]])
+        """
         ids = idx.tolist()
         if self._getitems is not None:
             samples = self.fetcher.batch(epoch, ids, self._getitems)
@@ -453,9 +525,19 @@ class StreamSource(Source):
     all-reduce per step). What each step sees is then defined by the dataset's
     sharding, so results match other world sizes only if its sharding does.
 
-    Example::
+    Example:
 
-        source = StreamSource(stream, collate_fn=None, batching=batching, rank=0, seed=0, shuffle=False)
+        >>> from torch.utils.data import IterableDataset
+        >>> from framework.data import Batching, StreamSource
+        >>> class Count(IterableDataset):
+        ...     def __iter__(self):
+        ...         return iter(torch.arange(10.0))
+        >>> source = StreamSource(Count(), collate_fn=None, batching=Batching(4, 2, 1, 2), rank=1, seed=0,
+        ...                       shuffle=False)
+        >>> [w.micro_batches[0].tolist() for w in source.windows(epoch=0)]   # rank 1's share of each window
+        [[2.0, 3.0], [6.0, 7.0], [9.0]]
+        >>> print(source.num_windows())                                      # a stream without a length
+        None
     """
 
     SKIP_CHUNK = 4096  # items read per call while skipping to a resume position
@@ -542,6 +624,21 @@ class StreamSource(Source):
 
     @property
     def per_rank(self) -> int:
+        """Items each rank takes from its own stream per window with ``sharded=True``: ``micro_batch_size ×
+        accumulation``.
+
+        Example:
+
+            >>> from torch.utils.data import IterableDataset
+            >>> from framework.data import Batching, StreamSource
+            >>> class Shard(IterableDataset):            # yields this rank's items only
+            ...     def __iter__(self):
+            ...         return iter(range(100))
+            >>> source = StreamSource(Shard(), collate_fn=None, sharded=True, batching=Batching(16, 4, 2, 2), rank=0,
+            ...                       seed=0, shuffle=False)
+            >>> source.per_rank                          # 16 items per window over 2 ranks
+            8
+        """
         b = self.batching
         assert b.micro_batch_size is not None
         return b.micro_batch_size * b.accumulation
@@ -569,9 +666,14 @@ class LoaderSource(Source):
     training thread, when the step asks (its workers, if any, load ahead); on a GPU a
     loader with workers has its batches copied one window ahead.
 
-    Example::
+    Example:
 
-        source = LoaderSource(DataLoader(ds, batch_size=16), batching=batching, rank=0, seed=0, shuffle=False)
+        >>> from torch.utils.data import DataLoader
+        >>> from framework.data import Batching, LoaderSource
+        >>> source = LoaderSource(DataLoader(train_data, batch_size=16), batching=Batching(32, 16, 2, 1), rank=0,
+        ...                       seed=0, shuffle=False)
+        >>> [len(w.micro_batches) for w in source.windows(epoch=0)], source.num_windows()
+        ([2, 2, 2], 3)
     """
 
     def __init__(self, loader: DataLoader[Any], **kw: Any) -> None:
@@ -697,11 +799,19 @@ def make_source(
     ``device`` (the training device) decides whether windows are copied ahead on a side CUDA stream;
     ``all_reduce`` lets the ranks agree on the data's randomness (see :class:`Source`).
 
-    Example::
+    Example:
 
-        >>> src = make_source(TensorDataset(x, y), batching, rank=0, seed=0, shuffle=True, to_device=lambda b: b)
-        >>> next(src.windows(epoch=0)).micro_batches[0][0].shape
-        torch.Size([16, 64])
+        >>> from framework.data import Batching, make_source
+        >>> source = make_source(train_data, Batching(32, 16, 2, 1), rank=0, seed=0, shuffle=True,
+        ...                      to_device=lambda b: b)
+        >>> type(source).__name__, next(source.windows(epoch=0)).micro_batches[0][0].shape
+        ('TensorSource', torch.Size([16, 8]))
+        >>> source.close()
+        >>> make_source(train_data, Batching(32, 32, 1, 1), rank=0, seed=0, shuffle=True, to_device=lambda b: b,
+        ...             prefetch=-1)
+        Traceback (most recent call last):
+        ...
+        ValueError: prefetch=-1; use a number of windows >= 0 (default 2; 0: none)
     """
     if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0:
         raise ValueError(f"prefetch={prefetch!r}; use a number of windows >= 0 (default {DEFAULT_PREFETCH}; 0: none)")
@@ -763,7 +873,7 @@ def make_source(
 def as_tensors(data: Any) -> tuple[torch.Tensor, ...] | None:
     """The tensors behind in-memory data (a TensorDataset or a tuple of tensors), else None.
 
-    Example::
+    Example:
 
         >>> len(as_tensors((torch.zeros(4, 2), torch.zeros(4))))
         2
@@ -784,7 +894,7 @@ def tensor_data(data: Any) -> tuple[torch.Tensor, ...] | dict[str, torch.Tensor]
     """In-memory data as :class:`TensorSource` takes it: :func:`as_tensors`, or a dict of equal-length
     tensors (one row per item, like a TensorDataset with names), else None.
 
-    Example::
+    Example:
 
         >>> sorted(tensor_data({"input_ids": torch.zeros(4, 3), "labels": torch.zeros(4)}))
         ['input_ids', 'labels']

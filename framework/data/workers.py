@@ -32,10 +32,13 @@ class WorkerDataset(Dataset[Any]):
 
     ``__getitems__((epoch, ids))`` returns ``(global RNGs seen used, collated batch)``.
 
-    Example::
+    Example:
 
-        ds = WorkerDataset(dataset, seed=0, collate_fn=default_collate)
-        uses, batch = ds.__getitems__((0, [3, 1, 4]))
+        >>> from framework.data import default_collate
+        >>> ds = WorkerDataset(train_data, seed=0, collate_fn=default_collate)
+        >>> uses, (inputs, targets) = ds.__getitems__((0, [3, 1, 4]))
+        >>> uses, inputs.shape
+        (0, torch.Size([3, 8]))
     """
 
     def __init__(
@@ -81,13 +84,8 @@ def worker_batches(
     in_flight: int,
 ) -> Iterator[tuple[int, Any]]:
     """``(uses, batch)`` for each task, in order, fetched by ``num_workers`` processes that end when the
-    iterator does (exhausted, closed or collected) — at most about ``in_flight`` batches ahead.
-
-    Example::
-
-        for uses, batch in worker_batches(ds, [(0, [0, 1]), (0, [2, 3])], num_workers=2, pin_memory=False,
-                                          seed=0, in_flight=4):
-            ...
+    iterator does (exhausted, closed or collected) — at most about ``in_flight`` batches ahead. Tasks
+    ``[(0, [0, 1]), (0, [2, 3])]`` give two batches, items 0-1 and 2-3 of epoch 0, whatever ``num_workers`` is.
     """
     if not tasks:
         return

@@ -115,11 +115,14 @@ _collectors: list[list[Doctor]] = []
 def collect() -> Iterator[list[Doctor]]:
     """Collect every :class:`Doctor` created inside the block (``python -m framework doctor`` uses it).
 
-    Example::
+    Example:
 
-        with collect() as doctors:
-            runpy.run_path("recipes/digits.py", run_name="__main__")
-        findings = [f for d in doctors for f in d.findings]
+        >>> from framework import Engine
+        >>> from framework.doctor import collect
+        >>> with collect() as doctors:   # e.g. around runpy.run_path("recipes/digits.py", run_name="__main__")
+        ...     engine = Engine(max_steps=1, batch_size=32, progress=False)
+        >>> doctors == [engine.doctor]
+        True
     """
     found: list[Doctor] = []
     _collectors.append(found)
@@ -141,13 +144,18 @@ class Doctor:
     :meth:`watch` around the user's code with :meth:`check_train_mode` after ``forward`` and
     :meth:`check_loss` after ``compute_loss``, :meth:`check_count` for each ``count_items``; per step
     (or per phase) :meth:`after_backward` and :meth:`after_optimizer_step`; :meth:`end_fit`. In
-    validation :meth:`check_eval_mode`; on a non-finite step :meth:`diagnose_nonfinite`.
+    validation :meth:`check_eval_mode`; on a non-finite step :meth:`diagnose_nonfinite`. The ``on_*``
+    methods subscribe the doctor to the loop's events (:mod:`framework.events`) and make those calls, so
+    an ``Engine`` runs them (the example below); a custom loop makes the calls itself (the methods' examples).
 
-    Example::
+    Example:
 
-        engine = Engine(max_steps=100, batch_size=32, doctor="full")  # every check, every step
-        engine.fit(model, data)
-        print(engine.doctor.format_report())
+        >>> from framework import Engine
+        >>> engine = Engine(max_epochs=1, batch_size=32, doctor="full", progress=False)  # every check, every step
+        >>> engine.fit(Classifier(), train_data, val_data).doctor.level
+        'full'
+        >>> print(engine.doctor.format_report().splitlines()[-1])
+        16 ok, 0 warning, 0 error, 0 not run
     """
 
     def __init__(self, level: str = "basic") -> None:
@@ -197,36 +205,84 @@ class Doctor:
 
     @property
     def findings(self) -> list[Finding]:
-        """Every problem found so far (errors and warnings), in the order found."""
+        """Every problem found so far (errors and warnings), in the order found.
+
+        Example:
+
+            >>> from framework import Engine
+            >>> class Unused(Classifier):
+            ...     def __init__(self):
+            ...         super().__init__()
+            ...         self.extra = nn.Linear(8, 8)   # never used in forward
+            >>> engine = Engine(max_steps=2, batch_size=32, progress=False).fit(Unused(), train_data)
+            >>> [(f.check, f.severity) for f in engine.doctor.findings]
+            [('gradients', 'warning')]
+            >>> print(engine.doctor.findings[0].message)
+            2 trainable parameter(s) of Unused received no gradient: extra.weight, extra.bias. ...
+        """
         return self._record.findings
 
     @property
     def ran(self) -> set[str]:
-        """The checks that ran at least once (the report's "ok" rows, unless they found something)."""
+        """The checks that ran at least once (the report's "ok" rows, unless they found something).
+
+        Example:
+
+            >>> from framework import Engine
+            >>> engine = Engine(max_steps=1, batch_size=32, progress=False).fit(Classifier(), train_data)
+            >>> sorted(engine.doctor.ran)[:4]
+            ['batchnorm', 'count_items', 'count_weights', 'finite']
+        """
         return self._record.ran
 
     @property
     def not_run(self) -> dict[str, str]:
-        """Why a check could not run, by check id (the report's "not run" rows)."""
+        """Why a check could not run, by check id (the report's "not run" rows).
+
+        Example:
+
+            >>> from framework import Engine
+            >>> engine = Engine(max_steps=1, batch_size=32, progress=False).fit(Classifier(), train_data)
+            >>> sorted(engine.doctor.not_run)
+            ['loss_scaling', 'updates', 'val_data']
+            >>> engine.doctor.not_run["updates"]
+            'fewer than 2 optimizer steps were applied'
+        """
         return self._record.not_run
 
     def report(self) -> list[tuple[str, str, str, str]]:
         """One row per check: ``(check id, what it establishes, status, detail)``; status is
         ``"ok"``, ``"warning"``, ``"error"`` or ``"not run"``.
 
-        Example::
+        Example:
 
-            for check, title, status, detail in engine.doctor.report():
-                print(status, title)
+            >>> from framework import Engine
+            >>> engine = Engine(max_steps=1, batch_size=32, progress=False).fit(Classifier(), train_data)
+            >>> for check, title, status, detail in engine.doctor.report()[-4:]:
+            ...     print(f"{check}: {status} {detail}")
+            updates: not run fewer than 2 optimizer steps were applied
+            finite: ok
+            loss_scaling: not run ...
+            eval_mode: not run not reached in this run
         """
         return report_rows(self.findings, self.ran, self.not_run)
 
     def format_report(self) -> str:
         """The report as a table (what ``python -m framework doctor`` prints).
 
-        Example::
+        Example:
 
-            print(engine.doctor.format_report())
+            >>> from framework import Engine
+            >>> engine = Engine(max_steps=1, batch_size=32, progress=False).fit(Classifier(), train_data)
+            >>> print(engine.doctor.format_report())
+            status    check
+            --------- ---------------------------------------------------------------------------...
+            ok        the module has trainable parameters
+            ...
+            not run   the first optimizer steps change every trainable parameter
+                      -> fewer than 2 optimizer steps were applied
+            ...
+            12 ok, 0 warning, 0 error, 4 not run
         """
         return format_table(self.report())
 
@@ -251,10 +307,16 @@ class Doctor:
         ``reduce`` (an in-place all-reduce sum), ``is_main`` (rank 0) and ``device`` (where the
         collective's tensors go; NCCL needs CUDA) default to what ``torch.distributed`` says.
 
-        Example::
+        Under several processes a difference is a :class:`LoopWarning` naming the differing tensors and
+        the fix (``framework.seed_everything`` before building the model).
 
-            doctor.check_initial_weights(module)   # LoopWarning naming the differing tensors
-            model = runtime.wrap(module)
+        Example:
+
+            >>> from framework.doctor import Doctor
+            >>> doctor = Doctor()
+            >>> doctor.check_initial_weights(Classifier())   # then wrap it for DDP/FSDP; one process here
+            >>> sorted(doctor.ran), doctor.findings
+            (['initial_weights'], [])
         """
         if self.off:
             return
@@ -297,10 +359,15 @@ class Doctor:
         all-reduce sum, for verdicts that must agree across ranks. ``nan_policy``: the fit's ("raise" or "skip"):
         a non-finite loss the probe sees raises or warns as training would.
 
-        Example::
+        Example:
 
-            doctor.start_fit(module, [opt_d, opt_g], batching, train_data, val_data,
-                             phases=["discriminator", "generator"])
+            >>> from framework.doctor import Doctor
+            >>> module = Classifier()
+            >>> optimizer = torch.optim.SGD([module.net.weight], lr=0.1)   # forgets net.bias
+            >>> doctor = Doctor()
+            >>> doctor.start_fit(module, optimizer)   # GAN: start_fit(module, [opt_d, opt_g], phases=[...])
+            >>> print(doctor.findings[0].message)
+            1 trainable parameter(s) of Classifier are in no param group of the optimizer ... net.bias. Fix: ...
         """
         self.checking = False
         self.nonfinite_detail = ""
@@ -332,10 +399,19 @@ class Doctor:
     def start_step(self) -> None:
         """Decide whether this optimizer step is a checked one. Call once per step, before zero_grad.
 
-        Example::
+        Example:
 
-            doctor.start_step()
-            if doctor.checking: ...
+            >>> from framework.doctor import Doctor
+            >>> module = Classifier()
+            >>> doctor = Doctor("basic")
+            >>> doctor.start_fit(module, torch.optim.SGD(module.parameters(), lr=0.1))
+            >>> checked = []
+            >>> for step in range(20):
+            ...     doctor.start_step()
+            ...     if doctor.checking:
+            ...         checked.append(step)
+            >>> checked
+            [0, 1, 2, 4, 8, 16]
         """
         if self.off:
             return
@@ -353,13 +429,19 @@ class Doctor:
         user method the block starts with ("forward", or "compute_loss" for a block around the loss
         alone, e.g. one per phase); :meth:`check_train_mode` moves it on to "compute_loss".
 
-        Example::
+        Example:
 
-            with doctor.watch(module, batch):
-                outputs = model(inputs)
-                doctor.check_train_mode(module, "forward")
-                loss = module.compute_loss(outputs, targets)
-                doctor.check_loss(module, loss, outputs)
+            >>> from framework.doctor import Doctor
+            >>> module = Classifier()
+            >>> optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+            >>> doctor = Doctor("full")
+            >>> doctor.start_fit(module, optimizer)
+            >>> doctor.start_step()
+            >>> with doctor.watch(module, batch=None):   # the engine wraps forward and compute_loss
+            ...     optimizer.step()   # a user's step inside forward
+            Traceback (most recent call last):
+            ...
+            framework.doctor.findings.LoopError: Classifier.forward called optimizer.step(): ... unchanged. Fix: ...
         """
         if self.off or not self.checking:
             return _NULL
@@ -387,10 +469,17 @@ class Doctor:
     def check_train_mode(self, module: nn.Module, where: str) -> None:
         """After forward: the module is still in train mode (every step; submodules on checked steps).
 
-        Example::
+        Example:
 
-            outputs = model(inputs)
-            doctor.check_train_mode(module, "forward")
+            >>> from framework.doctor import Doctor
+            >>> module = Classifier()
+            >>> doctor = Doctor()
+            >>> doctor.start_fit(module, torch.optim.SGD(module.parameters(), lr=0.1))
+            >>> outputs = module.eval()(torch.randn(4, 8))   # a forward that calls self.eval()
+            >>> doctor.check_train_mode(module, "forward")
+            Traceback (most recent call last):
+            ...
+            framework.doctor.findings.LoopError: Classifier switched itself to eval mode during training (in forward)...
         """
         if self.off:
             return
@@ -405,10 +494,19 @@ class Doctor:
         checks every step, metadata only; the graph checks on checked steps). ``phase``: the phase
         whose loss this is (alternating phases), or None.
 
-        Example::
+        Example:
 
-            loss = module.compute_loss(outputs, targets)
-            doctor.check_loss(module, loss, outputs)
+            >>> from framework.doctor import Doctor
+            >>> module = Classifier()
+            >>> doctor = Doctor()
+            >>> doctor.start_fit(module, torch.optim.SGD(module.parameters(), lr=0.1))
+            >>> outputs = module(torch.randn(4, 8))
+            >>> loss = module.compute_loss(outputs, torch.tensor([0, 1, 2, 0]))
+            >>> doctor.check_loss(module, loss, outputs)   # a good loss: nothing to say
+            >>> doctor.check_loss(module, loss.item(), outputs)
+            Traceback (most recent call last):
+            ...
+            framework.doctor.findings.LoopError: Classifier.compute_loss returned a float (...); return a scalar...
         """
         if self.off:
             return
@@ -428,9 +526,17 @@ class Doctor:
         """``count_items`` must be a non-negative integer (int or integer tensor); tensor values are read on
         checked steps only (a host sync).
 
-        Example::
+        Example:
 
-            doctor.check_count(module, module.count_items(batch))
+            >>> from framework.doctor import Doctor
+            >>> module = Classifier()
+            >>> doctor = Doctor()
+            >>> doctor.start_fit(module, torch.optim.SGD(module.parameters(), lr=0.1))
+            >>> doctor.check_count(module, 32)   # e.g. module.count_items(batch)
+            >>> doctor.check_count(module, 2.5)
+            Traceback (most recent call last):
+            ...
+            framework.doctor.findings.LoopError: Classifier.count_items returned float 2.5; return an int ...
         """
         if self.off:
             return
@@ -441,10 +547,19 @@ class Doctor:
         """After the last backward of the step (or of ``phase``), before the optimizer step: which
         trainable parameters got no gradient (checked steps, metadata only).
 
-        Example::
+        Example:
 
-            loss.backward()
-            doctor.after_backward()
+            >>> from framework.doctor import Doctor
+            >>> module = Classifier()
+            >>> module.extra = nn.Linear(8, 8)   # never used in forward
+            >>> doctor = Doctor("full")
+            >>> doctor.start_fit(module, torch.optim.SGD(module.parameters(), lr=0.1))
+            >>> for _ in range(2):   # decided at the second checked step (or at end_fit)
+            ...     doctor.start_step()
+            ...     module.compute_loss(module(torch.randn(4, 8)), torch.tensor([0, 1, 2, 0])).backward()
+            ...     doctor.after_backward()
+            >>> print(doctor.findings[0].message)
+            2 trainable parameter(s) of Classifier received no gradient: extra.weight, extra.bias. ...
         """
         if self.off or not self.checking:
             return
@@ -454,10 +569,21 @@ class Doctor:
         """After the optimizer step (of ``phase``'s optimizer, or of all of them): ``applied`` is False
         for a step the NaN guard or the GradScaler skipped. Decides whether the parameters changed.
 
-        Example::
+        Example:
 
-            optimizer.step()
-            doctor.after_optimizer_step(applied=True)
+            >>> from framework.doctor import Doctor
+            >>> module = Classifier()
+            >>> optimizer = torch.optim.SGD(module.parameters(), lr=0.0)   # lr=0: nothing moves
+            >>> doctor = Doctor("full")
+            >>> doctor.start_fit(module, optimizer)
+            >>> for _ in range(2):
+            ...     doctor.start_step()
+            ...     optimizer.zero_grad()
+            ...     module.compute_loss(module(torch.randn(4, 8)), torch.tensor([0, 1, 2, 0])).backward()
+            ...     optimizer.step()
+            ...     doctor.after_optimizer_step(applied=True)
+            >>> print(doctor.findings[0].message)
+            2 trainable parameter(s) of Classifier did not change in the first 2 optimizer steps (... has lr=0: ...
         """
         if self.off:
             return
@@ -467,9 +593,20 @@ class Doctor:
     def retract_applied(self) -> None:
         """A step reported applied turned out skipped (the engine read its NaN verdict a step late).
 
-        Example::
+        Example:
 
-            doctor.retract_applied()
+            >>> from framework.doctor import Doctor
+            >>> module = Classifier()
+            >>> doctor = Doctor("full")
+            >>> doctor.start_fit(module, torch.optim.SGD(module.parameters(), lr=0.1))
+            >>> doctor.start_step()
+            >>> doctor.after_optimizer_step(applied=True)
+            >>> doctor.retract_applied()   # that step was skipped after all (a non-finite gradient)
+            >>> doctor.start_step()
+            >>> doctor.after_optimizer_step(applied=True)
+            >>> doctor.end_fit()   # one applied step: too few to judge the updates
+            >>> doctor.not_run["updates"]
+            'fewer than 2 optimizer steps were applied'
         """
         if not self.off:
             self._emit("retract")
@@ -479,9 +616,16 @@ class Doctor:
         gradients; sets :attr:`nonfinite_detail`. Only called on a bad step, so its host reads cost nothing
         on the healthy path.
 
-        Example::
+        Example:
 
-            doctor.diagnose_nonfinite(window_loss, params)   # -> ": Net.compute_loss returned nan (...)"
+            >>> from framework.doctor import Doctor
+            >>> module = Classifier()
+            >>> doctor = Doctor()
+            >>> doctor.start_fit(module, torch.optim.SGD(module.parameters(), lr=0.1))
+            >>> doctor.diagnose_nonfinite(torch.tensor(float("nan")), list(module.parameters()))
+            ': Classifier.compute_loss returned nan (check the inputs and targets of that batch, ...)'
+            >>> [f.check for f in doctor.findings]
+            ['finite']
         """
         self.nonfinite_detail = "" if self.off else self._finite.diagnose(loss, params)
         return self.nonfinite_detail
@@ -489,9 +633,17 @@ class Doctor:
     def end_fit(self) -> None:
         """Decide what is still pending at the end of a short fit.
 
-        Example::
+        Example:
 
-            doctor.end_fit()   # e.g. gradients after a 1-step fit
+            >>> from framework.doctor import Doctor
+            >>> module = Classifier()
+            >>> doctor = Doctor("full")
+            >>> doctor.start_fit(module, torch.optim.SGD(module.parameters(), lr=0.1))
+            >>> doctor.start_step()
+            >>> doctor.after_optimizer_step(applied=True)
+            >>> doctor.end_fit()   # a 1-step fit: the updates check needs two applied steps
+            >>> doctor.not_run["updates"]
+            'fewer than 2 optimizer steps were applied'
         """
         if self.off:
             return
@@ -504,10 +656,16 @@ class Doctor:
     def check_eval_mode(self, module: nn.Module) -> None:
         """During validation the module is still in eval mode (every batch, metadata only).
 
-        Example::
+        Example:
 
-            outputs = model(inputs)
-            doctor.check_eval_mode(module)
+            >>> from framework.doctor import Doctor
+            >>> module = Classifier().eval()
+            >>> doctor = Doctor()
+            >>> outputs = module.train()(torch.randn(4, 8))   # a forward that calls self.train()
+            >>> doctor.check_eval_mode(module)
+            Traceback (most recent call last):
+            ...
+            framework.doctor.findings.LoopError: Classifier switched itself to train mode during validation; ...
         """
         if self.off:
             return

@@ -18,12 +18,7 @@ from .findings import name_list
 
 
 class BatchNorm:
-    """``batchnorm``.
-
-    Example::
-
-        check.on_watch_enter(module)   # LoopWarning naming the layers, once per fit
-    """
+    """``batchnorm``."""
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx

@@ -11,13 +11,47 @@ collects the findings of every :class:`~framework.doctor.Doctor` the recipe crea
 If the short run ends before a validation pass, it validates on two batches of the
 recipe's ``val_data`` so the eval-mode check runs too.
 
-Example::
+.. code-block:: bash
 
     python -m framework doctor recipes/digits.py --run-dir "$(mktemp -d)"
     python -m framework doctor --steps 5 recipes/adder.py
 
 Pass the recipe a new scratch ``--run-dir`` each time (the short run writes there like any run,
 and a fresh run refuses a dir that holds another), or none: the recipes then pick a new one.
+
+:func:`main` does the same in this process. The example's recipe validates on its training data and
+has a layer it never uses: two warnings, so the exit status is still 0.
+
+Example:
+
+    >>> from pathlib import Path
+    >>> from framework.doctor.cli import main
+    >>> _ = Path("recipe.py").write_text('''
+    ... import torch, framework
+    ... from torch import nn
+    ... class Net(framework.LoopModule):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.net, self.unused = nn.Linear(8, 3), nn.Linear(8, 3)
+    ...     def forward(self, x):
+    ...         return self.net(x)
+    ...     def compute_loss(self, outputs, targets):
+    ...         return nn.functional.cross_entropy(outputs, targets)
+    ... data = torch.utils.data.TensorDataset(torch.randn(64, 8), torch.randint(0, 3, (64,)))
+    ... framework.Engine(max_epochs=1, batch_size=16, progress=False).fit(Net(), data, val_data=data)
+    ... ''')
+    >>> main(["recipe.py"])
+    doctor report: recipe.py (3 optimizer step(s) per fit, doctor="full")
+    outcome: the recipe ran to the end
+    status    check
+    ...
+    WARNING   validation data is not the training data
+              -> val_data is the same data as train_data, so validation measures memorisation, ...
+    WARNING   every trainable parameter receives a gradient
+              -> 2 trainable parameter(s) of Net received no gradient: unused.weight, unused.bias. ...
+    ...
+    14 ok, 2 warning, 0 error, 0 not run
+    0
 """
 
 from __future__ import annotations
@@ -40,11 +74,17 @@ each check of the training loop: ok / warning / error / not run, and the fix."""
 def main(argv: list[str] | None = None) -> int:
     """Run the doctor over a recipe and print the report; returns the exit status.
 
-    Example::
+    ``argv`` defaults to ``sys.argv[1:]``: ``[--steps N] path/to/recipe.py [recipe args]``; the module
+    docstring runs it on a recipe. A wrong command line returns 2, with the usage on stderr.
+
+    Example:
 
         >>> from framework.doctor.cli import main
-        >>> main(["recipes/digits.py", "--run-dir", "/tmp/doctor"])   # prints the table
-        0
+        >>> main(["--help"])
+        usage: python -m framework doctor [--steps N] path/to/recipe.py [recipe args]
+        ...
+        >>> main(["--steps", "5", "no_such_recipe.py"])   # stderr: no such recipe: no_such_recipe.py
+        2
     """
     args = list(sys.argv[1:] if argv is None else argv)
     steps = 3

@@ -29,11 +29,6 @@ class FitInfo:
     Derived once at the start of the fit: parameter and submodule names, the trainable parameters, which
     optimizers hold each parameter (``holders``), and the trainable parameters some optimizer holds
     (``stepped``: the ones the parameter checks watch).
-
-    Example::
-
-        fit = FitInfo(module, [optimizer], batching, strategy="ddp", reduce=runtime.all_reduce_sum)
-        fit.params_of("generator")   # [(name, parameter), ...] that the generator's optimizer steps
     """
 
     module: nn.Module
@@ -88,12 +83,8 @@ class FitInfo:
         return self.strategy == "fsdp"
 
     def optimizer_label(self, i: int) -> str:
-        """How a message names optimizer ``i``: its phase, or its place and type when there are several.
-
-        Example::
-
-            fit.optimizer_label(1)   # -> "the generator optimizer", "optimizer 1 (AdamW)" or "the optimizer"
-        """
+        """How a message names optimizer ``i``: its phase, or its place and type when there are several:
+        "the generator optimizer", "optimizer 1 (AdamW)" or "the optimizer"."""
         if self.phases is not None:
             return f"the {self.phases[i]} optimizer"
         if len(self.optimizers) == 1:
@@ -101,21 +92,11 @@ class FitInfo:
         return f"optimizer {i} ({type(self.optimizers[i]).__name__})"
 
     def phase_keys(self) -> list[str | None]:
-        """The phases of one optimizer step: ``[None]`` (joint: one loss, every optimizer steps) or the phases.
-
-        Example::
-
-            fit.phase_keys()   # [None], or ["discriminator", "generator"]
-        """
+        """The phases of one optimizer step: ``[None]`` (joint: one loss, every optimizer steps) or the phases."""
         return [None] if self.phases is None else list(self.phases)
 
     def optimizer_indices(self, phase: str | None) -> list[int]:
-        """The optimizers that step in ``phase`` (all of them for a joint step, phase None).
-
-        Example::
-
-            fit.optimizer_indices("generator")   # [1]
-        """
+        """The optimizers that step in ``phase`` (all of them for a joint step, phase None)."""
         if phase is None or self.phases is None:
             return list(range(len(self.optimizers)))
         if phase not in self.phases:
@@ -133,11 +114,6 @@ class FitInfo:
 class Context:
     """Where the loop is, for the checks: the fit, whether this optimizer step is a checked one, and,
     inside :meth:`~framework.doctor.Doctor.watch`, the user method running and its batch.
-
-    Example::
-
-        if ctx.checking and ctx.watching:
-            print(f"{ctx.fit.name}.{ctx.where}")   # "Net.compute_loss"
     """
 
     def __init__(self, record: Recorder, level: str) -> None:

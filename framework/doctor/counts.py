@@ -16,12 +16,7 @@ from .context import Context
 
 
 class CountItems:
-    """``count_items``.
-
-    Example::
-
-        check.on_count(module, module.count_items(batch))   # LoopError for -3, 2.5 or a float tensor
-    """
+    """``count_items``. A :class:`LoopError` for ``-3``, ``2.5`` or a float tensor; a warning for 0."""
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx

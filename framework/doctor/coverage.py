@@ -15,13 +15,8 @@ from .inspect import is_dtensor
 
 
 class ParameterCoverage:
-    """``trainable`` and ``optimizer_coverage``.
-
-    Example::
-
-        check = ParameterCoverage(ctx)
-        check.on_fit_start(fit)   # LoopError if nothing is trainable; LoopWarning naming uncovered parameters
-    """
+    """``trainable`` and ``optimizer_coverage``: a :class:`LoopError` when nothing is trainable, a
+    :class:`LoopWarning` naming the parameters no optimizer holds."""
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx

@@ -24,12 +24,17 @@ class LoopError(RuntimeError):
 
     ``check`` names the doctor check that found it (see :data:`CHECKS`), or is None.
 
-    Example::
+    Example:
 
-        try:
-            engine.fit(model, data)
-        except LoopError as e:
-            print(e.check, e)
+        >>> from framework import Engine, LoopError
+        >>> class Detached(Classifier):
+        ...     def compute_loss(self, outputs, targets):
+        ...         return F.cross_entropy(outputs, targets).item()   # a float: no gradient
+        >>> try:
+        ...     Engine(max_steps=1, batch_size=32, progress=False).fit(Detached(), train_data)
+        ... except LoopError as e:
+        ...     print(e.check, "|", e)
+        loss_value | Detached.compute_loss returned a float (...); return a scalar tensor, ...
     """
 
     def __init__(self, message: str, check: str | None = None) -> None:
@@ -40,9 +45,18 @@ class LoopError(RuntimeError):
 class LoopWarning(UserWarning):
     """A likely mistake in the user's loop code; emitted once per fit.
 
-    Example::
+    Example:
 
-        warnings.simplefilter("error", LoopWarning)   # make the doctor's warnings fatal
+        >>> import warnings
+        >>> from framework import Engine, LoopWarning
+        >>> model = Classifier()
+        >>> model.extra = nn.Linear(8, 8)   # never used in forward
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("error", LoopWarning)   # make the doctor's warnings fatal
+        ...     Engine(max_steps=2, batch_size=32, progress=False).fit(model, train_data)
+        Traceback (most recent call last):
+        ...
+        framework.doctor.findings.LoopWarning: 2 trainable parameter(s) of Classifier received no gradient: ...
     """
 
     check: str | None = None
@@ -109,10 +123,14 @@ CHECKS: dict[str, tuple[str, str]] = {
 class Finding:
     """One problem the doctor found: the check's id, ``"error"`` or ``"warning"``, and the message.
 
-    Example::
+    Example:
 
-        for f in engine.doctor.findings:
-            print(f.severity, f.check, f.message)
+        >>> from framework import Engine
+        >>> model = Classifier()
+        >>> model.extra = nn.Linear(8, 8)   # never used in forward
+        >>> engine = Engine(max_steps=2, batch_size=32, progress=False).fit(model, train_data)
+        >>> engine.doctor.findings
+        [Finding(check='gradients', severity='warning', message='2 trainable parameter(s) of Classifier ...')]
     """
 
     check: str
@@ -124,13 +142,8 @@ class Recorder:
     """What the checks found: :attr:`findings`, the checks that :attr:`ran`, and why the others did not
     (:attr:`not_run`). The :class:`~framework.doctor.Doctor` owns one and hands it to every check;
     findings accumulate over the doctor's life (a ``fit`` then a ``validate`` report together), while
-    "once per fit" for warnings restarts with :meth:`new_fit`.
-
-    Example::
-
-        record = Recorder()
-        record.warn("gradients", "2 trainable parameter(s) of Net received no gradient: ...")
-        record.fail("loss_value", "Net.compute_loss returned ...; fix: ...")   # raises LoopError
+    "once per fit" for warnings restarts with :meth:`new_fit`. A check records a warning with
+    :meth:`warn` and an error with :meth:`fail` (which raises :class:`LoopError`).
     """
 
     def __init__(self) -> None:
@@ -141,42 +154,22 @@ class Recorder:
         self._warned: set[str] = set()
 
     def new_fit(self, is_main: bool) -> None:
-        """A new fit: each warning may be emitted once again; ``is_main`` says whether this process speaks.
-
-        Example::
-
-            record.new_fit(is_main=rank == 0)
-        """
+        """A new fit: each warning may be emitted once again; ``is_main`` says whether this process speaks."""
         self._warned.clear()
         self.is_main = is_main
 
     def fail(self, check: str, message: str) -> NoReturn:
-        """Record an error finding and raise :class:`LoopError` (the run stops here).
-
-        Example::
-
-            record.fail("loss_value", "Net.compute_loss returned ...; fix: ...")
-        """
+        """Record an error finding and raise :class:`LoopError` (the run stops here)."""
         self.error(check, message)
         raise LoopError(message, check)
 
     def error(self, check: str, message: str) -> None:
-        """Record an error finding without raising (the caller raises its own error, e.g. NonFiniteError).
-
-        Example::
-
-            record.error("finite", "non-finite loss or gradient: ...")
-        """
+        """Record an error finding without raising (the caller raises its own error, e.g. NonFiniteError)."""
         self.ran.add(check)
         self.findings.append(Finding(check, "error", message))
 
     def warn(self, check: str, message: str, key: str | None = None) -> None:
-        """Record a warning finding and emit it as a :class:`LoopWarning`, once per fit per ``key``.
-
-        Example::
-
-            record.warn("gradients", "2 trainable parameter(s) of Net received no gradient: ...")
-        """
+        """Record a warning finding and emit it as a :class:`LoopWarning`, once per fit per ``key``."""
         key = key or check
         self.ran.add(check)
         if key in self._warned:
@@ -192,9 +185,17 @@ class Recorder:
 def report_rows(findings: list[Finding], ran: set[str], not_run: dict[str, str]) -> list[tuple[str, str, str, str]]:
     """Merge findings into one row per check of :data:`CHECKS` (see :meth:`Doctor.report`).
 
-    Example::
+    Example:
 
-        rows = report_rows(doctor.findings, doctor.ran, doctor.not_run)
+        >>> from framework.doctor import Finding, report_rows
+        >>> found = [Finding("finite", "error", "non-finite loss")]
+        >>> rows = report_rows(found, ran={"trainable", "finite"}, not_run={"updates": "fewer than 2 steps"})
+        >>> for check, title, status, detail in rows:
+        ...     if check in ("trainable", "updates", "finite"):
+        ...         print(f"{check}: {status} {detail!r}")
+        trainable: ok ''
+        updates: not run 'fewer than 2 steps'
+        finite: error 'non-finite loss'
     """
     rows = []
     for check, (title, _fix) in CHECKS.items():
@@ -224,9 +225,19 @@ def report_rows(findings: list[Finding], ran: set[str], not_run: dict[str, str])
 def format_table(rows: list[tuple[str, str, str, str]], width: int = 100) -> str:
     """Render report rows: status, what was checked, and (for problems) the message with its fix.
 
-    Example::
+    Example:
 
-        print(format_table(engine.doctor.report()))
+        >>> from framework.doctor import format_table
+        >>> rows = [("trainable", "the module has trainable parameters", "ok", ""),
+        ...         ("finite", "the loss and the gradients are finite", "error", "non-finite loss; fix: lower the lr")]
+        >>> print(format_table(rows, width=50))
+        status    check
+        --------- ----------------------------------------
+        ok        the module has trainable parameters
+        ERROR     the loss and the gradients are finite
+                  -> non-finite loss; fix: lower the lr
+        --------- ----------------------------------------
+        1 ok, 0 warning, 1 error, 0 not run
     """
     lines = [f"{'status':<9} check", f"{'-' * 9} {'-' * (width - 10)}"]
     for _, title, status, detail in rows:
@@ -246,10 +257,6 @@ _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # fr
 def user_stacklevel() -> int:
     """The ``stacklevel`` that attributes a warning to the first caller outside this package (and the
     contextlib frames of ``watch``): the user's ``engine.fit(...)`` line, not the doctor's internals.
-
-    Example::
-
-        warnings.warn(LoopWarning(message), stacklevel=user_stacklevel())
     """
     frame: types.FrameType | None = sys._getframe(2)
     level = 2  # level 1 is Doctor.warn itself
@@ -263,9 +270,10 @@ def user_stacklevel() -> int:
 def name_list(names: list[str], limit: int = 8) -> str:
     """``names`` joined for a message, the first ``limit`` of them and a count of the rest.
 
-    Example::
+    Example:
 
-        name_list(["a", "b", "c"], limit=2)   # "a, b, ... (1 more)"
+        >>> name_list(["a", "b", "c"], limit=2)
+        'a, b, ... (1 more)'
     """
     shown = ", ".join(names[:limit])
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")

@@ -17,12 +17,7 @@ from .inspect import local
 
 
 class Finite:
-    """``finite``.
-
-    Example::
-
-        detail = check.diagnose(window_loss, params)   # -> ": Net.compute_loss returned nan (...)"
-    """
+    """``finite``."""
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx

@@ -19,13 +19,7 @@ from .findings import name_list
 
 
 class Gradients:
-    """``gradients``; :attr:`missing_ids` are the parameters it reported (the ``updates`` check skips them).
-
-    Example::
-
-        loss.backward()
-        check.on_checked_backward(phase=None)   # after the step's last backward
-    """
+    """``gradients``; :attr:`missing_ids` are the parameters it reported (the ``updates`` check skips them)."""
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx

@@ -21,12 +21,7 @@ from .inspect import bits_sum, is_dtensor
 
 
 class InitialWeights:
-    """``initial_weights``.
-
-    Example::
-
-        check.on_initial_weights(module, reduce=runtime.all_reduce_sum, is_rank0=runtime.is_main, device=dev)
-    """
+    """``initial_weights``."""
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx

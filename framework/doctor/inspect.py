@@ -20,9 +20,14 @@ _GRAPH_NODES = 200_000  # give up (no finding) on an autograd graph walk beyond 
 def version_of(t: torch.Tensor | None) -> int:
     """The version counter of ``t`` (bumped by every in-place change), or -1 for None; metadata only.
 
-    Example::
+    Example:
 
-        v = version_of(p.grad); p.grad.add_(1); version_of(p.grad) == v + 1   # True
+        >>> from framework.doctor.inspect import version_of
+        >>> g = torch.zeros(3)
+        >>> v = version_of(g)
+        >>> _ = g.add_(1)
+        >>> version_of(g) - v, version_of(None)
+        (1, -1)
     """
     return -1 if t is None else t._version
 
@@ -30,9 +35,11 @@ def version_of(t: torch.Tensor | None) -> int:
 def is_finite(x: float) -> bool:
     """Neither nan nor ±inf.
 
-    Example::
+    Example:
 
-        is_finite(1.0), is_finite(float("nan"))   # (True, False)
+        >>> from framework.doctor.inspect import is_finite
+        >>> is_finite(1.0), is_finite(float("nan")), is_finite(float("-inf"))
+        (True, False, False)
     """
     return x == x and abs(x) != float("inf")
 
@@ -40,9 +47,11 @@ def is_finite(x: float) -> bool:
 def fingerprint(p: torch.Tensor) -> torch.Tensor:
     """A float64 (sum, norm) of ``p`` for a parameter too large to copy; reductions upcast on the fly.
 
-    Example::
+    Example:
 
-        fingerprint(torch.ones(4))   # tensor([4., 2.], dtype=torch.float64)
+        >>> from framework.doctor.inspect import fingerprint
+        >>> fingerprint(torch.ones(4))   # (sum, norm)
+        tensor([4., 2.], dtype=torch.float64)
     """
     d = p.detach()
     return torch.stack([d.sum(dtype=torch.float64), torch.linalg.vector_norm(d, dtype=torch.float64)])
@@ -56,9 +65,11 @@ def bits_sum(t: torch.Tensor) -> torch.Tensor:
     """The int64 sum of ``t``'s bit patterns: an exact fingerprint (integer addition is associative, so
     no reduction order or thread count changes it; equal tensors give equal sums, bit for bit).
 
-    Example::
+    Example:
 
-        bits_sum(torch.ones(3)) == 3 * 0x3F800000   # tensor(True)
+        >>> from framework.doctor.inspect import bits_sum
+        >>> bits_sum(torch.ones(3)) == 3 * 0x3F800000   # 1.0 in float32 is 0x3F800000
+        tensor(True)
     """
     d = t.detach()
     if d.is_complex():
@@ -78,10 +89,6 @@ def local(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor (FSDP2's parameters and gradients), or ``t`` itself.
 
     Cheap: without ``torch.distributed.tensor`` imported there is no DTensor to see through.
-
-    Example::
-
-        local(p.grad).count_nonzero()   # this rank's shard under FSDP2, the gradient itself otherwise
     """
     dtensor = sys.modules.get("torch.distributed.tensor")
     if dtensor is not None and isinstance(t, dtensor.DTensor):
@@ -90,12 +97,7 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 
 def is_dtensor(t: torch.Tensor) -> bool:
-    """Is ``t`` a DTensor (a parameter sharded by FSDP2's ``fully_shard``)?
-
-    Example::
-
-        any(is_dtensor(p) for p in module.parameters())   # True after fully_shard(module)
-    """
+    """Is ``t`` a DTensor (a parameter sharded by FSDP2's ``fully_shard``)?"""
     dtensor = sys.modules.get("torch.distributed.tensor")
     return dtensor is not None and isinstance(t, dtensor.DTensor)
 
@@ -111,11 +113,13 @@ def autograd_clock() -> int | None:
     it: a stale loss. Reading the clock makes one throwaway view node (no device work). None where the
     private API is missing (the caller then falls back to walking the graph).
 
-    Example::
+    Example:
 
-        mark = autograd_clock()
-        loss = model(x).sum()
-        loss.grad_fn._sequence_nr() > mark   # True: made after the mark
+        >>> from framework.doctor.inspect import autograd_clock, sequence_nr
+        >>> mark = autograd_clock()
+        >>> loss = nn.Linear(8, 1)(torch.randn(2, 8)).sum()
+        >>> sequence_nr(loss) > mark   # made after the mark
+        True
     """
     if not _CLOCK_LEAF:
         _CLOCK_LEAF.append(torch.zeros((), requires_grad=True))
@@ -128,12 +132,7 @@ def autograd_clock() -> int | None:
 
 
 def sequence_nr(t: torch.Tensor) -> int | None:
-    """The autograd sequence number of ``t.grad_fn`` (see :func:`autograd_clock`), or None.
-
-    Example::
-
-        sequence_nr(loss) > mark   # loss was built after autograd_clock() returned mark
-    """
+    """The autograd sequence number of ``t.grad_fn`` (see :func:`autograd_clock`), or None."""
     try:
         return int(t.grad_fn._sequence_nr())  # type: ignore[union-attr]
     except (AttributeError, TypeError):
@@ -143,9 +142,12 @@ def sequence_nr(t: torch.Tensor) -> int | None:
 def tensors_in(obj: Any, depth: int = 0, limit: int = 64) -> list[torch.Tensor]:
     """The tensors inside ``obj`` (tensor, list/tuple, dict, dataclass-like ModelOutput), up to ``limit``.
 
-    Example::
+    Example:
 
-        tensors_in({"logits": logits, "aux": [h1, h2]})   # [logits, h1, h2]
+        >>> from framework.doctor.inspect import tensors_in
+        >>> logits, h1, h2 = torch.zeros(2, 3), torch.zeros(2), torch.ones(2)
+        >>> [t.shape for t in tensors_in({"logits": logits, "aux": [h1, h2], "name": "x"})]
+        [torch.Size([2, 3]), torch.Size([2]), torch.Size([2])]
     """
     if isinstance(obj, torch.Tensor):
         return [obj]
@@ -170,9 +172,15 @@ def tensors_in(obj: Any, depth: int = 0, limit: int = 64) -> list[torch.Tensor]:
 def reaches(loss: torch.Tensor, outputs: list[torch.Tensor]) -> bool | None:
     """Does the autograd graph behind ``loss`` contain one of ``outputs``? None when undecided (too big).
 
-    Example::
+    Example:
 
-        reaches(F.cross_entropy(out, y), [out])   # True; False for a loss kept from another step
+        >>> from framework.doctor.inspect import reaches
+        >>> net, y = nn.Linear(8, 3), torch.tensor([0, 1, 2, 0])
+        >>> out = net(torch.randn(4, 8))
+        >>> loss = F.cross_entropy(out, y)
+        >>> next_out = net(torch.randn(4, 8))   # the next step's forward
+        >>> reaches(loss, [out]), reaches(loss, [next_out])   # False: a loss kept from an earlier step
+        (True, False)
     """
     fns = {t.grad_fn for t in outputs if t.grad_fn is not None}
     leaves = {id(t) for t in outputs if t.grad_fn is None}
@@ -198,9 +206,12 @@ def reaches(loss: torch.Tensor, outputs: list[torch.Tensor]) -> bool | None:
 def batch_len(batch: Any) -> int | None:
     """Dim 0 of the first tensor in ``batch`` that has one: the number of items, or None.
 
-    Example::
+    Example:
 
-        batch_len({"input_ids": ids, "labels": labels})   # ids.shape[0]
+        >>> from framework.doctor.inspect import batch_len
+        >>> batch = {"input_ids": torch.zeros(4, 16, dtype=torch.long), "labels": torch.zeros(4, 16)}
+        >>> batch_len(batch), batch_len([1, 2])
+        (4, None)
     """
     ts = [t for t in tensors_in(batch) if t.ndim > 0]
     return ts[0].shape[0] if ts else None
@@ -212,9 +223,13 @@ def split_halves(batch: Any, order: torch.Tensor | None = None) -> tuple[Any, An
     ``order`` (a permutation of the items) picks which items go to which half: the first half of
     ``order``, then the rest; by default the first and the second half of the batch.
 
-    Example::
+    Example:
 
-        first, second = split_halves((x, y))   # x[:16], y[:16] and x[16:], y[16:] for 32 items
+        >>> from framework.doctor.inspect import split_halves
+        >>> x, y = torch.arange(6).reshape(3, 2), torch.arange(3)
+        >>> first, second = split_halves((x, y))
+        >>> first[1], second[1]
+        (tensor([0]), tensor([1, 2]))
     """
     n = batch_len(batch)
     if n is None or n < 2:
@@ -229,9 +244,13 @@ def slice_batch(obj: Any, items: slice | torch.Tensor, n: int) -> Any:
     """The ``items`` (a slice or an index tensor) of every tensor in ``obj`` whose dim 0 is ``n``;
     containers keep their type.
 
-    Example::
+    Example:
 
-        slice_batch((x, y), torch.tensor([3, 0]), n=len(x))   # (x[[3, 0]], y[[3, 0]])
+        >>> from framework.doctor.inspect import slice_batch
+        >>> x, y = torch.arange(8).reshape(4, 2), torch.arange(4)
+        >>> slice_batch((x, y), torch.tensor([3, 0]), n=4)
+        (tensor([[6, 7],
+                [0, 1]]), tensor([3, 0]))
     """
     if isinstance(obj, torch.Tensor):
         if obj.ndim == 0 or obj.shape[0] != n:
@@ -257,9 +276,13 @@ def same_data(train: Any, val: Any) -> bool:
     """Cheap identity tests: the same object, the same dataset behind two DataLoaders, the same Subset, or
     the same tensors (shared storage, or equal contents when the shapes match).
 
-    Example::
+    Example:
 
-        same_data((x, y), (x.clone(), y.clone()))   # True
+        >>> from torch.utils.data import TensorDataset
+        >>> from framework.doctor.inspect import same_data
+        >>> copy = TensorDataset(*[t.clone() for t in train_data.tensors])
+        >>> same_data(train_data, copy), same_data(train_data, val_data)
+        (True, False)
     """
     from torch.utils.data import DataLoader, Subset
 

@@ -23,15 +23,7 @@ _MISSING = object()
 
 
 class LoopCalls:
-    """``loop_calls``.
-
-    Example::
-
-        check.on_watch_enter(module)        # snapshot the gradients, patch zero_grad, hook optimizer.step
-        outputs = module(inputs)
-        check.on_checked_forward(module)    # LoopError if forward ran backward()/zero_grad()
-        check.on_watch_exit()               # patches removed
-    """
+    """``loop_calls``."""
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx

@@ -32,9 +32,15 @@ def split_loss(result: Any, owner: str) -> tuple[Any, dict[str, Any]]:
     else is the loss with no extras. A dict without ``"loss"``, with a key that is not a str, or with an extra
     that is not a scalar is a :class:`LoopError` that shows the keys (``owner`` names the method).
 
-    Example::
+    Example:
 
-        loss, extras = split_loss({"loss": ce, "acc": acc}, "Net.compute_loss")   # (ce, {"acc": acc})
+        >>> from framework.doctor.loss import split_loss
+        >>> split_loss({"loss": torch.tensor(0.5), "acc": 0.9}, "Net.compute_loss")
+        (tensor(0.5000), {'acc': 0.9})
+        >>> split_loss({"acc": 0.9}, "Net.compute_loss")
+        Traceback (most recent call last):
+        ...
+        framework.doctor.findings.LoopError: Net.compute_loss returned a dict with keys ['acc'] and no 'loss'; ...
     """
     if not isinstance(result, Mapping):
         return result, {}
@@ -62,13 +68,8 @@ def split_loss(result: Any, owner: str) -> tuple[Any, dict[str, Any]]:
 
 
 class LossValue:
-    """``loss_value`` (and the ``loss_graph`` finding of a forward that cannot learn at all).
-
-    Example::
-
-        loss = module.compute_loss(outputs, targets)
-        check.on_loss(module, loss, outputs, None)   # LoopError for a float, a [32] tensor, a detached loss
-    """
+    """``loss_value`` (and the ``loss_graph`` finding of a forward that cannot learn at all): a
+    :class:`LoopError` for a float, a ``[32]`` tensor or a detached loss."""
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -126,14 +127,7 @@ class LossValue:
 
 
 class LossGraph:
-    """``loss_graph``: the loss was built in this step, from this step's forward.
-
-    Example::
-
-        check.on_watch_enter(module)        # reads the autograd clock
-        loss = module.compute_loss(module(inputs), targets)
-        check.on_checked_loss(module, loss, outputs, None)   # LoopError for a loss kept from an earlier step
-    """
+    """``loss_graph``: the loss was built in this step, from this step's forward."""
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx

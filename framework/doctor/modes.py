@@ -16,13 +16,7 @@ from .findings import name_list
 
 
 class TrainMode:
-    """``train_mode``.
-
-    Example::
-
-        outputs = model(inputs)
-        check.on_forward(module, "forward")   # LoopError if forward called self.eval()
-    """
+    """``train_mode``."""
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -64,13 +58,7 @@ class TrainMode:
 
 
 class EvalMode:
-    """``eval_mode`` (also in ``Engine.validate``, outside any fit).
-
-    Example::
-
-        outputs = model(inputs)
-        check.on_eval(module)   # LoopError if forward called self.train()
-    """
+    """``eval_mode`` (also in ``Engine.validate``, outside any fit)."""
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx

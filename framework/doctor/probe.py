@@ -62,12 +62,7 @@ MARGIN = 100  # ... and is wrong only when it misses by this many times more tha
 
 @dataclass(frozen=True)
 class Count:
-    """A count of one micro-batch's halves: what it counts, its code (``{t}`` = the targets), its values.
-
-    Example::
-
-        Count("the target elements", "{t}.numel()", (64.0, 64.0))
-    """
+    """A count of one micro-batch's halves: what it counts, its code (``{t}`` = the targets), its values."""
 
     label: str
     code: str
@@ -78,10 +73,6 @@ class Count:
 class Measured:
     """The probe's numbers: the micro-batch's loss and count, its halves' losses and counts, the natural
     counts of the halves, and the rounding tolerance of the dtypes involved.
-
-    Example::
-
-        Measured(3.9, 8, (3.92, 3.91), (4, 4), [Count(...)], tol=1.9e-6, items=8)
     """
 
     loss: float
@@ -97,10 +88,6 @@ class Measured:
 class Verdict:
     """What the probe says of ``count_items``: ``"ok"``, ``"mismatch"`` (``alternative`` explains the
     halves instead) or ``"undecided"``; the relative errors of both.
-
-    Example::
-
-        Verdict("mismatch", Count(...), err_module=4e-4, err_alternative=3e-8)
     """
 
     kind: str
@@ -112,10 +99,6 @@ class Verdict:
 def natural_counts(targets: tuple[Any, Any]) -> list[tuple[str, str, tuple[float, float]]]:
     """The natural counts of two halves' targets: ``(label, code, (count_a, count_b))`` for each count
     that applies to them (integer targets: not -100, after a causal shift too; any tensor: elements, items).
-
-    Example::
-
-        natural_counts((labels[:4], labels[4:]))   # [("... after the causal shift ...", "({t}[:, 1:] != -100).sum()", (45.0, 23.0)), ...]
     """
     a, b = targets
     if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.ndim == 0 or a.ndim != b.ndim:
@@ -148,10 +131,6 @@ def count_order(targets: Any, n: int) -> torch.Tensor | None:
     """A permutation of the ``n`` items that sorts them by their number of targets that are not -100
     (most first), so the halves' counts differ as much as they can; None where every item counts the
     same (or the targets are not per-item integer tensors), or where a half would count nothing.
-
-    Example::
-
-        first, second = split_halves(batch, count_order(labels, len(labels)))   # longest sequences first
     """
     if not isinstance(targets, torch.Tensor) or targets.ndim == 0 or targets.shape[0] != n:
         return None
@@ -168,9 +147,11 @@ def rounding_tolerance(dtypes: list[torch.dtype]) -> float:
     """Relative rounding allowed between a batch's loss and its halves' weighted mean: 16 ulps of the
     least precise float dtype involved (1.9e-6 for float32; bf16 is too coarse to tell counts apart).
 
-    Example::
+    Example:
 
-        rounding_tolerance([torch.float32, torch.float64])   # 16 * 1.19e-07
+        >>> from framework.doctor.probe import rounding_tolerance
+        >>> rounding_tolerance([torch.float32, torch.float64])   # 16 * 1.19e-07
+        1.9e-06
     """
     eps = [torch.finfo(d).eps for d in dtypes if d.is_floating_point]
     return 16 * max(eps or [torch.finfo(torch.float32).eps])
@@ -189,10 +170,13 @@ def count_verdict(
     proportions does to ``tol`` and ``count_items`` misses by at least ``MARGIN`` times more;
     otherwise ``"undecided"`` (no count decomposes the loss).
 
-    Example::
+    Example:
 
-        count_verdict(2.0, (1.0, 4.0), (2, 1), [], tol=2e-6).kind                               # "ok"
-        count_verdict(2.0, (1.0, 4.0), (1, 1), [Count("...", "...", (2.0, 1.0))], 2e-6).kind   # "mismatch"
+        >>> from framework.doctor.probe import Count, count_verdict
+        >>> count_verdict(2.0, (1.0, 4.0), (2, 1), [], tol=2e-6).kind
+        'ok'
+        >>> count_verdict(2.0, (1.0, 4.0), (1, 1), [Count("the tokens", "{t}.numel()", (2.0, 1.0))], 2e-6).kind
+        'mismatch'
     """
     a, b = halves
     na, nb = counts
@@ -219,9 +203,11 @@ def count_verdict(
 def is_sum_like(full: float, halves: tuple[float, float], counts: tuple[float, float]) -> bool:
     """The batch's loss is the sum of its halves' losses (to 5%), far (25%) from their count-weighted mean.
 
-    Example::
+    Example:
 
-        is_sum_like(10.0, (4.0, 6.0), (16, 16))   # True
+        >>> from framework.doctor.probe import is_sum_like
+        >>> is_sum_like(10.0, (4.0, 6.0), (16, 16)), is_sum_like(5.0, (4.0, 6.0), (16, 16))
+        (True, False)
     """
     a, b = halves
     na, nb = counts
@@ -233,13 +219,8 @@ def is_sum_like(full: float, halves: tuple[float, float], counts: tuple[float, f
 
 class HalvesProbe:
     """``count_weights`` and ``loss_scaling`` (the latter with accumulation or several processes under
-    ``doctor="basic"``, always under ``"full"``).
-
-    Example::
-
-        with doctor.watch(module, batch):   # the probe needs the watched batch
-            ...
-            check.on_checked_loss(module, loss, outputs, None)   # once per fit: three no-grad forwards
+    ``doctor="basic"``, always under ``"full"``). It runs once per fit, on a checked step inside
+    :meth:`~framework.doctor.Doctor.watch` (it needs the watched batch): three no-grad forwards.
     """
 
     def __init__(self, ctx: Context) -> None:

@@ -15,12 +15,7 @@ LEVELS = ("basic", "full", "off")
 
 
 def resolve_level(level: str) -> str:
-    """``level``, or the environment's ``FRAMEWORK_DOCTOR`` when set; a ValueError for anything else.
-
-    Example::
-
-        resolve_level("basic")   # -> "basic" (or "full" under FRAMEWORK_DOCTOR=full)
-    """
+    """``level``, or the environment's ``FRAMEWORK_DOCTOR`` when set; a ValueError for anything else."""
     level = os.environ.get("FRAMEWORK_DOCTOR") or level
     if level not in LEVELS:
         raise ValueError(f'doctor={level!r}; use "basic", "full" or "off"')
@@ -30,9 +25,11 @@ def resolve_level(level: str) -> str:
 def is_checked(k: int, full: bool) -> bool:
     """Is optimizer step ``k`` (0-based, counted from the start of the fit) a checked one?
 
-    Example::
+    Example:
 
-        [k for k in range(20) if is_checked(k, full=False)]   # -> [0, 1, 2, 4, 8, 16]
+        >>> from framework.doctor.schedule import is_checked
+        >>> [k for k in range(20) if is_checked(k, full=False)]
+        [0, 1, 2, 4, 8, 16]
     """
     return full or k < 2 or k % 1000 == 0 or (k < 1000 and k & (k - 1) == 0)
 
@@ -40,10 +37,14 @@ def is_checked(k: int, full: bool) -> bool:
 def max_steps_override(max_steps: int | None) -> int | None:
     """``max_steps`` capped by the environment variable ``FRAMEWORK_MAX_STEPS`` (the doctor CLI sets it).
 
-    Example::
+    Example:
 
-        os.environ["FRAMEWORK_MAX_STEPS"] = "3"
-        max_steps_override(None)  # -> 3;  max_steps_override(2) -> 2
+        >>> import os
+        >>> from unittest import mock
+        >>> from framework.doctor import max_steps_override
+        >>> with mock.patch.dict(os.environ, {"FRAMEWORK_MAX_STEPS": "3"}):   # as the doctor CLI sets it
+        ...     print(max_steps_override(None), max_steps_override(2), max_steps_override(100))
+        3 2 3
     """
     cap = os.environ.get("FRAMEWORK_MAX_STEPS")
     if not cap:

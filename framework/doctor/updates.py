@@ -24,14 +24,7 @@ _SNAPSHOT_ELEMENTS = 1 << 28
 
 
 class Updates:
-    """``updates``; parameters the ``gradients`` check already reported are not reported again.
-
-    Example::
-
-        check.on_checked_step_start()                 # takes the snapshot (first checked step)
-        optimizer.step()
-        check.on_optimizer_step(applied=True, phase=None)
-    """
+    """``updates``; parameters the ``gradients`` check already reported are not reported again."""
 
     def __init__(self, ctx: Context, gradients: Gradients) -> None:
         self.ctx = ctx

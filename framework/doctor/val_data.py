@@ -7,12 +7,7 @@ from .inspect import same_data
 
 
 class ValData:
-    """``val_data``: the same object, the same dataset behind two loaders, the same Subset, or equal tensors.
-
-    Example::
-
-        ValData(ctx).on_fit_start(fit)   # LoopWarning when fit.val_data is fit.train_data
-    """
+    """``val_data``: the same object, the same dataset behind two loaders, the same Subset, or equal tensors."""
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx

@@ -6,7 +6,22 @@ throughput and MFU (:mod:`~framework.observability.throughput`, FLOPs counted by
 :mod:`~framework.observability.flops`) and the profiler (:mod:`~framework.observability.profiler`), both
 subscribers of the loop's events.
 
-Example::
+Example:
+
+    >>> import json, os
+    >>> engine = framework.Engine(max_epochs=1, batch_size=32, run_dir="runs/digits", progress=False)
+    >>> _ = engine.fit(Classifier(), train_data, val_data)
+    >>> sorted(os.listdir("runs/digits"))
+    ['.lock', 'checkpoints', 'config.json', 'metrics.jsonl']
+    >>> records = [json.loads(line) for line in open("runs/digits/metrics.jsonl")]
+    >>> [sorted(k for k in r if k.startswith("val/")) for r in records if "val/loss" in r]   # the epoch's record
+    [['val/acc', 'val/loss']]
+    >>> records[-1]["stop"], records[-1]["stop_reason"]                                      # the stop record
+    ('max_epochs', 'max_epochs=1 reached')
+
+Then, in a shell:
+
+.. code-block:: bash
 
     python -m framework plot runs/digits -o curves.png
 """
@@ -23,10 +38,12 @@ def observers(config: EngineConfig) -> list[Any]:
     """The measuring subscribers ``config`` asks for, in the order the Engine subscribes them (first, before the
     trace, the doctor and the callbacks): the profiler (``profile_steps`` / ``profile_memory``), throughput.
 
-    Example::
+    Example:
 
-        for subscriber in observers(EngineConfig.from_options(run_dir="runs/x", profile_steps=(3, 5))):
-            events.subscribe(subscriber)
+        >>> from framework.config import EngineConfig
+        >>> config = EngineConfig.from_options(run_dir="runs/x", profile_steps=(3, 5))
+        >>> [type(subscriber).__name__ for subscriber in observers(config)]
+        ['Profiler', 'Throughput']
     """
     log, out = config.logging, list[Any]()
     if log.profile_steps is not None or log.profile_memory:

@@ -17,11 +17,16 @@ each), adding:
 
 Counting changes no result: the mode only reads shapes, and draws on no RNG.
 
-Example::
+Example:
 
-    flops = StepFlops()
-    flops.start(); loss = model(x).square().mean(); loss.backward(); flops.stop()
-    flops.total        # e.g. 3 * 2 * batch * in * out for one Linear whose input needs a gradient
+    >>> from framework.observability.flops import StepFlops
+    >>> model, x = nn.Linear(8, 3), torch.randn(4, 8)
+    >>> flops = StepFlops()
+    >>> flops.start()
+    >>> model(x).square().mean().backward()
+    >>> flops.stop()
+    >>> flops.total, 2 * 4 * 8 * 3    # forward 2 * batch * in * out, backward as much again (x needs no gradient)
+    (384, 192)
 """
 
 from __future__ import annotations
@@ -74,10 +79,13 @@ def _local_tensor(x: Any) -> Any:
 def has_unknown_work(op: Any, registry: dict[Any, Any]) -> bool:
     """Whether ``op`` (an ``OpOverloadPacket``) may compute FLOPs that no formula counts.
 
-    Example::
+    Example:
 
-        has_unknown_work(torch.ops.aten.mv, flop_counter.flop_registry)    # True: a matrix-vector product
-        has_unknown_work(torch.ops.aten.relu, flop_counter.flop_registry)  # False
+        >>> registry = flop_counter.flop_registry
+        >>> has_unknown_work(torch.ops.aten.mv, registry)     # a matrix-vector product without a formula
+        True
+        >>> has_unknown_work(torch.ops.aten.mm, registry), has_unknown_work(torch.ops.aten.relu, registry)
+        (False, False)
     """
     if op in registry:
         return False
@@ -121,12 +129,16 @@ class StepFlops:
     """FLOPs of the work between :meth:`start` and :meth:`stop` calls, summed over them (a step's forwards,
     losses and backwards); :attr:`unknown` names the ops that make the sum unreliable.
 
-    Example::
+    Example:
 
-        flops = StepFlops()
-        for micro_batch in window:
-            flops.start(); model(micro_batch).sum().backward(); flops.stop()
-        per_step = None if flops.unknown else flops.total
+        >>> model = nn.Linear(8, 3)
+        >>> flops = StepFlops()
+        >>> for micro_batch in torch.randn(2, 4, 8, requires_grad=True):   # two micro-batches of 4
+        ...     flops.start()
+        ...     model(micro_batch).sum().backward()
+        ...     flops.stop()
+        >>> flops.total, flops.unknown                # 3 * 2 * 4 * 8 * 3 per micro-batch: x needs a gradient
+        (1152, set())
     """
 
     def __init__(self) -> None:
@@ -136,17 +148,49 @@ class StepFlops:
 
     @property
     def running(self) -> bool:
-        """Counting now (between :meth:`start` and :meth:`stop`)."""
+        """Counting now (between :meth:`start` and :meth:`stop`).
+
+        Example:
+
+            >>> flops = StepFlops()
+            >>> flops.start()
+            >>> flops.running
+            True
+            >>> flops.stop()
+            >>> flops.running
+            False
+        """
         return self._mode is not None
 
     def start(self) -> None:
-        """Count what runs from now (nothing if already counting)."""
+        """Count what runs from now (nothing if already counting).
+
+        Example:
+
+            >>> flops = StepFlops()
+            >>> flops.start()
+            >>> _ = torch.ones(2, 3) @ torch.ones(3, 4)
+            >>> flops.stop()
+            >>> flops.total                           # 2 * 2 * 3 * 4
+            48
+        """
         if self._mode is None:
             self._mode = _Counter(self.unknown)
             self._mode.__enter__()  # type: ignore[no-untyped-call]
 
     def stop(self) -> None:
-        """Stop counting; :attr:`total` includes what ran since :meth:`start`."""
+        """Stop counting; :attr:`total` includes what ran since :meth:`start`.
+
+        Example:
+
+            >>> flops = StepFlops()
+            >>> flops.start()
+            >>> _ = torch.ones(2, 3) @ torch.ones(3, 4)
+            >>> flops.stop()
+            >>> _ = torch.ones(2, 3) @ torch.ones(3, 4)   # not counted
+            >>> flops.total
+            48
+        """
         if self._mode is not None:
             mode, self._mode = self._mode, None
             mode.__exit__(None, None, None)  # type: ignore[no-untyped-call]

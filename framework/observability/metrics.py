@@ -26,11 +26,17 @@ Every record also has ``time``, the wall clock (seconds since the epoch) when it
 
 The learning rate is logged by default, so there is no LearningRateMonitor.
 
-Example::
+Example:
 
-    import json
-    records = [json.loads(line) for line in open("runs/digits/metrics.jsonl")]
-    val = [r for r in records if "val/loss" in r]
+    >>> import json
+    >>> engine = framework.Engine(max_steps=2, batch_size=32, log_every_n_steps=1, run_dir="runs/digits",
+    ...                           progress=False)
+    >>> _ = engine.fit(Classifier(), train_data)
+    >>> records = [json.loads(line) for line in open("runs/digits/metrics.jsonl")]
+    >>> [(r["step"], "train/loss" in r, r.get("stop")) for r in records]
+    [(1, True, None), (2, True, None), (2, False, 'max_steps')]
+    >>> sorted(k for k in records[0] if not k.startswith("train/"))
+    ['epoch', 'lr', 'step', 'time']
 """
 
 from __future__ import annotations
@@ -54,11 +60,14 @@ class TrainLoss:
     logged ``train/loss`` into NaN (``train/skipped_steps`` counts it instead). ``reduce`` sums a
     tensor over processes in place (``Runtime.all_reduce_sum``).
 
-    Example::
+    Example:
 
-        losses = TrainLoss(runtime.all_reduce_sum, runtime.device)
-        losses.add(window_loss)                 # every step
-        total, steps = losses.take()            # on a log step; train/loss = total / world / steps
+        >>> losses = TrainLoss(reduce=lambda t: t, device=torch.device("cpu"))   # one process: nothing to sum
+        >>> for loss in (0.5, float("nan"), 1.5):                                # every step
+        ...     losses.add(torch.tensor(loss))
+        >>> total, steps = losses.take()          # on a log step: train/loss = total / world_size / steps
+        >>> total.item(), steps.item()            # the NaN step is left out
+        (2.0, 2)
     """
 
     FOLD = 1024  # steps held at most before they are summed (long log intervals)
@@ -95,15 +104,28 @@ class TrainLoss:
     def latest(self) -> Any:
         """The loss of the step added last, on the device (None before the first): the progress bar's figure.
 
-        Example::
+        Example:
 
-            losses.latest()   # tensor(0.4132, dtype=torch.float64)
+            >>> losses = TrainLoss(reduce=lambda t: t, device=torch.device("cpu"))
+            >>> print(losses.latest())
+            None
+            >>> losses.add(torch.tensor(0.25))
+            >>> losses.latest()
+            tensor(0.2500, dtype=torch.float64)
         """
         return self._latest
 
     @property
     def pending(self) -> bool:
-        """Steps added since the last :meth:`take`."""
+        """Steps added since the last :meth:`take`.
+
+        Example:
+
+            >>> losses = TrainLoss(reduce=lambda t: t, device=torch.device("cpu"))
+            >>> losses.add(torch.tensor(0.25))
+            >>> losses.pending, losses.take() is not None, losses.pending
+            (True, True, False)
+        """
         return self._n > 0 or self._folded is not None
 
     def take(self) -> tuple[Any, Any]:
@@ -141,12 +163,16 @@ class LoggedValues:
     phase; a name in one phase only), every process the same ones (checked with one collective at the first
     record). Nothing is read per step: :meth:`take` gives device tensors for the record's one host read.
 
-    Example::
+    Example:
 
-        logged = LoggedValues(runtime)
-        logged.add(None, {"acc": acc}, weight)   # per real micro-batch
-        logged.end_step()                        # per step
-        names, total, count = logged.take()      # on a log step: train/acc = total / world / count
+        >>> from framework.parallel.runtime import make_runtime
+        >>> logged = LoggedValues(make_runtime())
+        >>> for acc in (0.5, 1.0):                # two steps of one micro-batch each (weight 1: all the items)
+        ...     logged.add(None, {"acc": torch.tensor(acc)}, weight=1.0, owner="Classifier")
+        ...     logged.end_step()
+        >>> names, total, count = logged.take()   # on a log step: train/acc = total / world_size / count
+        >>> names, total.tolist(), count.tolist()
+        (['acc'], [1.5], [2])
     """
 
     def __init__(self, rt: Any) -> None:
@@ -251,11 +277,13 @@ class MetricsLog:
     of the checkpoint a run resumes from, first drops the records that run will log again
     (``dropped`` says how many).
 
-    Example::
+    Example:
 
-        log = MetricsLog("runs/x", is_main=True)
-        log.write({"step": 10, "epoch": 0, "train/loss": 0.5})
-        log.close()
+        >>> log = MetricsLog("runs/x", is_main=True)
+        >>> log.write({"step": 10, "epoch": 0, "train/loss": 0.5})
+        >>> log.close()
+        >>> print(open("runs/x/metrics.jsonl").read(), end="")
+        {"step": 10, "epoch": 0, "train/loss": 0.5, "time": ...}
     """
 
     def __init__(
@@ -276,9 +304,14 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         """Append ``record`` (needs ``step``) and send its numbers to the trackers, on the main process.
 
-        Example::
+        Example:
 
-            log.write({"step": 20, "epoch": 0, "val/loss": 0.41})
+            >>> log = MetricsLog("runs/x", is_main=True)
+            >>> log.write({"step": 20, "epoch": 0, "val/loss": 0.41})
+            >>> MetricsLog("runs/x", is_main=False).write({"step": 20, "epoch": 0, "val/loss": 0.5})  # rank 1: no-op
+            >>> log.close()
+            >>> len(open("runs/x/metrics.jsonl").readlines())
+            1
         """
         if not self.is_main:
             return
@@ -293,9 +326,14 @@ class MetricsLog:
     def close(self) -> None:
         """Close the file and finish the trackers (idempotent).
 
-        Example::
+        Example:
 
-            log.close()
+            >>> log = MetricsLog("runs/x", is_main=True)
+            >>> log.close()
+            >>> log.close()                           # idempotent
+            >>> log.write({"step": 1, "epoch": 0})    # after close: not written
+            >>> open("runs/x/metrics.jsonl").read()
+            ''
         """
         if self._file is not None:
             self._file.close()
@@ -361,10 +399,8 @@ def start_trackers(
     missing: Accelerate would drop it with only a debug message, and a run that
     was meant to be tracked would go untracked.
 
-    Example::
-
-        rt = make_runtime(log_with=["tensorboard"], project_dir="runs/x")
-        log = MetricsLog("runs/x", rt.is_main, tracker=start_trackers(rt.accelerator, ["tensorboard"], "runs/x", {}))
+    The Engine does it for ``Engine(log_with=["tensorboard"], run_dir="runs/x")``: ``start_trackers(rt.accelerator,
+    ["tensorboard"], "runs/x", config)`` becomes the ``tracker`` of :class:`MetricsLog`.
     """
     if not log_with:
         return None
@@ -395,10 +431,6 @@ def finish_trackers(accelerator: Any) -> None:
 
     Why not ``accelerator.end_training()``: it also destroys the process group,
     so under DDP a later ``engine.validate`` or a second ``fit`` would fail.
-
-    Example::
-
-        finish_trackers(rt.accelerator)
     """
     trackers = getattr(accelerator, "trackers", None)
     if not trackers:
@@ -411,7 +443,7 @@ def finish_trackers(accelerator: Any) -> None:
 def tracker_config(config: dict[str, Any]) -> dict[str, bool | int | float | str]:
     """``config`` with only the value types trackers accept (TensorBoard's hparams refuse lists and None).
 
-    Example::
+    Example:
 
         >>> tracker_config({"lr": 0.1, "log_with": ["tensorboard"], "max_time": None})
         {'lr': 0.1, 'log_with': "['tensorboard']"}

@@ -17,9 +17,11 @@ matplotlib is an optional dependency (``pip install matplotlib``, or the
 ``all`` extra); it is imported only here, with the non-interactive Agg backend,
 (a bare Figure, never pyplot), so plotting works on a headless machine.
 
-Example::
+.. code-block:: bash
 
     python -m framework plot runs/adamw runs/sgd -o compare.png
+
+:func:`main` is the same command in this process.
 """
 
 from __future__ import annotations
@@ -44,10 +46,19 @@ def read_metrics(run_dir: str) -> list[dict[str, Any]]:
     Raises FileNotFoundError when the file is missing. A line that is not JSON
     (the last one, cut by a crash) is skipped with a note on stderr.
 
-    Example::
+    Example:
 
-        records = read_metrics("runs/digits")
-        steps = [r["step"] for r in records if "train/loss" in r]
+        >>> import json, os
+        >>> os.makedirs("runs/digits")
+        >>> with open("runs/digits/metrics.jsonl", "w") as f:     # step 2 logged again by a resumed run
+        ...     for step, loss in [(1, 2.3), (2, 0.9), (2, 0.8)]:
+        ...         print(json.dumps({"step": step, "epoch": 0, "train/loss": loss}), file=f)
+        >>> [(r["step"], r["train/loss"]) for r in read_metrics("runs/digits")]
+        [(1, 2.3), (2, 0.8)]
+        >>> read_metrics("runs/none")
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: runs/none/metrics.jsonl does not exist; pass a run directory of Engine(run_dir=...)
     """
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
@@ -125,10 +136,18 @@ def _mark_best_and_stop(
 def plot_runs(run_dirs: list[str]) -> Any:
     """Build the figure for ``run_dirs`` (a matplotlib Figure; one Axes per panel, titled by metric).
 
-    Example::
+    Example:
 
-        fig = plot_runs(["runs/a", "runs/b"])
-        fig.savefig("compare.png")
+        >>> import json, os, pytest
+        >>> _ = pytest.importorskip("matplotlib")                  # an optional dependency
+        >>> os.makedirs("runs/a")
+        >>> with open("runs/a/metrics.jsonl", "w") as f:
+        ...     for step in (1, 2):
+        ...         print(json.dumps({"step": step, "epoch": 0, "train/loss": 1.0 / step, "val/acc": 0.5}), file=f)
+        >>> fig = plot_runs(["runs/a"])
+        >>> [ax.get_title() for ax in fig.axes if ax.get_visible()]
+        ['loss', 'acc']
+        >>> fig.savefig("compare.png")
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -209,9 +228,20 @@ def _spans_decades(ax: Any) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m framework plot``; returns the exit status.
 
-    Example::
+    Example:
 
-        main(["runs/digits", "-o", "curves.png"])   # 0 on success
+        >>> import os, pytest
+        >>> _ = pytest.importorskip("matplotlib")                  # an optional dependency
+        >>> engine = framework.Engine(max_steps=2, batch_size=32, log_every_n_steps=1, run_dir="runs/digits",
+        ...                           progress=False)
+        >>> _ = engine.fit(Classifier(), train_data)
+        >>> main(["runs/digits", "-o", "curves.png"])
+        wrote curves.png
+        0
+        >>> os.path.getsize("curves.png") > 0
+        True
+        >>> main(["runs/none"])
+        2
     """
     parser = argparse.ArgumentParser(
         prog="python -m framework plot",

@@ -29,10 +29,17 @@ records the caching allocator's history from the fit's start (``torch.cuda.memor
 and ``rank{R}.oom.pickle`` when the fit raises CUDA's out-of-memory error, written before the error goes on
 (drag either onto https://pytorch.org/memory_viz).
 
-Example::
+Example:
 
-    engine = Engine(max_steps=20, batch_size=64, run_dir="runs/p", profile_steps=(10, 13))
-    engine.fit(model, data)      # prints the table; runs/p/profile/rank0.trace.json
+    >>> import json, os
+    >>> engine = framework.Engine(max_steps=3, batch_size=32, run_dir="runs/p", profile_steps=(1, 2), progress=False)
+    >>> _ = engine.fit(Classifier(), train_data)             # prints the table (on stderr with progress=False)
+    >>> os.listdir("runs/p/profile")
+    ['rank0.trace.json']
+    >>> events = json.load(open("runs/p/profile/rank0.trace.json"))["traceEvents"]
+    >>> ranges = {"data_wait", "zero_grad", "forward", "loss", "backward", "optimizer_step"}
+    >>> sorted({e["name"] for e in events} & ranges)
+    ['backward', 'data_wait', 'forward', 'loss', 'optimizer_step', 'zero_grad']
 """
 
 from __future__ import annotations
@@ -54,11 +61,14 @@ MEMORY_ENTRIES = 100_000  # allocator events the CUDA history keeps (the newest)
 
 
 class Profiler:
-    """The subscriber behind ``profile_steps`` and ``profile_memory`` (see the module docstring).
+    """The subscriber behind ``profile_steps`` and ``profile_memory`` (see the module docstring), which the
+    Engine subscribes to the loop's events when either is given.
 
-    Example::
+    Example:
 
-        events.subscribe(Profiler((3, 5), memory=False, run_dir="runs/x"))   # what the Engine does
+        >>> profiler = Profiler((3, 5), memory=False, run_dir="runs/x")
+        >>> profiler.steps, profiler.dir.as_posix(), profiler.trace_path     # nothing written before the fit
+        ((3, 5), 'runs/x/profile', None)
     """
 
     def __init__(self, steps: tuple[int, int] | None, memory: bool, run_dir: str) -> None:
@@ -247,11 +257,7 @@ def _cuda(fit: Fit) -> bool:
 def summary(averages: Any, cuda: bool = False, top: int = TOP_OPS) -> str:
     """The end-of-range table from ``torch.profiler``'s ``key_averages()``: each range of :data:`RANGES`
     (calls, total ms, ms per step, share of the steps' time), then the ``top`` ops by self time (on CUDA,
-    device self time).
-
-    Example::
-
-        print(summary(prof.key_averages()))
+    device self time). Rank 0 prints ``summary(prof.key_averages())`` at the end of the range.
     """
     by_key = {e.key: e for e in averages}
     steps = [e for e in averages if e.key.startswith("ProfilerStep")]

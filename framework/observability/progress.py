@@ -2,13 +2,6 @@
 
 What a run must say whatever ``progress`` is (the run dir it uses, that it resumed, why it stopped) goes
 through :meth:`Progress.notice`.
-
-Example::
-
-    p = Progress(enabled=True, is_main=True)
-    p.start_epoch(0, total=100)
-    p.update(1, {"train/loss": 0.3}, step=1)
-    p.close()
 """
 
 from __future__ import annotations
@@ -59,12 +52,16 @@ class Progress:
     blocking, and the bar shows the last copy that has arrived (:class:`Peek`), so the figure may trail
     the bar by one refresh, never the step by a sync.
 
-    Example::
+    Example:
 
-        p = Progress(enabled=True, is_main=True)
-        p.start_epoch(0, total=100)
-        p.update(1, {"train/loss": 0.3}, step=1)
-        p.close()
+        >>> import io
+        >>> out = io.StringIO()                                   # not a terminal: plain lines
+        >>> progress = Progress(enabled=True, is_main=True, stream=out)
+        >>> progress.start_epoch(0, total=100)
+        >>> progress.update(1, {"train/loss": 0.3, "lr": 0.001, "train/mfu": 0.412}, step=1)
+        >>> progress.close()
+        >>> print(out.getvalue(), end="")
+        epoch 0 step 1: loss=0.3 lr=0.001 mfu=41.2%
     """
 
     PEEK_EVERY = 0.5  # seconds between two looks at the latest window's loss (the bar redraws about that often)
@@ -135,9 +132,12 @@ class Progress:
         """Print a line on rank 0 whatever ``enabled`` is: what a run must say (the run dir it uses, that it
         resumed, why it stopped). On a terminal with a live bar it goes above the bar.
 
-        Example::
+        Example:
 
-            Progress(enabled=False, is_main=True).notice("fit done at step 100: max_steps=100 reached")
+            >>> import sys
+            >>> Progress(enabled=False, is_main=True, stream=sys.stdout).notice("fit done at step 100")
+            fit done at step 100
+            >>> Progress(enabled=False, is_main=False, stream=sys.stdout).notice("fit done at step 100")  # rank 1
         """
         if self.enabled:
             self.message(text)
@@ -157,10 +157,13 @@ class Peek:
     memory: no sync); a CUDA one is copied into pinned memory behind the work queued so far, with an event,
     and the value is taken on a later call once that event has passed (``None`` until then).
 
-    Example::
+    Example:
 
-        peek = Peek()
-        shown = peek(window_loss)   # the last value that has arrived, or None
+        >>> peek = Peek()
+        >>> print(peek(None))                        # nothing seen yet
+        None
+        >>> peek(torch.tensor(0.25)), peek(None)     # a CPU tensor is read at once; None: the last value
+        (0.25, 0.25)
     """
 
     def __init__(self) -> None:

@@ -32,9 +32,14 @@ if TYPE_CHECKING:
 def earlier_run(run_dir: str | os.PathLike[str]) -> str | None:
     """What in ``run_dir`` shows that a run used it (its checkpoints, or its metrics.jsonl), or None.
 
-    Example::
+    Example:
 
-        earlier_run("runs/digits")   # "checkpoints up to step-00000270", or None for a new dir
+        >>> print(earlier_run("runs/digits"))
+        None
+        >>> _ = framework.Engine(max_steps=2, batch_size=32, run_dir="runs/digits", progress=False).fit(
+        ...     Classifier(), train_data)
+        >>> earlier_run("runs/digits")
+        'checkpoints up to step-00000002'
     """
     root = Path(run_dir)
     found = list_checkpoints(root / "checkpoints")
@@ -52,9 +57,18 @@ def refuse_earlier_run(run_dir: str | os.PathLike[str] | None) -> None:
     Its checkpoints there would be pruned as older than the earlier run's higher-numbered ones,
     ``resume="auto"`` would then continue the earlier run, and ``metrics.jsonl`` would mix both.
 
-    Example::
+    Example:
 
-        refuse_earlier_run("runs/digits")   # ValueError if runs/digits/checkpoints/step-* exist
+        >>> import os
+        >>> refuse_earlier_run("runs/digits")                 # a new dir: fine
+        >>> os.makedirs("runs/digits")
+        >>> with open("runs/digits/metrics.jsonl", "w") as f:
+        ...     print('{"step": 1, "epoch": 0}', file=f)
+        >>> refuse_earlier_run("runs/digits")
+        Traceback (most recent call last):
+        ...
+        ValueError: run_dir='runs/digits' already holds an earlier run (a metrics.jsonl); ... Fix: pass
+        resume='auto' to continue that run, or build the Engine again (it then picks a fresh dir beside it)
     """
     what = earlier_run(run_dir) if run_dir is not None else None
     if what is not None:
@@ -82,10 +96,19 @@ def run_dir_lock(run_dir: str | os.PathLike[str] | None, rt: Runtime) -> Iterato
     it when that process dies, so a killed run never leaves a stale lock behind, and
     ``resume="auto"`` after a crash just works. The file itself stays (it names the last holder).
 
-    Example::
+    Example:
 
-        with run_dir_lock("runs/exp1", runtime):
-            ...   # write checkpoints and metrics
+        >>> from framework.parallel.runtime import make_runtime
+        >>> runtime = make_runtime()
+        >>> with run_dir_lock("runs/exp1", runtime):         # write checkpoints and metrics in here
+        ...     with run_dir_lock("runs/exp1", runtime):     # a second fit into the same dir
+        ...         pass
+        Traceback (most recent call last):
+        ...
+        framework.observability.run_info.RunDirInUse: run_dir='runs/exp1' is in use by the fit of pid ... on host
+        ...: two runs would interleave their checkpoints and metrics.jsonl. Fix: wait for that run to end ...
+        >>> with run_dir_lock("runs/exp1", runtime):         # released: free again
+        ...     pass
     """
     fd: int | None = None
     error: Exception | None = None
@@ -163,9 +186,15 @@ def run_versions(base: str | os.PathLike[str]) -> list[tuple[int, str]]:
     """The versions of ``base`` that hold a run (:func:`earlier_run`), oldest first: ``(1, base)`` for
     ``base`` itself, ``(n, base-n)`` for its siblings ``base-2``, ``base-3``, ...
 
-    Example::
+    Example:
 
-        run_versions("runs/digits")   # [(1, "runs/digits"), (2, "runs/digits-2")]
+        >>> import os
+        >>> for run in ("runs/digits", "runs/digits-2", "runs/digits-x"):
+        ...     os.makedirs(run)
+        ...     with open(f"{run}/metrics.jsonl", "w") as f:
+        ...         print('{"step": 1, "epoch": 0}', file=f)
+        >>> run_versions("runs/digits")
+        [(1, 'runs/digits'), (2, 'runs/digits-2')]
     """
     root = Path(base)
     pattern = re.compile(re.escape(root.name) + _VERSION)
@@ -192,10 +221,16 @@ def run_dir_for(base: str | os.PathLike[str], resume: Any = None) -> str:
 
     "Holds a run" means checkpoints or a non-empty ``metrics.jsonl`` (:func:`earlier_run`).
 
-    Example::
+    Example:
 
-        run_dir_for("runs/digits")                  # "runs/digits", then "runs/digits-2", ...
-        run_dir_for("runs/digits", resume="auto")   # the newest of them
+        >>> import os
+        >>> run_dir_for("runs/digits")
+        'runs/digits'
+        >>> os.makedirs("runs/digits")
+        >>> with open("runs/digits/metrics.jsonl", "w") as f:    # a run used it
+        ...     print('{"step": 1, "epoch": 0}', file=f)
+        >>> run_dir_for("runs/digits"), run_dir_for("runs/digits", resume="auto")
+        ('runs/digits-2', 'runs/digits')
     """
     base = str(base)
     if resume is not None and resume != "auto":
@@ -209,10 +244,12 @@ def run_dir_for(base: str | os.PathLike[str], resume: Any = None) -> str:
 def describe_run_dir(base: str, chosen: str, resume: Any) -> str:
     """The line a fit prints about its run dir (rank 0, whatever ``progress`` is).
 
-    Example::
+    Example:
 
-        describe_run_dir("runs/digits", "runs/digits-2", None)
-        # "run_dir: runs/digits-2 (runs/digits holds an earlier run; a fresh run starts beside it)"
+        >>> describe_run_dir("runs/digits", "runs/digits-2", None)
+        'run_dir: runs/digits-2 (runs/digits holds an earlier run; a fresh run starts beside it, never in it)'
+        >>> describe_run_dir("runs/digits", "runs/digits", "auto")
+        'run_dir: runs/digits'
     """
     if chosen == base:
         return f"run_dir: {chosen}"
@@ -226,9 +263,11 @@ def agree_on_run_dir(run_dir: str, rt: Runtime) -> str:
     decide it alone when the Engine is built, and a run that another one started in between must still
     write one dir from every rank.
 
-    Example::
+    Example:
 
-        run_dir = agree_on_run_dir(run_dir, runtime)
+        >>> from framework.parallel.runtime import make_runtime
+        >>> agree_on_run_dir("runs/digits", make_runtime())     # one process: its own
+        'runs/digits'
     """
     if rt.world_size == 1:
         return run_dir
@@ -249,9 +288,10 @@ _MAX_PATH = 4096
 def next_free_run_dir(base: str) -> str:
     """The run dir a fresh run started with ``base`` uses: :func:`run_dir_for` ``(base)``.
 
-    Example::
+    Example:
 
-        next_free_run_dir("runs/digits-mlp")   # "runs/digits-mlp", then "runs/digits-mlp-2", ...
+        >>> next_free_run_dir("runs/digits-mlp")    # then "runs/digits-mlp-2", ... once runs used them
+        'runs/digits-mlp'
     """
     return run_dir_for(base)
 
@@ -260,9 +300,10 @@ def recipe_run_dir(explicit: str | None, default: str, resume: str | None) -> st
     """The run dir a recipe writes to, by the Engine's rule (:func:`run_dir_for`) on ``explicit`` if given,
     else ``default``. A recipe that builds its Engine first reads ``engine.run_dir`` instead.
 
-    Example::
+    Example:
 
-        run_dir = recipe_run_dir(cfg.run_dir, "runs/adder", cfg.resume)
+        >>> recipe_run_dir(None, "runs/adder", None), recipe_run_dir("/tmp/adder", "runs/adder", None)
+        ('runs/adder', '/tmp/adder')
     """
     return run_dir_for(explicit if explicit is not None else default, resume)
 
@@ -276,10 +317,14 @@ def write_config(
     run made of them (world size, accumulation, micro-batch, precision, device, strategy, ...); return it
     (trackers get it too).
 
-    Example::
+    Example:
 
-        written = write_config(engine.config, [], None, module, optimizers, batching, runtime, "single")
-        written["batch_size"], written["resolved"]["accumulation"]
+        >>> import json
+        >>> _ = framework.Engine(max_steps=2, batch_size=32, micro_batch_size=16, run_dir="runs/x",
+        ...                      progress=False).fit(Classifier(), train_data)
+        >>> written = json.load(open("runs/x/config.json"))
+        >>> written["batch_size"], written["resolved"]["accumulation"], written["resolved"]["strategy"]
+        (32, 2, 'single')
     """
     written = config.to_json()  # the arguments, as validated
     written["resolved"] = {  # what the run made of them
@@ -316,10 +361,11 @@ def optimizer_settings(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """An optimizer's class and each param group's hyper-parameters (lr, betas, weight_decay, ...; the
     parameters by count), as ``config.json`` records them.
 
-    Example::
+    Example:
 
-        optimizer_settings(torch.optim.AdamW(model.parameters(), lr=3e-4))
-        # {"class": "AdamW", "param_groups": [{"params": 4, "lr": 0.0003, "betas": [0.9, 0.999], ...}]}
+        >>> settings = optimizer_settings(torch.optim.AdamW(Classifier().parameters(), lr=3e-4))
+        >>> settings["class"], settings["param_groups"][0]["params"], settings["param_groups"][0]["betas"]
+        ('AdamW', 2, [0.9, 0.999])
     """
     from ..config import jsonable
 
@@ -336,9 +382,11 @@ def settings_of(obj: Any) -> dict[str, Any]:
     (all its public attributes where ``__init__`` takes none) whose values are numbers, strings, booleans,
     None or lists of them (an optimizer reference or a LambdaLR's functions are left out).
 
-    Example::
+    Example:
 
-        settings_of(EarlyStopping(patience=5))   # {"monitor": "val/loss", "patience": 5, "mode": "min", "min_delta": 0.0}
+        >>> from framework import EarlyStopping
+        >>> settings_of(EarlyStopping(patience=5))
+        {'monitor': 'val/loss', 'patience': 5, 'mode': 'min', 'min_delta': 0.0}
     """
     import inspect
 
@@ -369,9 +417,11 @@ def run_record() -> dict[str, Any]:
     the command line, the start time and, when the script lives in a git checkout, its commit (and whether the
     tree had uncommitted changes). Never fails: what cannot be found is None.
 
-    Example::
+    Example:
 
-        run_record()["torch"], run_record()["git"]   # "2.13.0+cpu", {"commit": "4aef9da...", "dirty": False}
+        >>> record = run_record()        # e.g. record["git"]: {"commit": "4aef9da...", "dirty": False}
+        >>> sorted(record), record["torch"] == torch.__version__
+        (['accelerate', 'argv', 'cwd', 'framework', 'git', 'host', 'python', 'started', 'torch'], True)
     """
     import platform
     import sys
@@ -399,11 +449,8 @@ def run_record() -> dict[str, Any]:
 @functools.lru_cache(maxsize=8)  # (once per process and place: a notebook's fits do not call git again)
 def git_state(where: Path | None) -> dict[str, Any] | None:
     """``{"commit", "dirty"}`` of the git checkout holding ``where`` (the current directory if None), or None
-    where there is none or no ``git`` (a few ms; a hung git is given up after 5 s).
-
-    Example::
-
-        git_state(Path("recipes"))   # {"commit": "4aef9da...", "dirty": True}
+    where there is none or no ``git`` (a few ms; a hung git is given up after 5 s), e.g.
+    ``git_state(Path("recipes"))`` in this repository: ``{"commit": "4aef9da...", "dirty": True}``.
     """
     import subprocess
 
@@ -426,9 +473,15 @@ def summary(module: nn.Module, rt: Runtime, batching: Batching, nan_check: str =
     """The model summary printed at fit start: parameters per top-level child, precision, world, batching,
     and when the NaN guard's verdict is read (``nan_check``: "step" or "deferred").
 
-    Example::
+    Example:
 
-        print(summary(module, runtime, batching, nan_check="step"))
+        >>> from framework.data import Batching
+        >>> from framework.parallel.runtime import make_runtime
+        >>> print(summary(Classifier(), make_runtime(), Batching(32, 16, 2, 1), nan_check="step"))
+        Classifier: parameters (total / trainable) per top-level child
+          net                            27           27
+          total                          27           27
+        precision=no world_size=1 device=... global_batch=32 micro_batch=16 accumulation=2 nan_check=step
     """
     lines = [f"{type(module).__name__}: parameters (total / trainable) per top-level child"]
     for name, child in module.named_children():

@@ -19,11 +19,15 @@ to each train record, before it is written (the ``train_record`` event):
 Off log steps it only reads the clock: no host sync, no device call. The first step runs under
 ``FlopCounterMode`` (a Python dispatch mode: that step is slower, its results the same bit for bit).
 
-Example::
+Example:
 
-    engine = Engine(max_steps=100, batch_size=64, peak_tflops=312.0)   # an A100 in bf16, say
-    engine.fit(model, data)
-    engine.metrics["train/mfu"]   # e.g. 0.41
+    >>> engine = framework.Engine(max_steps=2, batch_size=32, log_every_n_steps=1, progress=False,
+    ...                           peak_tflops=312.0)        # per device: an A100 in bf16, say
+    >>> _ = engine.fit(Classifier(), train_data)
+    >>> sorted(k for k in engine.metrics if k in ("train/step_time", "train/tflops", "train/mfu", "train/memory_mb"))
+    ['train/memory_mb', 'train/mfu', 'train/step_time', 'train/tflops']
+    >>> engine.metrics["train/mfu"] == engine.metrics["train/tflops"] / 312.0
+    True
 """
 
 from __future__ import annotations
@@ -66,10 +70,14 @@ def known_peak_tflops(device_name: str, precision: str, tf32: bool) -> float | N
     """The dense peak TFLOP/s of ``device_name`` from :data:`PEAK_TFLOPS` for a run in ``precision`` ("bf16",
     "fp16" or "no"; fp32 matmuls on TF32 tensor cores where ``tf32``), or None for a device not listed.
 
-    Example::
+    Example:
 
-        known_peak_tflops("NVIDIA A100-SXM4-80GB", "bf16", tf32=False)   # 312.0
-        known_peak_tflops("NVIDIA H100 80GB HBM3", "no", tf32=True)       # 494.5
+        >>> known_peak_tflops("NVIDIA A100-SXM4-80GB", "bf16", tf32=False)
+        312.0
+        >>> known_peak_tflops("NVIDIA H100 80GB HBM3", "no", tf32=True)
+        494.5
+        >>> print(known_peak_tflops("NVIDIA GeForce GTX 1080", "no", tf32=False))
+        None
     """
     for pattern, half, tf32_peak, fp32 in PEAK_TFLOPS:
         if re.search(pattern, device_name):
@@ -78,11 +86,13 @@ def known_peak_tflops(device_name: str, precision: str, tf32: bool) -> float | N
 
 
 def device_peak_tflops(device: torch.device, precision: str) -> float | None:
-    """:func:`known_peak_tflops` for this process's CUDA device (None on any other device).
+    """:func:`known_peak_tflops` for this process's CUDA device (None on any other device): on an H100 SXM,
+    ``device_peak_tflops(torch.device("cuda", 0), "bf16")`` is 989.5.
 
-    Example::
+    Example:
 
-        device_peak_tflops(torch.device("cuda", 0), "bf16")   # 989.5 on an H100 SXM
+        >>> print(device_peak_tflops(torch.device("cpu"), "bf16"))
+        None
     """
     if device.type != "cuda":
         return None
@@ -93,11 +103,8 @@ def device_peak_tflops(device: torch.device, precision: str) -> float | None:
 def why_not_counted(fit: Fit) -> str | None:
     """Why this fit's FLOPs cannot be counted, or None: a compiled model runs kernels ``FlopCounterMode`` does
     not see, and counting would run its first step eagerly (a different result); under activation
-    checkpointing the forwards recomputed in backward would be counted as model FLOPs.
-
-    Example::
-
-        why_not_counted(fit)   # "the model is compiled (torch.compile)" with Engine(compile=True)
+    checkpointing the forwards recomputed in backward would be counted as model FLOPs. With
+    ``Engine(compile=True)`` it is ``"the model is compiled (torch.compile)"``.
     """
     compiled = fit.config.precision.compile or any(
         getattr(m, "_compiled_call_impl", None) is not None or type(m).__name__ == "OptimizedModule"
@@ -113,9 +120,10 @@ def why_not_counted(fit: Fit) -> str | None:
 def peak_rss_mb() -> float | None:
     """This process's peak resident set size in MiB (None where ``resource`` is missing: Windows).
 
-    Example::
+    Example:
 
-        peak_rss_mb()   # e.g. 812.4
+        >>> peak_rss_mb() > 1.0                       # e.g. 812.4
+        True
     """
     try:
         import resource
@@ -127,11 +135,16 @@ def peak_rss_mb() -> float | None:
 
 class Throughput:
     """The subscriber behind ``train/step_time``, ``train/tflops``, ``train/mfu``, ``train/memory_mb`` (see the
-    module docstring). ``peak_tflops``: the device's peak, or None to look it up.
+    module docstring). ``peak_tflops``: the device's peak, or None to look it up. ``Engine(throughput=True)``
+    (the default) subscribes one to the loop's events; ``flops_per_step`` is set once the first step is counted.
 
-    Example::
+    Example:
 
-        events.subscribe(Throughput(peak_tflops=None))   # what Engine(throughput=True) does
+        >>> from framework.config import EngineConfig
+        >>> from framework.observability import observers
+        >>> throughput = observers(EngineConfig.from_options(peak_tflops=312.0))[-1]
+        >>> type(throughput).__name__, throughput.peak_tflops, throughput.flops_per_step
+        ('Throughput', 312.0, None)
     """
 
     def __init__(self, peak_tflops: float | None) -> None:
@@ -262,11 +275,8 @@ class Throughput:
 
 def say(fit: Fit, text: str) -> None:
     """Print ``text`` on this process: through the progress display if it is on (so a bar is not broken),
-    else on stderr (a note the run asked for, shown with ``progress=False`` too).
-
-    Example::
-
-        say(fit, "profile: wrote runs/x/profile/rank0.trace.json")
+    else on stderr (a note the run asked for, shown with ``progress=False`` too), e.g.
+    ``say(fit, "profile: wrote runs/x/profile/rank0.trace.json")``.
     """
     if fit.progress.enabled:
         fit.progress.message(text)

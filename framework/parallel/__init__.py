@@ -17,11 +17,25 @@ and load, the model used for evaluation and prediction, bringing the ranks' buff
 state (BatchNorm statistics) before validation and checkpoints, and whether the device can skip
 a step. ``Engine(strategy="auto")`` picks one (:func:`make_strategy`).
 
-Example::
+Example:
 
-    strategy = make_strategy(runtime, "auto")
-    model = strategy.prepare(module)
-    strategy.name   # "single" on one process, "ddp" under launch/cpu_ddp.yaml
+    >>> from framework.parallel import make_strategy
+    >>> from framework.parallel.runtime import make_runtime
+    >>> strategy = make_strategy(make_runtime(), "auto")
+    >>> module = Classifier()
+    >>> strategy.prepare(module) is module                  # one process: the module itself
+    True
+    >>> strategy.name, strategy.summary()
+    ('single', 'strategy=single')
+
+The same script launched on several processes gets :class:`DDP` (``"ddp"``), or :class:`Sharded` under an
+FSDP or 2-D launch config:
+
+.. code-block:: bash
+
+    accelerate launch --config_file launch/cpu_ddp.yaml recipes/digits.py          # "ddp": 2 CPU processes
+    accelerate launch --config_file launch/cpu_fsdp.yaml recipes/adder.py          # "fsdp": 2 CPU processes
+    accelerate launch --config_file launch/cpu_2d.yaml recipes/hf_causal_lm.py     # "fsdp+tp": 4 CPU processes
 """
 
 from __future__ import annotations
@@ -55,9 +69,13 @@ def make_strategy(rt: Runtime, strategy: str = "auto", find_unused_parameters: b
     ``strategy="fsdp"`` / a launch config asking for FSDP) is :class:`Sharded`; whole replicas on several
     processes (or ``strategy="ddp"``) are :class:`DDP`; one process is :class:`SingleProcess`.
 
-    Example::
+    Example:
 
-        make_strategy(make_runtime(), "auto").name   # "single"
+        >>> from framework.parallel import make_strategy
+        >>> from framework.parallel.runtime import make_runtime
+        >>> runtime = make_runtime()                          # one plain process
+        >>> [type(make_strategy(runtime, s)).__name__ for s in ("auto", "ddp", "fsdp")]
+        ['SingleProcess', 'DDP', 'Sharded']
     """
     if wants_fsdp(strategy) or rt.layout.shards:
         return Sharded(rt)

@@ -14,11 +14,21 @@ unit alone, every other parameter standing in on the meta device, with the RNG s
 no communication). So the initial weights depend on the seed and the module's structure only: 1 process,
 DDP, FSDP, HSDP, TP and 2-D start from the same bits, and the largest temporary is one unit.
 
-Example::
+Example:
 
-    class LM(LoopModule):
-        def configure_model(self):
-            self.blocks = nn.ModuleList(Block(4096) for _ in range(32))   # meta where the layout shards
+    >>> from framework.parallel.build import build, materialize
+    >>> class LM(framework.LoopModule):
+    ...     def configure_model(self):
+    ...         self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+    >>> sharded, whole = LM(), LM()
+    >>> build(sharded, torch.device("cpu"), on_meta=True)      # where the layout shards: nothing allocated
+    >>> build(whole, torch.device("cpu"), on_meta=False)       # one process, DDP
+    >>> sharded.blocks[0].weight.device.type
+    'meta'
+    >>> for module in (sharded, whole):
+    ...     materialize(module, torch.device("cpu"), seed=0, init=module.init_weights)
+    >>> torch.equal(sharded.blocks[1].weight, whole.blocks[1].weight)
+    True
 """
 
 from __future__ import annotations
@@ -38,9 +48,13 @@ _BUILT: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # modules whose configur
 def builds_itself(module: nn.Module) -> bool:
     """Does ``module`` define ``configure_model`` (build its layers when the engine asks)?
 
-    Example::
+    Example:
 
-        builds_itself(LM())   # True when LM overrides LoopModule.configure_model
+        >>> class LM(framework.LoopModule):
+        ...     def configure_model(self):
+        ...         self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+        >>> builds_itself(LM()), builds_itself(Classifier())
+        (True, False)
     """
     hook = getattr(type(module), "configure_model", None)
     return hook is not None and not getattr(hook, "default_hook", False)
@@ -67,9 +81,17 @@ def parameters_on_meta() -> Iterator[None]:
 def needs_build(module: nn.Module) -> bool:
     """Does ``module`` define ``configure_model``, not run yet (a later fit goes on training what it built)?
 
-    Example::
+    Example:
 
-        needs_build(LM())   # True, until build(...) ran for it
+        >>> class LM(framework.LoopModule):
+        ...     def configure_model(self):
+        ...         self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+        >>> lm = LM()
+        >>> needs_build(lm)
+        True
+        >>> build(lm, torch.device("cpu"), on_meta=False)
+        >>> needs_build(lm)
+        False
     """
     return builds_itself(module) and module not in _BUILT
 
@@ -89,7 +111,7 @@ def build(module: nn.Module, device: torch.device, on_meta: bool) -> None:
 def unit_seed(seed: int, path: str) -> int:
     """The seed of one unit's initial values: a hash of ``(seed, unit path)``, the same at every layout.
 
-    Example::
+    Example:
 
         >>> unit_seed(0, "blocks.0.up") == unit_seed(0, "blocks.0.up") != unit_seed(1, "blocks.0.up")
         True
@@ -120,9 +142,13 @@ def seeded_init(module: nn.Module, seed: int, init: Callable[[], None]) -> None:
     """Initialise every parameter of ``module`` with ``init()`` (the module's ``init_weights``), one unit at a
     time on full-shape temporaries, seeded per unit (see the module docstring); the global RNG is left alone.
 
-    Example::
+    Example:
 
-        seeded_init(module, seed=0, init=module.init_weights)
+        >>> a, b = Classifier(), Classifier()                    # two different random initialisations
+        >>> seeded_init(a, seed=0, init=a.init_weights)
+        >>> seeded_init(b, seed=0, init=b.init_weights)
+        >>> torch.equal(a.net.weight, b.net.weight)
+        True
     """
     slots = _slots(module)
     twins = {
@@ -152,9 +178,15 @@ def materialize(module: nn.Module, device: torch.device, seed: int, init: Callab
     """Give the parameters of a module built by ``configure_model`` their memory on ``device`` (only each rank's
     shards, where the layout split them) and their seeded initial values; buffers keep theirs.
 
-    Example::
+    Example:
 
-        materialize(module, torch.device("cpu"), seed=0, init=module.init_weights)
+        >>> with parameters_on_meta():                          # what build() does where the layout shards
+        ...     norm = nn.BatchNorm1d(4)
+        >>> norm.weight.device.type, norm.running_var.device.type   # buffers stay real
+        ('meta', 'cpu')
+        >>> materialize(norm, torch.device("cpu"), seed=0, init=norm.reset_parameters)
+        >>> norm.weight.device.type, norm.weight.tolist()
+        ('cpu', [1.0, 1.0, 1.0, 1.0])
     """
     if any(p.device.type == "meta" for p in module.parameters()):
         buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
@@ -168,11 +200,22 @@ def materialize(module: nn.Module, device: torch.device, seed: int, init: Callab
 def checkpoint_blocks(module: nn.Module, blocks: list[nn.Module]) -> None:
     """Activation checkpointing: each block's activations are recomputed in backward instead of kept (torch's
     composable ``checkpoint``, non-reentrant, RNG state preserved: the result changes no bit; parameter names
-    stay as they are).
+    stay as they are). What ``Engine(activation_checkpointing=True)`` applies to :func:`~framework.parallel.blocks_of`.
 
-    Example::
+    Example:
 
-        checkpoint_blocks(model, list(model.blocks))
+        >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> x = torch.randn(4, 8)
+        >>> before = torch.autograd.grad(model(x).sum(), model[0].weight)[0]
+        >>> checkpoint_blocks(model, [model[0], model[2]])
+        >>> torch.equal(torch.autograd.grad(model(x).sum(), model[0].weight)[0], before)
+        True
+        >>> [name for name, _ in model.named_parameters()]
+        ['0.weight', '0.bias', '2.weight', '2.bias']
+        >>> checkpoint_blocks(nn.Linear(2, 2), [])
+        Traceback (most recent call last):
+        ...
+        ValueError: activation_checkpointing=True found no blocks in Linear to recompute: define fsdp_blocks() ...
     """
     from torch.distributed._composable.checkpoint_activation import checkpoint
 

@@ -33,9 +33,19 @@ class DDP(Strategy):
       before validation and checkpoints (an average of running variances would not be the variance
       of the pooled data either).
 
-    Example::
+    ``prepare`` needs the process group of a launched run; what one process can show is the configuration:
 
-        model = DDP(runtime, find_unused_parameters=None).prepare(module)
+    Example:
+
+        >>> from framework.parallel import DDP
+        >>> from framework.parallel.runtime import make_runtime
+        >>> strategy = DDP(make_runtime(), find_unused_parameters=True)
+        >>> strategy.name, strategy.summary()
+        ('ddp', 'strategy=ddp find_unused_parameters=True')
+
+    .. code-block:: bash
+
+        accelerate launch --config_file launch/cpu_ddp.yaml recipes/digits.py   # 2 CPU processes (gloo)
     """
 
     name = "ddp"

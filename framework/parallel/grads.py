@@ -34,9 +34,9 @@ def values_of(grad: torch.Tensor) -> torch.Tensor:
     its coalesced values (coalescing sums the duplicate indices a backward leaves), which most kernels
     (norms, isfinite, count_nonzero) have no sparse version for.
 
-    Example::
+    Example:
 
-        >>> values_of(torch.sparse_coo_tensor([[0, 0, 2]], [1.0, 2.0, 4.0], (4,)))
+        >>> values_of(torch.sparse_coo_tensor([[0, 0, 2]], [1.0, 2.0, 4.0], (4,), check_invariants=True))
         tensor([3., 4.])
     """
     return grad.coalesce().values() if grad.layout == torch.sparse_coo else grad
@@ -50,7 +50,7 @@ class NonFiniteCheck:
     two (in a real CPU step about 5 µs against 10 µs on a tiny MLP). The op only ever raises the flag,
     so one flag tensor per device serves every step until it reads 1.0; :meth:`clear` lowers it.
 
-    Example::
+    Example:
 
         >>> check = NonFiniteCheck()
         >>> check([torch.ones(3), torch.tensor([1.0, float("nan")])])
@@ -97,7 +97,7 @@ def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     device and dtype, the same bits, without its per-call Python grouping (about 15 µs a step on a
     small CPU model). Unlike it, sparse gradients (``nn.Embedding(sparse=True)``) count too.
 
-    Example::
+    Example:
 
         >>> grad_norm([torch.tensor([3.0]), torch.tensor([4.0])])
         tensor(5.)
@@ -123,11 +123,8 @@ def sharded_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     """The global 2-norm of gradients that are DTensors on any meshes (FSDP, TP, both) or plain tensors
     (a parameter every rank holds whole, e.g. a LayerNorm under TP alone): each DTensor's local shard is
     summed over the mesh dims it is split on (``_StridedShard`` included: every placement but Replicate);
-    a plain gradient counts once. torch's ``get_total_norm`` refuses such a mix.
-
-    Example::
-
-        norm = sharded_grad_norm([p.grad for p in model.parameters() if p.grad is not None])
+    a plain gradient counts once. torch's ``get_total_norm`` refuses such a mix. Called on every rank (the
+    reductions are collectives) with the gradients of every parameter that has one.
     """
     from torch.distributed.tensor import DTensor
 

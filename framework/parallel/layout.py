@@ -15,10 +15,22 @@ data-parallel degree.
 The names and the rank order are Accelerate's ``ParallelismConfig``; an ``accelerate launch`` config's
 ``parallelism_config`` section sets the same sizes (``PARALLELISM_CONFIG_*_SIZE`` in the environment).
 
-Example::
+Example:
 
-    layout = Layout.resolve(world_size=4, tp_size=2)          # dp_shard 2 x tp 2 (FSDP where the model is sharded)
-    layout.dp_size, layout.dp_rank(rank=3), layout.shards     # (2, 1, True)
+    >>> from framework.parallel import Layout
+    >>> layout = Layout.resolve(world_size=4, tp_size=2)     # the data-parallel dim shards too (FSDP)
+    >>> layout, layout.name
+    (Layout(dp_replicate=1, dp_shard=2, tp=2), 'fsdp+tp')
+    >>> [layout.dp_rank(rank) for rank in range(4)]          # ranks 0-1 read one share of each batch, 2-3 the other
+    [0, 0, 1, 1]
+    >>> layout.dp_size, layout.shards
+    (2, True)
+
+In a launched run the Engine's sizes (or the launch config's ``parallelism_config``) give the layout:
+
+.. code-block:: bash
+
+    accelerate launch --config_file launch/cpu_2d.yaml recipes/hf_causal_lm.py   # 4 CPU processes: dp_shard 2 x tp 2
 """
 
 from __future__ import annotations
@@ -35,9 +47,12 @@ _ENV = {d: f"PARALLELISM_CONFIG_{d.upper()}_SIZE" for d in (*_DIMS, "cp")}
 class Layout:
     """``dp_replicate × dp_shard × tp`` processes (see the module docstring). Build it with :meth:`resolve`.
 
-    Example::
+    Example:
 
-        Layout(1, 2, 2).dp_size   # 2
+        >>> from framework.parallel import Layout
+        >>> layout = Layout(dp_replicate=2, dp_shard=2, tp=2)
+        >>> layout.world_size, layout.dp_size, layout.name
+        (8, 4, 'hsdp+tp')
     """
 
     dp_replicate: int = 1
@@ -47,22 +62,47 @@ class Layout:
 
     @property
     def world_size(self) -> int:
+        """The processes of the layout: ``dp_replicate × dp_shard × tp``.
+
+        Example:
+
+            >>> Layout(dp_replicate=1, dp_shard=2, tp=2).world_size
+            4
+        """
         return self.dp_replicate * self.dp_shard * self.tp
 
     @property
     def dp_size(self) -> int:
-        """How many data-parallel ranks read distinct data (a TP group counts once)."""
+        """How many data-parallel ranks read distinct data (a TP group counts once).
+
+        Example:
+
+            >>> Layout(dp_replicate=1, dp_shard=2, tp=2).dp_size   # 4 processes, 2 distinct shares of each batch
+            2
+        """
         return self.dp_replicate * self.dp_shard
 
     @property
     def shards(self) -> bool:
         """Does a parameter live in pieces on several ranks (FSDP, HSDP or TP)? Then the model is built on the
-        meta device where it can be (``LoopModule.configure_model``) and checkpoints go through DCP."""
+        meta device where it can be (``LoopModule.configure_model``) and checkpoints go through DCP.
+
+        Example:
+
+            >>> Layout(dp_replicate=2).shards, Layout(dp_shard=2).shards, Layout(tp=2).shards
+            (False, True, True)
+        """
         return self.dp_shard > 1 or self.tp > 1
 
     @property
     def name(self) -> str:
-        """``single``, ``ddp``, ``fsdp``, ``hsdp``, ``tp``, or a combination such as ``fsdp+tp``."""
+        """``single``, ``ddp``, ``fsdp``, ``hsdp``, ``tp``, or a combination such as ``fsdp+tp``.
+
+        Example:
+
+            >>> [Layout(*sizes).name for sizes in [(1, 1, 1), (2, 1, 1), (1, 2, 1), (2, 2, 1), (1, 1, 2), (2, 1, 2)]]
+            ['single', 'ddp', 'fsdp', 'hsdp', 'tp', 'ddp+tp']
+        """
         if self.dp_shard > 1:
             dp = "hsdp" if self.dp_replicate > 1 else "fsdp"
         else:
@@ -71,20 +111,41 @@ class Layout:
         return "+".join(p for p in (dp, tp) if p) or "single"
 
     def dp_rank(self, rank: int) -> int:
-        """The data-parallel rank of global ``rank``: which share of each global batch it reads (TP is innermost)."""
+        """The data-parallel rank of global ``rank``: which share of each global batch it reads (TP is innermost).
+
+        Example:
+
+            >>> [Layout(dp_shard=2, tp=2).dp_rank(rank) for rank in range(4)]
+            [0, 0, 1, 1]
+        """
         return rank // self.tp
 
     def tp_rank(self, rank: int) -> int:
+        """The rank of global ``rank`` within its TP group (neighbouring ranks form a group).
+
+        Example:
+
+            >>> [Layout(dp_shard=2, tp=2).tp_rank(rank) for rank in range(4)]
+            [0, 1, 0, 1]
+        """
         return rank % self.tp
 
     def reads_for_its_group(self, rank: int) -> bool:
         """Is ``rank`` the one rank of its TP group that counts its group's items in reductions over every
-        rank (validation sums, stateful metrics, predictions)? Its TP peers hold the same values."""
+        rank (validation sums, stateful metrics, predictions)? Its TP peers hold the same values.
+
+        Example:
+
+            >>> [Layout(dp_shard=2, tp=2).reads_for_its_group(rank) for rank in range(4)]
+            [True, False, True, False]
+        """
         return self.tp_rank(rank) == 0
 
     def mesh(self, device_type: str) -> Any:
         """The ``DeviceMesh`` of the processes, dims ``("dp_replicate", "dp_shard", "tp")``, with ``"dp"`` (the
-        two data-parallel dims flattened) available as ``layout.dp_mesh``. Built once (collective)."""
+        two data-parallel dims flattened) available as ``layout.dp_mesh``. Built once (collective), so only in
+        a launched run, whose process group exists: every rank calls it, e.g. ``layout.mesh("cpu")["tp"]`` is
+        this rank's TP group."""
         if not self._mesh:
             from torch.distributed.device_mesh import init_device_mesh
 
@@ -115,9 +176,27 @@ class Layout:
         DDP for several processes. A size left out takes what the others leave (``tp`` defaults to 1). A
         layout that cannot work is a ValueError naming the fix.
 
-        Example::
+        Example:
 
-            Layout.resolve(4, dp_replicate_size=2, dp_shard_size=2).name   # "hsdp"
+            >>> Layout.resolve(4, dp_replicate_size=2, dp_shard_size=2).name
+            'hsdp'
+            >>> Layout.resolve(4), Layout.resolve(4, strategy="fsdp")           # "auto": DDP
+            (Layout(dp_replicate=4, dp_shard=1, tp=1), Layout(dp_replicate=1, dp_shard=4, tp=1))
+            >>> Layout.resolve(4, tp_size=3)
+            Traceback (most recent call last):
+            ...
+            ValueError: tp_size=3 does not divide the world size 4 (processes launched); launch a multiple of 3 ...
+            >>> Layout.resolve(1, dp_replicate_size=1, dp_shard_size=2)        # one plain process
+            Traceback (most recent call last):
+            ...
+            ValueError: the layout dp_replicate_size=1 x dp_shard_size=2 x tp_size=1 = 2 is not the world size 1
+            (processes launched); choose sizes whose product is 1, e.g. dp_shard_size=1, tp_size=1, or launch 2
+            processes
+            >>> Layout.resolve(2, dp_shard_size=2, strategy="ddp")
+            Traceback (most recent call last):
+            ...
+            ValueError: strategy="ddp" replicates the model, but dp_replicate_size=1 x dp_shard_size=2 x tp_size=1
+            shards it; drop strategy or dp_shard_size
         """
         given = {"dp_replicate": dp_replicate_size, "dp_shard": dp_shard_size, "tp": tp_size}
         env = _from_environment()
@@ -144,10 +223,11 @@ class Layout:
             else:
                 rep, shard = dp, 1
         elif rep is None:
-            rep = dp // shard if shard and dp % shard == 0 else 0
+            rep = dp // shard if shard and dp % shard == 0 else 1  # (1: the error then names the processes to launch)
         elif shard is None:
-            shard = dp // rep if dp % rep == 0 else 0
-        layout = cls(rep or 0, shard or 0, tp)
+            shard = dp // rep if rep and dp % rep == 0 else 1
+        assert rep is not None and shard is not None  # (each branch above set the sizes left out)
+        layout = cls(rep, shard, tp)
         layout._check(world_size, strategy)
         return layout
 

@@ -11,14 +11,9 @@ the last step (during the last validation or save) is caught by one final agreem
 fit, so it never turns into a normal exit; one after that agreement (during ``on_fit_end``) is raised
 again once fit's handlers are gone (by default: the process ends by that signal).
 
-Example::
-
-    stops = Stops(("SIGTERM", "SIGUSR1"), max_time=None)
-    with stops.installed():
-        ...
-        flags = stops.device_flags(device)    # folded into the step's all-reduce
-        stops.agree(values_read_back)         # the same on every rank
-        if stops.exit_code: ...               # checkpoint, then SystemExit(stops.exit_code)
+Per fit: ``with stops.installed():``, and each step folds ``stops.device_flags(device)`` into its all-reduce,
+hands the summed values to ``stops.agree(...)`` (the same on every rank), and when ``stops.exit_code`` is set
+checkpoints, then raises ``SystemExit(stops.exit_code)``.
 """
 
 from __future__ import annotations
@@ -44,11 +39,14 @@ class Stops:
     ``time_up``, ``exit_code`` (143, 130 or None) and ``signal_name`` are the *agreed* values; a signal
     received here is local until :meth:`agree` (several processes) or :meth:`agree_locally` (one).
 
-    Example::
+    Example:
 
-        stops = Stops(("SIGTERM",), max_time=3600)
-        stops.agree_locally()
-        stops.requested   # True once max_time passed or a signal came
+        >>> stops = Stops(("SIGTERM", "SIGUSR1"), max_time=None)
+        >>> stops.requested
+        False
+        >>> stops.agree([0.0, 1.0, 0.0])          # the flags summed over ranks: one of them got SIGTERM
+        >>> stops.requested, stops.exit_code, stops.signal_name
+        (True, 143, 'a preemption signal')
     """
 
     def __init__(self, signals: tuple[str, ...], max_time: float | None) -> None:

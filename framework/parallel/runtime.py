@@ -33,10 +33,11 @@ class Runtime:
     ``accelerator`` is the ``accelerate.Accelerator`` behind it, or None where none is needed (one
     plain process; FSDP, which the engine applies itself).
 
-    Example::
+    Example:
 
-        rt = make_runtime(mixed_precision="no")
-        print(rt.world_size, rt.rank, rt.device)
+        >>> rt = make_runtime(mixed_precision="no")
+        >>> rt.world_size, rt.rank, rt.layout.name, rt.accelerator   # one plain process: no Accelerator
+        (1, 0, 'single', None)
     """
 
     def __init__(
@@ -124,9 +125,10 @@ def send_to_device(batch: Any, device: torch.device) -> Any:
     tensors (and anything else with a ``.to``, e.g. a tokenizer's ``BatchEncoding``) anywhere in
     tuples, lists, namedtuples and mappings; other values as they are.
 
-    Example::
+    Example:
 
-        inputs, targets = send_to_device((x, {"labels": y}), torch.device("cuda"))
+        >>> send_to_device((torch.zeros(2), {"labels": torch.ones(2)}, "a name"), torch.device("cpu"))
+        (tensor([0., 0.]), {'labels': tensor([1., 1.])}, 'a name')
     """
     to = getattr(batch, "to", None)
     if callable(to):
@@ -170,9 +172,14 @@ def make_runtime(
     and GradScaler are what Accelerate would pick, without importing it (about 5 MiB of resident
     memory and 0.1 s of start-up that it would not earn back).
 
-    Example::
+    Example:
 
-        rt = make_runtime("bf16")
+        >>> make_runtime("bf16").mixed_precision
+        'bf16'
+        >>> make_runtime("fp32")
+        Traceback (most recent call last):
+        ...
+        ValueError: mixed_precision='fp32'; use "no", "bf16" or "fp16"
     """
     use_cpu = _env_flag("ACCELERATE_USE_CPU")  # (read even without a GPU: a bad value is an error anywhere)
     cuda = torch.cuda.is_available() and not use_cpu
@@ -225,9 +232,10 @@ def wants_fsdp(strategy: str) -> bool:
     (``distributed_type: FSDP``, which ``accelerate launch`` passes on as ``ACCELERATE_USE_FSDP``) with
     several processes.
 
-    Example::
+    Example:
 
-        wants_fsdp("auto")   # True under accelerate launch --config_file launch/cpu_fsdp.yaml
+        >>> wants_fsdp("fsdp"), wants_fsdp("auto")   # "auto" in a plain process; True under launch/cpu_fsdp.yaml
+        (True, False)
     """
     if strategy == "fsdp":
         return True

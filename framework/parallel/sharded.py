@@ -55,9 +55,22 @@ class Sharded(Strategy):
     - Checkpoints: the shards are DTensors, written by torch.distributed.checkpoint and resharded on load, so
       a checkpoint of one layout resumes on another.
 
-    Example::
+    ``prepare`` (the module itself, now split over the mesh) needs a process group: a launched run's, or the
+    world of one that ``Engine(strategy="fsdp")`` creates in a plain process. Without one, the configuration:
 
-        model = Sharded(runtime).prepare(module)   # module itself, now split over the mesh
+    Example:
+
+        >>> from framework.parallel import Sharded
+        >>> from framework.parallel.runtime import make_runtime
+        >>> strategy = Sharded(make_runtime())                   # strategy="fsdp" on one process: a world of one
+        >>> strategy.name, strategy.summary()
+        ('fsdp', 'strategy=fsdp (dp_replicate=1 dp_shard=1 tp=1; FSDP2 fully_shard units: the root only)')
+
+    .. code-block:: bash
+
+        accelerate launch --config_file launch/cpu_fsdp.yaml recipes/adder.py         # FSDP, 2 CPU processes
+        accelerate launch --config_file launch/cpu_hsdp.yaml recipes/adder.py         # HSDP
+        accelerate launch --config_file launch/cpu_2d.yaml recipes/hf_causal_lm.py    # FSDP x TP, 4 CPU processes
     """
 
     family = "fsdp"  # (parameters are DTensors: each rank holds pieces)
@@ -124,7 +137,20 @@ class Sharded(Strategy):
 
     def forwards(self, window: Any) -> list[Any]:
         """As many forwards as the busiest rank runs (parameters are gathered inside forward, a collective):
-        the missing ones are zero-weight fillers."""
+        the missing ones are zero-weight fillers.
+
+        Example:
+
+            >>> from framework.data import Window
+            >>> from framework.parallel.runtime import make_runtime
+            >>> strategy = Sharded(make_runtime())
+            >>> strategy.forwards(Window(0, ["batch 0"], filler="filler", forwards=3))   # the busiest rank runs 3
+            ['batch 0', 'filler', 'filler']
+            >>> strategy.forwards(Window(0, ["batch 0"], forwards=0))   # a self-sharded stream's window
+            Traceback (most recent call last):
+            ...
+            ValueError: stream_sharded=True cannot run under a sharded layout: ...
+        """
         if window.forwards <= 0:
             raise ValueError(
                 "stream_sharded=True cannot run under a sharded layout: self-sharded streams cannot tell how many "

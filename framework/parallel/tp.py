@@ -10,13 +10,26 @@ Everything that cannot work is refused before anything runs, with the fix: a pat
 module, a style name torch has no equivalent for, and a planned dimension that ``tp_size`` does not
 divide (torch would shard it unevenly or fail inside the first forward).
 
-Example::
+Example:
 
-    def tp_plan(self):
-        return {"blocks.*.up": "colwise", "blocks.*.down": "rowwise"}
+    >>> from framework.parallel.tp import expand
+    >>> class MLP(framework.LoopModule):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         block = lambda: nn.ModuleDict({"up": nn.Linear(8, 32), "down": nn.Linear(32, 8)})
+    ...         self.blocks = nn.ModuleList([block(), block()])
+    ...     def tp_plan(self):                  # or hf_tp_plan(self.lm, prefix="lm.") for a HuggingFace model
+    ...         return {"blocks.*.up": "colwise", "blocks.*.down": "rowwise"}
+    >>> model = MLP()
+    >>> expand(model, model.tp_plan())
+    {'blocks.0.up': 'colwise', 'blocks.1.up': 'colwise', 'blocks.0.down': 'rowwise', 'blocks.1.down': 'rowwise'}
 
-    def tp_plan(self):                     # a HuggingFace model's own plan, in one line
-        return hf_tp_plan(self.lm, prefix="lm.")
+The plan is applied in a launched run with ``tp_size > 1``, e.g. ``Engine(tp_size=2)`` or a launch config's
+``parallelism_config``:
+
+.. code-block:: bash
+
+    accelerate launch --config_file launch/cpu_2d.yaml recipes/hf_causal_lm.py   # 4 CPU processes: dp_shard 2 x tp 2
 """
 
 from __future__ import annotations
@@ -36,11 +49,8 @@ STYLES = _STYLE_NAMES
 
 
 def torch_style(style: Any, where: str) -> Any:
-    """The torch ``ParallelStyle`` for a plan's ``style`` (a name of :data:`STYLES`, or a ParallelStyle itself).
-
-    Example::
-
-        torch_style("colwise", "blocks.*.up")   # ColwiseParallel()
+    """The torch ``ParallelStyle`` for a plan's ``style`` (a name of :data:`STYLES`, or a ParallelStyle itself):
+    ``"colwise"`` is ``ColwiseParallel()``; a name torch has no equivalent for is a ValueError listing the names.
     """
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import (
@@ -75,9 +85,17 @@ def expand(module: nn.Module, plan: Mapping[str, Any]) -> dict[str, Any]:
     """``{module path: style}`` for every module a pattern of ``plan`` matches (``*`` = one path component);
     a pattern that matches nothing is a ValueError naming the close paths.
 
-    Example::
+    Example:
 
-        expand(model, {"blocks.*.up": "colwise"})   # {"blocks.0.up": "colwise", "blocks.1.up": "colwise"}
+        >>> block = lambda: nn.ModuleDict({"up": nn.Linear(8, 32), "down": nn.Linear(32, 8)})
+        >>> model = nn.ModuleDict({"blocks": nn.ModuleList([block(), block()])})
+        >>> expand(model, {"blocks.*.up": "colwise"})
+        {'blocks.0.up': 'colwise', 'blocks.1.up': 'colwise'}
+        >>> expand(model, {"block.*.up": "colwise"})
+        Traceback (most recent call last):
+        ...
+        ValueError: tp_plan() pattern 'block.*.up' matches no module of ModuleDict ('*' stands for one path
+        component); module paths look like ['blocks.0.up', 'blocks.1.up']
     """
     names = [n for n, _ in module.named_modules() if n]
     out: dict[str, Any] = {}
@@ -118,11 +136,9 @@ def _split_dim(style: Any, layer: nn.Module) -> tuple[str, int] | None:
 
 def resolve(module: nn.Module, plan: Mapping[str, Any], tp: int) -> dict[str, Any]:
     """The plan as ``{module path: torch ParallelStyle}``, checked against ``module`` and ``tp`` (see the module
-    docstring). Works on a module built on the meta device (only shapes are read).
-
-    Example::
-
-        resolve(model, {"blocks.*.up": "colwise"}, tp=2)   # {"blocks.0.up": ColwiseParallel(), ...}
+    docstring). Works on a module built on the meta device (only shapes are read). For example
+    ``{"blocks.*.up": "colwise"}`` resolves to ``{"blocks.0.up": ColwiseParallel(), "blocks.1.up": ...}``, and
+    with ``tp=3`` a 32-feature ``up`` layer is refused ("tp_size=3 does not divide ... out_features (32)").
     """
     if not isinstance(plan, Mapping) or not plan:
         raise TypeError(f"tp_plan() must return a non-empty dict of pattern -> style, got {plan!r}")
@@ -142,11 +158,8 @@ def resolve(module: nn.Module, plan: Mapping[str, Any], tp: int) -> dict[str, An
 
 
 def apply(module: nn.Module, tp_mesh: Any, plan: Mapping[str, Any]) -> None:
-    """Split the planned layers over ``tp_mesh`` (after :func:`resolve` checked the plan).
-
-    Example::
-
-        apply(model, mesh["tp"], resolve(model, model.tp_plan(), tp=2))
+    """Split the planned layers over ``tp_mesh`` (after :func:`resolve` checked the plan): in a launched run,
+    ``apply(model, mesh["tp"], resolve(model, model.tp_plan(), tp=2))``.
     """
     from torch.distributed.tensor.parallel import parallelize_module
 
@@ -158,9 +171,22 @@ def plan_of(module: nn.Module, tp: int) -> dict[str, Any]:
     (else it would silently train unsplit), and ``tp_size > 1`` needs a plan or ``parallelize(mesh)``.
     Returns the plan ({} where the module applies its own in ``parallelize``, or ``tp`` is 1 without a plan).
 
-    Example::
+    Example:
 
-        plan_of(model, tp=2)   # {"blocks.*.up": "colwise", ...}
+        >>> class MLP(framework.LoopModule):
+        ...     def tp_plan(self):
+        ...         return {"blocks.*.up": "colwise", "blocks.*.down": "rowwise"}
+        >>> plan_of(MLP(), tp=2)
+        {'blocks.*.up': 'colwise', 'blocks.*.down': 'rowwise'}
+        >>> plan_of(MLP(), tp=1)
+        Traceback (most recent call last):
+        ...
+        ValueError: MLP.tp_plan() returns a tensor-parallel plan, but the layout has tp_size=1, so the layers would
+        train unsplit: pass Engine(tp_size=N) (N > 1, ...), or return None from tp_plan() to train without TP
+        >>> plan_of(Classifier(), tp=2)
+        Traceback (most recent call last):
+        ...
+        ValueError: tp_size=2 splits layers across 2 processes, but Classifier has no plan: define tp_plan() ...
     """
     owner = type(module).__name__
     hook = getattr(module, "tp_plan", None)
@@ -189,11 +215,26 @@ def hf_tp_plan(model: nn.Module, prefix: str = "") -> dict[str, str]:
     attribute the LoopModule keeps the HF model under). Styles HF has that torch cannot express are refused
     when the plan is applied. Tied input and output embeddings (one weight) stay whole.
 
-    Example::
+    In a LoopModule that keeps the HF model as ``self.lm``: ``def tp_plan(self): return hf_tp_plan(self.lm,
+    prefix="lm.")``. Below, a stand-in with the two attributes a transformers model has for this:
 
-        class LM(LoopModule):
-            def tp_plan(self):
-                return hf_tp_plan(self.lm, prefix="lm.")   # {"lm.model.layers.*.self_attn.q_proj": "colwise", ...}
+    Example:
+
+        >>> from types import SimpleNamespace
+        >>> from framework.parallel.tp import hf_tp_plan
+        >>> class TinyCausalLM(nn.Module):                      # like transformers' LlamaForCausalLM
+        ...     base_model_prefix = "model"
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.model = nn.Module()
+        ...         self.config = SimpleNamespace(
+        ...             base_model_tp_plan={"layers.*.mlp.up_proj": "colwise", "layers.*.mlp.down_proj": "rowwise"})
+        >>> hf_tp_plan(TinyCausalLM(), prefix="lm.")
+        {'lm.model.layers.*.mlp.up_proj': 'colwise', 'lm.model.layers.*.mlp.down_proj': 'rowwise'}
+        >>> hf_tp_plan(nn.Linear(2, 2))
+        Traceback (most recent call last):
+        ...
+        ValueError: Linear has no tensor-parallel plan (neither model.tp_plan nor config.base_model_tp_plan); ...
     """
     plan = getattr(model, "tp_plan", None)
     if not isinstance(plan, Mapping) or not plan:

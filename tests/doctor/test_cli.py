@@ -1,4 +1,4 @@
-"""framework/doctor_cli.py: ``python -m framework doctor RECIPE [args]`` on a recipe-shaped script with one
+"""framework/doctor/cli.py: ``python -m framework doctor RECIPE [args]`` on a recipe-shaped script with one
 planted mistake at a time, on a real recipe, and through the real command line."""
 
 from __future__ import annotations

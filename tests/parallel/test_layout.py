@@ -51,6 +51,14 @@ def test_a_layout_whose_product_is_not_the_world_is_refused_with_the_fix(kw, mes
         Layout.resolve(4, **kw)
 
 
+def test_a_size_that_does_not_divide_the_processes_names_the_processes_to_launch():
+    # One size alone on too few processes: the other dp size is not 0 ("launch 0 processes") but 1.
+    with pytest.raises(ValueError, match=r"= 2 is not the world size 1 .* or launch 2 processes"):
+        Layout.resolve(1, dp_shard_size=2)
+    with pytest.raises(ValueError, match=r"= 3 is not the world size 4 .* or launch 3 processes"):
+        Layout.resolve(4, dp_replicate_size=3)
+
+
 def test_the_launch_configs_parallelism_section_is_read_and_checked(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_PARALLELISM_CONFIG", "true")
     monkeypatch.setenv("PARALLELISM_CONFIG_DP_SHARD_SIZE", "2")

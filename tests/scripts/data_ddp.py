@@ -1,4 +1,4 @@
-"""Run under 2 processes by tests/test_data_distributed.py (one launch covers every 2-process data check).
+"""Run under 2 processes by tests/data/test_distributed.py (one launch covers every 2-process data check).
 
     accelerate launch --config_file launch/cpu_ddp.yaml tests/scripts/data_ddp.py OUT_DIR
 

@@ -3,11 +3,11 @@
     accelerate launch --config_file launch/cpu_ddp.yaml tests/scripts/ddp_agreement.py OUT_DIR
 
 Each case is a fresh Engine and model in the same two processes; each rank writes
-OUT_DIR/{case}-rank{R}.pt with what it saw. tests/test_ddp_agreement.py compares them with
+OUT_DIR/{case}-rank{R}.pt with what it saw. tests/parallel/test_ddp_agreement.py compares them with
 one-process runs. (One launch for all: a 2-process launch costs about 12 CPU-seconds of start-up.)
 
   reference   tests/scripts/preempt_run.py, uninterrupted, in OUT_DIR/reference (its final and
-              per-step parameters: what tests/test_preemption.py compares stopped runs with); the
+              per-step parameters: what tests/parallel/test_preemption.py compares stopped runs with); the
               first Engine, so collective_timeout=20 makes the process group's timeout
   bn          a BatchNorm model, 2 epochs, checkpoints in OUT_DIR/bn: the logged val/loss,
               engine.validate's loss, each rank's own buffers after the last step (before

@@ -1,4 +1,4 @@
-"""A recipe-shaped script for tests/test_doctor_cli.py: ``python -m framework doctor tests/scripts/doctor_recipe.py``.
+"""A recipe-shaped script for tests/doctor/test_cli.py: ``python -m framework doctor tests/scripts/doctor_recipe.py``.
 
 ``--bug NAME`` plants one loop mistake (see BUGS); the default trains a correct module.
 Like a real recipe it parses its arguments, builds an Engine with a large max_steps

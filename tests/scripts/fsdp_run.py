@@ -1,4 +1,4 @@
-"""Sharded training runs for tests/strategies/test_fsdp.py (launched on 1, 2 and 3 CPU processes).
+"""Sharded training runs for tests/parallel/test_fsdp.py (launched on 1, 2 and 3 CPU processes).
 
     accelerate launch --config_file launch/cpu_fsdp.yaml tests/scripts/fsdp_run.py OUT_DIR [options]
 

@@ -1,4 +1,4 @@
-"""Rank-0-only logging under several processes (run by tests/test_logging.py).
+"""Rank-0-only logging under several processes (run by tests/observability/test_metrics.py).
 
     accelerate launch --config_file launch/cpu_ddp.yaml tests/scripts/issue7_ddp_logging.py OUT_DIR
 

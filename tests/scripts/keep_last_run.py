@@ -1,5 +1,5 @@
 """A run that publishes a checkpoint every optimizer step and keeps only the newest (keep_last=1): what a
-reader polling the run dir races against (tests/test_checkpoint_dir.py).
+reader polling the run dir races against (tests/checkpoint/test_store.py).
 
     python tests/scripts/keep_last_run.py RUN_DIR STEPS
 """

@@ -1,5 +1,5 @@
 """Count the FLOPs of an MLP per optimizer step, per process, at three layouts of 2 processes, and profile one fit
-(tests/test_observability_ddp.py reads what it writes).
+(tests/observability/test_ddp.py reads what it writes).
 
     accelerate launch --config_file launch/cpu_ddp.yaml tests/scripts/observability_run.py OUT
 

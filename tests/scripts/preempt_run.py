@@ -1,4 +1,4 @@
-"""A short run that tests/test_preemption.py stops with real signals, then resumes.
+"""A short run that tests/parallel/test_preemption.py stops with real signals, then resumes.
 
     python tests/scripts/preempt_run.py RUN_DIR OUT.pt [--sleep S] [--slow-val S] [--slow-save-step K --slow-save S]
         [--collective-timeout S] [--record STEPS.pt] [--slow-fit-end S [--slow-fit-end-rank R]] [--note-sigterm]

@@ -1,4 +1,4 @@
-"""A run dir in use, under 2 processes (run by tests/test_run_info.py).
+"""A run dir in use, under 2 processes (run by tests/observability/test_run_info.py).
 
     accelerate launch --config_file launch/cpu_ddp.yaml tests/scripts/run_dir_lock_ddp.py OUT_DIR
 

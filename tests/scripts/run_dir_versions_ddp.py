@@ -1,4 +1,4 @@
-"""Running twice into one run_dir, under 2 processes (run by tests/test_run_info.py).
+"""Running twice into one run_dir, under 2 processes (run by tests/observability/test_run_info.py).
 
     accelerate launch --config_file launch/cpu_ddp.yaml tests/scripts/run_dir_versions_ddp.py OUT_DIR
 

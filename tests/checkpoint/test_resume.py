@@ -18,8 +18,7 @@ import torch
 import framework
 from framework import Engine
 from framework.checkpoint import CheckpointError, CheckpointReader, list_checkpoints, newest_complete
-
-from .helpers import ACCELERATE, ROOT, TinyClassifier, classification_data, reseal
+from tests.helpers import ACCELERATE, ROOT, TinyClassifier, classification_data, reseal
 
 SCRIPT = ROOT / "tests" / "scripts" / "ckpt_run.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

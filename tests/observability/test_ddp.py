@@ -9,8 +9,8 @@ import json
 import pytest
 
 from tests.helpers import ROOT, launch
+from tests.observability.test_throughput import analytic_flops
 from tests.scripts.observability_run import BATCH, SIZES
-from tests.test_throughput import analytic_flops
 
 
 @pytest.mark.multiprocess

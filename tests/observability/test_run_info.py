@@ -21,8 +21,7 @@ from framework.observability.run_info import (
     run_dir_for,
     run_versions,
 )
-
-from .helpers import ROOT, CrashAt, TinyClassifier, classification_data, launch
+from tests.helpers import ROOT, CrashAt, TinyClassifier, classification_data, launch
 
 
 def engine(run_dir, **kw) -> Engine:

@@ -38,7 +38,7 @@ def test_a_safetensors_export_gets_the_mode_of_the_users_umask(tmp_path, umask, 
 def test_a_huggingface_export_gets_the_usual_mode_too(tmp_path, umask):
     pytest.importorskip("transformers")
     os.environ["HF_HUB_OFFLINE"] = "1"
-    from tests.test_export import Wrapped
+    from tests.checkpoint.test_export import Wrapped
 
     torch.manual_seed(0)
     module = Wrapped()

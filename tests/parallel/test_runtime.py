@@ -1,4 +1,4 @@
-"""framework/distributed.py: which runtime a process gets. One plain process runs without an
+"""framework/parallel/runtime.py: which runtime a process gets. One plain process runs without an
 Accelerator (no import of Accelerate: memory and start-up it would not earn back), and gets the
 device, autocast and GradScaler that Accelerate would give it; launchers (DDP) and trackers get the
 Accelerator; DeepSpeed and Megatron launch configs are refused. (Several processes: tests/scripts, launched by the other tests.)"""
@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from framework.parallel.runtime import _one_plain_process, make_runtime, send_to_device
-
-from .helpers import ROOT
+from tests.helpers import ROOT
 
 
 def test_one_plain_process_trains_without_importing_accelerate():

@@ -15,8 +15,7 @@ from torch import nn
 
 import framework
 from framework.checkpoint import CheckpointError, CheckpointWriter, CorruptCheckpointError
-
-from .helpers import fit_tiny
+from tests.helpers import fit_tiny
 
 WHAT = r"pass a run dir, a checkpoint dir \(e\.g\. runs/x/checkpoints/step-00000120\) or a \.safetensors file"
 

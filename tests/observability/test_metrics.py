@@ -1,4 +1,4 @@
-"""framework/logging.py and its wiring in the engine: metrics.jsonl, trackers, progress, summary,
+"""framework/observability/metrics.py and its wiring in the engine: metrics.jsonl, trackers, progress, summary,
 rank-0-only output, and no host reads outside log steps.
 
 Real engines on a tiny model; the progress tests look at what a real terminal

@@ -15,9 +15,8 @@ import torch
 
 import framework
 from framework import Engine
-
-from .procs import agreement_launch
-from .scripts.ddp_agreement import NAN_STEP, BNNet, UnusedNet, data
+from tests.procs import agreement_launch
+from tests.scripts.ddp_agreement import NAN_STEP, BNNet, UnusedNet, data
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(600)]
 
@@ -119,7 +118,7 @@ def test_an_infinite_loss_on_one_rank_is_skipped_by_every_rank(ranks):
 
 
 def test_the_process_group_has_the_collective_timeout_passed(ranks):
-    """The launch's first Engine passed collective_timeout=20 (tests/test_preemption.py checks the default)."""
+    """The launch's first Engine passed collective_timeout=20 (tests/parallel/test_preemption.py checks the default)."""
     found, _, _ = ranks
     assert [r["seconds"] for r in found["timeout"]] == [20.0, 20.0]
 

@@ -29,10 +29,9 @@ from framework import Engine
 from framework.checkpoint import CorruptCheckpointError
 from framework.checkpoint.shards import read_metadata
 from framework.cli import main as cli
+from tests.helpers import ROOT, reseal
 from tests.scripts.exact_common import TokenModel, token_data
 from tests.scripts.fsdp_run import EVERY, STEPS, data
-
-from .helpers import ROOT, reseal
 
 SCRIPT = ROOT / "tests" / "scripts" / "fsdp_run.py"
 MARKER = Path("/tmp/framework_dcp_pickle_marker_should_not_exist")

@@ -28,8 +28,7 @@ from framework.checkpoint import (
     publish,
 )
 from framework.checkpoint.files import SymlinkError
-
-from .helpers import TinyClassifier, fit_tiny
+from tests.helpers import TinyClassifier, fit_tiny
 
 VICTIM_TEXT = "another run's file: must stay exactly as it is\n"
 

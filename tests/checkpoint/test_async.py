@@ -1,7 +1,7 @@
 """Engine(checkpoint_async=True): the same checkpoints as synchronous saves, written in the background
 from a snapshot; one write in flight; on_checkpoint_save only once a checkpoint is on disk; errors
 raised at the next wait or save; preemption waits for the write. (A kill -9 mid-write: see
-test_checkpoint.py::test_kill_9_during_a_save_leaves_the_previous_checkpoint_intact.)"""
+tests/checkpoint/test_resume.py::test_kill_9_during_a_save_leaves_the_previous_checkpoint_intact.)"""
 
 from __future__ import annotations
 
@@ -16,8 +16,7 @@ import torch
 
 import framework
 from framework.checkpoint import AsyncCheckpointer, CheckpointReader, list_checkpoints
-
-from .helpers import fit_tiny
+from tests.helpers import fit_tiny
 
 
 class OnDisk(framework.Callback):

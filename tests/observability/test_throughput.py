@@ -1,6 +1,6 @@
 """Throughput, MFU and memory on log steps (framework/observability/throughput.py, flops.py): the keys on log
 steps only, the model's FLOPs against the analytic count of an MLP (one process here, accumulation too; two
-processes and the layouts in tests/test_observability_ddp.py), counting refused where it cannot be trusted,
+processes and the layouts in tests/observability/test_ddp.py), counting refused where it cannot be trusted,
 and observation that never steers (bitwise)."""
 
 from __future__ import annotations

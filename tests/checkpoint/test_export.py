@@ -1,4 +1,4 @@
-"""framework/export.py: one safetensors file or a HuggingFace model dir from a run dir's checkpoint."""
+"""framework/checkpoint/weights.py (export): one safetensors file or a HuggingFace model dir from a run dir's checkpoint."""
 
 from __future__ import annotations
 

@@ -26,11 +26,10 @@ from framework import Engine
 from framework.checkpoint import CheckpointError
 from framework.checkpoint.shards import UnsafeMetadata, read_metadata
 from framework.cli import main as cli
+from tests.helpers import ACCELERATE, ROOT, launch, reseal
+from tests.procs import Run
 from tests.scripts.exact_common import TokenModel, token_data
 from tests.scripts.fsdp_run import EVERY, STEPS, NanTokenModel, data
-
-from ..helpers import ACCELERATE, ROOT, launch, reseal
-from ..procs import Run
 
 SCRIPT = ROOT / "tests" / "scripts" / "fsdp_run.py"
 TOL = 1e-5

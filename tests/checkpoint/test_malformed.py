@@ -22,8 +22,7 @@ from safetensors.torch import load_file, save_file
 import framework
 from framework.checkpoint import CheckpointError, CheckpointReader, CorruptCheckpointError
 from framework.checkpoint.fileformat import JSON, Float, Int, Keys, ListOf, MapOf, Maybe, Str, TupleOf, expect, key_path
-
-from .helpers import TinyClassifier, fit_tiny, reseal
+from tests.helpers import TinyClassifier, fit_tiny, reseal
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""framework/data.py: global batches are the same set of items at any world size and micro split.
+"""framework/data/batching.py: global batches are the same set of items at any world size and micro split.
 
 No processes are started: a Source for rank r of world_size W is exactly what rank r
 builds in a W-process run, so the ranks' sources side by side are the distributed run.

@@ -1,4 +1,4 @@
-"""Preemption and Ctrl-C with real signals to real processes (framework/preemption.py).
+"""Preemption and Ctrl-C with real signals to real processes (framework/parallel/preemption.py).
 
 A signal only sets a flag on the rank that got it; the flags travel in the all-reduce each step already
 does, so every rank stops at one agreed step boundary, checkpoints there and exits 143 (SIGTERM) or 130
@@ -32,9 +32,8 @@ import pytest
 import torch
 
 from framework.checkpoint import CheckpointError, CheckpointReader, read_weights
-
-from .helpers import ROOT
-from .procs import Run, agreement_launch, read_int, script_cmd, shared_dir
+from tests.helpers import ROOT
+from tests.procs import Run, agreement_launch, read_int, script_cmd, shared_dir
 
 SCRIPT = ROOT / "tests" / "scripts" / "preempt_run.py"
 STEPS = 40  # optimizer steps of a whole preempt_run.py (2 epochs of 20)

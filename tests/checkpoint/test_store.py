@@ -16,8 +16,7 @@ import torch
 
 import framework
 from framework.checkpoint import CheckpointReader, CorruptCheckpointError, abandon_newer, prune, read_latest
-
-from .helpers import TinyClassifier, fit_tiny, reseal
+from tests.helpers import TinyClassifier, fit_tiny, reseal
 
 
 @pytest.fixture(scope="module")
@@ -191,10 +190,9 @@ def test_a_reader_polling_a_run_dir_never_loses_to_pruning(fast_disk, tmp_path):
     reader that loses the race reads the newest complete checkpoint instead."""
     import signal
 
+    from tests.helpers import ROOT
     from tests.procs import Run, script_cmd
     from tests.scripts.keep_last_run import Wide
-
-    from .helpers import ROOT
 
     run_dir = fast_disk / "run"
     latest = run_dir / "checkpoints" / "latest"

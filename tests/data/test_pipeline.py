@@ -1,8 +1,8 @@
 """The data pipeline's behaviour seen from the engine: drop_last, dict data, the 1-item BatchNorm
 warning, train/data_wait and the end-of-fit line, the prefetch thread's bounds and errors.
 
-Sources for rank r of world size W are built side by side, as in tests/test_data.py: that is
-exactly what rank r builds in a W-process run (tests/test_data_distributed.py runs the processes).
+Sources for rank r of world size W are built side by side, as in tests/data/test_batching.py: that is
+exactly what rank r builds in a W-process run (tests/data/test_distributed.py runs the processes).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""framework/plot.py: ``python -m framework plot RUN_DIR [RUN_DIR ...] [-o out.png]``."""
+"""framework/observability/plot.py: ``python -m framework plot RUN_DIR [RUN_DIR ...] [-o out.png]``."""
 
 from __future__ import annotations
 
