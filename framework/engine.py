@@ -107,7 +107,9 @@ class Engine:
         self.events = Events()
         self._trace = Trace(self.counters) if self.config.logging.trace else None
         self._hooks = CallbackHooks(self, self.callbacks)
-        for subscriber in (*observers(self.config), self._trace, self.doctor, self._hooks):
+        # (doctor="off": every check returns at once, so it does not listen: a dozen calls a step fewer)
+        doctor = self.doctor if not self.doctor.off else None
+        for subscriber in (*observers(self.config), self._trace, doctor, self._hooks):
             if subscriber is not None:
                 self.events.subscribe(subscriber)
         # The run dir: run_dir as given, or a fresh version of it (run_info.run_dir_for), decided here on every

@@ -110,6 +110,10 @@ class Event(enum.Enum):
     CHECKPOINT_END = "checkpoint_end"
     EPOCH_END = "epoch_end"
     STOP = "stop"
+
+    # A member is its own identity (Enum's equality is identity), so the C-level identity hash is correct, and
+    # it spares the Python-level Enum.__hash__ on each of the step's dozen emits (about 6 us a step on this VM).
+    __hash__ = object.__hash__
     FIT_END = "fit_end"
     CLOSE = "close"
 
@@ -191,20 +195,32 @@ class Events:
         (True, False)
         >>> events.emit(Event.FORWARD, 0, None, "batch")  # calls on_forward(0, None, "batch")
         forward of micro-batch 0
+        >>> class Counts:
+        ...     def on_forward(self, micro, phase, batch):
+        ...         print("counted first")
+        >>> counter = Counts()
+        >>> events.subscribe(counter, first=True)  # before the subscribers already there
+        >>> events.emit(Event.FORWARD, 1, None, "batch")
+        counted first
+        forward of micro-batch 1
+        >>> events.unsubscribe(counter)  # e.g. once it has what it needed
+        >>> events.emit(Event.FORWARD, 2, None, "batch")
+        forward of micro-batch 2
     """
 
     def __init__(self) -> None:
         self._handlers: dict[Event, tuple[Callable[..., Any], ...]] = {e: () for e in Event}
         self.subscribers: list[Any] = []
 
-    def subscribe(self, subscriber: Any) -> None:
+    def subscribe(self, subscriber: Any, *, first: bool = False) -> None:
         """Call ``subscriber.on_<event>(...)`` for every event it defines a method for, after those that
-        subscribed before it."""
+        subscribed before it (``first=True``: before them)."""
         found = False
         for event in Event:
             handler = getattr(subscriber, "on_" + event.value, None)
             if callable(handler):
-                self._handlers[event] = (*self._handlers[event], handler)
+                handlers = self._handlers[event]
+                self._handlers[event] = (handler, *handlers) if first else (*handlers, handler)
                 found = True
         if not found:
             raise TypeError(
@@ -212,6 +228,12 @@ class Events:
                 f"{', '.join('on_' + e.value for e in Event)}"
             )
         self.subscribers.append(subscriber)
+
+    def unsubscribe(self, subscriber: Any) -> None:
+        """Stop calling ``subscriber`` (from the next event on; an event being emitted still reaches it)."""
+        for event, handlers in self._handlers.items():
+            self._handlers[event] = tuple(h for h in handlers if getattr(h, "__self__", None) is not subscriber)
+        self.subscribers = [s for s in self.subscribers if s is not subscriber]
 
     def wants(self, event: Event) -> bool:
         """Does any subscriber listen to ``event``? (To skip building a payload nobody reads.)"""

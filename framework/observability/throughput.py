@@ -150,7 +150,7 @@ class Throughput:
     def __init__(self, peak_tflops: float | None) -> None:
         self.peak_tflops = peak_tflops
         self.flops_per_step: int | None = None  # this process's model FLOPs per optimizer step, once counted
-        self._flops: StepFlops | None = None  # counting the first step
+        self._counting: _FirstStep | None = None  # counting the first step's FLOPs
         self._fit: Fit | None = None
         self._peak: float | None = None
         self._t = 0.0
@@ -166,48 +166,21 @@ class Throughput:
         self._peak = self.peak_tflops or device_peak_tflops(rt.device, rt.mixed_precision)
         self.flops_per_step = None
         reason = why_not_counted(fit)
-        self._flops = StepFlops() if reason is None else None
-        if reason is not None:
+        self._counting = _FirstStep(self, StepFlops()) if reason is None else None
+        if self._counting is not None:
+            # First in the stream: the other subscribers' handlers of the "after" events (the doctor's probe
+            # forwards) come after its stops and are not counted. It leaves the stream once it has counted.
+            fit.events.subscribe(self._counting, first=True)
+        else:
             self._say(f"throughput: {reason}, so its FLOPs are not counted: train/tflops and train/mfu are left out")
         if rt.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(rt.device)  # (train/memory_mb: the peak since the fit started)
 
-    # The first step's forward, loss and backward run under the FLOP counter, each from its event to the
-    # next: the other subscribers' handlers of the "after" events (the doctor's probe forwards) come after
-    # this one's and are not counted.
-
-    def on_forward(self, micro: int, phase: str | None, batch: Any) -> None:
-        if self._flops is not None:
-            self._flops.start()
-
-    def on_after_forward(self, micro: int, phase: str | None, real: bool) -> None:
-        if self._flops is not None:
-            self._flops.stop()
-
-    def on_loss(self, micro: int, phase: str | None, batch: Any) -> None:
-        if self._flops is not None:
-            self._flops.start()
-
-    def on_after_loss(self, micro: int, phase: str | None, loss: Any, outputs: Any) -> None:
-        if self._flops is not None:
-            self._flops.stop()
-
-    def on_backward(self, micro: int, phase: str | None) -> None:
-        if self._flops is not None:
-            self._flops.start()  # (until the next micro-batch's forward or loss, or after_backward)
-
-    def on_after_backward(self, phase: str | None) -> None:
-        if self._flops is not None:
-            self._flops.stop()
-
-    def on_after_optimizer_step(self, applied: bool, phase: str | None) -> None:
-        fit = self._fit
-        if self._flops is not None and fit is not None and phase == fit.steps[-1][0]:
-            self._finish_count()  # (the window's last phase stepped: the count is complete)
-
-    def _finish_count(self) -> None:
-        flops, self._flops = self._flops, None
-        assert flops is not None
+    def _counted(self, flops: StepFlops) -> None:
+        """The first step's count is complete (or cut short): keep it, or say why it is left out."""
+        assert self._fit is not None and self._counting is not None
+        self._fit.events.unsubscribe(self._counting)
+        self._counting = None
         flops.stop()
         if flops.unknown:
             ops = ", ".join(sorted(flops.unknown))
@@ -263,14 +236,47 @@ class Throughput:
         return peak_rss_mb() if device.type == "cpu" else None
 
     def on_close(self, error: BaseException | None) -> None:
-        if self._flops is not None:
-            self._flops.stop()  # (a fit that raised inside its first step: the dispatch mode goes)
-            self._flops = None
+        if self._counting is not None:  # (a fit that raised inside its first step: the dispatch mode goes)
+            assert self._fit is not None
+            self._fit.events.unsubscribe(self._counting)
+            self._counting.flops.stop()
+            self._counting = None
 
     def _say(self, text: str) -> None:
         fit = self._fit
         if fit is not None and fit.rt.is_main:
             say(fit, text)
+
+
+class _FirstStep:
+    """The first step's forward, loss and backward under the FLOP counter, each from its event to the next;
+    a subscriber for that step only (afterwards the loop's per-micro-batch events cost nothing here)."""
+
+    def __init__(self, owner: Throughput, flops: StepFlops) -> None:
+        self.owner, self.flops = owner, flops
+
+    def on_forward(self, micro: int, phase: str | None, batch: Any) -> None:
+        self.flops.start()
+
+    def on_after_forward(self, micro: int, phase: str | None, real: bool) -> None:
+        self.flops.stop()
+
+    def on_loss(self, micro: int, phase: str | None, batch: Any) -> None:
+        self.flops.start()
+
+    def on_after_loss(self, micro: int, phase: str | None, loss: Any, outputs: Any) -> None:
+        self.flops.stop()
+
+    def on_backward(self, micro: int, phase: str | None) -> None:
+        self.flops.start()  # (until the next micro-batch's forward or loss, or after_backward)
+
+    def on_after_backward(self, phase: str | None) -> None:
+        self.flops.stop()
+
+    def on_after_optimizer_step(self, applied: bool, phase: str | None) -> None:
+        fit = self.owner._fit
+        if fit is not None and phase == fit.steps[-1][0]:
+            self.owner._counted(self.flops)  # (the window's last phase stepped: the count is complete)
 
 
 def say(fit: Fit, text: str) -> None:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from framework import Callback, Engine, LoopModule
+from framework.events import Event
 from framework.observability.flops import StepFlops
 from framework.observability.throughput import Throughput, known_peak_tflops
 from tests.helpers import classification_data
@@ -142,6 +143,24 @@ def test_the_doctors_probe_forwards_and_the_optimizer_are_not_counted():
     off = throughput_of(fit(MLP(sizes), doctor="off")).flops_per_step
     full = throughput_of(fit(MLP(sizes), doctor="full")).flops_per_step  # (three probe forwards at step 1)
     assert off == full == analytic_flops(sizes, 32)
+
+
+def test_once_the_first_step_is_counted_nothing_listens_to_the_micro_batch_events():
+    # The count needs the forward/loss/backward events on the first step only; later steps, and a barebones
+    # engine (doctor off, no trace, no callbacks), emit them to nobody.
+    engine = fit(MLP((8, 64, 32, 3)), doctor="off", log_every_n_steps=1)
+    assert throughput_of(engine).flops_per_step == analytic_flops((8, 64, 32, 3), 32)
+    per_micro = (Event.FORWARD, Event.AFTER_FORWARD, Event.LOSS, Event.AFTER_LOSS, Event.BACKWARD)
+    assert [event for event in per_micro if engine.events.wants(event)] == []
+
+    class Raises(MLP):
+        def compute_loss(self, outputs, targets):
+            raise RuntimeError("a bug in the user's loss")
+
+    broken = Engine(max_steps=2, batch_size=32, progress=False, doctor="off")
+    with pytest.raises(RuntimeError, match="a bug in the user's loss"):
+        broken.fit(Raises((8, 64, 32, 3)), classification_data(64))
+    assert [event for event in per_micro if broken.events.wants(event)] == []  # the count ended with the fit
 
 
 class GradientPenalty(MLP):
