@@ -475,8 +475,7 @@ class Fit:
             if path is None:
                 return None
         else:
-            path = Path(resume)
-            check_resume_path(self.config)
+            path = Path(resume)  # (a directory: Engine.fit checked it before taking the run dir's lock)
             self.load(path)
         self._branch_from(path, root)
         self.saved_step = self.counters.step

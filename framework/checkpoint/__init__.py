@@ -49,10 +49,9 @@ from __future__ import annotations
 
 from .fileformat import MANIFEST, SUMS
 from .files import CheckpointError, CorruptCheckpointError, DiskFullError
-from .io import CheckpointReader, CheckpointWriter, staging_dir, verify
+from .io import CHECKPOINT_RE, CheckpointReader, CheckpointWriter, staging_dir, verify
 from .store import (
     ABANDONED,
-    CHECKPOINT_RE,
     LATEST,
     AsyncCheckpointer,
     Found,

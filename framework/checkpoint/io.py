@@ -45,7 +45,7 @@ from .fileformat import MANIFEST, RECORD_PREFIX, SUMS, Entry, Int, Keys, Manifes
 from .files import CheckpointError, CorruptCheckpointError
 
 _T = TypeVar("_T")
-_STEP = re.compile(r"step-\d{8,}")  # (store.CHECKPOINT_RE: a run's checkpoints)
+CHECKPOINT_RE = re.compile(r"^step-(\d{8,})$")  # a run's checkpoint dirs (framework.checkpoint.store lists them)
 STAGING_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 MAX_JSON_BYTES = 1 << 30  # (a JSON file of a checkpoint larger than this is not one we wrote)
@@ -444,10 +444,11 @@ def previous_size(root: Path) -> int:
     """
     if not root.is_dir():
         return 0
-    steps = [e for e in os.scandir(root) if _STEP.match(e.name) and e.is_dir(follow_symlinks=False)]
-    for entry in sorted(steps, key=lambda e: int(e.name[5:]), reverse=True):
+    steps = [(int(m.group(1)), e.path) for e in os.scandir(root)
+             if (m := CHECKPOINT_RE.match(e.name)) and e.is_dir(follow_symlinks=False)]  # fmt: skip
+    for _, path in sorted(steps, reverse=True):
         try:
-            parsed, _ = read_manifest(Path(entry.path))
+            parsed, _ = read_manifest(Path(path))
         except CheckpointError:
             continue
         return sum(e.size for e in parsed.files.values())

@@ -53,9 +53,8 @@ import torch
 from . import fileformat, files
 from .fileformat import MANIFEST, SUMS, Manifest
 from .files import CheckpointError, CorruptCheckpointError
-from .io import STAGING_PREFIX, TRASH_PREFIX, CheckpointWriter, read_manifest, verify
+from .io import CHECKPOINT_RE, STAGING_PREFIX, TRASH_PREFIX, CheckpointWriter, read_manifest, verify
 
-CHECKPOINT_RE = re.compile(r"^step-(\d{8,})$")
 LATEST = "latest"
 ABANDONED = "abandoned"
 _NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")  # (what `latest` may name: CheckpointWriter's names)
@@ -369,6 +368,21 @@ def prune(
     return _delete(root, doomed)
 
 
+def _complete(root: Path) -> list[tuple[Found, Manifest]]:
+    """The checkpoints under ``root`` whose manifest reads and whose files are all there, oldest first, each
+    with its manifest. One whose manifest does not read is left out (damaged, or another version's: as
+    :func:`prune`, nothing removes or ranks it unless it is provably incomplete)."""
+    complete = []
+    for found in list_checkpoints(root):
+        try:
+            parsed, _ = read_manifest(found.path)
+        except CheckpointError:
+            continue
+        if _missing(found.path, parsed) is None:
+            complete.append((found, parsed))
+    return complete
+
+
 def _kept(complete: list[tuple[Found, Manifest]], keep_last: int | None, keep_best: int, mode: str) -> set[Path]:
     """The newest ``keep_last`` of ``complete`` (oldest first; None: all) and the ``keep_best`` best by the
     manifests' ``monitor_value``."""
@@ -417,14 +431,7 @@ def make_room(
     free = shutil.disk_usage(root).free
     if need is not None and free >= need:
         return []
-    complete = []
-    for found in list_checkpoints(root):
-        try:
-            parsed, _ = read_manifest(found.path)
-        except CheckpointError:
-            continue  # (as prune: never removed unless provably incomplete)
-        if _missing(found.path, parsed) is None:
-            complete.append((found, parsed))
+    complete = _complete(root)
     kept = _kept(complete, keep_last, keep_best, mode)
     doomed = [f.path for f, _ in complete if f.path not in kept]
     if doomed:
@@ -453,15 +460,7 @@ def best_checkpoint(root: Path, mode: str) -> Path | None:
     """
     if mode not in ("min", "max"):
         raise ValueError(f'mode={mode!r}; use "min" or "max"')
-    complete = []
-    for found in list_checkpoints(root):
-        try:
-            parsed, _ = read_manifest(found.path)
-        except CheckpointError:  # (incomplete or damaged: not a candidate)
-            continue
-        if _missing(found.path, parsed) is None:
-            complete.append((found, parsed))
-    ranked = rank_by_monitor(complete, mode)
+    ranked = rank_by_monitor(_complete(root), mode)
     return ranked[0] if ranked else None
 
 

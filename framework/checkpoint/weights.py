@@ -50,8 +50,8 @@ import torch
 from . import fileformat, files
 from .fileformat import Bool, Int, Keys, Str, expect
 from .files import CheckpointError, CorruptCheckpointError
-from .io import STAGING_PREFIX, CheckpointReader
-from .store import CHECKPOINT_RE, best_of_run, list_checkpoints, load_newest, read_latest
+from .io import CHECKPOINT_RE, STAGING_PREFIX, CheckpointReader
+from .store import best_of_run, list_checkpoints, load_newest, read_latest
 
 # ---------------------------------------------------------------- weights: Model weights out of checkpoints: ``framework.load_weights`` and the one function that reads them.
 

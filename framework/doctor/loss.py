@@ -81,13 +81,6 @@ class LossValue:
             return  # a good loss: done, at the cost of three attribute reads
         name = type(module).__name__
         method = f"{name}.compute_loss" if phase is None else f"{name}.compute_loss(..., phase={phase!r})"
-        if isinstance(loss, Mapping):  # ({"loss": ..., **extras}, as compute_loss may return it: check its loss)
-            try:
-                loss = split_loss(loss, method)[0]
-            except LoopError as e:
-                record.fail("loss_value", str(e))
-            self.on_loss(module, loss, outputs, phase)
-            return
         if not isinstance(loss, torch.Tensor):
             record.fail(
                 "loss_value",

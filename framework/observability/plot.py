@@ -114,10 +114,11 @@ def _colors(n_runs: int) -> list[tuple[Any, Any]]:
 
 
 def _mark_best_and_stop(
-    ax: Any, panel: str, records: list[dict[str, Any]], run_dir: str, label: str, colors: tuple[Any, Any]
+    ax: Any, panel: str, records: list[dict[str, Any]], ranked_by: tuple[str, str], label: str, colors: tuple[Any, Any]
 ) -> None:
-    """A star at the best value of the run's monitor (on its panel) and a dotted line at the stop, with why."""
-    monitor, mode = _monitor(run_dir)
+    """A star at the best value of the run's monitor (``ranked_by``: monitor and mode, on its panel) and a dotted
+    line at the stop, with why."""
+    monitor, mode = ranked_by
     if monitor == f"val/{panel}":
         steps, values = _series(records, monitor)
         finite = [(v, x) for x, v in zip(steps, values, strict=True) if math.isfinite(v)]
@@ -153,6 +154,7 @@ def plot_runs(run_dirs: list[str]) -> Any:
     from matplotlib.figure import Figure
 
     runs = [read_metrics(d) for d in run_dirs]
+    ranked_by = [_monitor(d) for d in run_dirs]  # (each run's config.json, read once for all its panels)
     keys = {k for records in runs for r in records for k in r}
     metrics = sorted(k[len("val/") :] for k in keys if k.startswith("val/") and k != "val/loss")
     panels = ["loss"] + metrics + [k for k in _EXTRA_PANELS if k in keys]
@@ -168,8 +170,8 @@ def plot_runs(run_dirs: list[str]) -> Any:
         ax.set_title(panel)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        for (label, records, run_dir), (train_color, val_color) in zip(
-            zip(_labels(run_dirs), runs, run_dirs, strict=True), colors, strict=True
+        for (label, records, monitor), (train_color, val_color) in zip(
+            zip(_labels(run_dirs), runs, ranked_by, strict=True), colors, strict=True
         ):
             if panel in _EXTRA_PANELS:
                 ax.plot(*_series(records, panel), color=train_color, label=label)
@@ -180,7 +182,7 @@ def plot_runs(run_dirs: list[str]) -> Any:
                 ax.plot(train_x, train_y, color=train_color, label=f"{label} train")
             if val_x:
                 ax.plot(val_x, val_y, color=val_color, linestyle="--", marker="o", markersize=3, label=f"{label} val")
-            _mark_best_and_stop(ax, panel, records, run_dir, label, (train_color, val_color))
+            _mark_best_and_stop(ax, panel, records, monitor, label, (train_color, val_color))
         if _spans_decades(ax):
             ax.set_yscale("log")  # a loss from 2.3 to 0.01, a warmup, grad norms: orders of magnitude
         if ax.lines:

@@ -285,29 +285,6 @@ def agree_on_run_dir(run_dir: str, rt: Runtime) -> str:
 _MAX_PATH = 4096
 
 
-def next_free_run_dir(base: str) -> str:
-    """The run dir a fresh run started with ``base`` uses: :func:`run_dir_for` ``(base)``.
-
-    Example:
-
-        >>> next_free_run_dir("runs/digits-mlp")    # then "runs/digits-mlp-2", ... once runs used them
-        'runs/digits-mlp'
-    """
-    return run_dir_for(base)
-
-
-def recipe_run_dir(explicit: str | None, default: str, resume: str | None) -> str:
-    """The run dir a recipe writes to, by the Engine's rule (:func:`run_dir_for`) on ``explicit`` if given,
-    else ``default``. A recipe that builds its Engine first reads ``engine.run_dir`` instead.
-
-    Example:
-
-        >>> recipe_run_dir(None, "runs/adder", None), recipe_run_dir("/tmp/adder", "runs/adder", None)
-        ('runs/adder', '/tmp/adder')
-    """
-    return run_dir_for(explicit if explicit is not None else default, resume)
-
-
 def write_config(
     config: EngineConfig, callbacks: list[Any], max_steps: int | None, module: nn.Module, optimizers: Optimizers,
     batching: Batching, rt: Runtime, strategy: str,

@@ -176,12 +176,17 @@ class Throughput:
         if rt.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(rt.device)  # (train/memory_mb: the peak since the fit started)
 
-    def _counted(self, flops: StepFlops) -> None:
-        """The first step's count is complete (or cut short): keep it, or say why it is left out."""
+    def _end_count(self) -> StepFlops:
+        """Stop counting and leave the stream (the first step is done, or the fit raised inside it)."""
         assert self._fit is not None and self._counting is not None
-        self._fit.events.unsubscribe(self._counting)
-        self._counting = None
-        flops.stop()
+        counting, self._counting = self._counting, None
+        self._fit.events.unsubscribe(counting)
+        counting.flops.stop()
+        return counting.flops
+
+    def _counted(self) -> None:
+        """The first step's count is complete: keep it, or say why it is left out."""
+        flops = self._end_count()
         if flops.unknown:
             ops = ", ".join(sorted(flops.unknown))
             self._say(
@@ -237,10 +242,7 @@ class Throughput:
 
     def on_close(self, error: BaseException | None) -> None:
         if self._counting is not None:  # (a fit that raised inside its first step: the dispatch mode goes)
-            assert self._fit is not None
-            self._fit.events.unsubscribe(self._counting)
-            self._counting.flops.stop()
-            self._counting = None
+            self._end_count()
 
     def _say(self, text: str) -> None:
         fit = self._fit
@@ -276,7 +278,7 @@ class _FirstStep:
     def on_after_optimizer_step(self, applied: bool, phase: str | None) -> None:
         fit = self.owner._fit
         if fit is not None and phase == fit.steps[-1][0]:
-            self.owner._counted(self.flops)  # (the window's last phase stepped: the count is complete)
+            self.owner._counted()  # (the window's last phase stepped: the count is complete)
 
 
 def say(fit: Fit, text: str) -> None:

@@ -16,8 +16,6 @@ from framework import Engine
 from framework.observability.run_info import (
     RunDirInUse,
     earlier_run,
-    next_free_run_dir,
-    recipe_run_dir,
     run_dir_for,
     run_versions,
 )
@@ -113,27 +111,27 @@ def test_an_empty_or_config_only_dir_is_free(tmp_path):
     engine(tmp_path, max_steps=1).fit(TinyClassifier(), classification_data(100))
 
 
-def test_next_free_run_dir_counts_up_past_used_dirs(tmp_path):
+def test_a_fresh_run_dir_counts_up_past_used_dirs(tmp_path):
     base = str(tmp_path / "runs" / "digits-mlp")
-    assert next_free_run_dir(base) == base
+    assert run_dir_for(base) == base
     for used in (base, base + "-2"):
         (tmp_path / "runs" / used.rsplit("/", 1)[1]).mkdir(parents=True)
         (tmp_path / "runs" / used.rsplit("/", 1)[1] / "metrics.jsonl").write_text('{"step": 1}\n')
-    assert next_free_run_dir(base) == base + "-3"
+    assert run_dir_for(base) == base + "-3"
 
 
-def test_recipe_run_dir_follows_the_engines_rule_for_explicit_and_default_dirs(tmp_path):
+def test_a_recipes_run_dir_follows_the_engines_rule_for_explicit_and_default_dirs(tmp_path):
     used = tmp_path / "used"
     used.mkdir()
     (used / "metrics.jsonl").write_text('{"step": 1}\n')
-    assert recipe_run_dir(str(used), "runs/x", resume=None) == f"{used}-2"  # never into another run
-    assert recipe_run_dir(str(used), "runs/x", resume="auto") == str(used)
+    assert run_dir_for(str(used), resume=None) == f"{used}-2"  # never into another run
+    assert run_dir_for(str(used), resume="auto") == str(used)
     base = str(tmp_path / "runs" / "x")
-    assert recipe_run_dir(None, base, resume=None) == base
+    assert run_dir_for(base, resume=None) == base
     (tmp_path / "runs" / "x").mkdir(parents=True)
     (tmp_path / "runs" / "x" / "metrics.jsonl").write_text('{"step": 1}\n')
-    assert recipe_run_dir(None, base, resume=None) == base + "-2"
-    assert recipe_run_dir(None, base, resume="auto") == base  # resuming goes back to the newest run
+    assert run_dir_for(base, resume=None) == base + "-2"
+    assert run_dir_for(base, resume="auto") == base  # resuming goes back to the newest run
 
 
 def test_a_fit_refuses_a_run_dir_that_a_running_fit_holds_and_writes_nothing(tmp_path):
